@@ -1,0 +1,37 @@
+"""Model families: which adapter and native module serve a checkpoint, keyed by config.json ``model_type``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from s2d2.adapters.base import FamilyAdapter
+from s2d2.adapters.sdar import SDARAdapter
+from s2d2.checkpoint import SpecialIds, load_weights
+from s2d2.errors import ModelLoadError
+from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
+
+# SDAR checkpoints say "sdar"; a Qwen3 model trained with the block-diffusion objective may say "qwen3".
+SDAR_MODEL_TYPES = ("sdar", "qwen3")
+SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES
+
+
+def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, tokenizer: Tokenizer,
+                  device: torch.device, dtype: torch.dtype) -> FamilyAdapter:
+    """Instantiate the native module for ``config``, load its safetensors weights, and wrap it in its adapter."""
+    model_type = str(config.get("model_type", ""))
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"model_type {model_type!r} in {model_dir / 'config.json'} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+    if special.mask_id is None:
+        raise ModelLoadError(f"{model_dir} names no mask token (config.json mask_token_id); "
+                             "a block-diffusion model needs one.")
+    decoder_config = DecoderConfig.from_hf(config, qk_norm=True, qkv_bias=bool(config.get("attention_bias", False)))
+    model = Qwen3Decoder.from_hf_weights(decoder_config, load_weights(model_dir, device=str(device)), device, dtype)
+    # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
+    padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
+    return SDARAdapter(model, special.mask_id, special.eos_ids, banned_ids=padding)

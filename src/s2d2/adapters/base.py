@@ -1,0 +1,50 @@
+"""The contract between the family-agnostic decoding loop and a model family.
+
+A family adapter knows how to build its three kinds of forward (masks, positions, logit alignment, special ids);
+the loop never does. Every forward reads the committed cache, and may first write *pending* tokens, those
+committed but not yet cached (``cache.length`` up to the current block's start: the prompt, or the previous
+block), so that a finished block's K/V ride along with the next draft instead of costing a forward of their own.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from s2d2.cache import KVCache
+
+
+class FamilyAdapter(Protocol):
+    """What the decoding loop needs from a model family."""
+
+    mask_id: int
+    stop_ids: tuple[int, ...]
+    max_positions: int
+    device: torch.device
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty cache for ``capacity`` token slots."""
+        ...
+
+    def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
+              *, cache_ver: bool, draft_ver: bool) -> torch.Tensor:
+        """Diffusion-mode pass over ``ids[block_start : block_start + block_size]``; returns logits ``[B, V]``.
+
+        First writes the pending tokens ``ids[cache.length : block_start]`` into the cache (causally if
+        ``cache_ver``). With ``draft_ver`` the block rows before ``first_mask`` attend causally.
+        """
+        ...
+
+    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int) -> torch.Tensor:
+        """AR-mode (block size 1) pass; returns logits ``[n, V]`` for positions ``span_start .. span_start + n``.
+
+        ``filled`` holds the block's tokens from ``block_start`` to the span's end, with drafts in the span. Row i
+        of the result is the AR conditional of span position i given the cache and ``filled`` before it. The
+        cache is left unchanged and must hold everything before ``block_start``.
+        """
+        ...
+
+    def commit(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> None:
+        """Write the K/V of ``ids[cache.length : end]`` into the cache (a forward of its own)."""
+        ...

@@ -1,0 +1,268 @@
+"""Reading a Hugging Face-format model directory: config, safetensors weights, tokenizer, chat template, special ids.
+
+Nothing here runs code from the checkpoint: weights load only from safetensors (never pickle), the tokenizer only
+from ``tokenizer.json`` through the ``tokenizers`` library, and no ``trust_remote_code`` is involved. Every failure
+a user can cause (missing directory, corrupt file, offline hub id) becomes a :class:`~s2d2.errors.ModelLoadError`
+with a one-sentence message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from s2d2.errors import ModelLoadError
+
+__all__ = [
+    "SpecialIds",
+    "load_tokenizer",
+    "load_weights",
+    "read_chat_template",
+    "read_config",
+    "read_json",
+    "read_special_ids",
+    "resolve_model_dir",
+]
+
+# "owner/name" as the hub spells repository ids; anything else that does not exist locally is a missing path.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>")
+_MASK_TOKENS = ("<|MASK|>", "<|mask|>", "<MASK>", "[MASK]")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """Token ids the decoder needs beyond the vocabulary itself."""
+
+    mask_id: int | None  # the diffusion mask token; None if the checkpoint names none
+    eos_ids: tuple[int, ...]  # every id that ends generation, in the checkpoint's order
+    pad_id: int | None
+
+
+# ------------------------------------------------------------------------------------------------ directory
+
+
+def _offline() -> bool:
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import; read it here so a later change still counts.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def resolve_model_dir(name_or_path: str) -> Path:
+    """Return the local directory of a model: ``name_or_path`` itself, or a hub id's downloaded snapshot.
+
+    An existing directory is returned as is. A string shaped like ``owner/name`` that is not a local path is
+    fetched from the Hugging Face hub (config, safetensors, tokenizer and template files only); with
+    ``HF_HUB_OFFLINE=1`` only the local hub cache is consulted.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model path {name_or_path} is a file, not a model directory.")
+    if not _HUB_ID.fullmatch(str(name_or_path)):
+        raise ModelLoadError(f"model directory {name_or_path} does not exist.")
+    try:
+        import huggingface_hub  # lazily: only hub ids need it
+
+        local = huggingface_hub.snapshot_download(
+            str(name_or_path), allow_patterns=_HUB_PATTERNS, local_files_only=_offline())
+    except Exception as e:  # offline, unknown repo, gated repo, network error: all the same to the user
+        how = "offline mode is on and it is not in the local cache" if _offline() else type(e).__name__
+        raise ModelLoadError(
+            f"{name_or_path!r} is not a local directory and could not be downloaded from the Hugging Face hub "
+            f"({how}).") from None
+    return Path(local)
+
+
+# ----------------------------------------------------------------------------------------------------- json
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a JSON file that must hold an object; a missing, invalid or non-object file is a ModelLoadError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} cannot be read ({type(e).__name__}).") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, not a {type(data).__name__}.")
+    return data
+
+
+def _read_optional_json(path: Path) -> dict[str, Any]:
+    return read_json(path) if path.is_file() else {}
+
+
+def read_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict (required)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"model directory {model_dir} has no config.json.")
+    return read_json(path)
+
+
+# -------------------------------------------------------------------------------------------------- weights
+
+
+def _load_safetensors(path: Path, device: str, names: set[str] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file (or only ``names``), as a ModelLoadError if it cannot be read."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ModelLoadError(f"weights file {path} is missing.")
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            keys = f.keys() if names is None else [k for k in f.keys() if k in names]
+            return {k: f.get_tensor(k) for k in keys}
+    except ModelLoadError:
+        raise
+    except Exception as e:  # safetensors raises its own error type for bad headers and short files
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        raise ModelLoadError(f"weights file {path} is corrupt or truncated ({reason}).") from None
+
+
+def _load_sharded(model_dir: Path, index_path: Path, device: str) -> dict[str, torch.Tensor]:
+    weight_map = read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ModelLoadError(f"{index_path} has no valid weight_map (a JSON object of weight name to file name).")
+    by_file: dict[str, set[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, set()).add(name)
+    for file in by_file:  # check every shard first, so a missing one is reported before any large read
+        if not (model_dir / file).is_file():
+            raise ModelLoadError(f"shard {file} named in {index_path.name} is missing from {model_dir}.")
+    tensors: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        got = _load_safetensors(model_dir / file, device, names)
+        absent = sorted(names - got.keys())
+        if absent:
+            raise ModelLoadError(f"shard {file} lacks weight {absent[0]!r} that {index_path.name} places in it.")
+        tensors.update(got)
+    return tensors
+
+
+def load_weights(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by Hugging Face name, loaded from safetensors only.
+
+    Looks for ``model.safetensors``, then a sharded ``model.safetensors.index.json``, then any ``*.safetensors``
+    files. Pickle checkpoints (``*.bin``, ``*.pt``) are refused, never opened.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist.")
+    device = str(device)
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return _load_safetensors(single, device)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return _load_sharded(model_dir, index, device)
+    files = sorted(p for p in model_dir.glob("*.safetensors") if p.is_file())
+    if files:
+        tensors: dict[str, torch.Tensor] = {}
+        for p in files:
+            tensors.update(_load_safetensors(p, device))
+        return tensors
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"model directory {model_dir} holds only pickle weights ({pickles[0]}), "
+            f"and only safetensors checkpoints are supported.")
+    raise ModelLoadError(f"model directory {model_dir} holds no safetensors weights.")
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
+    """The fast tokenizer from ``tokenizer.json`` (no transformers, no remote code)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise ModelLoadError(f"model directory {model_dir} has no tokenizer.json.")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        raise ModelLoadError(f"{path} is not a valid tokenizers file ({reason}).") from None
+
+
+def read_chat_template(model_dir: str | os.PathLike[str]) -> str | None:
+    """The Jinja chat template: ``chat_template.jinja``, else ``tokenizer_config.json``'s field, else None."""
+    model_dir = Path(model_dir)
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{jinja} cannot be read ({type(e).__name__}).") from None
+    template = _read_optional_json(model_dir / "tokenizer_config.json").get("chat_template")
+    if isinstance(template, str):
+        return template
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
+        for entry in template:
+            if isinstance(entry, dict) and entry.get("name") == "default" and isinstance(entry.get("template"), str):
+                return entry["template"]
+    return None
+
+
+def _as_id(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _as_ids(value: Any) -> tuple[int, ...]:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    out: list[int] = []
+    for v in values:
+        i = _as_id(v)
+        if i is not None and i not in out:
+            out.append(i)
+    return tuple(out)
+
+
+def read_special_ids(
+    model_dir: str | os.PathLike[str], config: dict[str, Any], tokenizer: Tokenizer | None,
+) -> SpecialIds:
+    """Mask, end-of-sequence and padding ids, from the config files first and the tokenizer's vocabulary last.
+
+    eos: ``generation_config.json`` ``eos_token_id`` (int or list), else ``config.json``'s, else whichever of
+    ``<|im_end|>``, ``<|endoftext|>``, ``</s>``, ``<eos>`` the tokenizer knows. mask: ``config.json``
+    ``mask_token_id``, else ``tokenizer_config.json`` ``mask_token``, else the first known of ``<|MASK|>``,
+    ``<|mask|>``, ``<MASK>``, ``[MASK]``. pad: ``config.json`` ``pad_token_id``.
+    """
+    model_dir = Path(model_dir)
+
+    def token_id(token: str) -> int | None:
+        return tokenizer.token_to_id(token) if tokenizer is not None else None
+
+    eos = _as_ids(_read_optional_json(model_dir / "generation_config.json").get("eos_token_id"))
+    if not eos:
+        eos = _as_ids(config.get("eos_token_id"))
+    if not eos:
+        eos = _as_ids([token_id(t) for t in _EOS_TOKENS])
+
+    mask_id = _as_id(config.get("mask_token_id"))
+    if mask_id is None:
+        mask_token = _read_optional_json(model_dir / "tokenizer_config.json").get("mask_token")
+        if isinstance(mask_token, dict):
+            mask_token = mask_token.get("content")
+        if isinstance(mask_token, str):
+            mask_id = token_id(mask_token)
+    if mask_id is None:
+        mask_id = next((i for i in (token_id(t) for t in _MASK_TOKENS) if i is not None), None)
+
+    return SpecialIds(mask_id=mask_id, eos_ids=eos, pad_id=_as_id(config.get("pad_token_id")))

@@ -1,0 +1,184 @@
+"""Decoding configuration: one validated, frozen dataclass whose fields are also the CLI flags.
+
+Defaults, and where they differ from the authors' code (``s2d2-reference.md`` §2.4) and why:
+
+- ``method="s2d2"``, ``block_size=4``, ``steps=block_size``: the paper's SDAR configuration A (B = S = 4).
+- ``policy="score_threshold"``, ``tau=0``, ``score_type="difference_static"``, ``penalty=1``,
+  ``estimator="soft_entropy_negexp"``: configuration A as the README describes it. The reference *function*
+  defaults are ``mask_span_length`` / ``hard_margin_threshold`` / ``difference_dynamic`` / c = 2, and its README
+  commands forget to pass the estimator; we default to what the paper says it used.
+- ``fallback="dynamic"``, ``threshold=0.85``: the reference's ``low_confidence_dynamic`` with its SDAR default.
+- ``cache_ver=True``, ``draft_ver=True``: the AR-consistent cache ("AR-like caching"). Off by default in the
+  reference; on here because it makes the verifier the exact AR conditional and costs nothing.
+- ``temperature=0``: greedy, and greedy is *deterministic* (accept iff draft == argmax q, else commit argmax q).
+  The reference has no deterministic greedy acceptance (its bug 7.1).
+- ``fuse_commit=True``: the K/V of a finished block (and of the prompt) are written by the next forward instead of
+  a forward of their own, saving one forward per block and making AR one forward per token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from s2d2.errors import ConfigError
+
+Method = Literal["ar", "static", "dynamic", "s2d2"]
+Policy = Literal["mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb"]
+Estimator = Literal[
+    "soft_entropy_negexp",
+    "hard_margin_threshold",
+    "soft_renyi_2_entropy",
+    "hard_entropy_threshold",
+    "soft_confidence_power",
+    "soft_clipped_linear_margin",
+]
+ScoreType = Literal["difference_static", "difference_dynamic"]
+Fallback = Literal["static", "dynamic"]
+
+METHODS: tuple[str, ...] = ("ar", "static", "dynamic", "s2d2")
+POLICIES: tuple[str, ...] = ("mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb")
+ESTIMATORS: tuple[str, ...] = (
+    "soft_entropy_negexp",
+    "hard_margin_threshold",
+    "soft_renyi_2_entropy",
+    "hard_entropy_threshold",
+    "soft_confidence_power",
+    "soft_clipped_linear_margin",
+)
+SCORE_TYPES: tuple[str, ...] = ("difference_static", "difference_dynamic")
+FALLBACKS: tuple[str, ...] = ("static", "dynamic")
+UCB_ENTROPY_SOURCES: tuple[str, ...] = ("span", "masked")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How to decode. Every field is a CLI flag of ``s2d2 generate`` (``block_size`` -> ``--block-size``).
+
+    Methods: ``ar`` decodes one token per forward (block size 1); ``static`` commits ``block_size / steps`` tokens
+    per step in order of confidence; ``dynamic`` commits every mask whose confidence exceeds ``threshold`` (at
+    least the step quota); ``s2d2`` drafts like ``dynamic``, lets ``policy`` decide per step whether to verify the
+    drafted span in AR mode, and falls back to ``fallback`` for what verification did not commit.
+    """
+
+    method: Method = "s2d2"
+    block_size: int | None = None  # None: 1 for "ar", 4 otherwise
+    steps: int | None = None  # denoising steps per block; None: block_size
+    threshold: float = 0.85  # confidence threshold of the dynamic strategy (and of N_high)
+    fallback: Fallback = "dynamic"  # s2d2's base strategy for tokens verification did not commit
+    # --- routing (s2d2 only)
+    policy: Policy = "score_threshold"
+    estimator: Estimator = "soft_entropy_negexp"
+    score_type: ScoreType = "difference_static"
+    penalty: float = 1.0  # c in s = E[K] - c (static) or E[K] - c * N_high (dynamic)
+    tau: float = 0.0  # score_threshold: verify iff s >= tau
+    tau_on: float = 0.0  # score_hysteresis: turn on iff s > tau_on
+    tau_off: float = -1.0  # score_hysteresis: stay on while s >= tau_off
+    min_span: int = 1  # mask_span_length: verify iff |span| >= min_span
+    margin_threshold: float = 0.05  # hard_margin_threshold
+    entropy_threshold: float = 0.5  # hard_entropy_threshold (on entropy / ln V)
+    entropy_temperature: float = 1.0  # soft_entropy_negexp
+    confidence_power: float = 1.0  # soft_confidence_power
+    margin_coef: float = 1.0  # soft_clipped_linear_margin
+    ucb_beta: float = 1.0
+    ucb_span_bins: int = 2
+    ucb_progress_bins: int = 2
+    ucb_entropy_bins: int = 2
+    ucb_entropy_source: Literal["span", "masked"] = "span"
+    # --- cache modes
+    cache_ver: bool = True  # write the cache with causal (AR-mode) attention
+    draft_ver: bool = True  # committed prefix of the block attends causally in drafts
+    fuse_commit: bool = True  # write a finished block's K/V in the next forward, not a forward of its own
+    # --- sampling
+    temperature: float = 0.0  # 0 = greedy (deterministic)
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    # --- stopping
+    max_new_tokens: int = 128
+    stop_token_ids: tuple[int, ...] | None = field(default=None)  # None: the model's end-of-sequence ids
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("fallback", self.fallback, FALLBACKS)
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("estimator", self.estimator, ESTIMATORS)
+        _check_choice("score_type", self.score_type, SCORE_TYPES)
+        _check_choice("ucb_entropy_source", self.ucb_entropy_source, UCB_ENTROPY_SOURCES)
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", 1 if self.method == "ar" else 4)
+        _check_int("block_size", self.block_size, 1)
+        if self.method == "ar" and self.block_size != 1:
+            raise ConfigError(f"method 'ar' decodes one token per forward, so block_size must be 1 (got {self.block_size}).")
+        if self.steps is None:
+            object.__setattr__(self, "steps", self.block_size)
+        _check_int("steps", self.steps, 1)
+        if self.steps > self.block_size:
+            raise ConfigError(f"steps ({self.steps}) cannot exceed block_size ({self.block_size}): every step commits at least one token.")
+        for name in ("min_span", "ucb_span_bins", "ucb_progress_bins", "ucb_entropy_bins", "max_new_tokens"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("top_k", self.top_k, 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        for name in ("threshold", "margin_threshold", "entropy_threshold"):
+            _check_float(name, getattr(self, name), 0.0, 1.0)
+        _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
+        for name in ("temperature", "entropy_temperature", "confidence_power", "margin_coef", "ucb_beta", "penalty"):
+            _check_float(name, getattr(self, name), 0.0, math.inf)
+        for name in ("tau", "tau_on", "tau_off"):
+            _check_float(name, getattr(self, name), -math.inf, math.inf)
+        if self.tau_on <= self.tau_off:
+            raise ConfigError(f"tau_on ({self.tau_on}) must be greater than tau_off ({self.tau_off}) for score_hysteresis.")
+        for name in ("cache_ver", "draft_ver", "fuse_commit"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.stop_token_ids is not None:
+            ids = tuple(self.stop_token_ids)
+            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
+            object.__setattr__(self, "stop_token_ids", ids)
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: argmax drafts and deterministic acceptance."""
+        return self.temperature == 0.0
+
+    def replace(self, **changes: Any) -> DecodeConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view of every field."""
+        d = asdict(self)
+        if d["stop_token_ids"] is not None:
+            d["stop_token_ids"] = list(d["stop_token_ids"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DecodeConfig:
+        """Build from a dict, rejecting unknown keys with the list of valid ones."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown decoding option {unknown[0]!r}; valid options: {', '.join(sorted(known))}.")
+        return cls(**d)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}.")
+
+
+def _check_float(name: str, value: Any, low: float, high: float, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{name} must be a number in {bracket}{low}, {high}], got {value!r}.")

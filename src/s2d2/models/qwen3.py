@@ -1,0 +1,257 @@
+"""A Qwen3-style dense decoder (SDAR's architecture) in plain PyTorch, with an arbitrary boolean attention mask.
+
+RMSNorm, rotary embeddings (NeoX half split), grouped-query attention through SDPA, SwiGLU MLP, optional per-head
+q/k RMSNorm (Qwen3, SDAR) and optional q/k/v bias (Qwen2, Fast-dLLM v2). The module knows nothing about block
+diffusion: callers pass the token rows, their positions and the mask; the family adapter decides what those are.
+
+Weights load from the Hugging Face layout (``model.layers.{i}.self_attn.q_proj.weight`` ...). At load time q/k/v
+are fused into one matrix and gate/up into another, so one forward runs two matmuls per sub-layer instead of five:
+on small models the per-kernel overhead, not the arithmetic, dominates a forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s2d2.cache import KVCache
+from s2d2.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture hyper-parameters, read from a Hugging Face ``config.json``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qk_norm: bool = True  # Qwen3 / SDAR: RMSNorm over head_dim on q and k, before RoPE
+    qkv_bias: bool = False  # Qwen2 / Fast-dLLM v2: bias on q/k/v projections
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if int(getattr(self, name)) <= 0:
+                raise ModelLoadError(f"config.json field {name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelLoadError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], *, qk_norm: bool, qkv_bias: bool) -> DecoderConfig:
+        """Build from a config.json dict; ``head_dim`` defaults to hidden_size / num_attention_heads (Qwen2)."""
+        try:
+            heads = int(cfg["num_attention_heads"])
+            scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+            rope_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else None
+            if rope_type not in (None, "default"):
+                raise ModelLoadError(f"rope_scaling of type {rope_type!r} is not supported yet.")
+            theta = cfg.get("rope_theta")
+            if theta is None and isinstance(scaling, dict):
+                theta = scaling.get("rope_theta")
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=int(cfg["hidden_size"]),
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta if theta is not None else 10000.0),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qk_norm=qk_norm,
+                qkv_bias=qkv_bias,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}.") from None
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"config.json has a field of the wrong type ({e}).") from None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32, cast back, then scale: the order transformers' Qwen RMSNorm uses, so reduced-precision
+    # runs round the same way.
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: DecoderConfig, device: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.q_size = c.num_attention_heads * c.head_dim
+        self.kv_size = c.num_key_value_heads * c.head_dim
+        self.input_norm = nn.Parameter(torch.ones(c.hidden_size, **kw))
+        self.qkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.qkv_bias, **kw)
+        self.q_norm = nn.Parameter(torch.ones(c.head_dim, **kw)) if c.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(c.head_dim, **kw)) if c.qk_norm else None
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False, **kw)
+        self.post_norm = nn.Parameter(torch.ones(c.hidden_size, **kw))
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, **kw)
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, **kw)
+
+
+class Qwen3Decoder(nn.Module):
+    """Decoder-only transformer; ``forward`` runs one batch-1 pass against a :class:`KVCache`."""
+
+    def __init__(self, config: DecoderConfig, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(_Layer(c, device, dtype) for _ in range(c.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(c.hidden_size, device=device, dtype=dtype))
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(
+            c.hidden_size, c.vocab_size, bias=False, device=device, dtype=dtype)
+        self.register_buffer("inv_freq", self._inv_freq(device), persistent=False)
+
+    def _inv_freq(self, device: Any) -> torch.Tensor:
+        c = self.config
+        return 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=device) / c.head_dim))
+
+    @classmethod
+    def from_hf_weights(cls, config: DecoderConfig, tensors: Mapping[str, torch.Tensor], device: Any = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Qwen3Decoder:
+        """Build with no random initialisation (on the meta device) and fill from Hugging Face-named tensors."""
+        with torch.device("meta"):
+            model = cls(config, dtype=dtype, device="meta")
+        model = model.to_empty(device=device)
+        model.inv_freq = model._inv_freq(device)
+        model.load_hf_state_dict(tensors)
+        return model.eval()
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, capacity: int) -> KVCache:
+        """A cache for this model's shapes, device and dtype, able to hold ``capacity`` token slots."""
+        c = self.config
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity,
+                       device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [L] int64
+        position_ids: torch.Tensor,  # [L] int64
+        cache: KVCache,
+        attn_mask: torch.Tensor,  # [L, cache.length + L] bool, True = may attend
+        *,
+        num_store: int = 0,
+        logits_from: int = 0,
+    ) -> torch.Tensor:
+        """Run the rows ``input_ids`` after the committed cache; returns float32 logits ``[L - logits_from, V]``.
+
+        Keys are ``[committed cache | these rows]``. The K/V of the first ``num_store`` rows become committed
+        (their rows must not attend to later rows, which the mask guarantees); the others stay scratch.
+        Logits are computed only for rows ``>= logits_from``, since the LM head is a large share of a small
+        model's forward and most rows (pending commits, a verifier's first half) need none.
+        """
+        c = self.config
+        n = input_ids.shape[0]
+        start = cache.length
+        if start + n > cache.capacity:
+            raise RuntimeError(f"KV cache too small: {start} + {n} > {cache.capacity}")
+        freqs = position_ids.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [L, 1, head_dim]
+        dtype = self.embed.weight.dtype
+        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        mask = attn_mask[None, None]  # [1, 1, L, start + L]
+        x = self.embed(input_ids)  # [L, H]
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            q, k, v = layer.qkv(h).split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
+            q = q.view(n, c.num_attention_heads, c.head_dim)
+            k = k.view(n, c.num_key_value_heads, c.head_dim)
+            if layer.q_norm is not None:
+                q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
+                k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            keys, values = cache.keys[i], cache.values[i]
+            keys[:, start:start + n] = k.transpose(0, 1)
+            values[:, start:start + n] = v.view(n, c.num_key_value_heads, c.head_dim).transpose(0, 1)
+            attn = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], keys[None, :, :start + n], values[None, :, :start + n],
+                attn_mask=mask, enable_gqa=True,
+            )  # [1, heads, L, head_dim]
+            x = x + layer.o_proj(attn[0].transpose(0, 1).reshape(n, layer.q_size))
+            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        cache.commit(num_store)
+        x = _rms_norm(x[logits_from:], self.norm, c.rms_norm_eps)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    # ---------------------------------------------------------------- weights
+    def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; a missing or misshapen weight is an error."""
+        own = self._hf_layout()
+        missing = [name for name in own if name not in tensors]
+        if self.lm_head is None:
+            missing = [m for m in missing if m != "lm_head.weight"]
+        if missing:
+            raise ModelLoadError(f"the checkpoint lacks {len(missing)} weight(s), first {missing[0]!r}.")
+        with torch.no_grad():
+            for name, (param, rows) in own.items():
+                if name not in tensors:
+                    continue
+                src = tensors[name]
+                target = param[rows] if rows is not None else param
+                if tuple(src.shape) != tuple(target.shape):
+                    raise ModelLoadError(
+                        f"weight {name!r} has shape {tuple(src.shape)}, but config.json implies {tuple(target.shape)}.")
+                target.copy_(src.to(param.dtype))
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights under Hugging Face names (un-fused), e.g. to save as safetensors."""
+        out = {}
+        for name, (param, rows) in self._hf_layout().items():
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            out[name] = (param[rows] if rows is not None else param).detach().clone().contiguous()
+        return out
+
+    def _hf_layout(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        """Map each Hugging Face weight name to (our parameter, the slice of its rows that holds it)."""
+        c = self.config
+        out: dict[str, tuple[torch.Tensor, slice | None]] = {"model.embed_tokens.weight": (self.embed.weight, None)}
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            q, kv, inter = layer.q_size, layer.kv_size, c.intermediate_size
+            out[p + "input_layernorm.weight"] = (layer.input_norm, None)
+            out[p + "post_attention_layernorm.weight"] = (layer.post_norm, None)
+            for proj, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+                out[p + f"self_attn.{proj}.weight"] = (layer.qkv.weight, rows)
+                if c.qkv_bias:
+                    out[p + f"self_attn.{proj}.bias"] = (layer.qkv.bias, rows)
+            if c.qk_norm:
+                out[p + "self_attn.q_norm.weight"] = (layer.q_norm, None)
+                out[p + "self_attn.k_norm.weight"] = (layer.k_norm, None)
+            out[p + "self_attn.o_proj.weight"] = (layer.o_proj.weight, None)
+            out[p + "mlp.gate_proj.weight"] = (layer.gate_up.weight, slice(0, inter))
+            out[p + "mlp.up_proj.weight"] = (layer.gate_up.weight, slice(inter, 2 * inter))
+            out[p + "mlp.down_proj.weight"] = (layer.down.weight, None)
+        out["model.norm.weight"] = (self.norm, None)
+        out["lm_head.weight"] = (self.lm_head.weight if self.lm_head is not None else self.embed.weight, None)
+        return out

@@ -1,0 +1,158 @@
+"""Tiny randomly initialised checkpoints in Hugging Face format, for tests and for trying the CLI without a download.
+
+:func:`write_random_model` writes everything a real checkpoint directory holds (``config.json``,
+``generation_config.json``, ``tokenizer.json``, ``tokenizer_config.json`` with a chat template, and
+``model.safetensors``), so the same loading code runs on it as on a published model.
+
+The weights use a deliberately large initialisation scale (std 0.2, not the usual 0.02): with 0.02 a tiny model's
+top logits are near-ties, and float rounding between mathematically equal forwards (cached vs. uncached, fused
+vs. unfused) can flip an argmax and make equivalence tests fail for no logical reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+from s2d2.errors import ConfigError
+from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
+
+__all__ = ["FAMILIES", "SPECIAL_TOKENS", "write_random_model"]
+
+FAMILIES = ("sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream")
+IMPLEMENTED = ("sdar",)
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")  # ids 256, 257, 258, 259
+
+WEIGHT_STD = 0.2  # Linear and Embedding weights (see the module docstring for why this is large)
+NORM_STD = 0.1  # RMSNorm weights are 1 + normal(0, NORM_STD)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _byte_alphabet() -> list[str]:
+    """One printable character per byte value 0..255, in byte order (the GPT-2 byte-level convention).
+
+    Bytes that are printable Latin-1 characters stand for themselves; the others are shifted to code points
+    256 and up, so no byte maps to whitespace or a control character.
+    """
+    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), 256))
+    chars, shift = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + shift))
+            shift += 1
+    return chars
+
+
+def _byte_tokenizer() -> Tokenizer:
+    """Byte-level BPE without merges: token id = byte value, then the special tokens at 256.."""
+    vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    return tok
+
+
+def _sdar_config(tok: Tokenizer) -> dict[str, Any]:
+    eot, mask = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|MASK|>")
+    return {
+        "architectures": ["SDARForCausalLM"],
+        "model_type": "sdar",
+        "vocab_size": 264,  # a little larger than the tokenizer: real SDAR checkpoints pad the vocabulary
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "rope_scaling": None,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "block_size": 4,
+        "mask_token_id": mask,
+        "bos_token_id": None,
+        "eos_token_id": eot,
+        "pad_token_id": eot,
+        "torch_dtype": "float32",
+    }
+
+
+def _init_weights(model: Qwen3Decoder, seed: int) -> None:
+    """normal(0, WEIGHT_STD) for every matrix (and bias), 1 + normal(0, NORM_STD) for every RMSNorm weight."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # a fixed order, so a seed fixes every value
+            noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if name.rsplit(".", 1)[-1].endswith("norm"):  # input_norm, post_norm, q_norm, k_norm, norm
+                param.copy_(1.0 + NORM_STD * noise)
+            else:
+                param.copy_(WEIGHT_STD * noise)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_random_model(
+    out_dir: str | os.PathLike[str], family: str = "sdar", seed: int = 0, **overrides: Any,
+) -> Path:
+    """Write a tiny random model of ``family`` to ``out_dir`` (created if needed) and return its path.
+
+    ``overrides`` replace ``config.json`` fields (e.g. ``hidden_size=32``, ``num_hidden_layers=1``,
+    ``tie_word_embeddings=True``, ``model_type="qwen3"``); the weights follow the resulting config. The same
+    seed and overrides always give the same files.
+    """
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown model family {family!r}; known families: {', '.join(FAMILIES)}.")
+    if family not in IMPLEMENTED:
+        raise ConfigError(f"family {family!r} is not supported yet; supported: {', '.join(IMPLEMENTED)}.")
+
+    tok = _byte_tokenizer()
+    config = _sdar_config(tok)
+    config.update(overrides)
+    if overrides.get("model_type") == "qwen3" and "architectures" not in overrides:
+        config["architectures"] = ["Qwen3ForCausalLM"]
+    if int(config["vocab_size"]) < tok.get_vocab_size():
+        raise ConfigError(
+            f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()} tokens.")
+
+    model = Qwen3Decoder(DecoderConfig.from_hf(config, qk_norm=True, qkv_bias=False))
+    _init_weights(model, seed)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    _write_json(out / "config.json", config)
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": config.get("bos_token_id"),
+        "eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
+        "pad_token_id": config.get("pad_token_id"),
+    })
+    _write_json(out / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "add_bos_token": False,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "mask_token": "<|MASK|>",
+        "model_max_length": int(config["max_position_embeddings"]),
+        "chat_template": CHAT_TEMPLATE,
+    })
+    save_file(model.hf_state_dict(), str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out

@@ -1,0 +1,134 @@
+"""Decoding state: the working sequence, the current block, a span, a draft.
+
+Per-step bookkeeping (which positions are masked, the span, the commit choices) runs on small host-side tuples:
+for blocks of 1-32 tokens, Python on a tuple costs a fraction of a microsecond where every tiny tensor op costs
+several, and on a GPU it avoids a device sync per element (the reference's ``.item()`` loops, its §7.13). The
+tensor that feeds the model, :attr:`Sequence.ids`, is written once per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class Span:
+    """The left-most maximal run of masked offsets ``[start, end)`` of the decodable part of a block."""
+
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    def offsets(self) -> list[int]:
+        return list(range(self.start, self.end))
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One diffusion-mode forward's proposal for every offset of the block."""
+
+    tokens: tuple[int, ...]  # [B] token drawn at each offset (meaningful at masked offsets)
+    confidence: tuple[float, ...]  # [B] probability of that token under ``probs``
+    probs: torch.Tensor  # [B, V] float32, the distribution each token was drawn from
+
+
+@dataclass(frozen=True)
+class BlockState:
+    """The current block: ``size`` positions from absolute ``start``; only offsets ``< end`` are decoded.
+
+    ``end`` is below ``size`` when the block holds the last position allowed by ``max_new_tokens`` or a
+    committed stop token: the masks after it stay masks (the model reads them as such) and are never committed.
+    """
+
+    start: int
+    size: int
+    tokens: tuple[int, ...]  # [size] committed ids, or the mask id
+    masked: tuple[bool, ...]  # [size]
+    end: int
+    num_prompt: int  # leading offsets that hold prompt tokens (first block only)
+
+    def masked_offsets(self) -> list[int]:
+        """Offsets that still need a token."""
+        return [i for i in range(self.end) if self.masked[i]]
+
+    @property
+    def num_masked(self) -> int:
+        return sum(self.masked[: self.end])
+
+    @property
+    def first_mask(self) -> int:
+        """First masked offset, or ``size`` if none (the rows before it are committed)."""
+        return next((i for i in range(self.size) if self.masked[i]), self.size)
+
+    @property
+    def progress(self) -> float:
+        """Share of the block committed by decoding so far (prompt tokens excluded), in [0, 1]."""
+        return (self.size - self.num_prompt - sum(self.masked)) / self.size
+
+    def span(self) -> Span | None:
+        """The left-most maximal run of masks before ``end``, or None when the block is finished."""
+        start = next((i for i in range(self.end) if self.masked[i]), None)
+        if start is None:
+            return None
+        end = next((i for i in range(start, self.end) if not self.masked[i]), self.end)
+        return Span(start, end)
+
+    def with_tokens(self, commits: Mapping[int, int]) -> BlockState:
+        """A copy where each ``offset: token`` of ``commits`` is committed."""
+        tokens, masked = list(self.tokens), list(self.masked)
+        for offset, token in commits.items():
+            tokens[offset], masked[offset] = token, False
+        return replace(self, tokens=tuple(tokens), masked=tuple(masked))
+
+
+class Sequence:
+    """The prompt followed by masks, decoded block by block; blocks sit at absolute multiples of ``block_size``.
+
+    The prompt's tail (``len(prompt) % block_size`` tokens) opens the first decoded block as committed tokens.
+    Decoding stops at ``limit``: ``len(prompt) + max_new_tokens``, lowered to the position of the first committed
+    stop token.
+    """
+
+    def __init__(self, prompt_ids: list[int], block_size: int, max_new_tokens: int, mask_id: int,
+                 stop_ids: Iterable[int], device: torch.device | str) -> None:
+        self.prompt_len = len(prompt_ids)
+        self.block_size = block_size
+        self.limit = self.prompt_len + max_new_tokens
+        self.total_len = -(-self.limit // block_size) * block_size
+        self.mask_id = mask_id
+        self.stop_ids = frozenset(stop_ids)
+        self.stopped = False
+        self.ids = torch.full((self.total_len,), mask_id, dtype=torch.long, device=device)  # [T] int64
+        self.ids[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+
+    def blocks(self) -> Iterator[BlockState]:
+        """Open each block in turn until ``limit``; the caller finishes one before asking for the next."""
+        b = self.block_size
+        for start in range(self.prompt_len // b * b, self.total_len, b):
+            if start >= self.limit:
+                return
+            num_prompt = max(0, self.prompt_len - start)
+            tokens = tuple(self.ids[start:start + b].tolist())
+            masked = tuple(i >= num_prompt for i in range(b))
+            yield BlockState(start, b, tokens, masked, min(b, self.limit - start), num_prompt)
+
+    def commit(self, block: BlockState, commits: Mapping[int, int]) -> BlockState:
+        """Commit tokens into ``block`` and the sequence; a committed stop token ends the decodable part there."""
+        block = block.with_tokens(commits)
+        self.ids[block.start:block.start + block.size] = torch.tensor(block.tokens, dtype=torch.long)
+        stops = [i for i, t in commits.items() if t in self.stop_ids and i < block.end]
+        if stops:
+            self.stopped = True
+            self.limit = block.start + min(stops)
+            block = replace(block, end=min(stops))
+        return block
+
+    def output(self) -> tuple[list[int], str]:
+        """Generated ids (stop token excluded) and the finish reason, ``"stop"`` or ``"length"``."""
+        return self.ids[self.prompt_len:self.limit].tolist(), "stop" if self.stopped else "length"

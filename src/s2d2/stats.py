@@ -1,0 +1,92 @@
+"""Decoding statistics: exact forward counts by kind, acceptance counts, and time.
+
+Forward kinds: ``draft`` (diffusion-mode pass over the block), ``verify`` (AR-mode 2L pass over the span),
+``prefill`` and ``commit`` (passes whose only job is to write committed K/V). With ``fuse_commit`` (the default)
+the prompt's and each finished block's K/V are written by the next draft forward, so ``prefill_forwards`` and
+``commit_forwards`` stay 0 and NFE counts only drafts and verifications; every forward is counted exactly once.
+
+Acceptance: ``proposed_tokens`` are span tokens sent to the verifier, ``accepted_tokens`` the drafts it accepted,
+``corrected_tokens`` the tokens it committed at a first rejection. ``mean_accepted_length`` counts both per
+verification (as vLLM counts its bonus token), i.e. the tokens one verify forward commits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DecodeStats:
+    """Counters for one or more decoded prompts; ``merge`` adds them up."""
+
+    num_prompts: int = 1
+    num_tokens: int = 0
+    prompt_tokens: int = 0
+    prefill_forwards: int = 0
+    draft_forwards: int = 0
+    verify_forwards: int = 0
+    commit_forwards: int = 0
+    steps: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    corrected_tokens: int = 0
+    fallback_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts accepted at span offset i
+    proposed_per_position: list[int] = field(default_factory=list)  # [i]: drafts verified at span offset i
+    time_s: float = 0.0
+    forward_time_s: float = 0.0  # wall time inside model forwards (CUDA is synchronised around them)
+
+    @property
+    def nfe(self) -> int:
+        """Number of forward evaluations of every kind."""
+        return self.prefill_forwards + self.draft_forwards + self.verify_forwards + self.commit_forwards
+
+    def observe_verification(self, num_proposed: int, num_accepted: int, corrected: bool) -> None:
+        """Record one verification of ``num_proposed`` drafts of which the first ``num_accepted`` were accepted."""
+        self.proposed_tokens += num_proposed
+        self.accepted_tokens += num_accepted
+        self.corrected_tokens += int(corrected)
+        grow = num_proposed - len(self.proposed_per_position)
+        if grow > 0:
+            self.proposed_per_position.extend([0] * grow)
+            self.accepted_per_position.extend([0] * grow)
+        for i in range(num_proposed):
+            self.proposed_per_position[i] += 1
+            self.accepted_per_position[i] += int(i < num_accepted)
+
+    def merge(self, other: DecodeStats) -> DecodeStats:
+        """Sum of two stats (per-position lists added element-wise)."""
+        out = DecodeStats(num_prompts=self.num_prompts + other.num_prompts)
+        for name in self.__dataclass_fields__:
+            if name == "num_prompts":
+                continue
+            a, b = getattr(self, name), getattr(other, name)
+            if isinstance(a, list):
+                n = max(len(a), len(b))
+                setattr(out, name, [(a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0) for i in range(n)])
+            else:
+                setattr(out, name, a + b)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every counter plus the derived rates, as plain JSON."""
+        d: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        nfe = self.nfe
+        d.update(
+            nfe=nfe,
+            tokens_per_forward=self.num_tokens / nfe if nfe else 0.0,
+            tokens_per_s=self.num_tokens / self.time_s if self.time_s > 0 else 0.0,
+            mean_accepted_length=(self.accepted_tokens + self.corrected_tokens) / self.verify_forwards
+            if self.verify_forwards else 0.0,
+            acceptance_rate=self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0,
+            loop_time_share=1.0 - self.forward_time_s / self.time_s if self.time_s > 0 else 0.0,
+        )
+        return d
+
+    def summary(self) -> str:
+        """One line for humans."""
+        d = self.to_dict()
+        return (f"{d['num_tokens']} tokens, NFE {d['nfe']} (draft {self.draft_forwards}, verify {self.verify_forwards}), "
+                f"{d['tokens_per_forward']:.2f} tokens/forward, {d['tokens_per_s']:.1f} tokens/s, "
+                f"{self.accepted_tokens}/{self.proposed_tokens} drafts accepted")
