@@ -140,7 +140,7 @@ class Qwen3Decoder(nn.Module):
         model = model.to_empty(device=device)
         model.inv_freq = model._inv_freq(device)
         model.load_hf_state_dict(tensors)
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, capacity: int) -> KVCache:

@@ -1,0 +1,138 @@
+"""The ``s2d2`` command line. Flags of ``generate`` are derived from :class:`DecodeConfig` fields (kebab-case).
+
+A user error (bad flag value, missing model, empty prompt, ...) ends in one sentence on stderr and exit code 2;
+``config_from_args`` is the single translation from parsed flags to a :class:`DecodeConfig`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+from s2d2.config import DecodeConfig
+from s2d2.errors import S2D2Error
+
+# Help for the flags users reach for first; every other field documents itself in s2d2/config.py.
+_HELP = {
+    "method": "decoding method",
+    "block_size": "tokens per block (default: 1 for ar, else 4)",
+    "steps": "denoising steps per block (default: block size)",
+    "threshold": "confidence threshold of the dynamic strategy",
+    "policy": "routing policy deciding when to verify (s2d2)",
+    "estimator": "acceptance estimator used by score policies",
+    "min_span": "mask_span_length: verify iff the span has at least this many masks",
+    "temperature": "0 = greedy (deterministic)",
+    "stop_token_ids": "token ids that end generation (default: the model's end-of-sequence ids)",
+}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(DecodeConfig)
+    group = parser.add_argument_group("decoding (DecodeConfig fields)")
+    for f in fields(DecodeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = hints[f.name]
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if tp is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif get_origin(tp) is typing.Literal:
+            group.add_argument(flag, choices=list(get_args(tp)), **kwargs)
+        elif f.name == "stop_token_ids":
+            group.add_argument(flag, type=int, nargs="*", metavar="ID", **kwargs)
+        else:
+            base = args[0] if args else tp
+            if get_origin(base) is typing.Literal:
+                group.add_argument(flag, choices=list(get_args(base)), **kwargs)
+            else:
+                group.add_argument(flag, type=base, **kwargs)
+
+
+def config_from_args(ns: argparse.Namespace) -> DecodeConfig:
+    """The DecodeConfig the user asked for: only flags given on the command line override the defaults."""
+    given = {f.name: getattr(ns, f.name) for f in fields(DecodeConfig) if getattr(ns, f.name, None) is not None}
+    if "stop_token_ids" in given:
+        given["stop_token_ids"] = tuple(given["stop_token_ids"])
+    return DecodeConfig(**given)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one sentence and exit 2, without the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``s2d2`` argument parser."""
+    parser = _Parser(prog="s2d2", description="Fast decoding for block-diffusion language models (S2D2).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="decode one prompt")
+    gen.add_argument("prompt", help="the prompt text")
+    gen.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    _add_config_flags(gen)
+
+    init = sub.add_parser("init-random", help="write a tiny randomly initialised model in HF format")
+    init.add_argument("--family", required=True, help="sdar, fast_dllm_v2, llada2, d2f_llada or d2f_dream")
+    init.add_argument("--out", required=True, type=Path, help="output directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--force", action="store_true", help="overwrite a model already in --out")
+    return parser
+
+
+def _generate(ns: argparse.Namespace) -> int:
+    import s2d2
+
+    cfg = config_from_args(ns)  # validate flags before the (slow) model load
+    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
+    prompt = model.apply_chat_template([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
+    out = model.generate(prompt, cfg)[0]
+    if ns.json:
+        print(json.dumps(out.to_dict()))
+    else:
+        print(out.text)
+        print(f"[{cfg.method}] {out.stats.summary()}", file=sys.stderr)
+    return 0
+
+
+def _init_random(ns: argparse.Namespace) -> int:
+    from s2d2.random_init import write_random_model
+
+    if ns.seed < 0:
+        raise S2D2Error(f"--seed must be a non-negative integer, got {ns.seed}.")
+    if ns.out.exists() and not ns.out.is_dir():
+        raise S2D2Error(f"--out {ns.out} exists and is not a directory.")
+    if (ns.out / "config.json").exists() and not ns.force:
+        raise S2D2Error(f"{ns.out} already holds a model; pass --force to overwrite it.")
+    try:
+        path = write_random_model(ns.out, family=ns.family, seed=ns.seed)
+    except OSError as e:
+        raise S2D2Error(f"cannot write {ns.out}: {e.strerror or e}.") from None
+    print(f"wrote a random {ns.family} model to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``s2d2`` console script."""
+    ns = build_parser().parse_args(argv)
+    try:
+        return {"generate": _generate, "init-random": _init_random}[ns.command](ns)
+    except S2D2Error as e:
+        print(f"s2d2: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

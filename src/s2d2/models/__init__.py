@@ -1,0 +1,1 @@
+"""Native PyTorch model modules, one per architecture."""

@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny random SDAR models written in HF format and loaded through the public API."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+import pytest
+
+import s2d2
+from s2d2.random_init import write_random_model
+
+
+@pytest.fixture(scope="session")
+def random_model_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random SDAR checkpoint (seed 0)."""
+    return write_random_model(tmp_path_factory.mktemp("sdar-seed0"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory: pytest.TempPathFactory) -> list[s2d2.Model]:
+    """Three tiny random SDAR models (seeds 0, 1, 2), loaded."""
+    return [s2d2.load(str(write_random_model(tmp_path_factory.mktemp(f"sdar-seed{seed}"), seed=seed)))
+            for seed in range(3)]
+
+
+@pytest.fixture(scope="session")
+def model(random_models: list[s2d2.Model]) -> s2d2.Model:
+    return random_models[0]

@@ -1,0 +1,234 @@
+"""End-to-end invariants of the decoding loop on tiny random SDAR models (design.md, invariants 1, 2, 4, 5, 6)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import s2d2
+from s2d2 import DecodeConfig
+from s2d2.adapters.sdar import draft_mask
+
+ALWAYS_VERIFY = dict(method="s2d2", policy="mask_span_length", min_span=1, cache_ver=True, temperature=0.0)
+
+
+def prompt(length: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(256) for _ in range(length)]  # byte tokens; no special ids
+
+
+def run(model: s2d2.Model, ids: list[int], **cfg) -> s2d2.Generation:
+    cfg.setdefault("stop_token_ids", ())
+    return model.generate(ids, DecodeConfig(**cfg))[0]
+
+
+# ------------------------------------------------------------------------------- invariant 2: lossless greedy
+@pytest.mark.parametrize("block_size", [2, 4, 8, 16])
+@pytest.mark.parametrize("draft_ver", [True, False])
+def test_greedy_s2d2_verifying_every_step_equals_ar(random_models, block_size, draft_ver):
+    for m_index, m in enumerate(random_models):
+        for prompt_len in (1, 3, 5, 10):
+            ids = prompt(prompt_len, seed=100 * m_index + prompt_len)
+            ar = run(m, ids, method="ar", max_new_tokens=40)
+            sd = run(m, ids, block_size=block_size, draft_ver=draft_ver, max_new_tokens=40, **ALWAYS_VERIFY)
+            assert sd.token_ids == ar.token_ids, (m_index, prompt_len)
+            assert len(ar.token_ids) == 40 and ar.finish_reason == "length"
+            assert sd.stats.verify_forwards == sd.stats.draft_forwards  # it really verified on every step
+            assert sd.stats.fallback_tokens == 0
+
+
+def test_lossless_greedy_holds_for_every_policy_that_never_skips(model):
+    ids = prompt(6, seed=7)
+    ar = run(model, ids, method="ar", max_new_tokens=24)
+    never_skip = [
+        dict(policy="score_threshold", score_type="difference_static", penalty=0.0, tau=0.0),  # paper config B
+        dict(policy="score_hysteresis", score_type="difference_static", penalty=0.0, tau_on=-1.0, tau_off=-2.0),
+    ]
+    for extra in never_skip:
+        cfg = {**ALWAYS_VERIFY, **extra, "block_size": 4, "max_new_tokens": 24}
+        out = run(model, ids, **cfg)
+        assert out.token_ids == ar.token_ids, extra
+        assert out.stats.verify_forwards == out.stats.draft_forwards
+
+
+def test_lossless_greedy_needs_an_ar_consistent_cache(random_models):
+    """Without cache_ver the verifier reads block-bidirectional K/V: an approximation, and it shows."""
+    differs = 0
+    for m in random_models:
+        ids = prompt(5, seed=3)
+        ar = run(m, ids, method="ar", max_new_tokens=32)
+        sd = run(m, ids, **{**ALWAYS_VERIFY, "cache_ver": False}, block_size=4, max_new_tokens=32)
+        differs += sd.token_ids != ar.token_ids
+    assert differs > 0
+
+
+def test_stop_token_ends_generation_at_the_same_place(model):
+    ids = prompt(5, seed=11)
+    free = run(model, ids, method="ar", max_new_tokens=30)
+    stop = free.token_ids[12]
+    first = free.token_ids.index(stop)
+    ar = run(model, ids, method="ar", max_new_tokens=30, stop_token_ids=(stop,))
+    sd = run(model, ids, **ALWAYS_VERIFY, block_size=8, max_new_tokens=30, stop_token_ids=(stop,))
+    assert ar.token_ids == free.token_ids[:first] == sd.token_ids
+    assert ar.finish_reason == sd.finish_reason == "stop"
+    assert ar.stats.draft_forwards == first + 1  # nothing decoded past the stop token
+
+
+def test_max_new_tokens_is_exact_for_every_method(model):
+    ids = prompt(3, seed=5)
+    for cfg in (dict(method="ar"), dict(method="static", block_size=8, steps=4),
+                dict(method="dynamic", block_size=8, threshold=0.1), dict(ALWAYS_VERIFY, block_size=16)):
+        for n in (1, 7, 13):
+            out = run(model, ids, max_new_tokens=n, **cfg)
+            assert len(out.token_ids) == n, (cfg, n)
+
+
+# ----------------------------------------------------------------------------- invariant 4: never verify
+@pytest.mark.parametrize("block_size,steps,threshold", [(4, 4, 0.1), (8, 8, 0.05), (8, 4, 0.2), (16, 8, 0.1)])
+def test_never_verifying_s2d2_is_exactly_dynamic(model, block_size, steps, threshold):
+    ids = prompt(7, seed=block_size)
+    common = dict(block_size=block_size, steps=steps, threshold=threshold, max_new_tokens=48)
+    dynamic = run(model, ids, method="dynamic", **common)
+    for never in (dict(policy="mask_span_length", min_span=block_size + 1),
+                  dict(policy="score_threshold", tau=1e9)):
+        s2d2_run = run(model, ids, method="s2d2", **never, **common)
+        assert s2d2_run.token_ids == dynamic.token_ids
+        assert s2d2_run.stats.nfe == dynamic.stats.nfe
+        assert s2d2_run.stats.verify_forwards == 0
+    assert dynamic.stats.draft_forwards < 48  # the threshold committed several tokens in some steps
+
+
+def test_static_commits_exactly_the_quota(model):
+    out = run(model, prompt(4, seed=2), method="static", block_size=8, steps=2, max_new_tokens=32)
+    assert out.stats.draft_forwards == 8  # 4 blocks x 2 steps, 4 tokens a step
+    assert out.stats.nfe == 8
+
+
+# ---------------------------------------------------------------------------------- fused == unfused
+@pytest.mark.parametrize("cfg", [dict(method="ar"), dict(method="dynamic", threshold=0.1, block_size=4),
+                                 dict(ALWAYS_VERIFY, block_size=4), dict(ALWAYS_VERIFY, block_size=8, cache_ver=False)])
+def test_fused_commit_gives_the_same_tokens_with_fewer_forwards(model, cfg):
+    ids = prompt(9, seed=4)
+    fused = run(model, ids, max_new_tokens=30, **cfg)
+    unfused = run(model, ids, max_new_tokens=30, fuse_commit=False, **cfg)
+    assert fused.token_ids == unfused.token_ids
+    b = DecodeConfig(**{k: v for k, v in cfg.items()}).block_size
+    first_block = 9 // b * b
+    blocks = len(range(first_block, 9 + 30, b))
+    # unfused: a prefill forward (if the prompt has a whole block), and a commit forward before every later block
+    assert unfused.stats.prefill_forwards == (1 if first_block > 0 else 0)
+    assert unfused.stats.commit_forwards == blocks - 1
+    assert unfused.stats.nfe == fused.stats.nfe + unfused.stats.prefill_forwards + blocks - 1
+    assert fused.stats.prefill_forwards == fused.stats.commit_forwards == 0
+
+
+def test_ar_costs_one_forward_per_token_and_the_reference_ar_two(model):
+    ids = prompt(4, seed=9)
+    fused = run(model, ids, method="ar", max_new_tokens=20)
+    unfused = run(model, ids, method="ar", max_new_tokens=20, fuse_commit=False)
+    assert fused.stats.nfe == 20
+    assert unfused.stats.nfe == 1 + 20 + 19  # prefill, 20 predictions, a store before each later one
+
+
+# -------------------------------------------------------------- invariants 1, 5, 6: cache and verifier forwards
+def _fresh_prefix_cache(model: s2d2.Model, ids: torch.Tensor, block_start: int):
+    """A cache holding ids[:block_start], written causally through a draft forward (as the loop does)."""
+    cache = model.adapter.new_cache(128)
+    model.adapter.draft(ids, cache, block_start, 4, 0, cache_ver=True, draft_ver=True)
+    assert cache.length == block_start
+    return cache
+
+
+def _uncached_logits(model: s2d2.Model, tokens: list[int], mask: torch.Tensor) -> torch.Tensor:
+    cache = model.adapter.new_cache(len(tokens) + 4)
+    out = model.adapter.model(torch.tensor(tokens), torch.arange(len(tokens)), cache, mask)
+    return out.index_fill_(-1, model.adapter._banned, float("-inf"))
+
+
+def test_draft_and_verify_leave_the_cache_unchanged(model):
+    adapter = model.adapter
+    ids = torch.tensor(prompt(12, seed=1) + [adapter.mask_id] * 4)
+    cache = _fresh_prefix_cache(model, ids, 12)
+    snapshot = [(k[:, :12].clone(), v[:, :12].clone()) for k, v in zip(cache.keys, cache.values)]
+    adapter.draft(ids, cache, 12, 4, 0, cache_ver=True, draft_ver=True)
+    adapter.verify([5, 6, 7, 8], cache, 12, 12)
+    adapter.verify([5, 6, 7, 8], cache, 12, 14)
+    assert cache.length == 12
+    for (k0, v0), k, v in zip(snapshot, cache.keys, cache.values):
+        assert torch.equal(k0, k[:, :12]) and torch.equal(v0, v[:, :12])
+
+
+def test_verify_rows_equal_causal_forwards_of_prefix_and_drafts(model):
+    """Invariant 5: the 2L row for span position i == a causal forward of [prefix, drafts < i, MASK at i]."""
+    adapter = model.adapter
+    prefix = prompt(8, seed=21)
+    filled = [40, 41, 42, 43, 44, 45, 46, 47]  # block of 8 at position 8: committed 40, 41, then a drafted span
+    ids = torch.tensor(prefix + [adapter.mask_id] * 8)
+    cache = _fresh_prefix_cache(model, ids, 8)
+    got = adapter.verify(filled, cache, 8, 10)  # span = offsets 2..7
+    assert got.shape[0] == 6
+    for k in range(6):
+        tokens = prefix + filled[: 2 + k] + [adapter.mask_id]
+        n = len(tokens)
+        want = _uncached_logits(model, tokens, torch.ones(n, n, dtype=torch.bool).tril())[-1]
+        assert torch.allclose(got[k], want, atol=1e-4), k
+        assert int(got[k].argmax()) == int(want.argmax())
+    # positions after the span and other drafts must not matter: change filled beyond position i
+    again = adapter.verify(filled[:4] + [1, 2, 3, 4], cache, 8, 10)
+    assert torch.allclose(again[:3], got[:3], atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_ver,draft_ver,first_mask", [(True, True, 2), (True, False, 0), (False, False, 1)])
+def test_cached_draft_equals_uncached_forward(model, cache_ver, draft_ver, first_mask):
+    """Invariant 6: a draft against the cache == the same rows of one forward over everything, uncached."""
+    adapter = model.adapter
+    b = 4
+    prefix = prompt(12, seed=8)
+    block = [70, 71, adapter.mask_id, adapter.mask_id][:first_mask] + [adapter.mask_id] * (b - first_mask)
+    ids = torch.tensor(prefix + block)
+    cache = adapter.new_cache(64)
+    adapter.commit(ids, cache, 8, b, cache_ver=cache_ver)  # blocks 0-1 cached ...
+    cached = adapter.draft(ids, cache, 12, b, first_mask, cache_ver=cache_ver, draft_ver=draft_ver)  # ... block 2 pending
+    assert cache.length == 12
+    full = draft_mask(12, b, first_mask, cache_ver, draft_ver, torch.device("cpu"))
+    uncached = _uncached_logits(model, prefix + block, full)[12:]
+    assert torch.allclose(cached, uncached, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ API behaviour
+def test_sampling_is_reproducible_with_a_seed_and_greedy_ignores_it(model):
+    ids = prompt(5, seed=3)
+    a = run(model, ids, method="s2d2", temperature=1.0, seed=1, max_new_tokens=24, block_size=4)
+    b = run(model, ids, method="s2d2", temperature=1.0, seed=1, max_new_tokens=24, block_size=4)
+    c = run(model, ids, method="s2d2", temperature=1.0, seed=2, max_new_tokens=24, block_size=4)
+    assert a.token_ids == b.token_ids != c.token_ids
+    g1 = run(model, ids, method="s2d2", seed=1, max_new_tokens=24)
+    g2 = run(model, ids, method="s2d2", seed=2, max_new_tokens=24)
+    assert g1.token_ids == g2.token_ids
+
+
+def test_never_emits_mask_or_vocabulary_padding(model):
+    vocab = model.tokenizer.get_vocab_size(with_added_tokens=True)
+    for out in model.generate([prompt(4, seed=s) for s in range(4)],
+                              DecodeConfig(method="dynamic", temperature=1.5, threshold=0.1, seed=0,
+                                           max_new_tokens=40, stop_token_ids=())):
+        assert model.adapter.mask_id not in out.token_ids
+        assert max(out.token_ids) < vocab
+
+
+def test_stats_add_up(model):
+    out = run(model, prompt(6, seed=6), method="s2d2", policy="mask_span_length", min_span=2, block_size=8,
+              threshold=0.2, max_new_tokens=40)
+    s = out.stats
+    assert s.num_tokens == 40 and s.steps == s.draft_forwards
+    assert s.nfe == s.draft_forwards + s.verify_forwards
+    committed_by_verify = s.accepted_tokens + s.corrected_tokens
+    # every generated token (plus the tail of the last block) was committed by verification or by the fallback
+    assert committed_by_verify + s.fallback_tokens >= 40
+    assert sum(s.accepted_per_position) == s.accepted_tokens
+    assert s.proposed_per_position[0] == s.verify_forwards
+    d = s.to_dict()
+    assert d["tokens_per_forward"] == pytest.approx(40 / s.nfe)
+    assert 0.0 <= d["loop_time_share"] <= 1.0
