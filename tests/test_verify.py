@@ -181,11 +181,13 @@ def test_sampled_empty_residual_falls_back_to_q() -> None:
 
 
 def test_sampled_empty_residual_with_q_below_p_everywhere_falls_back_to_q() -> None:
-    # p carries more mass than q at every token (as rounding can leave it); draft 0 has q(0) = 0 -> rejected.
-    # (q - p)+ = [0, 0, 0, 0], so the correction is drawn from q = one-hot at token 1.
-    p = torch.tensor([[0.5, 1.0, 0.0, 0.0]])
+    # p carries at least as much mass as q at every token (an unnormalised p, as rounding can leave it); draft 0
+    # has q(0) = 0 -> rejected. (q - p)+ = [0, 0, 0, 0], so the correction is drawn from q = one-hot at token 1
+    # (a draw from p would give token 0 five times in six).
+    p = torch.tensor([[5.0, 1.0, 0.0, 0.0]])
     q = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
-    assert accept_sampled([0], p, q, _seeded(3)) == Verdict(0, 1)
+    for seed in range(20):
+        assert accept_sampled([0], p, q, _seeded(seed)) == Verdict(0, 1)
 
 
 def test_sampled_is_reproducible_with_the_same_seed() -> None:
