@@ -125,15 +125,17 @@ class DecodeConfig:
             _check_float(name, getattr(self, name), 0.0, 1.0)
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         for name in ("temperature", "entropy_temperature", "confidence_power", "margin_coef", "ucb_beta", "penalty"):
-            _check_float(name, getattr(self, name), 0.0, math.inf)
+            _check_float(name, getattr(self, name), 0.0, 1e6)
         for name in ("tau", "tau_on", "tau_off"):
-            _check_float(name, getattr(self, name), -math.inf, math.inf)
+            _check_float(name, getattr(self, name), -1e9, 1e9)
         if self.tau_on <= self.tau_off:
             raise ConfigError(f"tau_on ({self.tau_on}) must be greater than tau_off ({self.tau_off}) for score_hysteresis.")
         for name in ("cache_ver", "draft_ver", "fuse_commit"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, (list, tuple)):
+                raise ConfigError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}.")
             ids = tuple(self.stop_token_ids)
             if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
                 raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}.")
