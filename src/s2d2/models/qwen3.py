@@ -131,6 +131,18 @@ class Qwen3Decoder(nn.Module):
         c = self.config
         return 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=device) / c.head_dim))
 
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[L, 1, head_dim]`` for ``position_ids``, looked up in a table grown on demand."""
+        needed = int(position_ids.max()) + 1
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].shape[0] < needed or table[0].device != position_ids.device:
+            size = max(needed, 2 * (table[0].shape[0] if table is not None else 0), 512)
+            freqs = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+            dtype = self.embed.weight.dtype
+            table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return table[0][position_ids], table[1][position_ids]
+
     @classmethod
     def from_hf_weights(cls, config: DecoderConfig, tensors: Mapping[str, torch.Tensor], device: Any = "cpu",
                         dtype: torch.dtype = torch.float32) -> Qwen3Decoder:
@@ -172,10 +184,7 @@ class Qwen3Decoder(nn.Module):
         start = cache.length
         if start + n > cache.capacity:
             raise RuntimeError(f"KV cache too small: {start} + {n} > {cache.capacity}")
-        freqs = position_ids.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [L, 1, head_dim]
-        dtype = self.embed.weight.dtype
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = self._rope(position_ids)
         mask = attn_mask[None, None]  # [1, 1, L, start + L]
         x = self.embed(input_ids)  # [L, H]
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,1 @@
+"""Seeded synthetic tasks for training and evaluating small block-diffusion models."""
