@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from s2d2.errors import ConfigError
 
@@ -37,19 +37,13 @@ Estimator = Literal[
 ScoreType = Literal["difference_static", "difference_dynamic"]
 Fallback = Literal["static", "dynamic"]
 
-METHODS: tuple[str, ...] = ("ar", "static", "dynamic", "s2d2")
-POLICIES: tuple[str, ...] = ("mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb")
-ESTIMATORS: tuple[str, ...] = (
-    "soft_entropy_negexp",
-    "hard_margin_threshold",
-    "soft_renyi_2_entropy",
-    "hard_entropy_threshold",
-    "soft_confidence_power",
-    "soft_clipped_linear_margin",
-)
-SCORE_TYPES: tuple[str, ...] = ("difference_static", "difference_dynamic")
-FALLBACKS: tuple[str, ...] = ("static", "dynamic")
-UCB_ENTROPY_SOURCES: tuple[str, ...] = ("span", "masked")
+METHODS: tuple[str, ...] = get_args(Method)
+POLICIES: tuple[str, ...] = get_args(Policy)
+ESTIMATORS: tuple[str, ...] = get_args(Estimator)
+SCORE_TYPES: tuple[str, ...] = get_args(ScoreType)
+FALLBACKS: tuple[str, ...] = get_args(Fallback)
+UcbEntropySource = Literal["span", "masked"]
+UCB_ENTROPY_SOURCES: tuple[str, ...] = get_args(UcbEntropySource)
 
 
 @dataclass(frozen=True)
@@ -85,7 +79,7 @@ class DecodeConfig:
     ucb_span_bins: int = 2
     ucb_progress_bins: int = 2
     ucb_entropy_bins: int = 2
-    ucb_entropy_source: Literal["span", "masked"] = "span"
+    ucb_entropy_source: UcbEntropySource = "span"
     # --- cache modes
     cache_ver: bool = True  # write the cache with causal (AR-mode) attention
     draft_ver: bool = True  # committed prefix of the block attends causally in drafts
