@@ -31,10 +31,13 @@ _HELP = {
 }
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(DecodeConfig)
-    group = parser.add_argument_group("decoding (DecodeConfig fields)")
-    for f in fields(DecodeConfig):
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field of ``cls`` (kebab-case), defaulting to None so unset flags keep the defaults."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} fields")
+    for f in fields(cls):
+        if f.name in skip or not f.init:
+            continue
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not MISSING else None
@@ -45,8 +48,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif get_origin(tp) is typing.Literal:
             group.add_argument(flag, choices=list(get_args(tp)), **kwargs)
-        elif f.name == "stop_token_ids":
-            group.add_argument(flag, type=int, nargs="*", metavar="ID", **kwargs)
+        elif get_origin(tp) is tuple or any(get_origin(a) is tuple for a in args):
+            inner = next(a for a in (tp, *args) if get_origin(a) is tuple)
+            group.add_argument(flag, type=get_args(inner)[0], nargs="*", metavar="X", **kwargs)
         else:
             base = args[0] if args else tp
             if get_origin(base) is typing.Literal:
@@ -55,12 +59,11 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                 group.add_argument(flag, type=base, **kwargs)
 
 
-def config_from_args(ns: argparse.Namespace) -> DecodeConfig:
-    """The DecodeConfig the user asked for: only flags given on the command line override the defaults."""
-    given = {f.name: getattr(ns, f.name) for f in fields(DecodeConfig) if getattr(ns, f.name, None) is not None}
-    if "stop_token_ids" in given:
-        given["stop_token_ids"] = tuple(given["stop_token_ids"])
-    return DecodeConfig(**given)
+def config_from_args(ns: argparse.Namespace, cls: type = DecodeConfig) -> Any:
+    """The ``cls`` (DecodeConfig) the user asked for: only flags given on the command line override the defaults."""
+    given = {f.name: getattr(ns, f.name) for f in fields(cls) if getattr(ns, f.name, None) is not None}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    return cls(**given)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,6 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     _add_config_flags(gen)
+
+    ev = sub.add_parser("eval", help="accuracy and decoding stats on a task with checkable answers")
+    ev.add_argument("--task", default="arith", help="arith (synthetic grade-school math, test split)")
+    ev.add_argument("--n", type=int, default=500, help="number of problems")
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ev.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
+    _add_config_flags(ev)
+
+    from s2d2.train import TrainConfig
+
+    tr = sub.add_parser("train", help="train a small SDAR-architecture model on the arith task")
+    tr.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_config_flags(tr, TrainConfig, skip=("out",))
 
     init = sub.add_parser("init-random", help="write a tiny randomly initialised model in HF format")
     init.add_argument("--family", required=True, help="sdar, fast_dllm_v2, llada2, d2f_llada or d2f_dream")
@@ -105,6 +125,33 @@ def _generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(ns: argparse.Namespace) -> int:
+    import s2d2
+    from s2d2.evaluate import evaluate
+
+    cfg = config_from_args(ns)
+    if ns.n < 1:
+        raise S2D2Error(f"--n must be >= 1, got {ns.n}.")
+    result = evaluate(s2d2.load(ns.model, device=ns.device, dtype=ns.dtype), cfg, ns.task, ns.n, ns.split)
+    if ns.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        by_level = ", ".join(f"level {k}: {v:.1%}" for k, v in result.accuracy_by_level.items())
+        print(f"{ns.task} {ns.split}: accuracy {result.accuracy:.1%} on {result.n} problems ({by_level})")
+        print(f"[{cfg.method}] {result.stats.summary()}")
+    return 0
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from s2d2.train import TrainConfig, train
+
+    ns.out = str(ns.out)
+    cfg = config_from_args(ns, TrainConfig)
+    path = train(cfg, progress=not ns.no_progress)
+    print(f"trained model in {path}")
+    return 0
+
+
 def _init_random(ns: argparse.Namespace) -> int:
     from s2d2.random_init import write_random_model
 
@@ -126,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``s2d2`` console script."""
     ns = build_parser().parse_args(argv)
     try:
-        return {"generate": _generate, "init-random": _init_random}[ns.command](ns)
+        commands = {"generate": _generate, "eval": _eval, "train": _train, "init-random": _init_random}
+        return commands[ns.command](ns)
     except S2D2Error as e:
         print(f"s2d2: error: {e}", file=sys.stderr)
         return 2

@@ -93,16 +93,16 @@ def _sdar_config(tok: Tokenizer) -> dict[str, Any]:
     }
 
 
-def _init_weights(model: Qwen3Decoder, seed: int) -> None:
-    """normal(0, WEIGHT_STD) for every matrix (and bias), 1 + normal(0, NORM_STD) for every RMSNorm weight."""
+def init_weights(model: Qwen3Decoder, seed: int, weight_std: float = WEIGHT_STD, norm_std: float = NORM_STD) -> None:
+    """normal(0, weight_std) for every matrix (and bias), 1 + normal(0, norm_std) for every RMSNorm weight."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():  # a fixed order, so a seed fixes every value
             noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
             if name.rsplit(".", 1)[-1].endswith("norm"):  # input_norm, post_norm, q_norm, k_norm, norm
-                param.copy_(1.0 + NORM_STD * noise)
+                param.copy_(1.0 + norm_std * noise)
             else:
-                param.copy_(WEIGHT_STD * noise)
+                param.copy_(weight_std * noise)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -133,7 +133,7 @@ def write_random_model(
             f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()} tokens.")
 
     model = Qwen3Decoder(DecoderConfig.from_hf(config, qk_norm=True, qkv_bias=False))
-    _init_weights(model, seed)
+    init_weights(model, seed)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

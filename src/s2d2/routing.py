@@ -92,16 +92,17 @@ def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: 
     if cfg.policy == "mask_span_length":
         return mask_span_length(span.length, cfg.min_span), state
     if cfg.policy == "contextual_bandit_ucb":
-        rows = span.offsets() if cfg.ucb_entropy_source == "span" else block.masked_offsets()
+        rows = slice(span.start, span.end) if cfg.ucb_entropy_source == "span" else block.masked_offsets()
         entropy = float(normalized_entropy(draft.probs[rows]).mean())
         bucket = ucb_bucket(span.length, block.progress, entropy, block.size, cfg)
         t = state.num_decisions + 1
         arm = ucb_choose(state.ucb_pulls, state.ucb_rewards, bucket, t, cfg.ucb_beta)
         return arm == 1, replace(state, num_decisions=t, last_choice=(bucket, arm))
-    span_rows = span.offsets()
-    estimator = ESTIMATORS[cfg.estimator]
-    alpha = estimator(draft.probs[span_rows], torch.tensor([draft.confidence[i] for i in span_rows]), cfg)
-    num_high = sum(1 for i in block.masked_offsets() if draft.confidence[i] > cfg.threshold)
+    rows = slice(span.start, span.end)
+    alpha = ESTIMATORS[cfg.estimator](draft.probs[rows], torch.tensor(draft.confidence[rows]), cfg)
+    num_high = 0
+    if cfg.score_type == "difference_dynamic":
+        num_high = sum(1 for i in block.masked_offsets() if draft.confidence[i] > cfg.threshold)
     score = verification_score(expected_accepted_length(alpha), num_high, cfg)
     if cfg.policy == "score_threshold":
         return score_threshold(score, cfg.tau), state

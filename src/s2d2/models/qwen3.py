@@ -164,10 +164,10 @@ class Qwen3Decoder(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(
         self,
-        input_ids: torch.Tensor,  # [L] int64
-        position_ids: torch.Tensor,  # [L] int64
-        cache: KVCache,
-        attn_mask: torch.Tensor,  # [L, cache.length + L] bool, True = may attend
+        input_ids: torch.Tensor,  # [L] int64 (or [b, L] without a cache)
+        position_ids: torch.Tensor,  # same shape as input_ids
+        cache: KVCache | None,
+        attn_mask: torch.Tensor,  # [L, cache.length + L] bool, True = may attend (or [b, 1, L, L] without a cache)
         *,
         num_store: int = 0,
         logits_from: int = 0,
@@ -178,39 +178,45 @@ class Qwen3Decoder(nn.Module):
         (their rows must not attend to later rows, which the mask guarantees); the others stay scratch.
         Logits are computed only for rows ``>= logits_from``, since the LM head is a large share of a small
         model's forward and most rows (pending commits, a verifier's first half) need none.
+
+        With ``cache=None`` (training) the input may be a batch ``[b, L]`` whose rows attend only to each other
+        through ``attn_mask`` ``[b, 1, L, L]``; logits are then ``[b, L - logits_from, V]``.
         """
         c = self.config
-        n = input_ids.shape[0]
-        start = cache.length
-        if start + n > cache.capacity:
-            raise RuntimeError(f"KV cache too small: {start} + {n} > {cache.capacity}")
-        cos, sin = self._rope(position_ids)
-        mask = attn_mask[None, None]  # [1, 1, L, start + L]
-        x = self.embed(input_ids)  # [L, H]
+        batched = input_ids.dim() == 2
+        ids = input_ids if batched else input_ids[None]
+        b, n = ids.shape
+        start = 0 if cache is None else cache.length
+        if cache is not None and (batched or start + n > cache.capacity):
+            raise RuntimeError(f"cached forwards take one row of tokens that fits the cache ({start} + {n} > {cache.capacity})")
+        cos, sin = self._rope(position_ids if batched else position_ids[None])  # [b, L, 1, head_dim]
+        mask = attn_mask if batched else attn_mask[None, None]
+        x = self.embed(ids)  # [b, L, H]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
             q, k, v = layer.qkv(h).split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
-            q = q.view(n, c.num_attention_heads, c.head_dim)
-            k = k.view(n, c.num_key_value_heads, c.head_dim)
+            q = q.view(b, n, c.num_attention_heads, c.head_dim)
+            k = k.view(b, n, c.num_key_value_heads, c.head_dim)
+            v = v.view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
             if layer.q_norm is not None:
                 q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
                 k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            keys, values = cache.keys[i], cache.values[i]
-            keys[:, start:start + n] = k.transpose(0, 1)
-            values[:, start:start + n] = v.view(n, c.num_key_value_heads, c.head_dim).transpose(0, 1)
-            attn = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], keys[None, :, :start + n], values[None, :, :start + n],
-                attn_mask=mask, enable_gqa=True,
-            )  # [1, heads, L, head_dim]
-            x = x + layer.o_proj(attn[0].transpose(0, 1).reshape(n, layer.q_size))
+            q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)  # [b, heads, L, hd]
+            if cache is not None:  # write this forward's K/V after the committed ones, attend over both
+                cache.keys[i][:, start:start + n] = k[0]
+                cache.values[i][:, start:start + n] = v[0]
+                k, v = cache.keys[i][None, :, :start + n], cache.values[i][None, :, :start + n]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [b, heads, L, hd]
+            x = x + layer.o_proj(attn.transpose(1, 2).reshape(b, n, layer.q_size))
             h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
-        cache.commit(num_store)
-        x = _rms_norm(x[logits_from:], self.norm, c.rms_norm_eps)
+        if cache is not None:
+            cache.commit(num_store)
+        x = _rms_norm(x[:, logits_from:], self.norm, c.rms_norm_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+        logits = F.linear(x, head).float()
+        return logits if batched else logits[0]
 
     # ---------------------------------------------------------------- weights
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -299,7 +299,7 @@ def _t_take_away(rng: random.Random) -> _Sample:
     n1, n2 = _two_names(rng)
     obj = rng.choice(_OBJECTS)
     a = rng.randint(10, 99)
-    b = rng.randint(1, a - 1)
+    b = rng.randint(2, a - 1)
     s, p, o = _PRONOUNS[n1]
     ch = _Chain()
     r = ch.sub(a, b)
@@ -315,7 +315,7 @@ def _t_compare_more(rng: random.Random) -> _Sample:
     n1, n2 = _two_names(rng)
     obj = rng.choice(_OBJECTS)
     a = rng.randint(10, 99)
-    b = rng.randint(1, a - 1)
+    b = rng.randint(2, a - 1)
     ch = _Chain()
     r = ch.sub(a, b)
     q = rng.choice((
@@ -494,9 +494,9 @@ def _t_compare_product(rng: random.Random) -> _Sample:
     obj, (box, boxes) = rng.choice(_OBJECTS), rng.choice(_CONTAINERS)
     count, each = rng.randint(2, 12), rng.randint(2, 12)
     prod = count * each
-    if prod < 3 or prod > MAX_ADD_OPERAND:
+    if prod > MAX_ADD_OPERAND:
         raise _Reject
-    other = rng.randint(1, prod - 1)
+    other = rng.randint(2, prod - 1)
     ch = _Chain()
     r = ch.sub(ch.mul(count, each), other)
     q = rng.choice((
@@ -515,7 +515,7 @@ def _t_share_after_gain(rng: random.Random) -> _Sample:
     obj, group = rng.choice(_OBJECTS), rng.choice(_GROUPS)
     d, k = rng.randint(2, 12), rng.randint(2, 12)
     total = d * k
-    a = rng.randint(1, total - 1)
+    a = rng.randint(2, total - 2)
     b = total - a
     s, p, o = _PRONOUNS[n1]
     ch = _Chain()
@@ -575,7 +575,7 @@ def _t_collect_share(rng: random.Random) -> _Sample:
     d, k = rng.randint(2, 12), rng.randint(2, 12)
     count, each = rng.randint(2, 12), rng.randint(2, 12)
     a = d * k - count * each
-    if a < 1:
+    if a < 2:
         raise _Reject
     s, p, o = _PRONOUNS[n1]
     ch = _Chain()
@@ -596,9 +596,9 @@ def _t_trip_remaining(rng: random.Random) -> _Sample:
     verb, unit = rng.choice(_TRAVEL), rng.choice(_DISTANCE)
     speed, hours = rng.randint(2, 12), rng.randint(2, 12)
     done = speed * hours
-    if done > MAX_ADD_OPERAND - 3:
+    if done > MAX_ADD_OPERAND - 4:
         raise _Reject
-    extra = rng.randint(1, MAX_ADD_OPERAND - 2 - done)
+    extra = rng.randint(2, MAX_ADD_OPERAND - 2 - done)
     total = rng.randint(done + extra + 1, MAX_ADD_OPERAND)
     s, p, o = _PRONOUNS[n1]
     ch = _Chain()
@@ -606,7 +606,7 @@ def _t_trip_remaining(rng: random.Random) -> _Sample:
     q = rng.choice((
         f"A trip is {total} {unit} long. {n1} {verb} at {speed} {unit} per hour for {hours} hours, and then "
         f"{extra} more {unit}. How many {unit} are left?",
-        f"{n1} plans a {total} {unit} trip. {_cap(s)} {verb} for {hours} hours at {speed} {unit} per hour, then "
+        f"{n1} plans a trip of {total} {unit}. {_cap(s)} {verb} for {hours} hours at {speed} {unit} per hour, then "
         f"another {extra} {unit}. How many {unit} does {s} still have to go?",
         f"{n1} {verb} at {speed} {unit} per hour for {hours} hours and then {extra} {unit} more. The whole trip "
         f"is {total} {unit}. How many {unit} are still left?",
@@ -622,7 +622,7 @@ def _t_savings_split(rng: random.Random) -> _Sample:
     d, k = rng.randint(2, 12), rng.randint(1, 12)
     rest = d * k
     spent = saved - rest
-    if spent < 1 or saved > MAX_ADD_OPERAND:
+    if spent < 2 or saved > MAX_ADD_OPERAND:
         raise _Reject
     s, p, o = _PRONOUNS[n1]
     ch = _Chain()
@@ -643,9 +643,7 @@ def _t_team_supplies(rng: random.Random) -> _Sample:
     club, obj = rng.choice(_CLUBS), rng.choice(_OBJECTS)
     size, teams, each = rng.randint(2, 12), rng.randint(2, 12), rng.randint(2, 12)
     people = size * teams
-    if people < 3 or people > 2 * MAX_ADD_OPERAND:
-        raise _Reject
-    boys = rng.randint(max(1, people - MAX_ADD_OPERAND), min(people - 1, MAX_ADD_OPERAND))
+    boys = rng.randint(max(2, people - MAX_ADD_OPERAND), min(people - 2, MAX_ADD_OPERAND))  # people >= 4
     girls = people - boys
     s, p, o = _PRONOUNS[n1]
     ch = _Chain()

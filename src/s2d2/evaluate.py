@@ -1,0 +1,49 @@
+"""Accuracy with decoding statistics on a task whose answers can be checked (``s2d2 eval``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from s2d2.api import Model
+from s2d2.config import DecodeConfig
+from s2d2.errors import ConfigError
+from s2d2.stats import DecodeStats
+
+TASKS = ("arith",)
+
+
+@dataclass
+class EvalResult:
+    """Accuracy over ``n`` problems, per difficulty level, and the decoding stats summed over them."""
+
+    task: str
+    n: int
+    accuracy: float
+    accuracy_by_level: dict[int, float]
+    stats: DecodeStats
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "accuracy": self.accuracy, "n": self.n,
+                "accuracy_by_level": {str(k): v for k, v in self.accuracy_by_level.items()},
+                "stats": self.stats.to_dict()}
+
+
+def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500, split: str = "test") -> EvalResult:
+    """Decode the first ``n`` problems of ``split`` with ``cfg`` and score the answers."""
+    if task not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
+    if n < 1:
+        raise ConfigError(f"n must be >= 1, got {n}.")
+    from s2d2.tasks import arith
+
+    problems = arith.generate(split, n, seed=0)
+    outs = model.generate([p.prompt for p in problems], cfg)
+    correct = [arith.is_correct(p, o.text) for p, o in zip(problems, outs)]
+    levels: dict[int, list[bool]] = {}
+    for p, ok in zip(problems, correct):
+        levels.setdefault(p.level, []).append(ok)
+    stats = outs[0].stats
+    for o in outs[1:]:
+        stats = stats.merge(o.stats)
+    return EvalResult(task, n, sum(correct) / n, {k: sum(v) / len(v) for k, v in sorted(levels.items())}, stats)

@@ -1,0 +1,294 @@
+"""Training a small SDAR-architecture model with the block-diffusion objective (the bundled model's recipe).
+
+Objective (BD3-LM / SDAR style, with the two streams of cpu-notes.md): the input is ``[x_clean ; x_noisy]``
+with positions repeated. Clean rows attend causally (so their K/V are exactly what ``cache_ver`` decoding caches:
+the AR-consistent cache), noisy rows attend bidirectionally within their block and to the clean tokens of earlier
+blocks. Response positions of each noisy block are masked with probability t ~ U(0, 1) drawn per block; the loss
+is the cross-entropy of the masked positions, logits position-aligned (a mask predicts itself). The block size is
+drawn per batch from ``block_sizes``, which include 1: a block of one mask that sees the causal prefix is exactly
+the AR mode the S2D2 verifier runs, so the same objective trains drafter and verifier.
+
+Only the prompt is never masked; the response is followed by end-of-sequence tokens up to the end of the block
+holding the first one (what a decoder sees after the answer). Data order is a pure function of (seed, step), so a
+resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from s2d2.errors import ConfigError
+from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that determines a training run (saved next to the checkpoint)."""
+
+    out: str
+    seed: int = 0
+    steps: int = 2600
+    batch_size: int = 64
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    block_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
+    block_weights: tuple[float, ...] = (0.4, 0.15, 0.15, 0.15, 0.15)
+    num_train: int = 200_000
+    vocab_size: int = 1024
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 768
+    max_positions: int = 512
+    eval_every: int = 250
+    eval_n: int = 100
+    checkpoint_every: int = 100
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        if len(self.block_sizes) != len(self.block_weights) or 1 not in self.block_sizes:
+            raise ConfigError("block_sizes must include 1 and match block_weights in length.")
+        for name in ("steps", "batch_size", "num_train", "vocab_size", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1.")
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: list[str], vocab_size: int):  # -> tokenizers.Tokenizer
+    """Byte-level BPE with every digit its own token (numbers stay digit by digit) and the special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+# --------------------------------------------------------------------------------------------------- batches
+@dataclass
+class Example:
+    prompt: list[int]
+    response: list[int]  # target tokens then one end-of-sequence token
+
+
+def two_stream_mask(length: int, noisy_start: int, block_size: int) -> torch.Tensor:
+    """``[L + N, L + N]`` bool: clean rows causal; noisy rows (positions ``noisy_start..L-1``) see the clean
+    tokens of earlier blocks and the noisy tokens of their own block."""
+    n = length - noisy_start
+    pos_c = torch.arange(length)
+    pos_n = torch.arange(noisy_start, length)
+    mask = torch.zeros(length + n, length + n, dtype=torch.bool)
+    mask[:length, :length] = pos_c[:, None] >= pos_c[None, :]
+    blk_n = pos_n // block_size
+    mask[length:, :length] = pos_c[None, :] < (blk_n * block_size)[:, None]
+    mask[length:, length:] = blk_n[:, None] == blk_n[None, :]
+    return mask
+
+
+def make_batch(examples: list[Example], block_size: int, eos_id: int, mask_id: int,
+               rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Input ids, positions, mask and labels (-100 = no loss) for one block-diffusion batch."""
+    ends = [-(-(len(e.prompt) + len(e.response)) // block_size) * block_size for e in examples]
+    length = max(ends)
+    noisy_start = min(len(e.prompt) for e in examples) // block_size * block_size
+    b, n = len(examples), length - noisy_start
+    clean = torch.full((b, length), eos_id, dtype=torch.long)
+    labels = torch.full((b, n), -100, dtype=torch.long)
+    noisy = torch.empty((b, n), dtype=torch.long)
+    for r, (e, end) in enumerate(zip(examples, ends)):
+        seq = e.prompt + e.response
+        clean[r, : len(seq)] = torch.tensor(seq)
+        p = len(e.prompt)
+        row = clean[r, noisy_start:].clone()
+        # per-block masking ratio; block size 1 masks every response position (pure AR training)
+        num_blocks = -(-n // block_size)
+        t = np.ones(num_blocks) if block_size == 1 else rng.random(num_blocks)
+        u = rng.random(n)
+        pos = np.arange(noisy_start, length)
+        masked = (u < t[(pos - noisy_start) // block_size]) & (pos >= p) & (pos < end)
+        masked_t = torch.from_numpy(masked)
+        labels[r][masked_t] = row[masked_t]
+        row[masked_t] = mask_id
+        noisy[r] = row
+    positions = torch.cat((torch.arange(length), torch.arange(noisy_start, length)))
+    return {
+        "input_ids": torch.cat((clean, noisy), dim=1),
+        "position_ids": positions[None].expand(b, -1),
+        "attn_mask": two_stream_mask(length, noisy_start, block_size)[None, None],
+        "labels": labels,
+        "logits_from": torch.tensor(length),
+    }
+
+
+def batch_loss(model: Qwen3Decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the masked noisy positions."""
+    logits = model(batch["input_ids"], batch["position_ids"], None, batch["attn_mask"],
+                   logits_from=int(batch["logits_from"]))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
+
+
+# -------------------------------------------------------------------------------------------------- training
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def model_config(cfg: TrainConfig, vocab_size: int, eos_id: int, mask_id: int) -> dict[str, Any]:
+    """config.json of the trained model (SDAR layout)."""
+    return {
+        "architectures": ["SDARForCausalLM"], "model_type": "sdar", "vocab_size": vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": cfg.max_positions,
+        "tie_word_embeddings": False, "attention_bias": False, "block_size": 4, "mask_token_id": mask_id,
+        "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": eos_id, "torch_dtype": "float32",
+    }
+
+
+def _save(model: Qwen3Decoder, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, out: Path) -> None:
+    """Weights (HF names) and optimizer moments as safetensors, step in trainer_state.json; atomic renames."""
+    tmp = out / "model.safetensors.tmp"
+    save_file({k: v.float() for k, v in model.hf_state_dict().items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    moments = {}
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        st = opt.state.get(p)
+        if st:
+            moments[f"{i}.exp_avg"], moments[f"{i}.exp_avg_sq"] = st["exp_avg"], st["exp_avg_sq"]
+            moments[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
+    save_file(moments, str(out / "optimizer.safetensors.tmp"))
+    os.replace(out / "optimizer.safetensors.tmp", out / "optimizer.safetensors")
+    (out / "trainer_state.json").write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=2))
+
+
+def _restore(model: Qwen3Decoder, opt: torch.optim.Optimizer, out: Path) -> int:
+    """Load a previous run's weights and optimizer moments; returns the step to continue from (0 if none)."""
+    state_file = out / "trainer_state.json"
+    if not state_file.exists():
+        return 0
+    step = int(json.loads(state_file.read_text())["step"])
+    model.load_hf_state_dict(load_file(str(out / "model.safetensors")))
+    moments = load_file(str(out / "optimizer.safetensors"))
+    for i, p in enumerate(p for g in opt.param_groups for p in g["params"]):
+        if f"{i}.exp_avg" in moments:
+            opt.state[p] = {"exp_avg": moments[f"{i}.exp_avg"], "exp_avg_sq": moments[f"{i}.exp_avg_sq"],
+                            "step": moments[f"{i}.step"][0].clone()}
+    return step
+
+
+def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
+    return asdict(cfg)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train (or resume) the arith model in ``cfg.out``; returns the directory, a loadable HF-format model."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, progress: bool) -> Path:
+    from s2d2.random_init import init_weights  # one initialiser for random and trained models
+    from s2d2.tasks import arith
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = arith.generate("train", cfg.num_train, seed=cfg.seed)
+    tok_path = out / "tokenizer.json"
+    if tok_path.exists():
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tok_path))
+    else:
+        tok = train_tokenizer([p.prompt + p.target for p in problems[:50_000]], cfg.vocab_size)
+        tok.save(str(tok_path))
+    eos_id, mask_id = tok.token_to_id(SPECIAL_TOKENS[0]), tok.token_to_id(SPECIAL_TOKENS[1])
+    hf_config = model_config(cfg, tok.get_vocab_size(), eos_id, mask_id)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos_id], "pad_token_id": eos_id}))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL_TOKENS[0],
+         "pad_token": SPECIAL_TOKENS[0], "mask_token": SPECIAL_TOKENS[1], "bos_token": None}, indent=2))
+    examples = [Example(tok.encode(p.prompt).ids, tok.encode(p.target).ids + [eos_id]) for p in problems]
+
+    torch.manual_seed(cfg.seed)
+    model = Qwen3Decoder(DecoderConfig.from_hf(hf_config, qk_norm=True, qkv_bias=False))
+    init_weights(model, cfg.seed, weight_std=0.02, norm_std=0.0)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    start = _restore(model, opt, out)
+    log = (out / "train_log.jsonl").open("a")
+    weights = np.array(cfg.block_weights) / sum(cfg.block_weights)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.steps, initial=start, desc="train", dynamic_ncols=True)
+    t0 = time.time()
+    model.train()
+    for step in range(start, cfg.steps):
+        rng = np.random.default_rng([cfg.seed, step])
+        block_size = int(rng.choice(cfg.block_sizes, p=weights))
+        batch = make_batch([examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)],
+                           block_size, eos_id, mask_id, rng)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss = batch_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        record = {"step": step + 1, "loss": round(loss.item(), 5), "block_size": block_size,
+                  "lr": lr_at(step, cfg), "elapsed_s": round(time.time() - t0, 1)}
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            model.eval()
+            _save(model, opt, step + 1, cfg, out)
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                record["val_accuracy_ar"] = evaluate_dir(out, n=cfg.eval_n, split="validation")
+            model.train()
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}", B=block_size,
+                            **({"acc": record["val_accuracy_ar"]} if "val_accuracy_ar" in record else {}))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def evaluate_dir(model_dir: Path, n: int, split: str = "validation") -> float:
+    """AR greedy accuracy of the checkpoint in ``model_dir`` on ``n`` problems of ``split``."""
+    import s2d2
+    from s2d2.evaluate import evaluate
+
+    return evaluate(s2d2.load(str(model_dir)), s2d2.DecodeConfig(method="ar", max_new_tokens=64), n=n, split=split).accuracy
