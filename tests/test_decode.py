@@ -232,3 +232,10 @@ def test_stats_add_up(model):
     d = s.to_dict()
     assert d["tokens_per_forward"] == pytest.approx(40 / s.nfe)
     assert 0.0 <= d["loop_time_share"] <= 1.0
+
+
+def test_prompt_ids_outside_the_vocabulary_are_an_input_error(model):
+    with pytest.raises(s2d2.InputError):
+        model.generate([5, 100000], DecodeConfig(max_new_tokens=2))
+    with pytest.raises(s2d2.InputError):
+        model.generate([[]], DecodeConfig(max_new_tokens=2))

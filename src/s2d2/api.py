@@ -92,6 +92,9 @@ class Model:
         """Check the prompt fits the context, and return a cache large enough for it (reused across calls)."""
         if not prompt_ids:
             raise InputError("the prompt is empty.")
+        vocab = self.adapter.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise InputError(f"the prompt holds token ids outside the vocabulary [0, {vocab}).")
         b = cfg.block_size
         total = -(-(len(prompt_ids) + cfg.max_new_tokens) // b) * b
         if total > self.adapter.max_positions:

@@ -95,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
     _add_config_flags(ev)
 
+    be = sub.add_parser("bench", help="methods side by side: accuracy, NFE, tokens/s, speedup vs AR")
+    be.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    be.add_argument("--task", default="arith")
+    be.add_argument("--n", type=int, default=None, help="problems (default 200; 10 with --quick)")
+    be.add_argument("--grid", default=None, help='JSON list of {"name": ..., "config": {DecodeConfig fields}}')
+    be.add_argument("--out", default="bench-out", help="directory for results.jsonl, results.md, pareto.png")
+    be.add_argument("--repeats", type=int, default=None, help="timed rounds; medians are reported (default 3)")
+    be.add_argument("--quick", action="store_true", help="a 3-setting grid, few problems, one round (for CI)")
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--dtype", default="auto")
+    be.add_argument("--no-progress", action="store_true")
+
     from s2d2.train import TrainConfig
 
     tr = sub.add_parser("train", help="train a small SDAR-architecture model on the arith task")
@@ -142,6 +154,30 @@ def _eval(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(ns: argparse.Namespace) -> int:
+    import s2d2
+    from s2d2 import bench
+    from s2d2.evaluate import TASKS
+
+    if ns.task not in TASKS:
+        raise S2D2Error(f"--task must be one of {', '.join(TASKS)}; got {ns.task!r}.")
+    n = ns.n if ns.n is not None else (10 if ns.quick else 200)
+    repeats = ns.repeats if ns.repeats is not None else (1 if ns.quick else 3)
+    if n < 1 or repeats < 1:
+        raise S2D2Error("--n and --repeats must be >= 1.")
+    grid = bench.load_grid(ns.grid) if ns.grid else bench.default_grid(quick=ns.quick)
+    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
+    from s2d2.tasks import arith
+
+    problems = arith.generate("test", n, seed=0)
+    records = bench.run_bench(model, [p.prompt for p in problems], lambda i, text: arith.is_correct(problems[i], text),
+                              grid, repeats=repeats, progress=not ns.no_progress)
+    out = Path(ns.out)
+    bench.write_outputs(records, out, f"{ns.model} on {ns.task} ({n} test problems, {repeats} rounds)")
+    print((out / "results.md").read_text())
+    return 0
+
+
 def _train(ns: argparse.Namespace) -> int:
     from s2d2.train import TrainConfig, train
 
@@ -173,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``s2d2`` console script."""
     ns = build_parser().parse_args(argv)
     try:
-        commands = {"generate": _generate, "eval": _eval, "train": _train, "init-random": _init_random}
+        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "train": _train,
+                    "init-random": _init_random}
         return commands[ns.command](ns)
     except S2D2Error as e:
         print(f"s2d2: error: {e}", file=sys.stderr)

@@ -21,6 +21,7 @@ class FamilyAdapter(Protocol):
     mask_id: int
     stop_ids: tuple[int, ...]
     max_positions: int
+    vocab_size: int
     device: torch.device
 
     def new_cache(self, capacity: int) -> KVCache:

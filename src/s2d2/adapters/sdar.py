@@ -72,6 +72,7 @@ class SDARAdapter:
         self.mask_id = mask_id
         self.stop_ids = tuple(stop_ids)
         self.max_positions = model.config.max_position_embeddings
+        self.vocab_size = model.config.vocab_size
         self.device = model.embed.weight.device
         # Never sample the mask token (an untrained model predicts it, and "fill masks" would never end) or the
         # padding rows past the tokenizer's vocabulary.

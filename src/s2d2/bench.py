@@ -1,0 +1,186 @@
+"""``s2d2 bench``: decoding methods side by side on one task, the same prompts, in one process.
+
+Protocol (design.md, "Measuring speed"): one warm-up pass; then ``repeats`` rounds in which every setting decodes
+every prompt, the order of settings shuffled each round (seeded) so that drift in machine speed spreads evenly;
+time figures are medians over rounds. Accuracy, NFE and tokens per forward are exact (greedy decoding repeats
+itself). Speedups are ratios against the ``ar`` setting of the same run: AR time over the setting's time for the
+same prompts.
+
+Outputs in ``--out``: ``results.jsonl`` (one record per setting), ``results.md`` (the table) and ``pareto.png``
+(accuracy against speedup, one curve per method).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from s2d2.api import Model
+from s2d2.config import DecodeConfig
+from s2d2.errors import ConfigError
+from s2d2.stats import DecodeStats
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the grid: a display name and the DecodeConfig fields it sets."""
+
+    name: str
+    fields: dict[str, Any]
+
+    def config(self) -> DecodeConfig:
+        return DecodeConfig(**self.fields)
+
+
+def default_grid(quick: bool = False) -> list[Setting]:
+    """AR; static B in {4, 8, 16}; dynamic thresholds 0.5-0.95 x B in {4, 8, 16}; S2D2 with every policy and the
+    main estimators, the paper's configurations (reference §2.4) and tuned ones; cache_ver / draft_ver on and off."""
+    if quick:
+        return [Setting("ar", dict(method="ar")),
+                Setting("dynamic B=8 t=0.9", dict(method="dynamic", block_size=8, threshold=0.9)),
+                Setting("s2d2 config-A B=8", dict(method="s2d2", block_size=8))]
+    grid = [Setting("ar", dict(method="ar"))]
+    grid += [Setting(f"static B={b} S={b // 2}", dict(method="static", block_size=b, steps=b // 2)) for b in (4, 8, 16)]
+    grid += [Setting(f"dynamic B={b} t={t}", dict(method="dynamic", block_size=b, threshold=t))
+             for b in (4, 8, 16) for t in (0.5, 0.7, 0.8, 0.9, 0.95)]
+    for b in (4, 8, 16):
+        for t in (0.5, 0.7, 0.9):
+            grid.append(Setting(f"s2d2 config-A B={b} t={t}", dict(method="s2d2", block_size=b, threshold=t)))
+    for est in ("soft_entropy_negexp", "hard_margin_threshold"):
+        grid.append(Setting(f"s2d2 score_threshold dyn c=1 {est} B=16 t=0.7",
+                            dict(method="s2d2", block_size=16, threshold=0.7, estimator=est,
+                                 score_type="difference_dynamic", penalty=1.0, tau=0.0)))
+    grid += [
+        Setting("s2d2 always-verify B=16 (config B)", dict(method="s2d2", block_size=16, policy="score_threshold",
+                                                            score_type="difference_static", penalty=0.0, tau=0.0)),
+        Setting("s2d2 hysteresis B=16 t=0.9", dict(method="s2d2", block_size=16, policy="score_hysteresis",
+                                                   score_type="difference_dynamic", penalty=1.0, tau_on=1.0,
+                                                   tau_off=-5.0, threshold=0.9)),
+        Setting("s2d2 span>=2 B=8 t=0.7", dict(method="s2d2", block_size=8, policy="mask_span_length", min_span=2,
+                                               threshold=0.7)),
+        Setting("s2d2 span>=4 B=16 t=0.7", dict(method="s2d2", block_size=16, policy="mask_span_length", min_span=4,
+                                                threshold=0.7)),
+        Setting("s2d2 ucb B=16 t=0.7", dict(method="s2d2", block_size=16, policy="contextual_bandit_ucb",
+                                            threshold=0.7)),
+        Setting("s2d2 config-A B=8 t=0.7 no cache_ver/draft_ver", dict(method="s2d2", block_size=8, threshold=0.7,
+                                                                       cache_ver=False, draft_ver=False)),
+        Setting("s2d2 config-A B=8 t=0.7 no draft_ver", dict(method="s2d2", block_size=8, threshold=0.7,
+                                                             draft_ver=False)),
+        Setting("dynamic B=8 t=0.7 no cache_ver", dict(method="dynamic", block_size=8, threshold=0.7, cache_ver=False,
+                                                       draft_ver=False)),
+        Setting("ar (reference cost: 2 forwards/token)", dict(method="ar", fuse_commit=False)),
+    ]
+    return grid
+
+
+def load_grid(path: str) -> list[Setting]:
+    """A JSON list of ``{"name": ..., "config": {DecodeConfig fields}}``; validated before anything runs."""
+    try:
+        items = json.loads(Path(path).read_text())
+        grid = [Setting(str(item["name"]), dict(item["config"])) for item in items]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"cannot read grid file {path}: {e}.") from None
+    for s in grid:
+        DecodeConfig.from_dict(s.fields)
+    if not any(s.fields.get("method") == "ar" for s in grid):
+        raise ConfigError("the grid needs an 'ar' setting: speedups are measured against it.")
+    return grid
+
+
+def run_bench(model: Model, prompts: list[str], checker, grid: list[Setting], repeats: int = 3,
+              seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """Decode ``prompts`` with every setting ``repeats`` times (shuffled order); one summary record per setting."""
+    configs = {s.name: s.config() for s in grid}
+    model.generate(prompts[: min(4, len(prompts))], DecodeConfig(method="ar"))  # warm-up
+    runs: dict[str, list[tuple[DecodeStats, list[bool]]]] = {s.name: [] for s in grid}
+    order = [s.name for s in grid]
+    rng = random.Random(seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=repeats * len(grid), desc="bench", dynamic_ncols=True)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for name in order:
+            outs = model.generate(prompts, configs[name])
+            stats = outs[0].stats
+            for o in outs[1:]:
+                stats = stats.merge(o.stats)
+            runs[name].append((stats, [checker(i, o.text) for i, o in enumerate(outs)]))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(name)
+    if bar is not None:
+        bar.close()
+    ar_name = next(s.name for s in grid if s.fields.get("method") == "ar")
+    ar_time = statistics.median(st.time_s for st, _ in runs[ar_name])
+    records = []
+    for s in grid:
+        stats, correct = runs[s.name][0]  # exact figures: greedy decoding repeats itself
+        time_s = statistics.median(st.time_s for st, _ in runs[s.name])
+        forward_s = statistics.median(st.forward_time_s for st, _ in runs[s.name])
+        d = stats.to_dict()
+        records.append({
+            "name": s.name, "method": s.fields.get("method", "s2d2"), "config": s.fields,
+            "accuracy": sum(correct) / len(correct), "n": len(correct),
+            "nfe_per_token": d["nfe"] / max(1, d["num_tokens"]), "tokens_per_forward": d["tokens_per_forward"],
+            "tokens_per_s": d["num_tokens"] / time_s if time_s else 0.0, "time_s": time_s,
+            "speedup_vs_ar": ar_time / time_s if time_s else 0.0,
+            "verify_rate": d["verify_forwards"] / max(1, d["draft_forwards"]),
+            "mean_accepted_length": d["mean_accepted_length"],
+            "loop_share": 1.0 - forward_s / time_s if time_s else 0.0,
+            "stats": d, "repeats": repeats,
+        })
+    return records
+
+
+def write_outputs(records: list[dict[str, Any]], out: Path, title: str) -> None:
+    """results.jsonl, results.md and pareto.png in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "results.jsonl").open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    lines = [f"# {title}", "",
+             "| setting | accuracy | NFE / token | tokens / forward | tokens / s | speedup vs AR | verify rate | "
+             "mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        lines.append(f"| {r['name']} | {r['accuracy']:.1%} | {r['nfe_per_token']:.3f} | {r['tokens_per_forward']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['speedup_vs_ar']:.2f}x | {r['verify_rate']:.2f} | "
+                     f"{r['mean_accepted_length']:.2f} | {r['loop_share']:.1%} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_pareto(records, out / "pareto.png", title)
+
+
+def plot_pareto(records: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Accuracy against wall-clock speedup, one marker set and Pareto curve per method; False if no matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for method in dict.fromkeys(r["method"] for r in records):
+        pts = sorted((r["speedup_vs_ar"], r["accuracy"] * 100) for r in records if r["method"] == method)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, s=18)
+        front, best = [], -1.0
+        for x, y in sorted(pts, key=lambda p: -p[0]):  # from the fastest: keep points more accurate than all faster
+            if y > best:
+                front.append((x, y))
+                best = y
+        front.sort()
+        ax.plot([p[0] for p in front], [p[1] for p in front], linewidth=1)
+    ax.set_xlabel("wall-clock speedup vs AR (x)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
