@@ -6,7 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-DEMO   := $(VENV)/demo-model
+# A problem in the bundled model's format (see src/s2d2/bundled/README.md); the answer is 36.
+PROBLEM := Q: Emma has 91 pounds. She buys 5 mugs that cost 11 pounds each. How many pounds does she have left?\nA:
 
 .PHONY: run test setup clean
 
@@ -19,11 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $@
 
-$(DEMO)/config.json: $(VENV)/.installed
-	$(BIN)/s2d2 init-random --family sdar --out $(DEMO) --seed 0
-
-run: $(DEMO)/config.json
-	$(BIN)/s2d2 generate "The quick brown fox" --model $(DEMO) --method s2d2 --max-new-tokens 32
+run: $(VENV)/.installed
+	$(BIN)/s2d2 generate "$$(printf '$(PROBLEM)')"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,9 +92,12 @@ def load_grid(path: str) -> list[Setting]:
     return grid
 
 
-def run_bench(model: Model, prompts: list[str], checker, grid: list[Setting], repeats: int = 3,
+def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bool], grid: list[Setting], repeats: int = 3,
               seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """Decode ``prompts`` with every setting ``repeats`` times (shuffled order); one summary record per setting."""
+    """Decode ``prompts`` with every setting ``repeats`` times (shuffled order); one summary record per setting.
+
+    ``checker(i, text)`` says whether the text generated for prompt ``i`` is correct.
+    """
     configs = {s.name: s.config() for s in grid}
     model.generate(prompts[: min(4, len(prompts))], DecodeConfig(method="ar"))  # warm-up
     runs: dict[str, list[tuple[DecodeStats, list[bool]]]] = {s.name: [] for s in grid}

@@ -7,7 +7,9 @@ the prompt's and each finished block's K/V are written by the next draft forward
 
 Acceptance: ``proposed_tokens`` are span tokens sent to the verifier, ``accepted_tokens`` the drafts it accepted,
 ``corrected_tokens`` the tokens it committed at a first rejection. ``mean_accepted_length`` counts both per
-verification (as vLLM counts its bonus token), i.e. the tokens one verify forward commits.
+verification (as vLLM counts its bonus token), i.e. the tokens one verify forward commits. ``fallback_tokens``
+are those the base strategy (static or dynamic unmasking) committed: every token for ``ar``, ``static`` and
+``dynamic``; for ``s2d2`` the ones verification did not provide.
 """
 
 from __future__ import annotations
