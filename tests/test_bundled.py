@@ -10,10 +10,6 @@ from s2d2.cli import main
 from s2d2.tasks import arith
 
 
-pytestmark = pytest.mark.skipif(not (bundled_model_dir() / "config.json").exists(),
-                                reason="TEMPORARY: the bundled model is still training")
-
-
 @pytest.fixture(scope="module")
 def bundled() -> s2d2.Model:
     return s2d2.load("bundled")
