@@ -53,10 +53,7 @@ def main() -> None:
         cfg = s2d2.DecodeConfig(max_new_tokens=args.max_new_tokens, stop_token_ids=(), **extra)
         model.generate(prompts[:2], cfg)  # warm-up
         outs = model.generate(prompts, cfg)
-        total = outs[0].stats
-        for o in outs[1:]:
-            total = total.merge(o.stats)
-        d = total.to_dict()
+        d = s2d2.DecodeStats.total([o.stats for o in outs]).to_dict()
         profiler = cProfile.Profile()
         profiler.enable()
         model.generate(prompts, cfg)

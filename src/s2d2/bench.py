@@ -111,9 +111,7 @@ def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bo
         rng.shuffle(order)
         for name in order:
             outs = model.generate(prompts, configs[name])
-            stats = outs[0].stats
-            for o in outs[1:]:
-                stats = stats.merge(o.stats)
+            stats = DecodeStats.total([o.stats for o in outs])
             runs[name].append((stats, [checker(i, o.text) for i, o in enumerate(outs)]))
             if bar is not None:
                 bar.update(1)

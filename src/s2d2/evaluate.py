@@ -43,7 +43,5 @@ def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500,
     levels: dict[int, list[bool]] = {}
     for p, ok in zip(problems, correct):
         levels.setdefault(p.level, []).append(ok)
-    stats = outs[0].stats
-    for o in outs[1:]:
-        stats = stats.merge(o.stats)
+    stats = DecodeStats.total([o.stats for o in outs])
     return EvalResult(task, n, sum(correct) / n, {k: sum(v) / len(v) for k, v in sorted(levels.items())}, stats)

@@ -71,6 +71,14 @@ class DecodeStats:
                 setattr(out, name, a + b)
         return out
 
+    @staticmethod
+    def total(stats: list[DecodeStats]) -> DecodeStats:
+        """The sum of one or more stats (e.g. one per decoded prompt)."""
+        out = stats[0]
+        for s in stats[1:]:
+            out = out.merge(s)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """Every counter plus the derived rates, as plain JSON."""
         d: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__}

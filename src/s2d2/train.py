@@ -184,7 +184,7 @@ def _save(model: Qwen3Decoder, opt: torch.optim.Optimizer, step: int, cfg: Train
             moments[f"{i}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
     save_file(moments, str(out / "optimizer.safetensors.tmp"))
     os.replace(out / "optimizer.safetensors.tmp", out / "optimizer.safetensors")
-    (out / "trainer_state.json").write_text(json.dumps({"step": step, "config": _jsonable(cfg)}, indent=2))
+    (out / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
 
 
 def _restore(model: Qwen3Decoder, opt: torch.optim.Optimizer, out: Path) -> int:
@@ -200,10 +200,6 @@ def _restore(model: Qwen3Decoder, opt: torch.optim.Optimizer, out: Path) -> int:
             opt.state[p] = {"exp_avg": moments[f"{i}.exp_avg"], "exp_avg_sq": moments[f"{i}.exp_avg_sq"],
                             "step": moments[f"{i}.step"][0].clone()}
     return step
-
-
-def _jsonable(cfg: TrainConfig) -> dict[str, Any]:
-    return asdict(cfg)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
