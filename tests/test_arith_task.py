@@ -170,3 +170,24 @@ def test_generation_speed() -> None:
     out = generate("train", 20000, seed=11)
     assert len(out) == 20000
     assert time.perf_counter() - t0 < 5.0
+
+
+def test_drills_follow_the_number_rules_and_the_answer_format() -> None:
+    import random
+
+    rng = random.Random(0)
+    drills = [arith.drill(rng) for _ in range(2000)]
+    ops = collections.Counter()
+    for d in drills:
+        (step,) = d.steps
+        a, op, b, c = parse_step(step)
+        ops[op] += 1
+        assert d.question == f"What is {a}{op}{b}?" and d.answer == c and d.level == 0
+        assert {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b, "/": lambda: a // b}[op]() == c
+        if op in "+-":
+            assert 0 <= a <= arith.MAX_ADD_OPERAND and 0 <= b <= arith.MAX_ADD_OPERAND and c >= 0
+        else:
+            assert arith.MIN_FACTOR <= b <= arith.MAX_FACTOR
+        assert is_correct(d, d.target) and d.target == f" {step}. #### {c}"
+    assert set(ops) == {"+", "-", "*", "/"} and ops["+"] > ops["*"]  # carries and borrows get most drills
+    assert arith.drill(random.Random(5)) == arith.drill(random.Random(5))

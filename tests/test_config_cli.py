@@ -99,6 +99,25 @@ def test_replace_validates_again() -> None:
         DecodeConfig(block_size=8).replace(steps=9)
 
 
+def test_replace_derives_block_size_and_steps_again_unless_they_were_given() -> None:
+    assert DecodeConfig().replace(method="ar") == DecodeConfig(method="ar")  # B = 1, not the s2d2 default 4
+    assert DecodeConfig(method="ar").replace(method="dynamic").block_size == 4
+    assert DecodeConfig(block_size=8).replace(block_size=16).steps == 16  # steps followed the block size
+    assert DecodeConfig(block_size=8, steps=2).replace(block_size=16).steps == 2  # given: kept
+    with pytest.raises(ConfigError):  # a block size given explicitly is kept, so this is still an error
+        DecodeConfig(block_size=4).replace(method="ar")
+
+
+def test_stop_strings_validate() -> None:
+    assert DecodeConfig(stop=["\n", "Q:"]).stop == ("\n", "Q:")
+    assert DecodeConfig(stop="##").stop == ("##",)
+    assert DecodeConfig(stop=[]).stop is None
+    for bad in ([""], [3], 5):
+        with pytest.raises(ConfigError, match="stop must be"):
+            DecodeConfig(stop=bad)
+    assert build_parser().parse_args(["generate", "x", "--stop", "####", "."]).stop == ["####", "."]
+
+
 def test_defaults_resolve() -> None:
     cfg = DecodeConfig()
     assert (cfg.method, cfg.block_size, cfg.steps) == ("s2d2", 4, 4)
@@ -139,7 +158,7 @@ def test_to_dict_round_trips() -> None:
                        temperature=0.7, top_k=5, top_p=0.9, seed=3, stop_token_ids=(3, 4), cache_ver=False)
     d = cfg.to_dict()
     assert d["stop_token_ids"] == [3, 4]
-    assert set(d) == {f.name for f in fields(DecodeConfig)}
+    assert set(d) == {f.name for f in fields(DecodeConfig) if f.init}
     assert DecodeConfig.from_dict(d) == cfg
     assert DecodeConfig.from_dict(json.loads(json.dumps(d))) == cfg  # through plain JSON too
     assert DecodeConfig.from_dict(DecodeConfig().to_dict()) == DecodeConfig()
@@ -156,7 +175,7 @@ def test_flags_round_trip_into_decode_config() -> None:
     assert cfg == DecodeConfig(cache_ver=False, block_size=8, policy="score_hysteresis", tau_on=1.0, tau_off=-5.0,
                                stop_token_ids=(3, 4))
     defaults = DecodeConfig()
-    changed = {"cache_ver", "block_size", "steps", "policy", "tau_on", "tau_off", "stop_token_ids"}
+    changed = {"cache_ver", "block_size", "steps", "policy", "tau_on", "tau_off", "stop_token_ids", "_derived"}
     for f in fields(DecodeConfig):
         if f.name not in changed:
             assert getattr(cfg, f.name) == getattr(defaults, f.name), f.name
@@ -171,7 +190,7 @@ def test_no_flags_give_the_default_config() -> None:
 def test_every_config_field_has_a_flag() -> None:
     ns = build_parser().parse_args(["generate", "x"])
     for f in fields(DecodeConfig):
-        assert hasattr(ns, f.name), f.name
+        assert hasattr(ns, f.name) or not f.init, f.name
 
 
 def test_more_flags() -> None:

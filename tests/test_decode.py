@@ -76,6 +76,24 @@ def test_stop_token_ends_generation_at_the_same_place(model):
     assert ar.stats.draft_forwards == first + 1  # nothing decoded past the stop token
 
 
+@pytest.mark.parametrize("cfg", [dict(method="ar"), dict(ALWAYS_VERIFY, block_size=8),
+                                 dict(method="dynamic", block_size=4, threshold=0.5)])
+def test_stop_strings_cut_the_text_and_end_decoding_with_their_block(model, cfg):
+    ids = prompt(5, seed=11)
+    free = run(model, ids, max_new_tokens=48, **cfg)
+    text = free.text
+    stop = next(c for c in text[len(text) // 3:] if c.isascii() and c.isprintable() and c != " ")
+    cut = text.find(stop)
+    out = run(model, ids, max_new_tokens=48, stop=[stop, "never-generated-string"], **cfg)
+    assert out.text == text[:cut] and out.finish_reason == "stop"
+    assert stop in model.decode(out.token_ids) and stop not in model.decode(out.token_ids[:-1])
+    assert out.token_ids == free.token_ids[:len(out.token_ids)] and out.stats.num_tokens == len(out.token_ids)
+    # decoding ended with the block holding the stop string: no draft past it
+    b = DecodeConfig(**cfg).block_size
+    blocks_needed = -(-(len(ids) + len(out.token_ids)) // b) - len(ids) // b
+    assert out.stats.draft_forwards <= blocks_needed * b and out.stats.draft_forwards < free.stats.draft_forwards
+
+
 def test_max_new_tokens_is_exact_for_every_method(model):
     ids = prompt(3, seed=5)
     for cfg in (dict(method="ar"), dict(method="static", block_size=8, steps=4),
@@ -120,8 +138,50 @@ def test_fused_commit_gives_the_same_tokens_with_fewer_forwards(model, cfg):
     # unfused: a prefill forward (if the prompt has a whole block), and a commit forward before every later block
     assert unfused.stats.prefill_forwards == (1 if first_block > 0 else 0)
     assert unfused.stats.commit_forwards == blocks - 1
-    assert unfused.stats.nfe == fused.stats.nfe + unfused.stats.prefill_forwards + blocks - 1
+    # each draft that rode along a verify (fuse_draft, off without fuse_commit) is one more forward unfused
+    assert unfused.stats.nfe == fused.stats.nfe + fused.stats.fused_drafts + unfused.stats.prefill_forwards + blocks - 1
     assert fused.stats.prefill_forwards == fused.stats.commit_forwards == 0
+
+
+@pytest.mark.parametrize("block_size", [2, 4, 8, 16])
+@pytest.mark.parametrize("policy", [dict(ALWAYS_VERIFY), dict(method="s2d2"), dict(method="s2d2", threshold=0.3)])
+def test_fused_draft_gives_the_same_tokens_with_fewer_forwards(random_models, block_size, policy):
+    for m in random_models:
+        for length in (1, 5, 10):
+            ids = prompt(length, seed=length + block_size)
+            fused = run(m, ids, max_new_tokens=40, block_size=block_size, **policy)
+            plain = run(m, ids, max_new_tokens=40, block_size=block_size, fuse_draft=False, **policy)
+            assert fused.token_ids == plain.token_ids
+            assert fused.stats.verify_forwards == plain.stats.verify_forwards
+            assert fused.stats.draft_forwards + fused.stats.fused_drafts == plain.stats.draft_forwards
+            assert fused.stats.steps == plain.stats.steps == fused.stats.draft_forwards + fused.stats.fused_drafts
+            assert plain.stats.fused_drafts == 0
+
+
+def test_fused_draft_saves_forwards_on_a_trained_model_and_needs_cache_ver():
+    m = s2d2.load("bundled")
+    p = "Q: Tom has 5 apples and gets 7 more. How many apples does he have?\nA:"
+    out = m.generate(p, method="s2d2", block_size=4)[0]
+    assert out.stats.fused_drafts > 0 and out.stats.nfe == out.stats.draft_forwards + out.stats.verify_forwards
+    for off in (dict(cache_ver=False, draft_ver=False), dict(fuse_commit=False)):  # the block's K/V would differ
+        assert m.generate(p, method="s2d2", block_size=4, **off)[0].stats.fused_drafts == 0
+
+
+def test_fused_draft_leaves_the_same_committed_cache(model):
+    """Cache purity: the K/V a fused verify commits equal those the next draft forward would have written."""
+    ids = prompt(7, seed=2)
+    caches = []
+    for fuse in (True, False):
+        out = run(model, ids, **ALWAYS_VERIFY, block_size=4, max_new_tokens=24, fuse_draft=fuse)
+        c = model._cache
+        caches.append((out.stats.fused_drafts, c.length, [k[:, :c.length].clone() for k in c.keys],
+                       [v[:, :c.length].clone() for v in c.values]))
+    (n_fused, len_f, kf, vf), (_, len_p, kp, vp) = caches
+    assert n_fused > 0
+    n = min(len_f, len_p)
+    assert n >= 7 + 12
+    for a, b in zip(kf + vf, kp + vp):
+        assert torch.allclose(a[:, :n], b[:, :n], atol=1e-5)
 
 
 def test_ar_costs_one_forward_per_token_and_the_reference_ar_two(model):
@@ -178,6 +238,27 @@ def test_verify_rows_equal_causal_forwards_of_prefix_and_drafts(model):
     # positions after the span and other drafts must not matter: change filled beyond position i
     again = adapter.verify(filled[:4] + [1, 2, 3, 4], cache, 8, 10)
     assert torch.allclose(again[:3], got[:3], atol=1e-5)
+
+
+def test_next_block_rows_of_a_verify_equal_the_next_draft_forward(model):
+    """A verify whose span ends the block drafts the next block exactly as a draft forward would after the block
+    is committed, and leaves the block's causal K/V in the scratch slots after the cache."""
+    adapter = model.adapter
+    prefix = prompt(8, seed=22)
+    filled = [40, 41, 42, 43]  # block at 8..11: committed 40, then drafts 41-43
+    ids = torch.tensor(prefix + filled + [adapter.mask_id] * 4)
+    cache = _fresh_prefix_cache(model, ids, 8)
+    got = adapter.verify(filled, cache, 8, 9, next_block=4)
+    assert got.shape[0] == 3 + 4 and cache.length == 8
+    alone = adapter.verify(filled, cache, 8, 9)
+    assert torch.allclose(got[:3], alone, atol=1e-5)  # the span rows do not see the next block's rows
+    cache.commit(4)  # what the loop does when every draft is accepted
+    fused_kv = [k[:, :12].clone() for k in cache.keys]
+    want_cache = _fresh_prefix_cache(model, ids, 8)
+    want = adapter.draft(ids, want_cache, 12, 4, 0, cache_ver=True, draft_ver=True)  # writes 8..11 causally
+    assert torch.allclose(got[3:], want, atol=1e-5)
+    for a, b in zip(fused_kv, want_cache.keys):
+        assert torch.allclose(a, b[:, :12], atol=1e-5)
 
 
 @pytest.mark.parametrize("cache_ver,draft_ver,first_mask", [(True, True, 2), (True, False, 0), (False, False, 1)])

@@ -83,3 +83,25 @@ def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
     a = load_file(str(straight / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_drill_steps_and_precision_are_validated_and_deterministic():
+    with pytest.raises(s2d2.ConfigError, match="drill_fraction"):
+        TrainConfig(out="x", drill_fraction=1.0)
+    with pytest.raises(s2d2.ConfigError, match="precision"):
+        TrainConfig(out="x", precision="fp16")
+    from s2d2.train import draw_examples
+
+    cfg = TrainConfig(out="x", batch_size=4, drill_fraction=0.5)
+    pool = [Example([1, 2], [3, 0])] * 10
+
+    def encode(texts):
+        return [[ord(ch) % 50 for ch in t] for t in texts]
+
+    kinds = set()
+    for step in range(20):
+        a = draw_examples(np.random.default_rng([0, step]), pool, cfg, encode, eos_id=0)
+        b = draw_examples(np.random.default_rng([0, step]), pool, cfg, encode, eos_id=0)
+        assert a == b  # a function of (seed, step), so resumed runs draw the same batches
+        kinds.add(len(a))
+    assert kinds == {4, 8}  # word-problem steps take batch_size examples, drill steps twice as many

@@ -28,8 +28,8 @@ class Generation:
     """One decoded prompt."""
 
     text: str
-    token_ids: list[int]  # generated ids, stop token excluded
-    finish_reason: str  # "stop" (a stop token was generated) or "length" (max_new_tokens reached)
+    token_ids: list[int]  # generated ids, stop token excluded (with stop strings: up to the token completing one)
+    finish_reason: str  # "stop" (a stop token or stop string was generated) or "length" (max_new_tokens reached)
     stats: DecodeStats
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,8 +84,15 @@ class Model:
             ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
             cache = self._cache_for(ids, cfg)
             generator = torch.Generator(device=self.device).manual_seed(seed + i)
-            token_ids, finish_reason, stats = decode(self.adapter, ids, cfg, cache, generator)
-            out.append(Generation(self.decode(token_ids), token_ids, finish_reason, stats))
+            stop_check = (lambda done: _find_stop(self.decode(done), cfg.stop) >= 0) if cfg.stop else None
+            token_ids, finish_reason, stats = decode(self.adapter, ids, cfg, cache, generator, stop_check)
+            text = self.decode(token_ids)
+            if cfg.stop and (cut := _find_stop(text, cfg.stop)) >= 0:
+                # keep the tokens up to the one completing the stop string; the text ends before it
+                token_ids = token_ids[:next(k for k in range(1, len(token_ids) + 1)
+                                            if _find_stop(self.decode(token_ids[:k]), cfg.stop) >= 0)]
+                text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
+            out.append(Generation(text, token_ids, finish_reason, stats))
         return out
 
     def _cache_for(self, prompt_ids: list[int], cfg: DecodeConfig) -> KVCache:
@@ -105,6 +112,12 @@ class Model:
         if self._cache is None or self._cache.capacity < capacity:
             self._cache = self.adapter.new_cache(max(capacity, 256))
         return self._cache
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int:
+    """Index of the earliest stop string in ``text``, or -1."""
+    found = [i for i in (text.find(x) for x in stops) if i >= 0]
+    return min(found, default=-1)
 
 
 def bundled_model_dir() -> Path:

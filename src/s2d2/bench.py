@@ -71,6 +71,8 @@ def default_grid(quick: bool = False) -> list[Setting]:
                                                                        cache_ver=False, draft_ver=False)),
         Setting("s2d2 config-A B=8 t=0.7 no draft_ver", dict(method="s2d2", block_size=8, threshold=0.7,
                                                              draft_ver=False)),
+        Setting("s2d2 config-A B=8 t=0.7 no fuse_draft", dict(method="s2d2", block_size=8, threshold=0.7,
+                                                              fuse_draft=False)),
         Setting("dynamic B=8 t=0.7 no cache_ver", dict(method="dynamic", block_size=8, threshold=0.7, cache_ver=False,
                                                        draft_ver=False)),
         Setting("ar (reference cost: 2 forwards/token)", dict(method="ar", fuse_commit=False)),

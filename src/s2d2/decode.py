@@ -14,6 +14,7 @@ verifies, and every variant (cache modes, policies, estimators) is an argument o
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +30,11 @@ from s2d2.verify import Verdict, accept_greedy, accept_sampled
 
 @torch.inference_mode()
 def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cache: KVCache,
-           generator: torch.Generator | None = None) -> tuple[list[int], str, DecodeStats]:
-    """Decode one prompt; returns the generated ids (stop token excluded), ``"stop"``/``"length"`` and stats."""
+           generator: torch.Generator | None = None,
+           stop_check: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str, DecodeStats]:
+    """Decode one prompt; returns the generated ids (stop token excluded), ``"stop"``/``"length"`` and stats.
+
+    ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there (stop strings)."""
     t0 = time.perf_counter()
     stats = DecodeStats(prompt_tokens=len(prompt_ids))
     forwards = _Forwards(adapter, cache, cfg, stats)
@@ -51,7 +55,7 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
             if cfg.method == "s2d2":
                 verify_now, router = routing.route(router, block, span, draft, cfg)
                 if verify_now:
-                    verdict = forwards.verify(block, span, draft, generator)
+                    verdict = forwards.verify(seq, block, span, draft, generator)
                     commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
             need = min(quota, block.num_masked) - len(commits)
             if need > 0:
@@ -63,6 +67,8 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
             block = seq.commit(block, commits)
             stats.steps += 1
         assert block.span() is None, "the step quotas add up to the block size"
+        if stop_check is not None and not seq.stopped and stop_check(seq.generated()):
+            seq.stop_at(block.start + block.end)
     token_ids, finish_reason = seq.output()
     stats.num_tokens = len(token_ids)
     stats.time_s = time.perf_counter() - t0
@@ -75,6 +81,8 @@ class _Forwards:
     def __init__(self, adapter: FamilyAdapter, cache: KVCache, cfg: DecodeConfig, stats: DecodeStats) -> None:
         self.adapter, self.cache, self.cfg, self.stats = adapter, cache, cfg, stats
         self._sync = adapter.device.type == "cuda"
+        self._fuse_draft = cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit
+        self._next_draft: tuple[int, torch.Tensor] | None = None  # (block start, logits) drafted by a verify
 
     def _timed(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         if self._sync:
@@ -93,22 +101,36 @@ class _Forwards:
         forward of their own instead, as in the reference code.
         """
         cfg = self.cfg
-        if not cfg.fuse_commit and self.cache.length < block.start:
-            self.write_pending(seq, block.start)
-        logits = self._timed(self.adapter.draft, seq.ids, self.cache, block.start, block.size, block.first_mask,
-                             cache_ver=cfg.cache_ver, draft_ver=cfg.draft_ver)
-        self.stats.draft_forwards += 1
+        fused, self._next_draft = self._next_draft, None
+        if fused is not None and fused[0] == block.start:
+            logits = fused[1]  # drafted by the verify forward that finished the previous block
+            self.stats.fused_drafts += 1
+        else:
+            if not cfg.fuse_commit and self.cache.length < block.start:
+                self.write_pending(seq, block.start)
+            logits = self._timed(self.adapter.draft, seq.ids, self.cache, block.start, block.size, block.first_mask,
+                                 cache_ver=cfg.cache_ver, draft_ver=cfg.draft_ver)
+            self.stats.draft_forwards += 1
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         tokens = choose_tokens(probs, cfg.greedy, generator)
         confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
         return Draft(tuple(tokens.tolist()), tuple(confidence.tolist()), probs)
 
-    def verify(self, block: BlockState, span: Span, draft: Draft, generator: torch.Generator | None) -> Verdict:
-        """One AR-mode forward scoring the span's drafts, then speculative acceptance."""
+    def verify(self, seq: Sequence, block: BlockState, span: Span, draft: Draft,
+               generator: torch.Generator | None) -> Verdict:
+        """One AR-mode forward scoring the span's drafts, then speculative acceptance.
+
+        With ``fuse_draft``, a span that runs to the end of a full block (so acceptance may finish it) also gets
+        the next block's draft rows; if every draft is accepted, the block's K/V written by this forward are
+        committed to the cache and the next draft is kept, so the next block starts without a forward.
+        """
         cfg = self.cfg
         drafted = list(draft.tokens[span.start:span.end])
         filled = list(block.tokens[:span.start]) + drafted
-        logits = self._timed(self.adapter.verify, filled, self.cache, block.start, block.start + span.start)
+        ahead = block.size if (self._fuse_draft and span.end == block.end == block.size
+                               and block.start + block.size < seq.limit) else 0
+        logits = self._timed(self.adapter.verify, filled, self.cache, block.start, block.start + span.start, ahead)
+        logits, next_logits = logits[:span.length], logits[span.length:]
         self.stats.verify_forwards += 1
         if cfg.greedy:
             verdict = accept_greedy(drafted, logits)
@@ -116,6 +138,9 @@ class _Forwards:
             q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
             verdict = accept_sampled(drafted, draft.probs[span.start:span.end], q, generator)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
+        if ahead and verdict.num_accepted == span.length:
+            self.cache.commit(block.size)  # the causal K/V of the finished block, as fuse_commit would write them
+            self._next_draft = (block.start + block.size, next_logits)
         return verdict
 
     def write_pending(self, seq: Sequence, end: int) -> None:

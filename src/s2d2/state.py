@@ -124,10 +124,19 @@ class Sequence:
         self.ids[block.start:block.start + block.size] = torch.tensor(block.tokens, dtype=torch.long)
         stops = [i for i, t in commits.items() if t in self.stop_ids and i < block.end]
         if stops:
-            self.stopped = True
-            self.limit = block.start + min(stops)
+            self.stop_at(block.start + min(stops))
             block = replace(block, end=min(stops))
         return block
+
+    def stop_at(self, position: int) -> None:
+        """End decoding at absolute ``position`` (a stop token there, or a stop string found in the text)."""
+        self.stopped = True
+        self.limit = min(self.limit, position)
+
+    def generated(self) -> list[int]:
+        """The generated ids committed so far, in order up to the first mask (or ``limit``)."""
+        ids = self.ids[self.prompt_len:self.limit].tolist()
+        return ids[:ids.index(self.mask_id)] if self.mask_id in ids else ids
 
     def output(self) -> tuple[list[int], str]:
         """Generated ids (stop token excluded) and the finish reason, ``"stop"`` or ``"length"``."""

@@ -4,6 +4,8 @@ Forward kinds: ``draft`` (diffusion-mode pass over the block), ``verify`` (AR-mo
 ``prefill`` and ``commit`` (passes whose only job is to write committed K/V). With ``fuse_commit`` (the default)
 the prompt's and each finished block's K/V are written by the next draft forward, so ``prefill_forwards`` and
 ``commit_forwards`` stay 0 and NFE counts only drafts and verifications; every forward is counted exactly once.
+With ``fuse_draft`` a verification that finishes a block also drafts the next block; such a draft is counted in
+``fused_drafts`` and is not a forward (``draft_forwards`` counts forwards only).
 
 Acceptance: ``proposed_tokens`` are span tokens sent to the verifier, ``accepted_tokens`` the drafts it accepted,
 ``corrected_tokens`` the tokens it committed at a first rejection. ``mean_accepted_length`` counts both per
@@ -29,6 +31,7 @@ class DecodeStats:
     draft_forwards: int = 0
     verify_forwards: int = 0
     commit_forwards: int = 0
+    fused_drafts: int = 0  # drafts that rode along a verify forward (fuse_draft); not forwards of their own
     steps: int = 0
     proposed_tokens: int = 0
     accepted_tokens: int = 0
@@ -97,6 +100,8 @@ class DecodeStats:
     def summary(self) -> str:
         """One line for humans."""
         d = self.to_dict()
-        return (f"{d['num_tokens']} tokens, NFE {d['nfe']} (draft {self.draft_forwards}, verify {self.verify_forwards}), "
+        fused = f", {self.fused_drafts} drafts fused into verifies" if self.fused_drafts else ""
+        return (f"{d['num_tokens']} tokens, NFE {d['nfe']} (draft {self.draft_forwards}, verify {self.verify_forwards}"
+                f"{fused}), "
                 f"{d['tokens_per_forward']:.2f} tokens/forward, {d['tokens_per_s']:.1f} tokens/s, "
                 f"{self.accepted_tokens}/{self.proposed_tokens} drafts accepted")

@@ -8,6 +8,11 @@ is the cross-entropy of the masked positions, logits position-aligned (a mask pr
 drawn per batch from ``block_sizes``, which include 1: a block of one mask that sees the causal prefix is exactly
 the AR mode the S2D2 verifier runs, so the same objective trains drafter and verifier.
 
+A share of the steps (``drill_fraction``) trains on bare equations instead of word problems (``arith.drill``):
+a small model's remaining errors are carries and borrows, and word problems repeat each fact only a few times.
+Forwards run under bfloat16 autocast by default (``precision``), about 1.5x faster on CPUs with AVX-512 BF16;
+weights, optimizer state and the loss stay float32.
+
 Only the prompt is never masked; the response is followed by end-of-sequence tokens up to the end of the block
 holding the first one (what a decoder sees after the answer). Data order is a pure function of (seed, step), so a
 resumed run draws the same batches as an uninterrupted one.
@@ -18,10 +23,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,7 +46,7 @@ class TrainConfig:
 
     out: str
     seed: int = 0
-    steps: int = 2600
+    steps: int = 4000
     batch_size: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -58,12 +64,18 @@ class TrainConfig:
     head_dim: int = 64
     intermediate_size: int = 768
     max_positions: int = 512
-    eval_every: int = 250
-    eval_n: int = 100
+    eval_every: int = 500
+    eval_n: int = 200
     checkpoint_every: int = 100
     threads: int = 2
+    drill_fraction: float = 0.2
+    precision: str = "bf16"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.drill_fraction < 1.0:
+            raise ConfigError(f"drill_fraction must be in [0, 1), got {self.drill_fraction}.")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}.")
         if len(self.block_sizes) != len(self.block_weights) or 1 not in self.block_sizes:
             raise ConfigError("block_sizes must include 1 and match block_weights in length.")
         for name in ("steps", "batch_size", "num_train", "vocab_size", "hidden_size", "num_layers"):
@@ -142,11 +154,30 @@ def make_batch(examples: list[Example], block_size: int, eos_id: int, mask_id: i
     }
 
 
-def batch_loss(model: Qwen3Decoder, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy over the masked noisy positions."""
-    logits = model(batch["input_ids"], batch["position_ids"], None, batch["attn_mask"],
-                   logits_from=int(batch["logits_from"]))
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1), ignore_index=-100)
+def batch_loss(model: Qwen3Decoder, batch: dict[str, torch.Tensor], precision: str = "fp32") -> torch.Tensor:
+    """Mean cross-entropy over the masked noisy positions. ``precision="bf16"`` runs the forward under CPU
+    autocast (weights and optimizer stay float32); the loss itself is always computed in float32."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        logits = model(batch["input_ids"], batch["position_ids"], None, batch["attn_mask"],
+                       logits_from=int(batch["logits_from"]))
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1),
+                           ignore_index=-100)
+
+
+def draw_examples(step_rng: np.random.Generator, examples: list[Example], cfg: TrainConfig,
+                  encode: Callable[[list[str]], list[list[int]]], eos_id: int) -> list[Example]:
+    """The examples of one step: with probability ``drill_fraction`` a batch of bare-equation drills, twice
+    ``batch_size`` of them since they are about a third as long (similar tokens per step); otherwise
+    ``batch_size`` word problems drawn from the training set."""
+    from s2d2.tasks import arith
+
+    if step_rng.random() < cfg.drill_fraction:
+        rng = random.Random(int(step_rng.integers(2**62)))
+        problems = [arith.drill(rng) for _ in range(2 * cfg.batch_size)]
+        prompts = encode([p.prompt for p in problems])
+        targets = encode([p.target for p in problems])
+        return [Example(a, b + [eos_id]) for a, b in zip(prompts, targets)]
+    return [examples[i] for i in step_rng.integers(0, len(examples), cfg.batch_size)]
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -233,7 +264,12 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL_TOKENS[0],
          "pad_token": SPECIAL_TOKENS[0], "mask_token": SPECIAL_TOKENS[1], "bos_token": None}, indent=2))
-    examples = [Example(tok.encode(p.prompt).ids, tok.encode(p.target).ids + [eos_id]) for p in problems]
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in tok.encode_batch(texts)]
+
+    examples = [Example(a, b + [eos_id]) for a, b in zip(encode([p.prompt for p in problems]),
+                                                          encode([p.target for p in problems]))]
 
     torch.manual_seed(cfg.seed)
     model = Qwen3Decoder(DecoderConfig.from_hf(hf_config, qk_norm=True, qkv_bias=False))
@@ -254,11 +290,10 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         block_size = int(rng.choice(cfg.block_sizes, p=weights))
-        batch = make_batch([examples[i] for i in rng.integers(0, len(examples), cfg.batch_size)],
-                           block_size, eos_id, mask_id, rng)
+        batch = make_batch(draw_examples(rng, examples, cfg, encode, eos_id), block_size, eos_id, mask_id, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
-        loss = batch_loss(model, batch)
+        loss = batch_loss(model, batch, cfg.precision)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -37,12 +37,17 @@ class FamilyAdapter(Protocol):
         """
         ...
 
-    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int) -> torch.Tensor:
-        """AR-mode (block size 1) pass; returns logits ``[n, V]`` for positions ``span_start .. span_start + n``.
+    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
+               next_block: int = 0) -> torch.Tensor:
+        """AR-mode (block size 1) pass; returns logits ``[n + next_block, V]``: first for positions
+        ``span_start .. span_start + n``, then (``next_block`` > 0, span ending at the block's end) a diffusion-mode
+        draft of the next ``next_block`` positions given ``filled``.
 
         ``filled`` holds the block's tokens from ``block_start`` to the span's end, with drafts in the span. Row i
         of the result is the AR conditional of span position i given the cache and ``filled`` before it. The
-        cache is left unchanged and must hold everything before ``block_start``.
+        cache's committed part is left unchanged and must hold everything before ``block_start``; the K/V of
+        ``filled`` are left in the scratch slots right after it, computed causally, so that the caller may
+        commit them (``cache.commit(len(filled))``) when every draft is accepted.
         """
         ...
 

@@ -9,7 +9,9 @@ Forwards (reference §1.5, §1.8, §1.13; ``cache_len`` is always a multiple of 
   then one mask per span position (second half). The mask for span position i sees the first-half tokens before
   i and itself, so its logits are the block-size-1 (AR) conditional of position i. Only the second half gets
   logits, and the cache is not written. Unlike the reference we send only the tokens the span rows can see
-  (block start .. span end), not the whole block twice.
+  (block start .. span end), not the whole block twice. When the span runs to the block's end, ``next_block``
+  mask rows may follow: they draft the next block from the first half, which is exactly the next draft forward
+  if every draft is accepted (the first half's causal K/V are then the finished block's cache entries).
 - commit: pending rows alone, same mask as in a draft.
 """
 
@@ -46,19 +48,25 @@ def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bo
 
 
 @lru_cache(maxsize=1024)
-def verify_mask(num_first: int, span_offset: int, device: torch.device) -> torch.Tensor:
-    """Local 2L mask: ``num_first`` causal rows, then one mask row per span position (span starts at ``span_offset``).
+def verify_mask(num_first: int, span_offset: int, device: torch.device, num_next: int = 0) -> torch.Tensor:
+    """Local 2L mask: ``num_first`` causal rows, then one mask row per span position (span starts at ``span_offset``),
+    then ``num_next`` rows drafting the next block.
 
-    Second-half row k (position ``span_offset + k``) sees first-half rows ``< span_offset + k`` and itself.
+    Second-half row k (position ``span_offset + k``) sees first-half rows ``< span_offset + k`` and itself. The
+    next-block rows see every first-half row and each other: the next block's draft if every draft is accepted.
     """
     num_span = num_first - span_offset
-    n = num_first + num_span
+    n = num_first + num_span + num_next
     mask = torch.zeros(n, n, dtype=torch.bool, device=device)
     first = torch.arange(num_first, device=device)
     mask[:num_first, :num_first] = first[:, None] >= first[None, :]
     k = torch.arange(num_span, device=device)
-    mask[num_first:, :num_first] = first[None, :] < (span_offset + k)[:, None]
+    mask[num_first:num_first + num_span, :num_first] = first[None, :] < (span_offset + k)[:, None]
     mask[num_first + k, num_first + k] = True
+    if num_next:
+        nxt = slice(num_first + num_span, n)
+        mask[nxt, :num_first] = True
+        mask[nxt, nxt] = True
     return mask
 
 
@@ -100,14 +108,17 @@ class SDARAdapter:
         positions = torch.arange(c, end, device=self.device)
         return self._run(ids[c:end], positions, cache, mask, num_store=pending, logits_from=pending)
 
-    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int) -> torch.Tensor:
+    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
+               next_block: int = 0) -> torch.Tensor:
         assert cache.length == block_start, "verify expects the cache to hold everything before the block"
         num_first = len(filled)
         offset = span_start - block_start
-        tokens = torch.tensor(filled + [self.mask_id] * (num_first - offset), dtype=torch.long, device=self.device)
-        positions = torch.cat((torch.arange(block_start, block_start + num_first, device=self.device),
-                               torch.arange(span_start, block_start + num_first, device=self.device)))
-        mask = verify_mask(num_first, offset, self.device)
+        end = block_start + num_first
+        tokens = torch.tensor(filled + [self.mask_id] * (num_first - offset + next_block), dtype=torch.long,
+                              device=self.device)
+        positions = torch.cat((torch.arange(block_start, end, device=self.device),
+                               torch.arange(span_start, end + next_block, device=self.device)))
+        mask = verify_mask(num_first, offset, self.device, next_block)
         return self._run(tokens, positions, cache, mask, num_store=0, logits_from=num_first)
 
     def commit(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> None:

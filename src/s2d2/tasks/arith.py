@@ -61,6 +61,7 @@ __all__ = [
     "MAX_QUOTIENT",
     "MAX_RESULT",
     "generate",
+    "drill",
     "extract_answer",
     "is_correct",
     "parse_step",
@@ -754,6 +755,33 @@ def generate(split: str, n: int, seed: int = 0, levels: Iterable[int] = LEVELS) 
         order.pop()
         out.append(Problem(question, tuple(steps), answer, tmpl.name, tmpl.level, numbers, entities))
     return out
+
+
+# (operation, share of drills): + and - carry the most errors of word-problem solutions (a wrong carry or borrow)
+_DRILL_OPS = (("+", 0.35), ("-", 0.35), ("*", 0.15), ("/", 0.15))
+
+
+def drill(rng: random.Random) -> Problem:
+    """One bare-equation problem for training (level 0, never in a split), within the number rules above, e.g.
+    ``Q: What is 37+93?`` / `` 37+93=130. #### 130``. Word problems exercise each arithmetic fact only a few
+    times per epoch; drills let a small model learn carries and borrows directly."""
+    op = rng.choices([o for o, _ in _DRILL_OPS], weights=[w for _, w in _DRILL_OPS])[0]
+    chain = _Chain()
+    if op == "+":
+        a, b = rng.randint(0, MAX_ADD_OPERAND), rng.randint(0, MAX_ADD_OPERAND)
+        c = chain.add(a, b)
+    elif op == "-":
+        a = rng.randint(0, MAX_ADD_OPERAND)
+        b = rng.randint(0, a)
+        c = chain.sub(a, b)
+    elif op == "*":
+        a, b = rng.randint(MIN_FACTOR, MAX_FACTOR), rng.randint(MIN_FACTOR, MAX_FACTOR)
+        c = chain.mul(a, b)
+    else:
+        b, q = rng.randint(MIN_FACTOR, MAX_FACTOR), rng.randint(1, MAX_QUOTIENT)
+        a = b * q
+        c = chain.div(a, b)
+    return Problem(f"What is {a}{op}{b}?", tuple(chain.steps), c, "drill", 0, (a, b))
 
 
 def corpus_text(n: int, seed: int = 0) -> str:

@@ -1,0 +1,147 @@
+"""lm-evaluation-harness integration: the ``s2d2`` model and the bundled ``s2d2_arith`` task.
+
+Run it with the wrapper, which registers the model and adds the package's task folder, then hands over to
+lm-eval's own command line (every lm-eval flag works)::
+
+    python -m s2d2.lm_eval --model s2d2 --model_args method=s2d2,block_size=8 --tasks s2d2_arith --limit 20
+
+``--model_args`` takes ``pretrained`` (a model directory, a hub id or ``bundled``, the default), ``device``,
+``dtype``, and every :class:`~s2d2.config.DecodeConfig` field by name. List-valued fields take space-separated
+values (``stop_token_ids=2 5``), since lm-eval splits the argument string on commas. A request's own generation
+settings win over ``--model_args``: ``until`` becomes the stop strings, ``max_gen_toks`` the token budget, and
+``do_sample``/``temperature`` the sampling temperature. lm-eval is an optional extra: ``pip install s2d2[eval]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import typing
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, get_args, get_origin
+
+import torch
+
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError("the lm-eval integration needs lm-eval: pip install 's2d2[eval]'") from e
+
+import s2d2
+from s2d2.config import DecodeConfig
+from s2d2.errors import ConfigError
+from s2d2.stats import DecodeStats
+
+TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
+log = logging.getLogger("lm_eval.s2d2")  # under lm-eval's logger, so its handlers print our lines
+
+
+def decode_config_from_model_args(args: dict[str, Any]) -> DecodeConfig:
+    """A :class:`DecodeConfig` from lm-eval's parsed ``--model_args`` (values already typed by lm-eval, except
+    list-valued fields, which arrive as one value or a space-separated string)."""
+    hints = typing.get_type_hints(DecodeConfig)
+    values = dict(args)
+    for f in fields(DecodeConfig):
+        value = values.get(f.name)
+        tuple_type = next((t for t in (hints[f.name], *get_args(hints[f.name])) if get_origin(t) is tuple), None)
+        if tuple_type is None or value is None or isinstance(value, (list, tuple)):
+            continue
+        item = get_args(tuple_type)[0]
+        parts = str(value).split() if item is int else [str(value)]
+        try:
+            values[f.name] = tuple(item(p) for p in parts)
+        except ValueError:
+            raise ConfigError(f"{f.name} must be space-separated {item.__name__} values, got {value!r}.") from None
+    return DecodeConfig.from_dict(values)
+
+
+@register_model("s2d2")
+class S2D2LM(LM):
+    """lm-eval model that decodes with s2d2 (any method: ar, static, dynamic, s2d2). Implements generate_until;
+    loglikelihood requests are refused with a clear error."""
+
+    def __init__(self, pretrained: str = "bundled", device: str | None = None, dtype: str = "auto",
+                 batch_size: int | str = 1, max_batch_size: int | None = None, **decode_args: Any) -> None:
+        super().__init__()
+        self.config = decode_config_from_model_args(decode_args)  # validate before the (slow) load
+        device = device or "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval passes its own default, cuda:0, when --device is not given (its HF model falls back too)
+            log.warning("no CUDA device is available; s2d2 decodes on the CPU")
+            device = "cpu"
+        self.model = s2d2.load(str(pretrained), device=device, dtype=dtype)
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1  # "auto" -> 1: no batched forwards yet
+        self.stats = DecodeStats()  # summed over every request served
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.model.name.replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.model.apply_chat_template(chat_history, add_generation_prompt=add_generation_prompt)
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        """Decode each request's context with the request's stop strings and token budget."""
+        from tqdm import tqdm
+
+        outputs: list[str] = []
+        for req in tqdm(requests, desc="s2d2 generate_until", disable=disable_tqdm or len(requests) < 2):
+            context, gen_kwargs = req.args
+            cfg = self._config_for(gen_kwargs)
+            gen = self.model.generate(context, cfg)[0]
+            self.stats = DecodeStats.total([self.stats, gen.stats])
+            outputs.append(gen.text)
+            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), gen.text)
+        s = self.stats.to_dict()
+        log.info("s2d2 decoding so far: %d tokens, NFE %d, %.2f tokens/forward, %.1f tokens/s",
+                 s["num_tokens"], s["nfe"], s["tokens_per_forward"], s["tokens_per_s"])
+        return outputs
+
+    def _config_for(self, gen_kwargs: dict[str, Any]) -> DecodeConfig:
+        """The model's config with a request's generation settings applied."""
+        kwargs = dict(gen_kwargs or {})
+        changes: dict[str, Any] = {}
+        until = kwargs.pop("until", None)
+        if until:
+            changes["stop"] = (until,) if isinstance(until, str) else tuple(until)
+        if "max_gen_toks" in kwargs:
+            changes["max_new_tokens"] = int(kwargs.pop("max_gen_toks"))
+        do_sample = kwargs.pop("do_sample", None)
+        temperature = kwargs.pop("temperature", None)
+        if do_sample is False:
+            changes["temperature"] = 0.0
+        elif temperature is not None:
+            changes["temperature"] = float(temperature)
+        for name in ("top_p", "top_k", "seed"):
+            if name in kwargs:
+                changes[name] = kwargs.pop(name)
+        if kwargs:
+            log.warning("s2d2 ignores generation settings it does not know: %s", ", ".join(sorted(kwargs)))
+        return self.config.replace(**changes)
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        raise NotImplementedError("the s2d2 lm-eval model implements generate_until only; use generation tasks "
+                                  "(for example s2d2_arith or gsm8k), not multiple-choice or perplexity ones.")
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        return self.loglikelihood(requests, disable_tqdm)  # type: ignore[return-value]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line with the ``s2d2`` model registered and the bundled tasks on the include path."""
+    from lm_eval.__main__ import cli_evaluate
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--include_path" in args[:-1]:
+        i = args.index("--include_path") + 1
+        args[i] = f"{args[i]}:{TASKS_DIR}"  # lm-eval takes several folders joined by ':'
+    elif args and not set(args) & {"-h", "--help"}:
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = [sys.argv[0], *args]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
