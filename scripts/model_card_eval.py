@@ -26,6 +26,8 @@ SETTINGS += [
                                   penalty=1.0, tau_on=1.0, tau_off=-5.0, threshold=0.9)),
     ("s2d2 span>=2 B=8 t=0.7", dict(method="s2d2", block_size=8, policy="mask_span_length", min_span=2, threshold=0.7)),
     ("s2d2 ucb B=16 t=0.7", dict(method="s2d2", block_size=16, policy="contextual_bandit_ucb", threshold=0.7)),
+    ("s2d2 skip-confident B=8 t=0.9", dict(method="s2d2", block_size=8, threshold=0.9, skip_confident=True)),
+    ("s2d2 skip-confident B=16 t=0.95", dict(method="s2d2", block_size=16, threshold=0.95, skip_confident=True)),
 ]
 
 

@@ -35,7 +35,7 @@ def test_greedy_s2d2_verifying_every_step_equals_ar(random_models, block_size, d
             sd = run(m, ids, block_size=block_size, draft_ver=draft_ver, max_new_tokens=40, **ALWAYS_VERIFY)
             assert sd.token_ids == ar.token_ids, (m_index, prompt_len)
             assert len(ar.token_ids) == 40 and ar.finish_reason == "length"
-            assert sd.stats.verify_forwards == sd.stats.draft_forwards  # it really verified on every step
+            assert sd.stats.verify_forwards == sd.stats.steps == sd.stats.draft_forwards + sd.stats.fused_drafts  # verified every step
             assert sd.stats.fallback_tokens == 0
 
 
@@ -50,7 +50,18 @@ def test_lossless_greedy_holds_for_every_policy_that_never_skips(model):
         cfg = {**ALWAYS_VERIFY, **extra, "block_size": 4, "max_new_tokens": 24}
         out = run(model, ids, **cfg)
         assert out.token_ids == ar.token_ids, extra
-        assert out.stats.verify_forwards == out.stats.draft_forwards
+        assert out.stats.verify_forwards == out.stats.steps
+
+
+def test_skip_confident_interpolates_between_dynamic_and_s2d2(model):
+    ids = prompt(6, seed=5)
+    base = dict(method="s2d2", block_size=8, max_new_tokens=40, policy="mask_span_length", min_span=1)
+    never = run(model, ids, **base, threshold=0.0, skip_confident=True)  # every span clears 0: never verifies
+    dynamic = run(model, ids, method="dynamic", block_size=8, max_new_tokens=40, threshold=0.0)
+    assert never.token_ids == dynamic.token_ids and never.stats.verify_forwards == 0
+    always = run(model, ids, **base, threshold=1.0, skip_confident=True)  # nothing clears 1: the policy decides
+    assert always.token_ids == run(model, ids, **base, threshold=1.0).token_ids
+    assert always.stats.verify_forwards == always.stats.steps
 
 
 def test_lossless_greedy_needs_an_ar_consistent_cache(random_models):
@@ -303,7 +314,7 @@ def test_stats_add_up(model):
     out = run(model, prompt(6, seed=6), method="s2d2", policy="mask_span_length", min_span=2, block_size=8,
               threshold=0.2, max_new_tokens=40)
     s = out.stats
-    assert s.num_tokens == 40 and s.steps == s.draft_forwards
+    assert s.num_tokens == 40 and s.steps == s.draft_forwards + s.fused_drafts
     assert s.nfe == s.draft_forwards + s.verify_forwards
     committed_by_verify = s.accepted_tokens + s.corrected_tokens
     # every generated token (plus the tail of the last block) was committed by verification or by the fallback

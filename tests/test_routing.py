@@ -19,6 +19,7 @@ from s2d2.routing import (
     route,
     score_hysteresis,
     score_threshold,
+    span_is_confident,
     ucb_bucket,
     ucb_choose,
     verification_score,
@@ -409,3 +410,17 @@ def test_route_ucb_progress_excludes_prompt_tokens() -> None:
     # span 4 over [1, 8] -> int(3/7*2) = 0; entropy 1.0 -> bin 1: bucket (0*2 + 0)*2 + 1 = 1
     _, state = route(RouterState.initial(cfg), block, span, draft, cfg)
     assert state.last_choice == (1, 1)
+
+
+def test_skip_confident_gates_every_policy_on_the_span_confidences() -> None:
+    block, span, draft = _score_case()  # span confidences 0.9, 0.6, 0.4
+    for policy in ("mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb"):
+        kw = dict(min_span=1, tau=-100.0, tau_on=-99.0, tau_off=-100.0, ucb_beta=1.0)
+        verify, _ = _route(policy, block, span, draft, threshold=0.3, **kw)
+        assert verify is True, policy  # without the gate these settings verify
+        skipped, state = _route(policy, block, span, draft, threshold=0.3, skip_confident=True, **kw)
+        assert skipped is False and state.last_choice is None, policy  # every draft > 0.3: dynamic commits the span
+        kept, _ = _route(policy, block, span, draft, threshold=0.5, skip_confident=True, **kw)
+        assert kept is True, policy  # 0.4 is below 0.5: the policy decides
+    assert span_is_confident((0.0, 0.9, 0.6, 0.4), Span(1, 4), 0.39)
+    assert not span_is_confident((0.0, 0.9, 0.6, 0.4), Span(1, 4), 0.4)  # strictly above, as the dynamic rule

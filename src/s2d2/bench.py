@@ -77,6 +77,12 @@ def default_grid(quick: bool = False) -> list[Setting]:
                                                        draft_ver=False)),
         Setting("ar (reference cost: 2 forwards/token)", dict(method="ar", fuse_commit=False)),
     ]
+    # tuned on the validation split (scripts/tune_s2d2.py): config A behind the skip_confident gate
+    grid += [
+        Setting(f"s2d2 config-A skip-confident B={b} t={t}", dict(method="s2d2", block_size=b, threshold=t,
+                                                                  skip_confident=True))
+        for b, t in ((4, 0.9), (8, 0.9), (8, 0.95), (16, 0.9), (16, 0.95))
+    ]
     return grid
 
 
@@ -134,7 +140,7 @@ def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bo
             "nfe_per_token": d["nfe"] / max(1, d["num_tokens"]), "tokens_per_forward": d["tokens_per_forward"],
             "tokens_per_s": d["num_tokens"] / time_s if time_s else 0.0, "time_s": time_s,
             "speedup_vs_ar": ar_time / time_s if time_s else 0.0,
-            "verify_rate": d["verify_forwards"] / max(1, d["draft_forwards"]),
+            "verify_rate": d["verify_forwards"] / max(1, d["steps"]),  # share of steps that verified
             "mean_accepted_length": d["mean_accepted_length"],
             "loop_share": 1.0 - forward_s / time_s if time_s else 0.0,
             "stats": d, "repeats": repeats,

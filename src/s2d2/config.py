@@ -66,6 +66,9 @@ class DecodeConfig:
     fallback: Fallback = "dynamic"  # s2d2's base strategy for tokens verification did not commit
     # --- routing (s2d2 only)
     policy: Policy = "score_threshold"
+    # before any policy: never verify a span whose drafts all clear `threshold` (a dynamic fallback commits them
+    # all in this step anyway, so verifying could only catch a confidently wrong draft, at one more forward)
+    skip_confident: bool = False
     estimator: Estimator = "soft_entropy_negexp"
     score_type: ScoreType = "difference_static"
     penalty: float = 1.0  # c in s = E[K] - c (static) or E[K] - c * N_high (dynamic)
@@ -134,7 +137,7 @@ class DecodeConfig:
             _check_float(name, getattr(self, name), -1e9, 1e9)
         if self.tau_on <= self.tau_off:
             raise ConfigError(f"tau_on ({self.tau_on}) must be greater than tau_off ({self.tau_off}) for score_hysteresis.")
-        for name in ("cache_ver", "draft_ver", "fuse_commit", "fuse_draft"):
+        for name in ("cache_ver", "draft_ver", "fuse_commit", "fuse_draft", "skip_confident"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.stop_token_ids is not None:

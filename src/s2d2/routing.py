@@ -45,6 +45,11 @@ def mask_span_length(span_len: int, min_span: int) -> bool:
     return span_len >= min_span
 
 
+def span_is_confident(confidence: tuple[float, ...], span: Span, threshold: float) -> bool:
+    """Whether every draft of the span has confidence above ``threshold`` (the dynamic rule's test)."""
+    return all(confidence[i] > threshold for i in span.offsets())
+
+
 def score_threshold(score: float, tau: float) -> bool:
     """Verify iff ``score >= tau``."""
     return score >= tau
@@ -89,6 +94,8 @@ def ucb_choose(pulls: tuple[int, ...], rewards: tuple[float, ...], bucket: int, 
 # ------------------------------------------------------------------------------------------------- dispatch
 def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> tuple[bool, RouterState]:
     """Decide whether to verify ``span`` this step; returns the decision and the next state."""
+    if cfg.skip_confident and span_is_confident(draft.confidence, span, cfg.threshold):
+        return False, state  # no policy decision was made (UCB learns nothing from this step)
     if cfg.policy == "mask_span_length":
         return mask_span_length(span.length, cfg.min_span), state
     if cfg.policy == "contextual_bandit_ucb":
