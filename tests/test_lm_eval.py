@@ -88,3 +88,13 @@ def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Pat
     expected = evaluate(s2d2.load("bundled"), DecodeConfig(method="s2d2", block_size=8, max_new_tokens=64), n=4)
     assert results["exact_match,strict-match"] == pytest.approx(expected.accuracy)
     assert "tokens/forward" in proc.stderr + proc.stdout  # the decoding stats line
+
+
+def test_bad_model_args_end_in_one_sentence_and_exit_2(capsys):
+    from s2d2.lm_eval import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "s2d2", "--model_args", "blocksize=8", "--tasks", "s2d2_arith", "--limit", "1",
+              "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "unknown decoding option 'blocksize'" in capsys.readouterr().err

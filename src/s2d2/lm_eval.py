@@ -31,7 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 import s2d2
 from s2d2.config import DecodeConfig
-from s2d2.errors import ConfigError
+from s2d2.errors import ConfigError, S2D2Error
 from s2d2.stats import DecodeStats
 
 TASKS_DIR = Path(__file__).parent / "lm_eval_tasks"
@@ -140,7 +140,11 @@ def main(argv: list[str] | None = None) -> None:
     elif args and not set(args) & {"-h", "--help"}:
         args += ["--include_path", str(TASKS_DIR)]
     sys.argv = [sys.argv[0], *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except S2D2Error as e:  # bad model_args, a missing model, ...: one sentence, exit 2, as the s2d2 CLI does
+        print(f"s2d2: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
