@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-from s2d2.config import DecodeConfig
+from s2d2.config import DecodeConfig, list_item_type
 from s2d2.errors import S2D2Error
 
 # Help for the flags users reach for first; every other field documents itself in s2d2/config.py.
@@ -48,9 +48,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig,
             group.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif get_origin(tp) is typing.Literal:
             group.add_argument(flag, choices=list(get_args(tp)), **kwargs)
-        elif get_origin(tp) is tuple or any(get_origin(a) is tuple for a in args):
-            inner = next(a for a in (tp, *args) if get_origin(a) is tuple)
-            group.add_argument(flag, type=get_args(inner)[0], nargs="*", metavar="X", **kwargs)
+        elif (item := list_item_type(tp)) is not None:
+            group.add_argument(flag, type=item, nargs="*", metavar="X", **kwargs)
         else:
             base = args[0] if args else tp
             if get_origin(base) is typing.Literal:

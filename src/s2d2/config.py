@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from s2d2.errors import ConfigError
 
@@ -180,6 +180,12 @@ class DecodeConfig:
         if unknown:
             raise ConfigError(f"unknown decoding option {unknown[0]!r}; valid options: {', '.join(sorted(known))}.")
         return cls(**d)
+
+
+def list_item_type(hint: Any) -> type | None:
+    """The item type of a list-valued field's type hint (``tuple[int, ...] | None`` -> ``int``), else None."""
+    inner = next((t for t in (hint, *get_args(hint)) if get_origin(t) is tuple), None)
+    return None if inner is None else get_args(inner)[0]
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

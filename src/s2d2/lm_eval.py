@@ -19,7 +19,7 @@ import sys
 import typing
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Any
 
 import torch
 
@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the lm-eval integration needs lm-eval: pip install 's2d2[eval]'") from e
 
 import s2d2
-from s2d2.config import DecodeConfig
+from s2d2.config import DecodeConfig, list_item_type
 from s2d2.errors import ConfigError, S2D2Error
 from s2d2.stats import DecodeStats
 
@@ -45,10 +45,9 @@ def decode_config_from_model_args(args: dict[str, Any]) -> DecodeConfig:
     values = dict(args)
     for f in fields(DecodeConfig):
         value = values.get(f.name)
-        tuple_type = next((t for t in (hints[f.name], *get_args(hints[f.name])) if get_origin(t) is tuple), None)
-        if tuple_type is None or value is None or isinstance(value, (list, tuple)):
+        item = list_item_type(hints[f.name])
+        if item is None or value is None or isinstance(value, (list, tuple)):
             continue
-        item = get_args(tuple_type)[0]
         parts = str(value).split() if item is int else [str(value)]
         try:
             values[f.name] = tuple(item(p) for p in parts)
@@ -64,6 +63,8 @@ class S2D2LM(LM):
 
     def __init__(self, pretrained: str = "bundled", device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_batch_size: int | None = None, **decode_args: Any) -> None:
+        # batch_size / max_batch_size are accepted because lm-eval always passes them; s2d2 decodes one request
+        # per forward (batch size 1), so they change nothing
         super().__init__()
         self.config = decode_config_from_model_args(decode_args)  # validate before the (slow) load
         device = device or "cpu"
@@ -72,7 +73,6 @@ class S2D2LM(LM):
             log.warning("no CUDA device is available; s2d2 decodes on the CPU")
             device = "cpu"
         self.model = s2d2.load(str(pretrained), device=device, dtype=dtype)
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 1  # "auto" -> 1: no batched forwards yet
         self.stats = DecodeStats()  # summed over every request served
 
     @property
