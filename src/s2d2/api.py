@@ -13,7 +13,14 @@ import torch
 from s2d2.adapters import build_adapter
 from s2d2.adapters.base import FamilyAdapter
 from s2d2.cache import KVCache
-from s2d2.checkpoint import load_tokenizer, read_chat_template, read_config, read_special_ids, resolve_model_dir
+from s2d2.checkpoint import (
+    load_tokenizer,
+    read_chat_template,
+    read_config,
+    read_generation_defaults,
+    read_special_ids,
+    resolve_model_dir,
+)
 from s2d2.config import DecodeConfig
 from s2d2.decode import decode
 from s2d2.errors import ConfigError, InputError, ModelLoadError
@@ -41,11 +48,15 @@ class Generation:
 class Model:
     """A loaded block-diffusion model with its tokenizer, ready to decode with any :class:`DecodeConfig`."""
 
-    def __init__(self, adapter: FamilyAdapter, tokenizer: Any, *, name: str, chat_template: str | None = None) -> None:
+    def __init__(self, adapter: FamilyAdapter, tokenizer: Any, *, name: str, chat_template: str | None = None,
+                 generation_defaults: dict[str, Any] | None = None) -> None:
         self.adapter = adapter
         self.tokenizer = tokenizer
         self.name = name
         self.chat_template = chat_template
+        # sampling fields from the checkpoint's generation_config.json; DecodeConfig fields a request leaves unset
+        # take these values (DecodeConfig.generation_config="auto", the default)
+        self.generation_defaults = dict(generation_defaults or {})
         self._cache: KVCache | None = None
 
     @property
@@ -53,7 +64,14 @@ class Model:
         return self.adapter.device
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no special tokens added)."""
+        """Token ids of ``text`` (no special tokens added); text that is not valid UTF-8 is an :class:`InputError`.
+
+        Special tokens written in the text (``<|im_end|>``, ``<|endoftext|>``, ...) are parsed as special tokens:
+        a raw prompt, like a completions API's, belongs wholly to the caller, so a pre-rendered chat prompt works.
+        The mask token is the exception: :meth:`generate` refuses any prompt holding it ("Special tokens in
+        prompts" in docs/decoding.md).
+        """
+        _check_utf8(text, "the prompt")
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, token_ids: Sequence[int]) -> str:
@@ -61,27 +79,62 @@ class Model:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat ``messages`` with the checkpoint's Jinja chat template (sandboxed)."""
+        """Render chat ``messages`` with the checkpoint's Jinja chat template (sandboxed).
+
+        Message text is user content: a message holding the literal text of any of the tokenizer's special tokens
+        (a role marker, an end-of-sequence, the mask) is an :class:`InputError`, so no message can forge a turn
+        boundary or end the conversation early. The special tokens the template itself writes are of course kept.
+        """
         if self.chat_template is None:
             raise InputError(f"model {self.name} has no chat template.")
+        self._check_messages(messages)
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
 
+    def _check_messages(self, messages: list[dict[str, str]]) -> None:
+        """Refuse chat messages that are not dicts, hold text that is not valid UTF-8, or hold a special token."""
+        special = sorted({t.content for t in self.tokenizer.get_added_tokens_decoder().values()
+                          if t.special and t.content})
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise InputError(f"chat message {i} must be a dict with 'role' and 'content', "
+                                 f"not a {type(message).__name__}.")
+            for text in _strings(message):
+                _check_utf8(text, f"chat message {i}")
+                token = next((s for s in special if s in text), None)
+                if token is not None:
+                    raise InputError(f"chat message {i} contains the special token {token!r}; chat messages are user "
+                                     "text and may not hold special tokens.")
+
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], config: DecodeConfig | None = None,
                  **overrides: Any) -> list[Generation]:
         """Decode each prompt (text, or a list of token ids) with ``config`` (fields may be overridden by keyword).
+
+        Sampling fields the config leaves unset (temperature, top_k, top_p) take the checkpoint's
+        generation_config.json values (:attr:`generation_defaults`) unless ``generation_config="none"``.
 
         Prompts are decoded one after another (batch size 1 per forward). Sampling is reproducible: prompt ``i``
         draws from a generator seeded with ``seed + i`` (a seed is drawn from torch's global RNG if none is set).
         """
         cfg = (config or DecodeConfig()).replace(**overrides) if overrides else (config or DecodeConfig())
+        cfg = cfg.with_generation_defaults(self.generation_defaults)
+        self._validate_config(cfg)
         items = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
         seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        out = []
+        encoded = []  # every prompt is checked before any is decoded, so a bad one wastes no work
         for i, prompt in enumerate(items):
-            ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+            try:
+                ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+                self._check_prompt_ids(ids, cfg)
+            except InputError as e:
+                if len(items) == 1:
+                    raise
+                raise InputError(f"prompt {i}: {e}") from None
+            encoded.append(ids)
+        out = []
+        for i, ids in enumerate(encoded):
             cache = self._cache_for(ids, cfg)
             generator = torch.Generator(device=self.device).manual_seed(seed + i)
             stop_check = (lambda done: _find_stop(self.decode(done), cfg.stop) >= 0) if cfg.stop else None
@@ -95,29 +148,78 @@ class Model:
             out.append(Generation(text, token_ids, finish_reason, stats))
         return out
 
-    def _cache_for(self, prompt_ids: list[int], cfg: DecodeConfig) -> KVCache:
-        """Check the prompt fits the context, and return a cache large enough for it (reused across calls)."""
+    def _validate_config(self, cfg: DecodeConfig) -> None:
+        """Refuse, before any decoding starts, options this model cannot honour: stop token ids outside its
+        vocabulary (they could never be generated, so decoding would silently ignore them)."""
+        vocab = self.adapter.vocab_size
+        bad = next((t for t in cfg.stop_token_ids or () if t >= vocab), None)
+        if bad is not None:
+            raise ConfigError(f"stop_token_ids holds {bad}, outside the model's vocabulary of {vocab} tokens "
+                              f"(ids 0 to {vocab - 1}).")
+
+    def _check_prompt_ids(self, prompt_ids: list[int], cfg: DecodeConfig) -> None:
+        """Refuse an empty prompt, ids outside the vocabulary, the mask token (text and id prompts alike), and a
+        prompt that leaves no room for ``cfg.max_new_tokens`` in the model's context.
+
+        The mask token marks the positions the model is to fill; inside a prompt it would be read as a hole to
+        fill rather than as context, so it never enters one, whether typed as text or passed as an id.
+        """
         if not prompt_ids:
             raise InputError("the prompt is empty.")
         vocab = self.adapter.vocab_size
         if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
             raise InputError(f"the prompt holds token ids outside the vocabulary [0, {vocab}).")
-        b = cfg.block_size
-        total = -(-(len(prompt_ids) + cfg.max_new_tokens) // b) * b
+        mask_id = self.adapter.mask_id
+        if mask_id in prompt_ids:
+            token = self.tokenizer.id_to_token(mask_id)
+            name = f"the mask token {token!r} (id {mask_id})" if token is not None else f"the mask token id {mask_id}"
+            raise InputError(f"the prompt contains {name} at position {prompt_ids.index(mask_id)}; "
+                             "a prompt may not hold mask tokens.")
+        total = _positions_needed(len(prompt_ids), cfg)
         if total > self.adapter.max_positions:
             raise InputError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({cfg.max_new_tokens}), rounded up to "
                 f"whole blocks, needs {total} positions but the model's context is {self.adapter.max_positions}.")
-        capacity = total + 2 * b  # a verify forward writes up to 2B scratch rows after the block start
+
+    def _cache_for(self, prompt_ids: list[int], cfg: DecodeConfig) -> KVCache:
+        """A cache large enough for a checked prompt (:meth:`_check_prompt_ids`), reused across calls."""
+        capacity = _positions_needed(len(prompt_ids), cfg) + 2 * cfg.block_size  # a verify writes up to 2B scratch rows
         if self._cache is None or self._cache.capacity < capacity:
             self._cache = self.adapter.new_cache(max(capacity, 256))
         return self._cache
+
+
+def _positions_needed(prompt_len: int, cfg: DecodeConfig) -> int:
+    """Positions a prompt and its ``max_new_tokens`` occupy, rounded up to whole blocks."""
+    return -(-(prompt_len + cfg.max_new_tokens) // cfg.block_size) * cfg.block_size
 
 
 def _find_stop(text: str, stops: Sequence[str]) -> int:
     """Index of the earliest stop string in ``text``, or -1."""
     found = [i for i in (text.find(x) for x in stops) if i >= 0]
     return min(found, default=-1)
+
+
+def _check_utf8(text: str, what: str) -> None:
+    """Refuse text holding lone surrogates: bytes that were not valid UTF-8 (``surrogateescape``, how Python
+    passes such command-line arguments and file names on) or a broken UTF-16 pair; the tokenizer cannot read them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        where = (f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}")
+        raise InputError(f"{what} is not valid UTF-8 text ({where} at character {e.start}).") from None
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside a chat message (its role, its content, and the text parts of a list content)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
 
 
 def bundled_model_dir() -> Path:
@@ -143,7 +245,8 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
     tokenizer = load_tokenizer(model_dir)
     special = read_special_ids(model_dir, config, tokenizer)
     adapter = build_adapter(model_dir, config, special, tokenizer, dev, _resolve_dtype(dtype, config, dev))
-    return Model(adapter, tokenizer, name=name_or_path, chat_template=read_chat_template(model_dir))
+    return Model(adapter, tokenizer, name=name_or_path, chat_template=read_chat_template(model_dir),
+                 generation_defaults=read_generation_defaults(model_dir))
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from s2d2.api import Model
+from s2d2.checkpoint import parse_json_file
 from s2d2.config import DecodeConfig
 from s2d2.errors import ConfigError
 from s2d2.stats import DecodeStats
@@ -34,7 +35,9 @@ class Setting:
     fields: dict[str, Any]
 
     def config(self) -> DecodeConfig:
-        return DecodeConfig(**self.fields)
+        """The setting's DecodeConfig. A benchmark measures greedy decoding unless the setting says otherwise, so the
+        checkpoint's generation_config.json sampling defaults apply only if the setting asks for them."""
+        return DecodeConfig(**{"generation_config": "none", **self.fields})
 
 
 def default_grid(quick: bool = False) -> list[Setting]:
@@ -87,17 +90,67 @@ def default_grid(quick: bool = False) -> list[Setting]:
 
 
 def load_grid(path: str) -> list[Setting]:
-    """A JSON list of ``{"name": ..., "config": {DecodeConfig fields}}``; validated before anything runs."""
-    try:
-        items = json.loads(Path(path).read_text())
-        grid = [Setting(str(item["name"]), dict(item["config"])) for item in items]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"cannot read grid file {path}: {e}.") from None
-    for s in grid:
-        DecodeConfig.from_dict(s.fields)
+    """A JSON list of ``{"name": ..., "config": {DecodeConfig fields}}``; validated before anything runs.
+
+    Each entry must be an object with exactly a non-empty string ``name`` (unique in the grid) and an object
+    ``config`` of valid DecodeConfig fields, and one entry must use ``method: "ar"``; anything else is a
+    :class:`ConfigError` naming the entry by index and name.
+    """
+    items = parse_json_file(path, ConfigError, label=f"grid file {path}")
+    if not isinstance(items, list):
+        raise ConfigError(f'grid file {path} must hold a JSON list of {{"name": ..., "config": {{...}}}} objects, '
+                          f"not {_json_kind(items)}.")
+    grid: list[Setting] = []
+    first_index: dict[str, int] = {}
+    for i, item in enumerate(items):
+        grid.append(_grid_entry(i, item))
+        name = grid[-1].name
+        if name in first_index:
+            raise ConfigError(f"grid entries {first_index[name]} and {i} are both named "
+                              f"{json.dumps(name, ensure_ascii=False)}; names must be unique.")
+        first_index[name] = i
+    if not grid:
+        raise ConfigError(f"grid file {path} holds an empty list; it needs at least an 'ar' setting.")
     if not any(s.fields.get("method") == "ar" for s in grid):
         raise ConfigError("the grid needs an 'ar' setting: speedups are measured against it.")
     return grid
+
+
+_GRID_KEYS = ("name", "config")
+
+
+def _grid_entry(i: int, item: Any) -> Setting:
+    """Entry ``i`` of a grid file as a Setting, or a ConfigError naming the entry and what is wrong with it."""
+    if not isinstance(item, dict):
+        raise ConfigError(f'grid entry {i} must be a JSON object with "name" and "config", not {_json_kind(item)}.')
+    if "name" not in item:
+        raise ConfigError(f'grid entry {i} has no "name"; every entry needs a non-empty string name.')
+    name = item["name"]
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f'grid entry {i} needs a "name" that is a non-empty string, got {_json_kind(name)}.')
+    label = f"grid entry {i} ({json.dumps(name, ensure_ascii=False)})"
+    unknown = sorted(set(item) - set(_GRID_KEYS))
+    if unknown:
+        raise ConfigError(f'{label} has the unknown key {unknown[0]!r}; an entry holds only "name" and "config".')
+    if "config" not in item:
+        raise ConfigError(f'{label} has no "config" (a JSON object of DecodeConfig fields).')
+    config = item["config"]
+    if not isinstance(config, dict):
+        raise ConfigError(f'{label} needs a "config" that is a JSON object of DecodeConfig fields, '
+                          f"got {_json_kind(config)}.")
+    try:
+        DecodeConfig.from_dict(config)
+    except (TypeError, ValueError) as e:  # ConfigError is a ValueError; the others would be a traceback
+        raise ConfigError(f"{label}: {e}") from None
+    return Setting(name, dict(config))
+
+
+def _json_kind(value: Any) -> str:
+    """How JSON names the type of a parsed value, with its article ("a string", "null")."""
+    if value is None:
+        return "null"
+    kinds = ((bool, "a boolean"), (dict, "an object"), (list, "a list"), (str, "a string"), ((int, float), "a number"))
+    return next((kind for tp, kind in kinds if isinstance(value, tp)), type(value).__name__)
 
 
 def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bool], grid: list[Setting], repeats: int = 3,
@@ -107,7 +160,7 @@ def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bo
     ``checker(i, text)`` says whether the text generated for prompt ``i`` is correct.
     """
     configs = {s.name: s.config() for s in grid}
-    model.generate(prompts[: min(4, len(prompts))], DecodeConfig(method="ar"))  # warm-up
+    model.generate(prompts[: min(4, len(prompts))], DecodeConfig(method="ar", generation_config="none"))  # warm-up
     runs: dict[str, list[tuple[DecodeStats, list[bool]]]] = {s.name: [] for s in grid}
     order = [s.name for s in grid]
     rng = random.Random(seed)

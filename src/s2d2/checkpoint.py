@@ -18,14 +18,17 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from s2d2.errors import ModelLoadError
+from s2d2.config import SAMPLING_DEFAULTS, DecodeConfig
+from s2d2.errors import ConfigError, ModelLoadError, S2D2Error
 
 __all__ = [
     "SpecialIds",
     "load_tokenizer",
     "load_weights",
+    "parse_json_file",
     "read_chat_template",
     "read_config",
+    "read_generation_defaults",
     "read_json",
     "read_special_ids",
     "resolve_model_dir",
@@ -86,19 +89,28 @@ def resolve_model_dir(name_or_path: str) -> Path:
 # ----------------------------------------------------------------------------------------------------- json
 
 
-def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse a JSON file that must hold an object; a missing, invalid or non-object file is a ModelLoadError."""
+def parse_json_file(path: str | os.PathLike[str], error: type[S2D2Error] = ModelLoadError,
+                    label: str | None = None) -> Any:
+    """The JSON value in a file, of any shape; a missing, unreadable or invalid file is ``error``, one sentence that
+    calls the file ``label`` (default: its path)."""
     path = Path(path)
+    name = label or str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ModelLoadError(f"{path} does not exist.") from None
+        raise error(f"{name} does not exist.") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path} cannot be read ({type(e).__name__}).") from None
+        raise error(f"{name} cannot be read ({type(e).__name__}).") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+        raise error(f"{name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
+
+
+def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse a JSON file that must hold an object; a missing, invalid or non-object file is a ModelLoadError."""
+    path = Path(path)
+    data = parse_json_file(path)
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, not a {type(data).__name__}.")
     return data
@@ -218,6 +230,30 @@ def read_chat_template(model_dir: str | os.PathLike[str]) -> str | None:
             if isinstance(entry, dict) and entry.get("name") == "default" and isinstance(entry.get("template"), str):
                 return entry["template"]
     return None
+
+
+def read_generation_defaults(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sampling defaults a checkpoint's ``generation_config.json`` sets, as DecodeConfig fields.
+
+    The serving convention (vLLM's ``--generation-config auto``): ``temperature``, ``top_k`` and ``top_p`` that
+    the file sets become the defaults of requests that leave them unset. Only keys present in the file count
+    (transformers' own defaults, such as top_k 50, do not). One difference from vLLM, which ignores ``do_sample``:
+    ``"do_sample": false`` means greedy, as it does in transformers, so the file's temperature is not used then.
+    A value of the wrong type or range is a ModelLoadError naming the file and key.
+    """
+    path = Path(model_dir) / "generation_config.json"
+    data = _read_optional_json(path)
+    if data.get("do_sample") is False:
+        defaults: dict[str, Any] = {"temperature": 0.0}
+    else:
+        defaults = {k: data[k] for k in SAMPLING_DEFAULTS if data.get(k) is not None}
+    if defaults.get("top_k") is not None and isinstance(defaults["top_k"], float) and defaults["top_k"].is_integer():
+        defaults["top_k"] = int(defaults["top_k"])
+    try:
+        DecodeConfig(**defaults)
+    except ConfigError as e:
+        raise ModelLoadError(f"{path} holds an invalid sampling default: {e}") from None
+    return defaults
 
 
 def _as_id(value: Any) -> int | None:

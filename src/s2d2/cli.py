@@ -26,7 +26,11 @@ _HELP = {
     "policy": "routing policy deciding when to verify (s2d2)",
     "estimator": "acceptance estimator used by score policies",
     "min_span": "mask_span_length: verify iff the span has at least this many masks",
-    "temperature": "0 = greedy (deterministic)",
+    "temperature": "0 = greedy (deterministic); unset: the checkpoint's generation_config.json, else 0",
+    "top_k": "0 = off; unset: the checkpoint's generation_config.json, else 0",
+    "top_p": "1 = off; unset: the checkpoint's generation_config.json, else 1",
+    "generation_config": "auto: unset sampling flags take the checkpoint's generation_config.json values "
+                         "(generate; eval and bench decode greedily unless this is given); none: ignore that file",
     "stop_token_ids": "token ids that end generation (default: the model's end-of-sequence ids)",
 }
 
@@ -141,6 +145,8 @@ def _eval(ns: argparse.Namespace) -> int:
     from s2d2.evaluate import evaluate
 
     cfg = config_from_args(ns)
+    if ns.generation_config is None:  # accuracy is measured greedily unless sampling is asked for explicitly
+        cfg = cfg.replace(generation_config="none")
     if ns.n < 1:
         raise S2D2Error(f"--n must be >= 1, got {ns.n}.")
     result = evaluate(s2d2.load(ns.model, device=ns.device, dtype=ns.dtype), cfg, ns.task, ns.n, ns.split)

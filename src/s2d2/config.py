@@ -46,6 +46,11 @@ ESTIMATORS: tuple[str, ...] = get_args(Estimator)
 SCORE_TYPES: tuple[str, ...] = get_args(ScoreType)
 FALLBACKS: tuple[str, ...] = get_args(Fallback)
 UcbEntropySource = Literal["span", "masked"]
+GenerationConfigMode = Literal["auto", "none"]
+GENERATION_CONFIG_MODES: tuple[str, ...] = get_args(GenerationConfigMode)
+# Fields a checkpoint's generation_config.json may default (with generation_config="auto"), and their built-in
+# defaults otherwise.
+SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 UCB_ENTROPY_SOURCES: tuple[str, ...] = get_args(UcbEntropySource)
 
 
@@ -91,17 +96,22 @@ class DecodeConfig:
     draft_ver: bool = True  # committed prefix of the block attends causally in drafts
     fuse_commit: bool = True  # write a finished block's K/V in the next forward, not a forward of its own
     fuse_draft: bool = True  # a verify that may finish the block also drafts the next one (needs cache_ver, fuse_commit)
-    # --- sampling
-    temperature: float = 0.0  # 0 = greedy (deterministic)
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
+    # --- sampling. Left at None, these three come from the checkpoint's generation_config.json when
+    # generation_config is "auto" (the serving convention, as vLLM), else from the built-in defaults:
+    temperature: float | None = None  # 0 = greedy (deterministic); built-in default 0
+    top_k: int | None = None  # 0 = off; built-in default 0
+    top_p: float | None = None  # 1 = off; built-in default 1
     seed: int | None = None
+    # "auto": unset sampling fields take the checkpoint's generation_config.json values (Model.generate applies
+    # them); "none": the checkpoint's file is ignored and unset fields keep the built-in defaults (greedy)
+    generation_config: GenerationConfigMode = "auto"
     # --- stopping
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] | None = field(default=None)  # None: the model's end-of-sequence ids
     # stop strings: decoding ends with the block in which one appears; the text is cut before it
     stop: tuple[str, ...] | None = field(default=None)
-    # fields left at None and derived in __post_init__; replace() derives them again (method="ar" -> B = 1)
+    # fields left at None and derived in __post_init__; replace() derives them again (method="ar" -> B = 1), and
+    # Model.generate fills the sampling ones from generation_config.json
     _derived: tuple[str, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -111,8 +121,12 @@ class DecodeConfig:
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("score_type", self.score_type, SCORE_TYPES)
         _check_choice("ucb_entropy_source", self.ucb_entropy_source, UCB_ENTROPY_SOURCES)
-        derived = tuple(name for name in ("block_size", "steps") if getattr(self, name) is None)
+        _check_choice("generation_config", self.generation_config, GENERATION_CONFIG_MODES)
+        derived = tuple(name for name in ("block_size", "steps", *SAMPLING_DEFAULTS) if getattr(self, name) is None)
         object.__setattr__(self, "_derived", derived)
+        for name, default in SAMPLING_DEFAULTS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
         if self.block_size is None:
             object.__setattr__(self, "block_size", 1 if self.method == "ar" else 4)
         _check_int("block_size", self.block_size, 1)
@@ -160,8 +174,20 @@ class DecodeConfig:
 
     def replace(self, **changes: Any) -> DecodeConfig:
         """A copy with some fields changed (validated again); fields that were derived (``block_size`` from the
-        method, ``steps`` from the block size) are derived again unless changed."""
+        method, ``steps`` from the block size, unset sampling fields) are derived again unless changed."""
         return replace(self, **{**{name: None for name in self._derived}, **changes})
+
+    def is_set(self, name: str) -> bool:
+        """Whether field ``name`` was given by the caller (False for fields left at None and derived)."""
+        return name not in self._derived
+
+    def with_generation_defaults(self, defaults: dict[str, Any]) -> DecodeConfig:
+        """Fill the sampling fields the caller left unset from a checkpoint's ``defaults`` (see
+        :func:`s2d2.checkpoint.read_generation_defaults`), when ``generation_config`` is ``"auto"``."""
+        if self.generation_config != "auto":
+            return self
+        changes = {k: v for k, v in defaults.items() if k in SAMPLING_DEFAULTS and not self.is_set(k)}
+        return self.replace(**changes) if changes else self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON view of every field."""

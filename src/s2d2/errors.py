@@ -20,4 +20,5 @@ class ModelLoadError(S2D2Error):
 
 
 class InputError(S2D2Error, ValueError):
-    """A prompt cannot be decoded (empty, or longer than the model's context)."""
+    """A prompt cannot be decoded: empty, longer than the model's context, not valid UTF-8, holding the mask token,
+    or a chat message holding a special token."""

@@ -11,8 +11,9 @@ on small models the per-kernel overhead, not the arithmetic, dominates a forward
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -21,6 +22,11 @@ from torch import nn
 
 from s2d2.cache import KVCache
 from s2d2.errors import ModelLoadError
+
+# Checkpoint tensors known to be unused, and ignored when loading (every other unused tensor is an error):
+# ``rotary_emb.inv_freq``, the RoPE frequency buffers older transformers versions saved with each layer (or the
+# model); they are a function of rope_theta and head_dim, which the model recomputes. transformers ignores them too.
+IGNORED_CHECKPOINT_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,19 @@ class DecoderConfig:
             raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}.") from None
         except (TypeError, ValueError) as e:
             raise ModelLoadError(f"config.json has a field of the wrong type ({e}).") from None
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    """A ModelLoadError if a floating-point checkpoint tensor holds NaN or Inf (a corrupt or diverged checkpoint)."""
+    if not tensor.is_floating_point():
+        return
+    # The sum is non-finite whenever an element is, and needs no tensor-sized temporary; a finite tensor whose
+    # sum overflows is told apart by the exact count below.
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ModelLoadError(f"weight {name!r} holds {bad} NaN or infinite value(s); the checkpoint is corrupt.")
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -220,13 +239,27 @@ class Qwen3Decoder(nn.Module):
 
     # ---------------------------------------------------------------- weights
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; a missing or misshapen weight is an error."""
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up.
+
+        Each of these is a :class:`ModelLoadError` naming the tensor: a weight the model needs is missing or has
+        the wrong shape; a weight holds NaN or Inf; the checkpoint holds a tensor the model would not use (a sign
+        that config.json does not describe the checkpoint, e.g. q/k/v biases without ``attention_bias``), except
+        the names in :data:`IGNORED_CHECKPOINT_TENSORS`. With ``tie_word_embeddings`` an ``lm_head.weight`` equal
+        to the embedding is ignored, and a different one is used as an untied head, as transformers 5 does.
+        """
+        if self.lm_head is None and "lm_head.weight" in tensors:
+            self._untie_if_different(tensors)
         own = self._hf_layout()
         missing = [name for name in own if name not in tensors]
         if self.lm_head is None:
             missing = [m for m in missing if m != "lm_head.weight"]
         if missing:
             raise ModelLoadError(f"the checkpoint lacks {len(missing)} weight(s), first {missing[0]!r}.")
+        unexpected = sorted(n for n in tensors if n not in own and not IGNORED_CHECKPOINT_TENSORS.search(n))
+        if unexpected:
+            raise ModelLoadError(
+                f"the checkpoint holds {len(unexpected)} tensor(s) that this config.json does not use, first "
+                f"{unexpected[0]!r} (does config.json describe this checkpoint?).")
         with torch.no_grad():
             for name, (param, rows) in own.items():
                 if name not in tensors:
@@ -236,7 +269,24 @@ class Qwen3Decoder(nn.Module):
                 if tuple(src.shape) != tuple(target.shape):
                     raise ModelLoadError(
                         f"weight {name!r} has shape {tuple(src.shape)}, but config.json implies {tuple(target.shape)}.")
+                _check_finite(name, src)
                 target.copy_(src.to(param.dtype))
+
+    def _untie_if_different(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Give a tied model its own LM head when the checkpoint's ``lm_head.weight`` differs from the embedding.
+
+        transformers (5.x) does the same: a config that ties the two, with a checkpoint holding both with different
+        values, means the config is wrong, and the checkpoint's head is the one the model was trained with. Equal
+        values (checkpoints converted from ``.bin`` files store the shared tensor twice) keep the tie.
+        """
+        head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
+        if embed is not None and head.shape == embed.shape and torch.equal(head, embed.to(head.device, head.dtype)):
+            return
+        c, weight = self.config, self.embed.weight
+        with torch.device("meta"):  # no random initialisation: the checkpoint's values are copied in next
+            lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=weight.dtype)
+        self.lm_head = lm_head.to_empty(device=weight.device)
+        self.config = replace(c, tie_word_embeddings=False)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under Hugging Face names (un-fused), e.g. to save as safetensors."""

@@ -1,0 +1,456 @@
+"""Mutation check: plant small deliberate bugs, one at a time, and report which ones the test suite catches.
+
+A developer tool, not part of CI. Each mutation below replaces one exact piece of source text in a temporary
+copy of the repository (``src/``, ``tests/``, ``pyproject.toml``); the real tree is never written. The unmutated
+suite runs first (the baseline) and the script aborts if it fails; then every mutation gets a fresh copy of the
+same snapshot, its edit, and one ``pytest -q -x`` run with ``PYTHONPATH=<copy>/src``, so the copy's package is
+imported instead of the editable install (checked before every run: ``s2d2.__file__`` must lie in the copy).
+
+Usage (from the repository root)::
+
+    .venv/bin/python scripts/mutate.py                       # full sweep, default (non-slow) markers
+    .venv/bin/python scripts/mutate.py --list                # the mutations, and whether each still applies
+    .venv/bin/python scripts/mutate.py --only greedy_accept_one_more sampled_residual_wrong
+    .venv/bin/python scripts/mutate.py --tests tests/test_verify.py -k sampled --timeout 300
+
+Cost: the default suite takes about 50 s on the 2-core development machine when it has it to itself; a caught
+mutation usually stops much earlier (``-x``), a missed one runs the whole suite. Budget roughly one minute per
+mutation plus one for the baseline, about 20 minutes for the full sweep, and several times that while others
+share the CPUs. Run one sweep at a time; it runs one pytest process, never several in parallel.
+
+Output: a Markdown table ``| mutation | what it plants | caught | first failing test |`` on stdout, where caught
+is ``yes`` (a test failed or errored), ``NO`` (the suite passed: a hole in the tests), ``stale`` (the ``old``
+text no longer occurs exactly once, so the mutation must be rewritten against the current code), ``timeout``,
+``invalid`` (the mutated file does not compile: a bug in the mutation itself), or ``error`` (pytest exit 3, 4
+or 5: no verdict). Progress goes to stderr. The
+exit code is 0 whatever the table says (it is a report); 1 if the baseline fails, 2 on a setup error.
+
+Adding a mutation: copy the exact current text into ``old`` (enough of it to be unique in the file) and write a
+``new`` that changes behaviour, not just formatting; ``--list`` shows at once whether it applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# What pytest needs from the repository root; the optional ones are copied when present, in case pytest
+# configuration moves out of pyproject.toml or a root conftest appears.
+REQUIRED = ("src", "tests", "pyproject.toml")
+OPTIONAL = ("setup.cfg", "pytest.ini", "tox.ini", "conftest.py", "README.md")
+# Bytecode and caches of the real tree must not travel: a stale .pyc could shadow a mutated source.
+IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One planted bug: replace ``old`` (which must occur exactly once) by ``new`` in ``src/s2d2/<file>``."""
+
+    name: str
+    description: str
+    file: str
+    old: str
+    new: str
+
+
+MUTATIONS: list[Mutation] = [
+    Mutation(
+        "verify_ignores_top_p",
+        "the verifier's q is computed with top_p = 1.0 while p keeps top_p",
+        "decode.py",
+        "q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)",
+        "q = token_probs(logits, cfg.temperature, cfg.top_k, 1.0)",
+    ),
+    Mutation(
+        "draft_ver_ignored",
+        "draft forwards always use draft_ver=False (committed block prefix attends bidirectionally)",
+        "adapters/sdar.py",
+        "mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device)",
+        "mask = draft_mask(pending, block_size, first_mask, cache_ver, False, self.device)",
+    ),
+    Mutation(
+        "draft_p_distorted",
+        "sampled acceptance gets p ** 0.9 (renormalised) instead of the draft's own distribution",
+        "decode.py",
+        "            verdict = accept_sampled(drafted, draft.probs[span.start:span.end], q, generator)\n",
+        "            p = draft.probs[span.start:span.end] ** 0.9\n"
+        "            verdict = accept_sampled(drafted, p / p.sum(dim=-1, keepdim=True), q, generator)\n",
+    ),
+    Mutation(
+        "rmsnorm_rounding_order",
+        "RMSNorm scales by the weight before casting back (same in float32, rounds differently in bfloat16)",
+        "models/qwen3.py",
+        "return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight",
+        "return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight.float()).to(x.dtype)",
+    ),
+    Mutation(
+        "greedy_accept_one_more",
+        "greedy acceptance commits the draft, not the verifier's argmax, at the first mismatch",
+        "verify.py",
+        "            return Verdict(i, t)\n",
+        "            return Verdict(i, d)\n",
+    ),
+    Mutation(
+        "sampled_residual_wrong",
+        "the first rejection is resampled from q instead of the residual max(0, q - p)",
+        "verify.py",
+        "residual = (q[f] - p[f]).clamp_min(0.0)",
+        "residual = q[f].clamp_min(0.0)",
+    ),
+    Mutation(
+        "sampled_ratio_inverted",
+        "sampled acceptance tests u against min(1, p/q) instead of min(1, q/p)",
+        "verify.py",
+        "rejected = (u >= torch.clamp(q_d / p_d, max=1.0)).tolist()",
+        "rejected = (u >= torch.clamp(p_d / q_d.clamp_min(1e-12), max=1.0)).tolist()",
+    ),
+    Mutation(
+        "stop_string_not_cut",
+        "generate keeps the text after a stop string (tokens and finish_reason still cut)",
+        "api.py",
+        'text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)',
+        'text, finish_reason, stats.num_tokens = text, "stop", len(token_ids)',
+    ),
+    Mutation(
+        "fused_draft_stale",
+        "the fused next-block draft (and its cache commit) is kept even when a draft was rejected",
+        "decode.py",
+        "if ahead and verdict.num_accepted == span.length:",
+        "if ahead:",
+    ),
+    Mutation(
+        "stats_fused_counted_as_forward",
+        "a draft fused into a verify forward is also counted as a draft forward",
+        "decode.py",
+        "            self.stats.fused_drafts += 1\n",
+        "            self.stats.fused_drafts += 1\n            self.stats.draft_forwards += 1\n",
+    ),
+    Mutation(
+        "top_k_off_by_one",
+        "top-k filtering keeps top_k + 1 tokens",
+        "sampling.py",
+        "kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]",
+        "kth = torch.topk(logits, top_k + 1, dim=-1).values[..., -1:]",
+    ),
+    Mutation(
+        "cache_commit_extra",
+        "a verify that finishes a block (fuse_draft) commits one cache slot more than the block",
+        "decode.py",
+        "self.cache.commit(block.size)  #",
+        "self.cache.commit(block.size + 1)  #",
+    ),
+    Mutation(
+        "commit_mask_ignores_cache_ver",
+        "a commit forward (no fuse_commit) writes block-causal K/V even with cache_ver",
+        "adapters/sdar.py",
+        "mask = draft_mask(n, block_size, 0, cache_ver, False, self.device)[:n, :n]",
+        "mask = draft_mask(n, block_size, 0, False, False, self.device)[:n, :n]",
+    ),
+    Mutation(
+        "dynamic_threshold_ge",
+        "dynamic unmasking commits candidates with confidence >= threshold instead of > threshold",
+        "strategies.py",
+        "confident = [i for i in candidates if confidence[i] > threshold]",
+        "confident = [i for i in candidates if confidence[i] >= threshold]",
+    ),
+    Mutation(
+        "router_skip_confident_inverted",
+        "skip_confident skips verification of unconfident spans instead of confident ones",
+        "routing.py",
+        "if cfg.skip_confident and span_is_confident(draft.confidence, span, cfg.threshold):",
+        "if cfg.skip_confident and not span_is_confident(draft.confidence, span, cfg.threshold):",
+    ),
+    Mutation(
+        "hysteresis_sticks",
+        "the hysteresis state never turns off: after a low score it still needs only score >= tau_off, not > tau_on",
+        "routing.py",
+        "return decision, replace(state, hysteresis_on=decision)",
+        "return decision, replace(state, hysteresis_on=state.hysteresis_on or decision)",
+    ),
+    Mutation(
+        "ucb_ties_to_skip",
+        "UCB breaks ties (e.g. two unpulled arms) towards skip instead of verify",
+        "routing.py",
+        "return 1 if scores[1] >= scores[0] else 0",
+        "return 1 if scores[1] > scores[0] else 0",
+    ),
+    Mutation(
+        "ucb_reward_ignores_cost",
+        "UCB reward is tokens committed, not divided by the 2 forwards a verified step costs",
+        "routing.py",
+        "rewards[i] += num_committed / (2.0 if verified else 1.0)",
+        "rewards[i] += float(num_committed)",
+    ),
+    # TODO: fill once api.py has the feature (chat-template keyword arguments in Model.apply_chat_template):
+    # e.g. drop the extra keyword arguments before they reach the template's render().
+    Mutation(
+        "chat_template_ignores_kwargs",
+        "apply_chat_template does not pass extra keyword arguments to the template",
+        "api.py",
+        "",
+        "",
+    ),
+    # TODO: fill once api.py has the feature (generation_config.json sampling defaults in Model.generate /
+    # s2d2.load): e.g. generate ignores the checkpoint's defaults and uses DecodeConfig()'s.
+    Mutation(
+        "generation_config_ignored",
+        "generate ignores the checkpoint's generation_config.json sampling defaults",
+        "api.py",
+        "",
+        "",
+    ),
+]
+
+
+@dataclass
+class Result:
+    mutation: Mutation
+    caught: str  # yes / NO / stale / timeout / invalid / error
+    detail: str  # first failing test, or why the mutation was not run
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def mutated_text(m: Mutation, source: str) -> tuple[str | None, str]:
+    """The file's text with ``m`` applied, or None and why it does not apply (stale / invalid)."""
+    if not m.old:
+        return None, "placeholder: old/new not filled in yet"
+    count = source.count(m.old)
+    if count != 1:
+        # Exactly once: zero means the code moved on, several means the edit would be ambiguous.
+        return None, f"old text occurs {count} times in {m.file}"
+    text = source.replace(m.old, m.new, 1)
+    if text == source:
+        return None, "new text equals old text"
+    try:
+        compile(text, m.file, "exec")
+    except SyntaxError as e:
+        return None, f"mutated {m.file} does not compile: {e.msg} (line {e.lineno})"
+    return text, ""
+
+
+def check(m: Mutation, src_pkg: Path) -> tuple[str | None, str, str]:
+    """``(mutated text, status, reason)``: status is "" when the mutation applies, else stale / invalid."""
+    path = src_pkg / m.file
+    if not path.is_file():
+        return None, "stale", f"no file src/s2d2/{m.file}"
+    text, why = mutated_text(m, path.read_text(encoding="utf-8"))
+    if text is not None:
+        return text, "", ""
+    return None, "invalid" if "compile" in why else "stale", why
+
+
+def snapshot(repo: Path, dest: Path) -> None:
+    """Copy what pytest needs from ``repo`` to ``dest`` (taken once, so every run tests the same code even while
+    others edit the real tree)."""
+    dest.mkdir(parents=True)
+    for name in REQUIRED + OPTIONAL:
+        src = repo / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=IGNORE)
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+        elif name in REQUIRED:
+            raise SystemExit(f"mutate: {src} is missing; is --repo the repository root?")
+
+
+def run_env(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy / "src")  # replaces, not prepends: an inherited path to the real src would win
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    return env
+
+
+def assert_imports_copy(python: str, copy: Path) -> None:
+    """Abort unless ``import s2d2`` in the copy's environment resolves to the copy, not the editable install."""
+    proc = subprocess.run([python, "-c", "import s2d2; print(s2d2.__file__)"], cwd=copy, env=run_env(copy),
+                          capture_output=True, text=True, timeout=300)
+    where = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    if proc.returncode != 0 or not where or not Path(where).resolve().is_relative_to(copy.resolve()):
+        log(proc.stderr[-2000:])
+        raise SystemExit(f"mutate: in the copy, s2d2 imports from {where or '(import failed)'}, not from {copy}; "
+                         "aborting so that no result is reported for the wrong code.")
+
+
+_FAIL_LINE = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - .*)?$")
+
+
+def first_failure(output: str) -> str:
+    """The first ``FAILED``/``ERROR`` node id of pytest's short summary (``-rfE``)."""
+    for line in output.splitlines():
+        m = _FAIL_LINE.match(line.strip())
+        if m:
+            return m.group(1)
+    return ""
+
+
+def run_pytest(python: str, copy: Path, basetemp: Path, tests: list[str], keyword: str | None,
+               timeout: float) -> tuple[int | None, str, float]:
+    """One pytest run in ``copy``; returns (exit code or None on timeout, output, seconds).
+
+    The markers come from the copy's pyproject.toml (addopts), as in a plain ``pytest`` run: slow tests stay out.
+    """
+    cmd = [python, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", f"--basetemp={basetemp}"]
+    if keyword:
+        cmd += ["-k", keyword]
+    cmd += tests
+    t0 = time.monotonic()
+    # A session of its own, so that a timeout ends pytest together with the subprocesses some tests start.
+    proc = subprocess.Popen(cmd, cwd=copy, env=run_env(copy), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out, time.monotonic() - t0
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, _ = proc.communicate()
+        return None, out or "", time.monotonic() - t0
+    except BaseException:  # Ctrl-C: never leave our pytest (and what it started) running
+        _kill_group(proc)
+        proc.communicate()
+        raise
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """Kill the process group led by ``proc`` (the one this script started; it is its own session leader)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def fresh_copy(snap: Path, dest: Path) -> Path:
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(snap, dest)
+    return dest
+
+
+def cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| mutation | what it plants | caught | first failing test |", "|---|---|---|---|"]
+    for r in results:
+        detail = f"`{r.detail}`" if r.caught == "yes" and r.detail and not r.detail.startswith("(") else r.detail
+        lines.append(f"| `{r.mutation.name}` | {cell(r.mutation.description)} | {r.caught} | {cell(detail)} |")
+    live = [r for r in results if r.caught not in ("stale", "invalid")]
+    caught = sum(r.caught == "yes" for r in results)
+    counts = {k: sum(r.caught == k for r in results) for k in ("NO", "timeout", "stale", "invalid", "error")}
+    rest = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    lines.append("")
+    lines.append(f"Total: {caught} of {len(live)} applied mutations caught ({len(results)} listed"
+                 f"{'; ' + rest if rest else ''}).")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    default_repo = Path(__file__).resolve().parent.parent
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", type=Path, default=default_repo, help=f"repository root (default {default_repo})")
+    ap.add_argument("--list", action="store_true", help="list the mutations and whether each applies; run nothing")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutations")
+    ap.add_argument("--tests", nargs="+", metavar="PATH", default=[],
+                    help="test files or node ids, relative to the repo root (default: the configured testpaths)")
+    ap.add_argument("-k", dest="keyword", metavar="EXPR", help="pytest -k expression (baseline uses it too)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per pytest run (default 900)")
+    ap.add_argument("--python", default=sys.executable, help="interpreter with pytest and the dependencies "
+                                                             "(default: the one running this script)")
+    args = ap.parse_args(argv)
+    repo: Path = args.repo.resolve()
+
+    names = [m.name for m in MUTATIONS]
+    assert len(set(names)) == len(names), "mutation names must be unique"
+    selected = MUTATIONS
+    if args.only:
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            ap.error(f"unknown mutation(s): {', '.join(unknown)}; see --list")
+        selected = [m for m in MUTATIONS if m.name in args.only]
+
+    if args.list:
+        pkg = repo / "src" / "s2d2"
+        print("| mutation | file | applies | what it plants |\n|---|---|---|---|")
+        for m in selected:
+            _, status, why = check(m, pkg)
+            print(f"| `{m.name}` | {m.file} | {'yes' if not status else f'{status}: {cell(why)}'} "
+                  f"| {cell(m.description)} |")
+        return 0
+
+    for t in args.tests:
+        if not (repo / t.split("::")[0]).exists():
+            ap.error(f"no such test path in {repo}: {t}")
+
+    with tempfile.TemporaryDirectory(prefix="s2d2-mutate-") as tmp_name:
+        tmp = Path(tmp_name)
+        snap = tmp / "snapshot"
+        log(f"mutate: copying {repo} -> {snap}")
+        snapshot(repo, snap)
+        pkg = snap / "src" / "s2d2"
+        work = tmp / "work"
+
+        what = " ".join(args.tests) or "the configured testpaths"
+        log(f"mutate: baseline ({what}{', -k ' + args.keyword if args.keyword else ''}) ...")
+        fresh_copy(snap, work)
+        assert_imports_copy(args.python, work)
+        rc, out, secs = run_pytest(args.python, work, tmp / "basetemp-baseline", args.tests, args.keyword,
+                                   args.timeout)
+        if rc != 0:
+            log(out[-4000:])
+            why = "timed out" if rc is None else "selected no tests" if rc == 5 else f"failed (pytest exit {rc})"
+            log(f"mutate: the baseline {why}; "
+                "no mutation results would mean anything. Aborting.")
+            return 1
+        summary = out.strip().splitlines()[-1] if out.strip() else ""
+        log(f"mutate: baseline passed in {secs:.0f} s ({summary})")
+
+        results: list[Result] = []
+        for n, m in enumerate(selected, 1):
+            prefix = f"mutate: [{n}/{len(selected)}] {m.name}"
+            text, status, why = check(m, pkg)
+            if text is None:
+                log(f"{prefix}: {status} ({why})")
+                results.append(Result(m, status, why))
+                continue
+            fresh_copy(snap, work)
+            (work / "src" / "s2d2" / m.file).write_text(text, encoding="utf-8")
+            assert_imports_copy(args.python, work)
+            log(f"{prefix}: running ...")
+            rc, out, secs = run_pytest(args.python, work, tmp / f"basetemp-{n}", args.tests, args.keyword,
+                                       args.timeout)
+            if rc is None:
+                r = Result(m, "timeout", f"(no result after {args.timeout:.0f} s)", secs)
+            elif rc == 0:
+                r = Result(m, "NO", "", secs)
+            elif rc in (1, 2):  # 1: a test failed; 2: collection/import error or interrupted by -x on an error
+                r = Result(m, "yes", first_failure(out) or f"(pytest exit {rc}, no test named)", secs)
+            else:  # 3 internal error, 4 usage error, 5 nothing collected: not a verdict on the mutation
+                r = Result(m, "error", f"(pytest exit {rc})", secs)
+                log(out[-2000:])
+            log(f"{prefix}: {r.caught} {r.detail} ({secs:.0f} s)")
+            results.append(r)
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
