@@ -190,23 +190,33 @@ MUTATIONS: list[Mutation] = [
         "rewards[i] += num_committed / (2.0 if verified else 1.0)",
         "rewards[i] += float(num_committed)",
     ),
-    # TODO: fill once api.py has the feature (chat-template keyword arguments in Model.apply_chat_template):
-    # e.g. drop the extra keyword arguments before they reach the template's render().
     Mutation(
         "chat_template_ignores_kwargs",
         "apply_chat_template does not pass extra keyword arguments to the template",
         "api.py",
-        "",
-        "",
+        "messages=messages, add_generation_prompt=add_generation_prompt, **template_kwargs)",
+        "messages=messages, add_generation_prompt=add_generation_prompt)",
     ),
-    # TODO: fill once api.py has the feature (generation_config.json sampling defaults in Model.generate /
-    # s2d2.load): e.g. generate ignores the checkpoint's defaults and uses DecodeConfig()'s.
     Mutation(
         "generation_config_ignored",
         "generate ignores the checkpoint's generation_config.json sampling defaults",
         "api.py",
+        "        cfg = cfg.with_generation_defaults(self.generation_defaults)\n",
         "",
-        "",
+    ),
+    Mutation(
+        "mask_token_allowed_in_prompts",
+        "a prompt holding the mask token is decoded instead of refused",
+        "api.py",
+        "        if mask_id in prompt_ids:",
+        "        if False:",
+    ),
+    Mutation(
+        "unexpected_tensors_dropped",
+        "checkpoint tensors the model does not use are dropped silently",
+        "models/qwen3.py",
+        "        if unexpected:\n",
+        "        if False:\n",
     ),
 ]
 

@@ -4,26 +4,60 @@ from __future__ import annotations
 
 import json
 
+import s2d2
 from s2d2.bench import Setting, default_grid, run_bench
 from s2d2.cli import main
+from s2d2.tasks import arith
+
+
+_COUNTERS = ("num_tokens", "prompt_tokens", "prefill_forwards", "draft_forwards", "verify_forwards", "commit_forwards",
+             "fused_drafts", "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens")
 
 
 def test_bench_quick_writes_table_records_and_plot(random_model_dir, tmp_path, capsys):
+    """Every record's exact figures equal an independent API run of its setting on the same prompts, its rates are
+    derived from its own stats (one round with --quick, so time figures are that round's), and the table shows them."""
     out = tmp_path / "bench"
     assert main(["bench", "--quick", "--n", "3", "--model", str(random_model_dir), "--out", str(out),
                  "--no-progress"]) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    assert [r["name"] for r in records] == [s.name for s in default_grid(quick=True)]
-    for r in records:
-        assert r["n"] == 3 and 0.0 <= r["accuracy"] <= 1.0 and r["stats"]["num_prompts"] == 3
-        for key in ("nfe_per_token", "tokens_per_forward", "tokens_per_s", "speedup_vs_ar", "verify_rate",
-                    "mean_accepted_length", "loop_share"):
-            assert key in r
-    assert records[0]["speedup_vs_ar"] == 1.0 and records[0]["nfe_per_token"] == 1.0
+    grid = default_grid(quick=True)
+    assert [r["name"] for r in records] == [s.name for s in grid]
+    problems = arith.generate("test", 3, seed=0)
+    model = s2d2.load(str(random_model_dir))
+    ar = records[0]
+    assert ar["method"] == "ar"
+    for setting, r in zip(grid, records):
+        outs = model.generate([p.prompt for p in problems], setting.config())
+        st = r["stats"]
+        assert r["method"] == setting.fields["method"] and r["config"] == setting.fields and r["repeats"] == 1
+        assert r["n"] == 3 and st["num_prompts"] == 3
+        assert r["accuracy"] == sum(arith.is_correct(p, o.text) for p, o in zip(problems, outs)) / 3
+        for key in _COUNTERS:
+            assert st[key] == sum(getattr(o.stats, key) for o in outs), (setting.name, key)
+        assert st["nfe"] == sum(o.stats.nfe for o in outs) > 0 and st["num_tokens"] > 0 and st["steps"] > 0
+        assert r["nfe_per_token"] == st["nfe"] / st["num_tokens"]
+        assert r["tokens_per_forward"] == st["num_tokens"] / st["nfe"]
+        assert r["verify_rate"] == st["verify_forwards"] / st["steps"]
+        assert r["mean_accepted_length"] == ((st["accepted_tokens"] + st["corrected_tokens"]) / st["verify_forwards"]
+                                             if st["verify_forwards"] else 0.0)
+        # one round: the medians are that round's figures, the stats summed over its prompts
+        assert r["time_s"] == st["time_s"] > 0
+        assert r["tokens_per_s"] == st["num_tokens"] / r["time_s"]
+        assert r["speedup_vs_ar"] == ar["time_s"] / r["time_s"]
+        assert 0.0 <= r["loop_share"] < 1.0 and r["loop_share"] == 1.0 - st["forward_time_s"] / st["time_s"]
+    assert ar["speedup_vs_ar"] == 1.0 and ar["nfe_per_token"] == 1.0 and ar["verify_rate"] == 0.0
+    assert records[2]["stats"]["verify_forwards"] > 0  # the s2d2 setting verifies: verify_rate is really exercised
     assert (out / "pareto.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
-    assert "| ar |" in table and "speedup vs AR" in table
-    assert "| ar |" in capsys.readouterr().out
+    rows = [f"| {r['name']} | {r['accuracy']:.1%} | {r['nfe_per_token']:.3f} | {r['tokens_per_forward']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {r['speedup_vs_ar']:.2f}x | {r['verify_rate']:.2f} | "
+            f"{r['mean_accepted_length']:.2f} | {r['loop_share']:.1%} |" for r in records]
+    assert table.splitlines() == [
+        f"# {random_model_dir} on arith (3 test problems, 1 rounds)", "",
+        "| setting | accuracy | NFE / token | tokens / forward | tokens / s | speedup vs AR | verify rate | "
+        "mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|", *rows]
+    assert capsys.readouterr().out == table + "\n"  # print() adds a newline after the file's own
 
 
 def test_every_setting_sees_the_same_prompts_in_each_round(model):

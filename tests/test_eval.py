@@ -4,21 +4,37 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import s2d2
 from s2d2.cli import main
+from s2d2.config import DecodeConfig
 from s2d2.evaluate import evaluate
 from s2d2.tasks import arith
 
 
 def test_eval_json_reports_accuracy_and_summed_stats(random_model_dir, capsys):
+    """The JSON's accuracy and stats are exactly those of the same problems decoded one by one through the API:
+    every counter is the sum over the per-problem generations and the rates are derived from those sums."""
     assert main(["eval", "--task", "arith", "--n", "3", "--model", str(random_model_dir), "--method", "dynamic",
                  "--max-new-tokens", "8", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 3 and 0.0 <= result["accuracy"] <= 1.0
+    problems = arith.generate("test", 3, seed=0)
+    outs = s2d2.load(str(random_model_dir)).generate(
+        [p.prompt for p in problems], DecodeConfig(method="dynamic", max_new_tokens=8, generation_config="none"))
+    assert result["task"] == "arith" and result["n"] == 3
+    assert result["accuracy"] == sum(arith.is_correct(p, o.text) for p, o in zip(problems, outs)) / 3
     stats = result["stats"]
-    assert stats["num_prompts"] == 3 and stats["num_tokens"] <= 24
-    for key in ("nfe", "num_tokens", "time_s", "tokens_per_forward", "draft_forwards", "verify_forwards"):
-        assert key in stats
+    assert stats["num_prompts"] == 3
+    for key in ("num_tokens", "prompt_tokens", "prefill_forwards", "draft_forwards", "verify_forwards",
+                "commit_forwards", "fused_drafts", "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens",
+                "fallback_tokens"):
+        assert stats[key] == sum(getattr(o.stats, key) for o in outs), key
+    assert stats["nfe"] == sum(o.stats.nfe for o in outs) > 0
+    assert 0 < stats["num_tokens"] <= 24
+    assert stats["tokens_per_forward"] == pytest.approx(stats["num_tokens"] / stats["nfe"], rel=1e-12)
+    assert 0.0 < stats["forward_time_s"] <= stats["time_s"]
+    assert stats["tokens_per_s"] == pytest.approx(stats["num_tokens"] / stats["time_s"], rel=1e-12)
 
 
 def test_eval_scores_what_the_model_wrote(model, monkeypatch):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lm_eval")
 
@@ -65,29 +67,79 @@ def test_loglikelihood_is_refused_with_a_clear_error(lm):
         lm.loglikelihood([])
 
 
-def test_cuda_default_falls_back_to_cpu_without_cuda(random_model_dir):
+def test_cuda_default_falls_back_to_cpu_without_cuda(random_model_dir, monkeypatch):
     lm = S2D2LM(pretrained=str(random_model_dir), device="cuda:0")  # lm-eval's default when --device is unset
-    assert lm.model.device.type in ("cpu", "cuda")
+    if torch.cuda.is_available():
+        assert lm.model.device.type == "cuda"  # a CUDA device is there: it is used
+    else:
+        assert lm.model.device == torch.device("cpu")
+        assert next(lm.model.adapter.model.parameters()).device == torch.device("cpu")
+    # the other branch too, whatever this machine has: the device asked for reaches s2d2.load, cuda:0 kept where
+    # CUDA is available and replaced by cpu where it is not
+    for available, expected in ((True, "cuda:0"), (False, "cpu")):
+        asked = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        monkeypatch.setattr(s2d2, "load", lambda pretrained, device, dtype: asked.append(device) or lm.model)
+        S2D2LM(pretrained=str(random_model_dir), device="cuda:0")
+        assert asked == [expected]
 
 
 def test_task_files_ship_in_the_package():
     assert {p.name for p in TASKS_DIR.iterdir()} >= {"s2d2_arith.yaml", "s2d2_arith.py"}
 
 
-def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Path):
-    """``python -m s2d2.lm_eval --model s2d2 --tasks s2d2_arith --limit 4``: lm-eval's score on the bundled
-    model equals ``s2d2 eval`` on the same problems with the same decoding."""
+_STATS_LINE = re.compile(r"s2d2 decoding so far: (\d+) tokens, NFE (\d+),")
+
+
+def _run_lm_eval(model_args: str, out: Path) -> tuple[dict, list[dict], tuple[int, int]]:
+    """One offline lm-eval run of s2d2_arith on the bundled model (5 problems, samples logged): the task's results,
+    the logged samples by doc_id, and the (tokens, NFE) of the last decoding-stats line."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    cmd = [sys.executable, "-m", "s2d2.lm_eval", "--model", "s2d2", "--model_args", "method=s2d2,block_size=8",
-           "--tasks", "s2d2_arith", "--limit", "4", "--device", "cpu", "--output_path", str(tmp_path)]
+    cmd = [sys.executable, "-m", "s2d2.lm_eval", "--model", "s2d2", "--model_args", model_args, "--tasks",
+           "s2d2_arith", "--limit", "5", "--device", "cpu", "--output_path", str(out), "--log_samples"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads(next(tmp_path.rglob("results*.json")).read_text())["results"]["s2d2_arith"]
-    from s2d2.evaluate import evaluate
+    results = json.loads(next(out.rglob("results*.json")).read_text())["results"]["s2d2_arith"]
+    (samples_file,) = out.rglob("samples_s2d2_arith_*.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda d: d["doc_id"])
+    stats_lines = _STATS_LINE.findall(proc.stderr + proc.stdout)
+    assert stats_lines, "no decoding-stats line in lm-eval's output"
+    tokens, nfe = stats_lines[-1]
+    return results, samples, (int(tokens), int(nfe))
 
-    expected = evaluate(s2d2.load("bundled"), DecodeConfig(method="s2d2", block_size=8, max_new_tokens=64), n=4)
-    assert results["exact_match,strict-match"] == pytest.approx(expected.accuracy)
-    assert "tokens/forward" in proc.stderr + proc.stdout  # the decoding stats line
+
+def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Path):
+    """``python -m s2d2.lm_eval --model s2d2 --tasks s2d2_arith --limit 5 --log_samples``: every raw response is
+    ``Model.generate``'s text for that problem with ``--model_args`` plus the task's generation settings, the logged
+    stats are their sums, the score agrees with ``s2d2 eval``, and other ``--model_args`` give other outputs."""
+    from s2d2.evaluate import evaluate
+    from s2d2.tasks import arith
+
+    problems = arith.generate("test", 5, seed=0)
+    model = s2d2.load("bundled")
+    # the task's generation_kwargs (s2d2_arith.yaml): until ["\n", "Q:"], max_gen_toks 64, greedy
+    task_settings = dict(stop=("\n", "Q:"), max_new_tokens=64, temperature=0.0)
+    seen = []
+    for model_args, cfg in (("method=s2d2,block_size=8", DecodeConfig(method="s2d2", block_size=8, **task_settings)),
+                            ("method=dynamic,block_size=8,threshold=0.1",
+                             DecodeConfig(method="dynamic", block_size=8, threshold=0.1, **task_settings))):
+        results, samples, (tokens, nfe) = _run_lm_eval(model_args, tmp_path / model_args.replace(",", "_"))
+        expected = model.generate([p.prompt for p in problems], cfg)
+        assert [d["doc_id"] for d in samples] == list(range(5))
+        for d, p, g in zip(samples, problems, expected):
+            assert d["arguments"]["gen_args_0"]["arg_0"] == p.prompt
+            assert d["arguments"]["gen_args_0"]["arg_1"] == {"until": ["\n", "Q:"], "max_gen_toks": 64,
+                                                             "do_sample": False, "temperature": 0.0}
+            assert d["resps"] == [[g.text]], (model_args, d["doc_id"])
+            assert d["exact_match"] == float(arith.is_correct(p, g.text))
+        assert (tokens, nfe) == (sum(g.stats.num_tokens for g in expected), sum(g.stats.nfe for g in expected))
+        correct = [arith.is_correct(p, g.text) for p, g in zip(problems, expected)]
+        assert results["exact_match,strict-match"] == pytest.approx(sum(correct) / 5)
+        seen.append(([d["resps"] for d in samples], nfe, results["exact_match,strict-match"]))
+    assert seen[0][:2] != seen[1][:2]  # the responses (or at least their cost) depend on --model_args
+    # s2d2 eval on the same problems with the same decoding scores the same
+    assert seen[0][2] == pytest.approx(evaluate(model, DecodeConfig(method="s2d2", block_size=8, max_new_tokens=64),
+                                                n=5).accuracy)
 
 
 def test_bad_model_args_end_in_one_sentence_and_exit_2(capsys):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
+import functools
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -78,20 +81,30 @@ class Model:
         """Text of ``token_ids``, special tokens dropped."""
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render chat ``messages`` with the checkpoint's Jinja chat template (sandboxed).
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                            **template_kwargs: Any) -> str:
+        """Render chat ``messages`` with the checkpoint's Jinja chat template (sandboxed), as transformers'
+        ``apply_chat_template(..., tokenize=False)`` renders it.
+
+        ``template_kwargs`` reach the template as variables, e.g. ``enable_thinking=False`` for SDAR and Qwen3
+        templates (the serving convention: vLLM's ``chat_template_kwargs``).
 
         Message text is user content: a message holding the literal text of any of the tokenizer's special tokens
         (a role marker, an end-of-sequence, the mask) is an :class:`InputError`, so no message can forge a turn
         boundary or end the conversation early. The special tokens the template itself writes are of course kept.
+        A template that raises (``raise_exception``, e.g. roles that do not alternate) is an :class:`InputError`
+        with its message.
         """
         if self.chat_template is None:
             raise InputError(f"model {self.name} has no chat template.")
         self._check_messages(messages)
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        import jinja2
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt)
+        try:
+            return _chat_environment().from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+        except jinja2.TemplateError as e:
+            raise InputError(f"the chat template of {self.name} cannot render these messages ({e}).") from None
 
     def _check_messages(self, messages: list[dict[str, str]]) -> None:
         """Refuse chat messages that are not dicts, hold text that is not valid UTF-8, or hold a special token."""
@@ -187,6 +200,28 @@ class Model:
         if self._cache is None or self._cache.capacity < capacity:
             self._cache = self.adapter.new_cache(max(capacity, 256))
         return self._cache
+
+
+@functools.lru_cache(maxsize=1)
+def _chat_environment() -> Any:
+    """A sandboxed Jinja environment with what Hugging Face chat templates expect: trimmed blocks, ``break`` and
+    ``continue``, a ``tojson`` that writes plain JSON (Jinja's own escapes ``<``, ``>`` and ``&`` for HTML), and the
+    ``raise_exception`` and ``strftime_now`` globals."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env
 
 
 def _positions_needed(prompt_len: int, cfg: DecodeConfig) -> int:

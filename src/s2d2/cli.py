@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
+                     help='a JSON object of extra chat template variables, e.g. \'{"enable_thinking": false}\' '
+                          "(with --chat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     _add_config_flags(gen)
 
@@ -129,8 +132,14 @@ def _generate(ns: argparse.Namespace) -> int:
     import s2d2
 
     cfg = config_from_args(ns)  # validate flags before the (slow) model load
+    template_kwargs = _json_object_flag("--chat-template-kwargs", ns.chat_template_kwargs)
+    if template_kwargs and not ns.chat:
+        raise S2D2Error("--chat-template-kwargs needs --chat.")
+    if "messages" in template_kwargs:
+        raise S2D2Error("--chat-template-kwargs cannot set 'messages': the prompt is the message.")
     model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
-    prompt = model.apply_chat_template([{"role": "user", "content": ns.prompt}]) if ns.chat else ns.prompt
+    messages = [{"role": "user", "content": ns.prompt}]
+    prompt = model.apply_chat_template(messages, **template_kwargs) if ns.chat else ns.prompt
     out = model.generate(prompt, cfg)[0]
     if ns.json:
         print(json.dumps(out.to_dict()))
@@ -138,6 +147,19 @@ def _generate(ns: argparse.Namespace) -> int:
         print(out.text)
         print(f"[{cfg.method}] {out.stats.summary()}", file=sys.stderr)
     return 0
+
+
+def _json_object_flag(flag: str, text: str | None) -> dict[str, Any]:
+    """The JSON object a flag holds ({} when the flag is not given); anything else is a one-sentence error."""
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise S2D2Error(f"{flag} is not valid JSON ({e.msg} at column {e.colno}).") from None
+    if not isinstance(value, dict):
+        raise S2D2Error(f"{flag} must be a JSON object, not {type(value).__name__}.")
+    return value
 
 
 def _eval(ns: argparse.Namespace) -> int:
