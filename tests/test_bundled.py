@@ -47,3 +47,16 @@ def test_greedy_s2d2_verifying_every_step_equals_ar_on_bundled_prompts(bundled):
         assert [o.token_ids for o in sd] == [o.token_ids for o in ar]
         assert (sum(o.stats.nfe for o in sd), sum(o.stats.draft_forwards for o in sd),
                 sum(o.stats.verify_forwards for o in sd)) == expected[block_size]
+
+
+@pytest.mark.parametrize("cfg", [dict(method="ar"), dict(method="dynamic", block_size=4, threshold=0.9),
+                                 dict(method="s2d2", block_size=8)], ids=["ar", "dynamic", "s2d2-A"])
+def test_batched_equals_batch_1_on_bundled_prompts(bundled, cfg):
+    """Invariant 7 on the shipped model: 12 problems (mixed lengths, early end-of-sequence) in one batch of 16."""
+    prompts = [p.prompt for p in arith.generate("test", 12, seed=2)]
+    config = s2d2.DecodeConfig(**cfg)
+    one = bundled.generate(prompts, config, batch_size=1)
+    many = bundled.generate(prompts, config, batch_size=16)
+    assert [o.token_ids for o in many] == [o.token_ids for o in one]
+    assert [o.stats.nfe for o in many] == [o.stats.nfe for o in one]
+    assert len({len(o.token_ids) for o in one}) > 1  # rows finish at different steps

@@ -9,6 +9,7 @@ import torch
 
 import s2d2
 from s2d2 import DecodeConfig
+from s2d2.decode import decode
 
 ALWAYS_VERIFY = dict(method="s2d2", policy="mask_span_length", min_span=1, cache_ver=True, temperature=0.0)
 
@@ -182,9 +183,10 @@ def test_fused_draft_leaves_the_same_committed_cache(model):
     ids = prompt(7, seed=2)
     caches = []
     for fuse in (True, False):
-        out = run(model, ids, **ALWAYS_VERIFY, block_size=4, max_new_tokens=24, fuse_draft=fuse)
-        c = model._cache
-        caches.append((out.stats.fused_drafts, c.length, [k[:, :c.length].clone() for k in c.keys],
+        c = model.adapter.new_cache(64)
+        cfg = DecodeConfig(**ALWAYS_VERIFY, block_size=4, max_new_tokens=24, fuse_draft=fuse, stop_token_ids=())
+        _, _, stats = decode(model.adapter, ids, cfg, c)
+        caches.append((stats.fused_drafts, c.length, [k[:, :c.length].clone() for k in c.keys],
                        [v[:, :c.length].clone() for v in c.values]))
     (n_fused, len_f, kf, vf), (_, len_p, kp, vp) = caches
     assert n_fused > 0
@@ -299,14 +301,14 @@ def test_stats_add_up(model, monkeypatch):
     adapter = model.adapter
     calls = {"draft": 0, "verify": 0}
     verdicts = []
-    for kind in calls:
-        real = getattr(adapter, kind)
+    for kind in calls:  # every forward, batched or not, is built by the adapter's spec methods
+        real = getattr(adapter, f"{kind}_spec")
 
         def counted(*args, _real=real, _kind=kind, **kwargs):
             calls[_kind] += 1
             return _real(*args, **kwargs)
 
-        monkeypatch.setattr(adapter, kind, counted)
+        monkeypatch.setattr(adapter, f"{kind}_spec", counted)
     real_accept = s2d2.decode.accept_greedy
     monkeypatch.setattr(s2d2.decode, "accept_greedy",
                         lambda drafted, logits: verdicts.append((len(drafted), real_accept(drafted, logits)))

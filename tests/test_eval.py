@@ -42,12 +42,12 @@ def test_eval_scores_what_the_model_wrote(model, monkeypatch):
     problems = arith.generate("test", 4, seed=0)
     answers = iter(problems)
 
-    def fake_generate(prompts, cfg):
+    def fake_generate(prompts, cfg, batch_size=1):
         return [s2d2.Generation(f" x. #### {next(answers).answer}", [], "stop", s2d2.DecodeStats()) for _ in prompts]
 
     monkeypatch.setattr(model, "generate", fake_generate)
     assert evaluate(model, s2d2.DecodeConfig(), n=4).accuracy == 1.0
-    monkeypatch.setattr(model, "generate", lambda prompts, cfg: [
+    monkeypatch.setattr(model, "generate", lambda prompts, cfg, batch_size=1: [
         s2d2.Generation("#### -1", [], "stop", s2d2.DecodeStats()) for _ in prompts])
     assert evaluate(model, s2d2.DecodeConfig(), n=4).accuracy == 0.0
 

@@ -95,7 +95,7 @@ def test_cli_eval_measures_greedily_unless_told(sampling_dir, monkeypatch, capsy
 
     seen = []
     real = s2d2.evaluate.evaluate
-    monkeypatch.setattr(s2d2.evaluate, "evaluate", lambda m, cfg, *a: seen.append(cfg) or real(m, cfg, *a))
+    monkeypatch.setattr(s2d2.evaluate, "evaluate", lambda m, cfg, *a, **k: seen.append(cfg) or real(m, cfg, *a, **k))
     args = ["eval", "--n", "1", "--model", str(sampling_dir), "--max-new-tokens", "4", "--json"]
     assert main(args) == 0 and main(args + ["--generation-config", "auto"]) == 0
     capsys.readouterr()

@@ -115,7 +115,7 @@ def test_stop_token_id_outside_the_vocabulary_is_refused_before_decoding(model: 
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoding started")
 
-    monkeypatch.setattr(api, "decode", no_decoding)
+    monkeypatch.setattr(api.Engine, "step", no_decoding)
     with pytest.raises(ConfigError) as err:
         model.generate("hi", max_new_tokens=2, stop_token_ids=(3, 999999))
     assert one_sentence(err) == ("stop_token_ids holds 999999, outside the model's vocabulary of 264 tokens "

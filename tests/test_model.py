@@ -25,6 +25,7 @@ from s2d2.checkpoint import (
 from s2d2.errors import ConfigError, ModelLoadError
 from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 from s2d2.random_init import CHAT_TEMPLATE, FAMILIES, write_random_model
+from hf_reference import qwen3_config
 
 SEQ_LEN = 20
 BLOCK = 4
@@ -46,25 +47,10 @@ def load_ours(path: Path) -> Qwen3Decoder:
 
 def load_hf(path: Path):
     """transformers' own Qwen3ForCausalLM with the same config fields and weights (eager attention, float32)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     cfg = read_config(path)
-    hf_config = Qwen3Config(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"],
-        head_dim=cfg["head_dim"],
-        rms_norm_eps=cfg["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_theta"]},
-        max_position_embeddings=cfg["max_position_embeddings"],
-        tie_word_embeddings=cfg["tie_word_embeddings"],
-        attention_bias=cfg["attention_bias"],
-        hidden_act=cfg["hidden_act"],
-        use_sliding_window=False,
-    )
+    hf_config = qwen3_config(cfg)
     hf_config._attn_implementation = "eager"
     model = Qwen3ForCausalLM(hf_config).to(torch.float32).eval()
     result = model.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)

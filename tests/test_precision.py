@@ -25,6 +25,7 @@ from s2d2 import DecodeConfig
 from s2d2.checkpoint import read_config
 from s2d2.models.qwen3 import _rms_norm
 from s2d2.random_init import write_random_model
+from hf_reference import qwen3_config
 
 REDUCED = [torch.bfloat16, torch.float16]
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
@@ -77,25 +78,10 @@ def hf_dir(random_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     the rotary ``inv_freq`` buffer in float32, whereas ``model.to(torch.bfloat16)`` would cast it too and give
     different cos/sin tables (and logits) from what transformers serves.
     """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     cfg = read_config(random_model_dir)
-    hf_config = Qwen3Config(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"],
-        head_dim=cfg["head_dim"],
-        rms_norm_eps=cfg["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": cfg["rope_theta"]},
-        max_position_embeddings=cfg["max_position_embeddings"],
-        tie_word_embeddings=cfg["tie_word_embeddings"],
-        attention_bias=cfg["attention_bias"],
-        hidden_act=cfg["hidden_act"],
-        use_sliding_window=False,
-    )
+    hf_config = qwen3_config(cfg)
     model = Qwen3ForCausalLM(hf_config).to(torch.float32)
     result = model.load_state_dict(load_file(str(random_model_dir / "model.safetensors")), strict=False)
     assert not result.unexpected_keys and not result.missing_keys

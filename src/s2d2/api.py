@@ -15,7 +15,6 @@ import torch
 
 from s2d2.adapters import build_adapter
 from s2d2.adapters.base import FamilyAdapter
-from s2d2.cache import KVCache
 from s2d2.checkpoint import (
     load_tokenizer,
     read_chat_template,
@@ -24,12 +23,14 @@ from s2d2.checkpoint import (
     read_special_ids,
     resolve_model_dir,
 )
-from s2d2.config import DecodeConfig
-from s2d2.decode import decode
+from s2d2.config import DecodeConfig, check_batch_size
+from s2d2.engine import BatchStats, Engine
 from s2d2.errors import ConfigError, InputError, ModelLoadError
 from s2d2.stats import DecodeStats
 
 BUNDLED = "bundled"
+# Prompts decoded together by default (Model.generate's batch_size)
+DEFAULT_BATCH_SIZE = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -60,7 +61,7 @@ class Model:
         # sampling fields from the checkpoint's generation_config.json; DecodeConfig fields a request leaves unset
         # take these values (DecodeConfig.generation_config="auto", the default)
         self.generation_defaults = dict(generation_defaults or {})
-        self._cache: KVCache | None = None
+        self.last_batch_stats: BatchStats | None = None  # the engine's figures for the last generate() call
 
     @property
     def device(self) -> torch.device:
@@ -122,18 +123,23 @@ class Model:
                                      "text and may not hold special tokens.")
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], config: DecodeConfig | None = None,
-                 **overrides: Any) -> list[Generation]:
+                 *, batch_size: int = DEFAULT_BATCH_SIZE, **overrides: Any) -> list[Generation]:
         """Decode each prompt (text, or a list of token ids) with ``config`` (fields may be overridden by keyword).
 
         Sampling fields the config leaves unset (temperature, top_k, top_p) take the checkpoint's
         generation_config.json values (:attr:`generation_defaults`) unless ``generation_config="none"``.
 
-        Prompts are decoded one after another (batch size 1 per forward). Sampling is reproducible: prompt ``i``
-        draws from a generator seeded with ``seed + i`` (a seed is drawn from torch's global RNG if none is set).
+        Up to ``batch_size`` prompts decode together, one batched forward per step, each at its own pace; a
+        finished prompt's place goes to the next (continuous batching, :class:`s2d2.engine.Engine`). Results do not
+        depend on the batch: greedy output and per-prompt stats equal batch 1's (up to float rounding at exact
+        logit ties), and sampling is reproducible per prompt: prompt ``i`` draws from a generator seeded with
+        ``seed + i`` (a seed is drawn from torch's global RNG if none is set), whatever shares its batch. Every
+        prompt is checked before any is decoded. :attr:`last_batch_stats` holds the batch-level figures.
         """
         cfg = (config or DecodeConfig()).replace(**overrides) if overrides else (config or DecodeConfig())
         cfg = cfg.with_generation_defaults(self.generation_defaults)
         self._validate_config(cfg)
+        check_batch_size(batch_size)
         items = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
         seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
         encoded = []  # every prompt is checked before any is decoded, so a bad one wastes no work
@@ -146,12 +152,20 @@ class Model:
                     raise
                 raise InputError(f"prompt {i}: {e}") from None
             encoded.append(ids)
+        capacity = max(_positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
+        engine = Engine(self.adapter, min(batch_size, len(encoded)), capacity)
+        stop_check = (lambda done: _find_stop(self.decode(done), cfg.stop) >= 0) if cfg.stop else None
+        order = {engine.add(ids, cfg, torch.Generator(device=self.device).manual_seed(seed + i), stop_check): i
+                 for i, ids in enumerate(encoded)}
+        results: list[Any] = [None] * len(encoded)
+        while not engine.idle:
+            for event in engine.step():
+                if event.finished:
+                    results[order[event.request_id]] = event
+        self.last_batch_stats = engine.stats
         out = []
-        for i, ids in enumerate(encoded):
-            cache = self._cache_for(ids, cfg)
-            generator = torch.Generator(device=self.device).manual_seed(seed + i)
-            stop_check = (lambda done: _find_stop(self.decode(done), cfg.stop) >= 0) if cfg.stop else None
-            token_ids, finish_reason, stats = decode(self.adapter, ids, cfg, cache, generator, stop_check)
+        for event in results:
+            token_ids, finish_reason, stats = event.token_ids, event.finish_reason, event.stats
             text = self.decode(token_ids)
             if cfg.stop and (cut := _find_stop(text, cfg.stop)) >= 0:
                 # keep the tokens up to the one completing the stop string; the text ends before it
@@ -160,6 +174,17 @@ class Model:
                 text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
             out.append(Generation(text, token_ids, finish_reason, stats))
         return out
+
+    def summed_stats(self, generations: Sequence[Generation]) -> DecodeStats:
+        """The stats of the last :meth:`generate` call's ``generations``, summed, with its wall time.
+
+        A prompt's own ``time_s`` is its latency, which in a batch overlaps the others'; summed, the counters add up
+        but the time is the call's wall time (and forward time the batch's), so tokens/s is the throughput."""
+        total = DecodeStats.total([g.stats for g in generations])
+        if self.last_batch_stats is not None:
+            total.time_s = self.last_batch_stats.time_s
+            total.forward_time_s = self.last_batch_stats.forward_time_s
+        return total
 
     def _validate_config(self, cfg: DecodeConfig) -> None:
         """Refuse, before any decoding starts, options this model cannot honour: stop token ids outside its
@@ -193,14 +218,6 @@ class Model:
             raise InputError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({cfg.max_new_tokens}), rounded up to "
                 f"whole blocks, needs {total} positions but the model's context is {self.adapter.max_positions}.")
-
-    def _cache_for(self, prompt_ids: list[int], cfg: DecodeConfig) -> KVCache:
-        """A cache large enough for a checked prompt (:meth:`_check_prompt_ids`), reused across calls."""
-        capacity = _positions_needed(len(prompt_ids), cfg) + 2 * cfg.block_size  # a verify writes up to 2B scratch rows
-        if self._cache is None or self._cache.capacity < capacity:
-            self._cache = self.adapter.new_cache(max(capacity, 256))
-        return self._cache
-
 
 @functools.lru_cache(maxsize=1)
 def _chat_environment() -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,24 +162,12 @@ def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bo
     """
     configs = {s.name: s.config() for s in grid}
     model.generate(prompts[: min(4, len(prompts))], DecodeConfig(method="ar", generation_config="none"))  # warm-up
-    runs: dict[str, list[tuple[DecodeStats, list[bool]]]] = {s.name: [] for s in grid}
-    order = [s.name for s in grid]
-    rng = random.Random(seed)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=repeats * len(grid), desc="bench", dynamic_ncols=True)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            outs = model.generate(prompts, configs[name])
-            stats = DecodeStats.total([o.stats for o in outs])
-            runs[name].append((stats, [checker(i, o.text) for i, o in enumerate(outs)]))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(name)
-    if bar is not None:
-        bar.close()
+
+    def run(name: str) -> tuple[DecodeStats, list[bool]]:
+        outs = model.generate(prompts, configs[name])
+        return model.summed_stats(outs), [checker(i, o.text) for i, o in enumerate(outs)]
+
+    runs = _shuffled_rounds([s.name for s in grid], run, repeats, seed, "bench" if progress else None)
     ar_name = next(s.name for s in grid if s.fields.get("method") == "ar")
     ar_time = statistics.median(st.time_s for st, _ in runs[ar_name])
     records = []
@@ -201,12 +190,92 @@ def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bo
     return records
 
 
+def throughput_grid(quick: bool = False) -> list[Setting]:
+    """The settings of the batch-size section: AR, the tuned dynamic baseline, S2D2 configuration A at B = 8, and
+    the fastest S2D2 setting at AR accuracy in BENCHMARKS.md (config A behind skip_confident, B = 16, t = 0.9)."""
+    grid = [Setting("ar", dict(method="ar")),
+            Setting("dynamic B=4 t=0.9", dict(method="dynamic", block_size=4, threshold=0.9)),
+            Setting("s2d2 config-A B=8", dict(method="s2d2", block_size=8))]
+    if not quick:
+        grid.append(Setting("s2d2 config-A skip-confident B=16 t=0.9",
+                            dict(method="s2d2", block_size=16, threshold=0.9, skip_confident=True)))
+    return grid
+
+
+def run_throughput(model: Model, prompts: list[str], checker: Callable[[int, str], bool], grid: list[Setting],
+                   batch_sizes: list[int], repeats: int = 3, seed: int = 0,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Every setting at every batch size, ``repeats`` shuffled rounds; one record per (setting, batch size).
+
+    Exact figures (accuracy, per-row tokens per forward, rows per forward, padding) come from the first round;
+    time figures are medians. ``speedup_vs_batch_1`` compares a setting with itself at batch size 1 (which must
+    then be among ``batch_sizes``), ``speedup_vs_ar`` with AR at the same batch size.
+    """
+    configs = {s.name: s.config() for s in grid}
+    model.generate(prompts[: min(4, len(prompts))], DecodeConfig(method="ar", generation_config="none"))  # warm-up
+
+    def run(cell: tuple[str, int]) -> tuple[float, DecodeStats, Any, list[bool]]:
+        t0 = time.perf_counter()
+        outs = model.generate(prompts, configs[cell[0]], batch_size=cell[1])
+        wall = time.perf_counter() - t0
+        stats = model.summed_stats(outs)
+        return wall, stats, model.last_batch_stats, [checker(i, o.text) for i, o in enumerate(outs)]
+
+    cells = [(s.name, b) for s in grid for b in batch_sizes]
+    runs = _shuffled_rounds(cells, run, repeats, seed, "throughput" if progress else None)
+    wall = {c: statistics.median(r[0] for r in runs[c]) for c in runs}
+    records = []
+    for s in grid:
+        for b in batch_sizes:
+            _, stats, batch, correct = runs[(s.name, b)][0]
+            bd = batch.to_dict()
+            host = statistics.median(1.0 - r[2].forward_time_s / r[2].time_s for r in runs[(s.name, b)])
+            records.append({
+                "name": s.name, "method": s.fields.get("method", "s2d2"), "config": s.fields, "batch_size": b,
+                "accuracy": sum(correct) / len(correct), "n": len(correct),
+                "tokens_per_forward": stats.num_tokens / stats.nfe, "nfe": stats.nfe, "num_tokens": stats.num_tokens,
+                "engine_steps": batch.steps, "rows_per_forward": bd["rows_per_forward"],
+                "mean_batch": bd["mean_batch"], "padding_share": bd["padding_share"], "host_share": host,
+                "time_s": wall[(s.name, b)], "tokens_per_s": stats.num_tokens / wall[(s.name, b)],
+                "speedup_vs_batch_1": wall[(s.name, 1)] / wall[(s.name, b)] if (s.name, 1) in wall else None,
+                "speedup_vs_ar": wall[(grid[0].name, b)] / wall[(s.name, b)], "repeats": repeats,
+            })
+    return records
+
+
+def write_throughput(records: list[dict[str, Any]], out: Path, title: str) -> None:
+    """throughput.jsonl, throughput.md and throughput.png (generated tokens/s against batch size) in ``out``."""
+    _write_jsonl(records, out / "throughput.jsonl")
+    lines = [f"# {title}", "",
+             "| setting | batch | accuracy | tokens / forward (per row) | rows / forward | padding | host share | "
+             "tokens / s | vs batch 1 | vs AR |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        vs1 = f"{r['speedup_vs_batch_1']:.2f}x" if r["speedup_vs_batch_1"] is not None else "-"
+        lines.append(f"| {r['name']} | {r['batch_size']} | {r['accuracy']:.1%} | {r['tokens_per_forward']:.2f} | "
+                     f"{r['rows_per_forward']:.1f} | {r['padding_share']:.1%} | {r['host_share']:.1%} | "
+                     f"{r['tokens_per_s']:.0f} | {vs1} | {r['speedup_vs_ar']:.2f}x |")
+    (out / "throughput.md").write_text("\n".join(lines) + "\n")
+    plt = _pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name in dict.fromkeys(r["name"] for r in records):
+        pts = [(r["batch_size"], r["tokens_per_s"]) for r in records if r["name"] == name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (prompts decoded together)")
+    ax.set_ylabel("generated tokens / s")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=120)
+    plt.close(fig)
+
+
 def write_outputs(records: list[dict[str, Any]], out: Path, title: str) -> None:
     """results.jsonl, results.md and pareto.png in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "results.jsonl").open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    _write_jsonl(records, out / "results.jsonl")
     lines = [f"# {title}", "",
              "| setting | accuracy | NFE / token | tokens / forward | tokens / s | speedup vs AR | verify rate | "
              "mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|"]
@@ -220,12 +289,8 @@ def write_outputs(records: list[dict[str, Any]], out: Path, title: str) -> None:
 
 def plot_pareto(records: list[dict[str, Any]], path: Path, title: str) -> bool:
     """Accuracy against wall-clock speedup, one marker set and Pareto curve per method; False if no matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in dict.fromkeys(r["method"] for r in records):
@@ -247,3 +312,45 @@ def plot_pareto(records: list[dict[str, Any]], path: Path, title: str) -> bool:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def _shuffled_rounds(cells: list[Any], run: Callable[[Any], Any], repeats: int, seed: int,
+                     progress: str | None) -> dict[Any, list[Any]]:
+    """``run(cell)`` for every cell in ``repeats`` rounds, the order shuffled each round (seeded) so that drift in
+    machine speed spreads evenly; returns each cell's results in round order. ``progress``: a bar's label."""
+    runs: dict[Any, list[Any]] = {c: [] for c in cells}
+    order = list(cells)
+    rng = random.Random(seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=repeats * len(cells), desc=progress, dynamic_ncols=True)
+    for _ in range(repeats):
+        rng.shuffle(order)
+        for cell in order:
+            runs[cell].append(run(cell))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(str(cell))
+    if bar is not None:
+        bar.close()
+    return runs
+
+
+def _write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt

@@ -44,3 +44,66 @@ class KVCache:
     def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The committed keys and values of ``layer``, each ``[num_kv_heads, length, head_dim]`` (views)."""
         return self.keys[layer][:, : self.length], self.values[layer][:, : self.length]
+
+
+class BatchKVCache:
+    """K/V buffers for ``num_slots`` independent rows (the engine's batch), each with its own committed length.
+
+    Layout per layer: ``[num_slots, num_kv_heads, capacity, head_dim]``. Slot ``s`` holds one request's committed
+    tokens in ``[0, lengths[s])``; a batched forward writes each row's K/V into the slots right after them (scratch
+    until committed), exactly as :class:`KVCache` does for a single row. A finished request's slot is reused by the
+    next one after :meth:`SlotCache.reset`.
+    """
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, capacity: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (num_slots, num_kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.lengths = [0] * num_slots
+        self.capacity = capacity
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.lengths)
+
+    def slot(self, index: int) -> SlotCache:
+        """The single-row view of slot ``index`` that a row's decoding loop reads and commits through."""
+        return SlotCache(self, index)
+
+    def ensure_capacity(self, capacity: int) -> None:
+        """Grow every slot to at least ``capacity`` token slots, keeping what they hold (a longer request arrived)."""
+        if capacity <= self.capacity:
+            return
+        capacity = max(capacity, 2 * self.capacity)
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
+                new[:, :, : self.capacity] = old
+                buffers[i] = new
+        self.capacity = capacity
+
+
+class SlotCache:
+    """One slot of a :class:`BatchKVCache`, with the committed-length interface of :class:`KVCache`."""
+
+    def __init__(self, batch: BatchKVCache, index: int) -> None:
+        self.batch, self.index = batch, index
+
+    @property
+    def length(self) -> int:
+        return self.batch.lengths[self.index]
+
+    @property
+    def capacity(self) -> int:
+        return self.batch.capacity
+
+    def reset(self) -> None:
+        """Forget the slot's committed tokens (a new request takes it)."""
+        self.batch.lengths[self.index] = 0
+
+    def commit(self, num_tokens: int) -> None:
+        """Make the K/V just written for this slot's first ``num_tokens`` scratch rows permanent."""
+        if self.length + num_tokens > self.capacity:
+            raise RuntimeError(f"KV cache overflow: {self.length} + {num_tokens} > {self.capacity}")
+        self.batch.lengths[self.index] += num_tokens

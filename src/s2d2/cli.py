@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-from s2d2.config import DecodeConfig, list_item_type
+from s2d2.config import DecodeConfig, check_batch_size, list_item_type
 from s2d2.errors import S2D2Error
 
 # Help for the flags users reach for first; every other field documents itself in s2d2/config.py.
@@ -79,8 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="s2d2", description="Fast decoding for block-diffusion language models (S2D2).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    gen = sub.add_parser("generate", help="decode one prompt")
-    gen.add_argument("prompt", help="the prompt text")
+    gen = sub.add_parser("generate", help="decode one or more prompts")
+    gen.add_argument("prompt", nargs="*", help="the prompt text (several: decoded together, see --batch-size)")
+    gen.add_argument("--prompts-file", default=None, metavar="FILE",
+                     help="more prompts, one per line (\\n inside a line stands for a newline)")
+    gen.add_argument("--batch-size", type=int, default=None,
+                     help="prompts decoded together, one batched forward per step (default: DEFAULT_BATCH_SIZE)")
     gen.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
+    ev.add_argument("--batch-size", type=int, default=None, help="problems decoded together")
     _add_config_flags(ev)
 
     be = sub.add_parser("bench", help="methods side by side: accuracy, NFE, tokens/s, speedup vs AR")
@@ -112,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--device", default="cpu")
     be.add_argument("--dtype", default="auto")
     be.add_argument("--no-progress", action="store_true")
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
+                    help="add a throughput section: AR, dynamic and S2D2 at these batch sizes (e.g. 1 4 16 64)")
+    be.add_argument("--no-grid", action="store_true", help="with --batch-sizes: only the throughput section")
 
     from s2d2.train import TrainConfig
 
@@ -132,21 +140,41 @@ def _generate(ns: argparse.Namespace) -> int:
     import s2d2
 
     cfg = config_from_args(ns)  # validate flags before the (slow) model load
+    batch_size = _batch_size(ns.batch_size)
     template_kwargs = _json_object_flag("--chat-template-kwargs", ns.chat_template_kwargs)
     if template_kwargs and not ns.chat:
         raise S2D2Error("--chat-template-kwargs needs --chat.")
     if "messages" in template_kwargs:
         raise S2D2Error("--chat-template-kwargs cannot set 'messages': the prompt is the message.")
+    texts = list(ns.prompt) + (_read_prompts_file(ns.prompts_file) if ns.prompts_file else [])
+    if not texts:
+        raise S2D2Error("give a prompt (or several, or --prompts-file FILE).")
     model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
-    messages = [{"role": "user", "content": ns.prompt}]
-    prompt = model.apply_chat_template(messages, **template_kwargs) if ns.chat else ns.prompt
-    out = model.generate(prompt, cfg)[0]
-    if ns.json:
-        print(json.dumps(out.to_dict()))
-    else:
-        print(out.text)
-        print(f"[{cfg.method}] {out.stats.summary()}", file=sys.stderr)
+    if ns.chat:
+        texts = [model.apply_chat_template([{"role": "user", "content": t}], **template_kwargs) for t in texts]
+    outs = model.generate(texts, cfg, batch_size=batch_size)
+    for out in outs:  # one JSON object per prompt (JSON Lines), or the texts
+        print(json.dumps(out.to_dict()) if ns.json else out.text)
+    if not ns.json:
+        total = model.summed_stats(outs)
+        print(f"[{cfg.method}] {total.summary()}", file=sys.stderr)
     return 0
+
+
+def _batch_size(value: int | None) -> int:
+    from s2d2.api import DEFAULT_BATCH_SIZE
+
+    return DEFAULT_BATCH_SIZE if value is None else check_batch_size(value)
+
+
+def _read_prompts_file(path: str) -> list[str]:
+    """Prompts, one per line; blank lines are skipped and a literal backslash-n stands for a newline."""
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise S2D2Error(f"cannot read --prompts-file {path} ({e.strerror or type(e).__name__}).") from None
+    return [line.replace("\\n", "\n") for line in lines if line.strip()]
 
 
 def _json_object_flag(flag: str, text: str | None) -> dict[str, Any]:
@@ -171,7 +199,9 @@ def _eval(ns: argparse.Namespace) -> int:
         cfg = cfg.replace(generation_config="none")
     if ns.n < 1:
         raise S2D2Error(f"--n must be >= 1, got {ns.n}.")
-    result = evaluate(s2d2.load(ns.model, device=ns.device, dtype=ns.dtype), cfg, ns.task, ns.n, ns.split)
+    batch_size = _batch_size(ns.batch_size)
+    result = evaluate(s2d2.load(ns.model, device=ns.device, dtype=ns.dtype), cfg, ns.task, ns.n, ns.split,
+                      batch_size=batch_size)
     if ns.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -192,16 +222,30 @@ def _bench(ns: argparse.Namespace) -> int:
     repeats = ns.repeats if ns.repeats is not None else (1 if ns.quick else 3)
     if n < 1 or repeats < 1:
         raise S2D2Error("--n and --repeats must be >= 1.")
+    batch_sizes = [check_batch_size(b) for b in ns.batch_sizes or []]
+    if ns.no_grid and not batch_sizes:
+        raise S2D2Error("--no-grid needs --batch-sizes: there would be nothing to run.")
     grid = bench.load_grid(ns.grid) if ns.grid else bench.default_grid(quick=ns.quick)
     model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
     from s2d2.tasks import arith
 
     problems = arith.generate("test", n, seed=0)
-    records = bench.run_bench(model, [p.prompt for p in problems], lambda i, text: arith.is_correct(problems[i], text),
-                              grid, repeats=repeats, progress=not ns.no_progress)
+    prompts = [p.prompt for p in problems]
+
+    def checker(i: int, text: str) -> bool:
+        return arith.is_correct(problems[i], text)
+
     out = Path(ns.out)
-    bench.write_outputs(records, out, f"{ns.model} on {ns.task} ({n} test problems, {repeats} rounds)")
-    print((out / "results.md").read_text())
+    title = f"{ns.model} on {ns.task} ({n} test problems, {repeats} rounds)"
+    if not ns.no_grid:
+        records = bench.run_bench(model, prompts, checker, grid, repeats=repeats, progress=not ns.no_progress)
+        bench.write_outputs(records, out, title)
+        print((out / "results.md").read_text())
+    if batch_sizes:
+        records = bench.run_throughput(model, prompts, checker, bench.throughput_grid(quick=ns.quick), batch_sizes,
+                                       repeats=repeats, progress=not ns.no_progress)
+        bench.write_throughput(records, out, f"batched: {title}")
+        print((out / "throughput.md").read_text())
     return 0
 
 

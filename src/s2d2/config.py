@@ -208,6 +208,12 @@ class DecodeConfig:
         return cls(**d)
 
 
+def check_batch_size(value: Any) -> int:
+    """A batch size (prompts decoded together) must be an integer >= 1; returns it."""
+    _check_int("batch_size", value, 1)
+    return value
+
+
 def list_item_type(hint: Any) -> type | None:
     """The item type of a list-valued field's type hint (``tuple[int, ...] | None`` -> ``int``), else None."""
     inner = next((t for t in (hint, *get_args(hint)) if get_origin(t) is tuple), None)

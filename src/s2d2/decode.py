@@ -14,7 +14,9 @@ verifies, and every variant (cache modes, policies, estimators) is an argument o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -28,18 +30,83 @@ from s2d2.stats import DecodeStats
 from s2d2.verify import Verdict, accept_greedy, accept_sampled
 
 
-@torch.inference_mode()
-def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cache: KVCache,
-           generator: torch.Generator | None = None,
-           stop_check: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str, DecodeStats]:
-    """Decode one prompt; returns the generated ids (stop token excluded), ``"stop"``/``"length"`` and stats.
+class CacheView(Protocol):
+    """What a row's decoding needs of its cache: the committed length, and committing or forgetting tokens
+    (a :class:`~s2d2.cache.KVCache`, or one slot of the engine's batch cache)."""
 
-    ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there (stop strings)."""
+    @property
+    def length(self) -> int: ...
+
+    def commit(self, num_tokens: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """A row asks for a diffusion-mode forward over its block (first writing its pending committed tokens)."""
+
+    ids: torch.Tensor  # the row's whole sequence
+    block_start: int
+    block_size: int
+    first_mask: int
+    cache_ver: bool
+    draft_ver: bool
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """A row asks for an AR-mode (2L) forward scoring its span, optionally drafting the next block."""
+
+    filled: list[int]
+    block_start: int
+    span_start: int
+    next_block: int
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """A row asks for a forward of its own that writes its pending K/V (only without ``fuse_commit``)."""
+
+    ids: torch.Tensor
+    end: int
+    block_size: int
+    cache_ver: bool
+
+
+ForwardRequest = DraftRequest | VerifyRequest | CommitRequest
+# A row's decoding as a generator: it yields the forward it needs next, is sent that forward's logits (None for a
+# commit), and returns (generated ids, finish reason, stats) when done.
+RowSteps = Generator[ForwardRequest, "torch.Tensor | None", "tuple[list[int], str, DecodeStats]"]
+
+
+@dataclass
+class RowState:
+    """What the driver of :func:`decode_steps` may read while the row runs: its stats (the driver adds forward
+    time) and its sequence (committed tokens so far, for streaming)."""
+
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    seq: Sequence | None = None
+
+
+def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mask_id: int,
+                 stop_ids: Iterable[int], device: torch.device, generator: torch.Generator | None = None,
+                 stop_check: Callable[[list[int]], bool] | None = None,
+                 state: RowState | None = None) -> RowSteps:
+    """Decode one prompt, asking for each forward instead of running it: the algorithm, free of scheduling.
+
+    The caller (:func:`decode` for one row, :class:`s2d2.engine.Engine` for a batch) executes each yielded
+    :data:`ForwardRequest` against ``cache`` (the row's own committed K/V) and sends back its logits.
+    ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there (stop strings).
+    Forward time is the caller's to add to ``state.stats.forward_time_s``.
+    """
     t0 = time.perf_counter()
-    stats = DecodeStats(prompt_tokens=len(prompt_ids))
-    forwards = _Forwards(adapter, cache, cfg, stats)
-    seq = Sequence(prompt_ids, cfg.block_size, cfg.max_new_tokens, adapter.mask_id,
-                   adapter.stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids, adapter.device)
+    state = state if state is not None else RowState()
+    stats = state.stats
+    stats.prompt_tokens = len(prompt_ids)
+    forwards = _Forwards(cache, cfg, stats)
+    seq = state.seq = Sequence(prompt_ids, cfg.block_size, cfg.max_new_tokens, mask_id,
+                               stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids, device)
     base = "static" if cfg.method in ("ar", "static") else "dynamic" if cfg.method == "dynamic" else cfg.fallback
     quotas = strategies.step_quotas(cfg.block_size, cfg.steps)
     router = routing.RouterState.initial(cfg)
@@ -49,13 +116,13 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
             span = block.span()
             if span is None:
                 break
-            draft = forwards.draft(seq, block, generator)
+            draft = yield from forwards.draft(seq, block, generator)
             commits: dict[int, int] = {}
             verdict = None
             if cfg.method == "s2d2":
                 verify_now, router = routing.route(router, block, span, draft, cfg)
                 if verify_now:
-                    verdict = forwards.verify(seq, block, span, draft, generator)
+                    verdict = yield from forwards.verify(seq, block, span, draft, generator)
                     commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
             need = min(quota, block.num_masked) - len(commits)
             if need > 0:
@@ -75,26 +142,67 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
     return token_ids, finish_reason, stats
 
 
-class _Forwards:
-    """The loop's access to the model: builds each forward's inputs, counts it, and times it."""
+@torch.inference_mode()
+def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cache: KVCache,
+           generator: torch.Generator | None = None,
+           stop_check: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str, DecodeStats]:
+    """Decode one prompt with the adapter's single-row forwards; returns the generated ids (stop token excluded),
+    ``"stop"``/``"length"`` and stats. ``stop_check`` as in :func:`decode_steps`."""
+    state = RowState()
+    steps = decode_steps(prompt_ids, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device, generator,
+                         stop_check, state)
+    timer = ForwardTimer(adapter.device)
+    logits = None
+    while True:
+        try:
+            request = steps.send(logits)
+        except StopIteration as done:
+            return done.value
+        with timer:
+            logits = run_request(adapter, request, cache)
+        state.stats.forward_time_s += timer.elapsed
 
-    def __init__(self, adapter: FamilyAdapter, cache: KVCache, cfg: DecodeConfig, stats: DecodeStats) -> None:
-        self.adapter, self.cache, self.cfg, self.stats = adapter, cache, cfg, stats
-        self._sync = adapter.device.type == "cuda"
+
+def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache) -> torch.Tensor | None:
+    """Execute one row's request with the adapter's single-row forwards."""
+    if isinstance(request, DraftRequest):
+        return adapter.draft(request.ids, cache, request.block_start, request.block_size, request.first_mask,
+                             cache_ver=request.cache_ver, draft_ver=request.draft_ver)
+    if isinstance(request, VerifyRequest):
+        return adapter.verify(request.filled, cache, request.block_start, request.span_start, request.next_block)
+    adapter.commit(request.ids, cache, request.end, request.block_size, cache_ver=request.cache_ver)
+    return None
+
+
+class ForwardTimer:
+    """Wall time of a forward (CUDA is synchronised around it, so the time is the device's, not the launch's)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._sync = device.type == "cuda"
+        self.elapsed = 0.0
+
+    def __enter__(self) -> ForwardTimer:
+        if self._sync:
+            torch.cuda.synchronize()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sync:
+            torch.cuda.synchronize()
+        self.elapsed = time.perf_counter() - self._t0
+
+
+class _Forwards:
+    """The row's forwards as requests: builds each one, counts it, and turns its logits into a draft or a verdict."""
+
+    def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats) -> None:
+        self.cache, self.cfg, self.stats = cache, cfg, stats
         self._fuse_draft = cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit
         self._next_draft: tuple[int, torch.Tensor] | None = None  # (block start, logits) drafted by a verify
 
-    def _timed(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if self._sync:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn(*args, **kwargs)
-        if self._sync:
-            torch.cuda.synchronize()
-        self.stats.forward_time_s += time.perf_counter() - t0
-        return out
-
-    def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None) -> Draft:
+    def draft(self, seq: Sequence, block: BlockState,
+              generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Draft]:
         """One diffusion-mode forward over the block; tokens drawn at every offset.
 
         The forward first writes the pending K/V (prompt or previous block); without ``fuse_commit`` they get a
@@ -107,9 +215,11 @@ class _Forwards:
             self.stats.fused_drafts += 1
         else:
             if not cfg.fuse_commit and self.cache.length < block.start:
-                self.write_pending(seq, block.start)
-            logits = self._timed(self.adapter.draft, seq.ids, self.cache, block.start, block.size, block.first_mask,
-                                 cache_ver=cfg.cache_ver, draft_ver=cfg.draft_ver)
+                kind = "prefill_forwards" if self.cache.length == 0 else "commit_forwards"
+                yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+                setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+            logits = yield DraftRequest(seq.ids, block.start, block.size, block.first_mask, cfg.cache_ver,
+                                        cfg.draft_ver)
             self.stats.draft_forwards += 1
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         tokens = choose_tokens(probs, cfg.greedy, generator)
@@ -117,7 +227,7 @@ class _Forwards:
         return Draft(tuple(tokens.tolist()), tuple(confidence.tolist()), probs)
 
     def verify(self, seq: Sequence, block: BlockState, span: Span, draft: Draft,
-               generator: torch.Generator | None) -> Verdict:
+               generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Verdict]:
         """One AR-mode forward scoring the span's drafts, then speculative acceptance.
 
         With ``fuse_draft``, a span that runs to the end of a full block (so acceptance may finish it) also gets
@@ -129,7 +239,7 @@ class _Forwards:
         filled = list(block.tokens[:span.start]) + drafted
         ahead = block.size if (self._fuse_draft and span.end == block.end == block.size
                                and block.start + block.size < seq.limit) else 0
-        logits = self._timed(self.adapter.verify, filled, self.cache, block.start, block.start + span.start, ahead)
+        logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         logits, next_logits = logits[:span.length], logits[span.length:]
         self.stats.verify_forwards += 1
         if cfg.greedy:
@@ -142,9 +252,3 @@ class _Forwards:
             self.cache.commit(block.size)  # the causal K/V of the finished block, as fuse_commit would write them
             self._next_draft = (block.start + block.size, next_logits)
         return verdict
-
-    def write_pending(self, seq: Sequence, end: int) -> None:
-        """A forward of its own that writes the K/V of ``seq.ids[cache.length : end]`` (prefill or block commit)."""
-        kind = "prefill_forwards" if self.cache.length == 0 else "commit_forwards"
-        self._timed(self.adapter.commit, seq.ids, self.cache, end, self.cfg.block_size, cache_ver=self.cfg.cache_ver)
-        setattr(self.stats, kind, getattr(self.stats, kind) + 1)

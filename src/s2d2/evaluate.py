@@ -29,8 +29,9 @@ class EvalResult:
                 "stats": self.stats.to_dict()}
 
 
-def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500, split: str = "test") -> EvalResult:
-    """Decode the first ``n`` problems of ``split`` with ``cfg`` and score the answers."""
+def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500, split: str = "test",
+             batch_size: int = 1) -> EvalResult:
+    """Decode the first ``n`` problems of ``split`` with ``cfg`` (``batch_size`` at a time) and score the answers."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
     if n < 1:
@@ -38,10 +39,10 @@ def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500,
     from s2d2.tasks import arith
 
     problems = arith.generate(split, n, seed=0)
-    outs = model.generate([p.prompt for p in problems], cfg)
+    outs = model.generate([p.prompt for p in problems], cfg, batch_size=batch_size)
     correct = [arith.is_correct(p, o.text) for p, o in zip(problems, outs)]
     levels: dict[int, list[bool]] = {}
     for p, ok in zip(problems, correct):
         levels.setdefault(p.level, []).append(ok)
-    stats = DecodeStats.total([o.stats for o in outs])
+    stats = model.summed_stats(outs)
     return EvalResult(task, n, sum(correct) / n, {k: sum(v) / len(v) for k, v in sorted(levels.items())}, stats)

@@ -56,6 +56,20 @@ def decode_config_from_model_args(args: dict[str, Any]) -> DecodeConfig:
     return DecodeConfig.from_dict(values)
 
 
+def _parse_batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
+    """lm-eval's batch_size model argument as an int."""
+    from s2d2.api import DEFAULT_BATCH_SIZE
+    from s2d2.config import check_batch_size
+
+    text = str(batch_size)
+    if text.startswith("auto"):
+        return check_batch_size(int(max_batch_size)) if max_batch_size else DEFAULT_BATCH_SIZE
+    try:
+        return check_batch_size(int(text))
+    except ValueError:
+        raise ConfigError(f"batch_size must be an integer >= 1 or 'auto', got {batch_size!r}.") from None
+
+
 @register_model("s2d2")
 class S2D2LM(LM):
     """lm-eval model that decodes with s2d2 (any method: ar, static, dynamic, s2d2). Implements generate_until;
@@ -63,10 +77,11 @@ class S2D2LM(LM):
 
     def __init__(self, pretrained: str = "bundled", device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_batch_size: int | None = None, **decode_args: Any) -> None:
-        # batch_size / max_batch_size are accepted because lm-eval always passes them; s2d2 decodes one request
-        # per forward (batch size 1), so they change nothing
+        # lm-eval passes batch_size (an int, or "auto"/"auto:N", which has no memory search to do here: it means
+        # max_batch_size if given, else s2d2's default) and max_batch_size
         super().__init__()
         self.config = decode_config_from_model_args(decode_args)  # validate before the (slow) load
+        self.batch_size = _parse_batch_size(batch_size, max_batch_size)
         device = device or "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval passes its own default, cuda:0, when --device is not given (its HF model falls back too)
@@ -86,14 +101,22 @@ class S2D2LM(LM):
         """Decode each request's context with the request's stop strings and token budget."""
         from tqdm import tqdm
 
-        outputs: list[str] = []
-        for req in tqdm(requests, desc="s2d2 generate_until", disable=disable_tqdm or len(requests) < 2):
-            context, gen_kwargs = req.args
-            cfg = self._config_for(gen_kwargs)
-            gen = self.model.generate(context, cfg)[0]
-            self.stats = DecodeStats.total([self.stats, gen.stats])
-            outputs.append(gen.text)
-            self.cache_hook.add_partial("generate_until", (context, gen_kwargs), gen.text)
+        # requests with the same settings decode together, batch_size at a time (results do not depend on the batch)
+        groups: dict[DecodeConfig, list[int]] = {}
+        for i, req in enumerate(requests):
+            groups.setdefault(self._config_for(req.args[1]), []).append(i)
+        outputs: list[str] = [""] * len(requests)
+        bar = tqdm(total=len(requests), desc="s2d2 generate_until", disable=disable_tqdm or len(requests) < 2)
+        for cfg, indices in groups.items():
+            for start in range(0, len(indices), self.batch_size * 4):  # chunks, so progress and the log move
+                chunk = indices[start:start + self.batch_size * 4]
+                gens = self.model.generate([requests[i].args[0] for i in chunk], cfg, batch_size=self.batch_size)
+                self.stats = DecodeStats.total([self.stats, self.model.summed_stats(gens)])
+                for i, gen in zip(chunk, gens):
+                    outputs[i] = gen.text
+                    self.cache_hook.add_partial("generate_until", requests[i].args, gen.text)
+                bar.update(len(chunk))
+        bar.close()
         s = self.stats.to_dict()
         log.info("s2d2 decoding so far: %d tokens, NFE %d, %.2f tokens/forward, %.1f tokens/s",
                  s["num_tokens"], s["nfe"], s["tokens_per_forward"], s["tokens_per_s"])

@@ -39,8 +39,10 @@ class DecodeStats:
     fallback_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts accepted at span offset i
     proposed_per_position: list[int] = field(default_factory=list)  # [i]: drafts verified at span offset i
+    # a prompt's wall time from its start to its end: its latency, which in a batch overlaps the other prompts'
+    # (Model.summed_stats sums a call's counters and takes the call's wall time instead)
     time_s: float = 0.0
-    forward_time_s: float = 0.0  # wall time inside model forwards (CUDA is synchronised around them)
+    forward_time_s: float = 0.0  # wall time inside the forwards it took part in (CUDA is synchronised around them)
 
     @property
     def nfe(self) -> int:

@@ -12,7 +12,8 @@ from typing import Protocol
 
 import torch
 
-from s2d2.cache import KVCache
+from s2d2.batching import ForwardSpec
+from s2d2.cache import BatchKVCache, KVCache
 
 
 class FamilyAdapter(Protocol):
@@ -53,4 +54,30 @@ class FamilyAdapter(Protocol):
 
     def commit(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> None:
         """Write the K/V of ``ids[cache.length : end]`` into the cache (a forward of its own)."""
+        ...
+
+    # The batched engine builds the same three forwards as specs (``cache_len`` is the row's committed length) and
+    # runs the rows of many requests in one forward.
+    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+                   *, cache_ver: bool, draft_ver: bool) -> ForwardSpec:
+        """The rows and mask of :meth:`draft`."""
+        ...
+
+    def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
+                    next_block: int = 0) -> ForwardSpec:
+        """The rows and mask of :meth:`verify`."""
+        ...
+
+    def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+                    cache_ver: bool) -> ForwardSpec:
+        """The rows and mask of :meth:`commit`."""
+        ...
+
+    def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
+        """An empty cache of ``num_slots`` rows of ``capacity`` token slots each."""
+        ...
+
+    def run_batch(self, specs: list[ForwardSpec], cache: BatchKVCache, slots: list[int]) -> list[torch.Tensor]:
+        """One forward for several rows (row ``i`` in cache slot ``slots[i]``): commits each row's ``num_store``
+        rows and returns each row's logits ``[num_rows - logits_from, V]``."""
         ...

@@ -22,7 +22,8 @@ from functools import lru_cache
 
 import torch
 
-from s2d2.cache import KVCache
+from s2d2.batching import ForwardSpec, pack
+from s2d2.cache import BatchKVCache, KVCache
 from s2d2.models.qwen3 import Qwen3Decoder
 
 
@@ -89,28 +90,43 @@ class SDARAdapter:
     def new_cache(self, capacity: int) -> KVCache:
         return self.model.new_cache(capacity)
 
-    def _run(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, local_mask: torch.Tensor,
-             num_store: int, logits_from: int) -> torch.Tensor:
-        n = ids.shape[0]
+    def run(self, spec: ForwardSpec, cache: KVCache) -> torch.Tensor:
+        """Execute one row's forward against a single-row cache; returns its logits ``[L - logits_from, V]``."""
+        n = spec.num_rows
         if cache.length:
             mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=self.device)
-            mask[:, cache.length:] = local_mask
+            mask[:, cache.length:] = spec.mask
         else:
-            mask = local_mask
-        logits = self.model(ids, positions, cache, mask, num_store=num_store, logits_from=logits_from)
+            mask = spec.mask
+        logits = self.model(spec.tokens, spec.positions, cache, mask, num_store=spec.num_store,
+                            logits_from=spec.logits_from)
         return logits.index_fill_(-1, self._banned, float("-inf"))
 
-    def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
-              *, cache_ver: bool, draft_ver: bool) -> torch.Tensor:
-        c, end = cache.length, block_start + block_size
-        pending = block_start - c
-        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device)
-        positions = torch.arange(c, end, device=self.device)
-        return self._run(ids[c:end], positions, cache, mask, num_store=pending, logits_from=pending)
+    def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
+        return self.model.new_batch_cache(num_slots, capacity)
 
-    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
-               next_block: int = 0) -> torch.Tensor:
-        assert cache.length == block_start, "verify expects the cache to hold everything before the block"
+    def run_batch(self, specs: list[ForwardSpec], cache: BatchKVCache, slots: list[int]) -> list[torch.Tensor]:
+        """Execute one forward for several rows, row ``i`` in cache slot ``slots[i]``; commits each row's
+        ``num_store`` rows and returns each row's logits (as :meth:`run` would, up to float rounding)."""
+        batch = pack(specs, slots, [cache.lengths[s] for s in slots], self.device)
+        logits = self.model.forward_packed(batch, cache).index_fill_(-1, self._banned, float("-inf"))
+        for spec, slot in zip(specs, slots):
+            cache.slot(slot).commit(spec.num_store)
+        return list(logits.split(batch.logits_counts))
+
+    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+                   *, cache_ver: bool, draft_ver: bool) -> ForwardSpec:
+        """The draft forward: pending rows ``ids[cache_len : block_start]`` (committed here), then the block."""
+        end = block_start + block_size
+        pending = block_start - cache_len
+        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device)
+        positions = torch.arange(cache_len, end, device=self.device)
+        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)
+
+    def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
+                    next_block: int = 0) -> ForwardSpec:
+        """The 2L verify forward (module docstring); commits nothing."""
+        assert cache_len == block_start, "verify expects the cache to hold everything before the block"
         num_first = len(filled)
         offset = span_start - block_start
         end = block_start + num_first
@@ -119,10 +135,24 @@ class SDARAdapter:
         positions = torch.cat((torch.arange(block_start, end, device=self.device),
                                torch.arange(span_start, end + next_block, device=self.device)))
         mask = verify_mask(num_first, offset, self.device, next_block)
-        return self._run(tokens, positions, cache, mask, num_store=0, logits_from=num_first)
+        return ForwardSpec(tokens, positions, mask, num_store=0, logits_from=num_first)
+
+    def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+                    cache_ver: bool) -> ForwardSpec:
+        """A forward of its own writing the K/V of ``ids[cache_len : end]``."""
+        n = end - cache_len
+        mask = draft_mask(n, block_size, 0, cache_ver, False, self.device)[:n, :n]
+        return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+                           num_store=n, logits_from=n)
+
+    def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
+              *, cache_ver: bool, draft_ver: bool) -> torch.Tensor:
+        return self.run(self.draft_spec(ids, cache.length, block_start, block_size, first_mask,
+                                        cache_ver=cache_ver, draft_ver=draft_ver), cache)
+
+    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
+               next_block: int = 0) -> torch.Tensor:
+        return self.run(self.verify_spec(filled, cache.length, block_start, span_start, next_block), cache)
 
     def commit(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> None:
-        c = cache.length
-        n = end - c
-        mask = draft_mask(n, block_size, 0, cache_ver, False, self.device)[:n, :n]
-        self._run(ids[c:end], torch.arange(c, end, device=self.device), cache, mask, num_store=n, logits_from=n)
+        self.run(self.commit_spec(ids, cache.length, end, block_size, cache_ver=cache_ver), cache)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2d2.cache import KVCache
+from s2d2.batching import PackedBatch
+from s2d2.cache import BatchKVCache, KVCache
 from s2d2.errors import ModelLoadError
 
 # Checkpoint tensors known to be unused, and ignored when loading (every other unused tensor is an error):
@@ -236,6 +237,55 @@ class Qwen3Decoder(nn.Module):
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head).float()
         return logits if batched else logits[0]
+
+    def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
+        """A cache of ``num_slots`` independent rows of ``capacity`` token slots each (the engine's batch)."""
+        c = self.config
+        return BatchKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_slots, capacity,
+                            device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+
+    def forward_packed(self, batch: PackedBatch, cache: BatchKVCache) -> torch.Tensor:
+        """One forward over the packed rows of several requests; returns float32 logits ``[R, V]`` for
+        ``batch.logits_index``, batch row by batch row.
+
+        Token-wise layers run over the N valid rows only; attention runs per batch row over that row's cache slot
+        (``batch.attn_mask`` ``[b, 1, width, key_len]``), with its query rows scattered into a padded layout and
+        gathered back. Each row's K/V are written into its slot after its committed tokens (scratch until the
+        caller commits them), as :meth:`forward` does for one row.
+        """
+        c = self.config
+        b, width, n = len(batch.logits_counts), batch.width, batch.num_rows
+        cos, sin = self._rope(batch.positions)  # [N, 1, head_dim]
+        x = self.embed(batch.tokens)  # [N, H]
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            q, k, v = layer.qkv(h).split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
+            q = q.view(n, c.num_attention_heads, c.head_dim)
+            k = k.view(n, c.num_key_value_heads, c.head_dim)
+            v = v.view(n, c.num_key_value_heads, c.head_dim)
+            if layer.q_norm is not None:
+                q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
+                k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k
+            cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v
+            if batch.contiguous_slots:
+                keys, values = cache.keys[i][:b, :, :batch.key_len], cache.values[i][:b, :, :batch.key_len]
+            else:
+                keys = cache.keys[i][:, :, :batch.key_len].index_select(0, batch.key_slots)
+                values = cache.values[i][:, :, :batch.key_len].index_select(0, batch.key_slots)
+            padded = q.new_zeros(b * width, c.num_attention_heads, c.head_dim)
+            padded[batch.query_index] = q
+            padded = padded.view(b, width, c.num_attention_heads, c.head_dim).transpose(1, 2)
+            attn = F.scaled_dot_product_attention(padded, keys, values, attn_mask=batch.attn_mask, enable_gqa=True)
+            attn = attn.transpose(1, 2).reshape(b * width, layer.q_size)[batch.query_index]  # [N, q_size]
+            x = x + layer.o_proj(attn)
+            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
+            gate, up = layer.gate_up(h).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
+        x = _rms_norm(x[batch.logits_index], self.norm, c.rms_norm_eps)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
 
     # ---------------------------------------------------------------- weights
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:

@@ -1,0 +1,210 @@
+"""The batched engine: many requests decoded together, one forward per engine step, each row at its own pace.
+
+Each request is a row running the per-row algorithm (:func:`s2d2.decode.decode_steps`) in its own slot of a
+:class:`~s2d2.cache.BatchKVCache`. A step collects the forward every active row needs next, whatever its kind (a
+draft, a 2L verification, a verification that also drafts the next block, a commit), runs them as one packed
+forward (:mod:`s2d2.batching`), and hands each row its logits. The engine only schedules: it never decides what a
+row does, so a row's tokens and forward counts are those of batch-1 decoding, whatever shares its batch
+(design invariant 7); sampled rows draw from their own generator.
+
+Continuous batching: requests wait in a queue; a finished or cancelled row frees its slot and the next waiting
+request takes it at the following step, while the others go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from s2d2.adapters.base import FamilyAdapter
+from s2d2.batching import ForwardSpec
+from s2d2.config import DecodeConfig, check_batch_size
+from s2d2.decode import (
+    CommitRequest,
+    DraftRequest,
+    ForwardRequest,
+    ForwardTimer,
+    RowSteps,
+    VerifyRequest,
+    RowState,
+    decode_steps,
+)
+from s2d2.stats import DecodeStats
+
+
+@dataclass
+class Event:
+    """What one step did for one request: tokens newly committed at the left edge (every token before them is
+    committed, so they can be streamed), and, when ``finished``, the request's result."""
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool = False
+    token_ids: list[int] | None = None  # the whole generation (stop token excluded), when finished
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    stats: DecodeStats | None = None
+
+
+@dataclass
+class BatchStats:
+    """Engine-level counters: the batch's forwards, and how full they were."""
+
+    steps: int = 0  # engine steps, i.e. batched forwards
+    row_forwards: int = 0  # (row, forward) pairs: the sum of the rows' NFE
+    rows_computed: int = 0  # query rows the token-wise layers computed (valid rows only: rows are packed)
+    padded_rows: int = 0  # padding in the attention layout (rows x longest row)
+    forward_time_s: float = 0.0
+    time_s: float = 0.0  # wall time inside step()
+    num_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(
+            rows_per_forward=self.rows_computed / self.steps if self.steps else 0.0,
+            mean_batch=self.row_forwards / self.steps if self.steps else 0.0,
+            padding_share=self.padded_rows / (self.rows_computed + self.padded_rows) if self.rows_computed else 0.0,
+            host_share=1.0 - self.forward_time_s / self.time_s if self.time_s > 0 else 0.0,
+            tokens_per_s=self.num_tokens / self.time_s if self.time_s > 0 else 0.0,
+        )
+        return d
+
+
+@dataclass
+class _Row:
+    request_id: int
+    slot: int
+    steps: RowSteps
+    state: RowState
+    pending: ForwardRequest | None = None
+    reported: int = 0  # generated tokens already sent in events (streaming)
+
+
+@dataclass
+class _Waiting:
+    request_id: int
+    prompt_ids: list[int]
+    config: DecodeConfig
+    generator: torch.Generator | None
+    stop_check: Any
+    capacity: int = field(default=0)
+
+
+class Engine:
+    """Continuous batching over one model: ``add`` requests, call ``step`` until ``idle``, ``cancel`` any time.
+
+    ``max_batch_size`` rows decode at once. Prompts must already be checked (``Model.generate`` does it). With
+    ``stream``, every step also reports each row's newly committed left-edge tokens (not only finished requests).
+    """
+
+    def __init__(self, adapter: FamilyAdapter, max_batch_size: int, capacity: int = 256, stream: bool = False) -> None:
+        check_batch_size(max_batch_size)
+        self.adapter = adapter
+        self.cache = adapter.new_batch_cache(max_batch_size, capacity)
+        self.stats = BatchStats()
+        self.stream = stream
+        self._free = list(range(max_batch_size))  # a heap: the lowest free slot first, so busy slots stay 0..n-1
+        self._rows: dict[int, _Row] = {}
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._next_id = 0
+        self._timer = ForwardTimer(adapter.device)
+
+    @property
+    def idle(self) -> bool:
+        """No request is running or waiting."""
+        return not self._rows and not self._waiting
+
+    def add(self, prompt_ids: list[int], config: DecodeConfig, generator: torch.Generator | None = None,
+            stop_check: Any = None) -> int:
+        """Queue a request; returns its id. It starts at the next step with a free slot."""
+        rid = self._next_id
+        self._next_id += 1
+        b = config.block_size
+        # positions of prompt + max_new_tokens in whole blocks, plus the scratch rows a forward writes after them
+        capacity = -(-(len(prompt_ids) + config.max_new_tokens) // b) * b + 3 * b
+        self._waiting.append(_Waiting(rid, list(prompt_ids), config, generator, stop_check, capacity))
+        return rid
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request now (running or waiting) and free its slot; False if it is unknown or already done."""
+        for w in self._waiting:
+            if w.request_id == request_id:
+                self._waiting.remove(w)
+                return True
+        row = self._rows.pop(request_id, None)
+        if row is None:
+            return False
+        row.steps.close()
+        heapq.heappush(self._free, row.slot)
+        return True
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free slots, run one batched forward for every active row, and return what
+        happened: newly committed tokens per row, and finished requests."""
+        t0 = time.perf_counter()
+        events: list[Event] = []
+        self._admit(events)
+        rows = sorted((r for r in self._rows.values() if r.pending is not None), key=lambda r: r.slot)
+        if rows:
+            specs = [self._spec(r) for r in rows]
+            slots = [r.slot for r in rows]
+            with self._timer:
+                logits = self.adapter.run_batch(specs, self.cache, slots)
+            elapsed = self._timer.elapsed
+            self.stats.steps += 1
+            self.stats.row_forwards += len(rows)
+            self.stats.rows_computed += sum(s.num_rows for s in specs)
+            self.stats.padded_rows += len(specs) * max(s.num_rows for s in specs) - sum(s.num_rows for s in specs)
+            self.stats.forward_time_s += elapsed
+            for row, out in zip(rows, logits):
+                row.state.stats.forward_time_s += elapsed
+                self._advance(row, None if isinstance(row.pending, CommitRequest) else out, events)
+        self.stats.time_s += time.perf_counter() - t0
+        return events
+
+    def _admit(self, events: list[Event]) -> None:
+        while self._waiting and self._free:
+            w = self._waiting.popleft()
+            slot = heapq.heappop(self._free)
+            self.cache.ensure_capacity(w.capacity)
+            state = RowState()
+            steps = decode_steps(w.prompt_ids, w.config, self.cache.slot(slot), self.adapter.mask_id,
+                                 self.adapter.stop_ids, self.adapter.device, w.generator, w.stop_check, state)
+            row = _Row(w.request_id, slot, steps, state)
+            self._rows[w.request_id] = row
+            self._advance(row, None, events, first=True)
+
+    def _advance(self, row: _Row, logits: torch.Tensor | None, events: list[Event], first: bool = False) -> None:
+        """Send a row its forward's logits and take its next request; report its progress or its end."""
+        try:
+            row.pending = next(row.steps) if first else row.steps.send(logits)
+        except StopIteration as done:
+            token_ids, finish_reason, stats = done.value
+            del self._rows[row.request_id]
+            heapq.heappush(self._free, row.slot)
+            self.stats.num_tokens += len(token_ids)
+            events.append(Event(row.request_id, token_ids[row.reported:], True, token_ids, finish_reason, stats))
+            return
+        if not self.stream:
+            return
+        generated = row.state.seq.generated()
+        if len(generated) > row.reported:
+            events.append(Event(row.request_id, generated[row.reported:]))
+            row.reported = len(generated)
+
+    def _spec(self, row: _Row) -> ForwardSpec:
+        request, cache_len = row.pending, self.cache.lengths[row.slot]
+        adapter = self.adapter
+        if isinstance(request, DraftRequest):
+            return adapter.draft_spec(request.ids, cache_len, request.block_start, request.block_size,
+                                      request.first_mask, cache_ver=request.cache_ver, draft_ver=request.draft_ver)
+        if isinstance(request, VerifyRequest):
+            return adapter.verify_spec(request.filled, cache_len, request.block_start, request.span_start,
+                                       request.next_block)
+        assert isinstance(request, CommitRequest)
+        return adapter.commit_spec(request.ids, cache_len, request.end, request.block_size, cache_ver=request.cache_ver)
