@@ -4,8 +4,9 @@ A row is one request of the engine's batch, with its own committed K/V in its ow
 different sizes in the same engine step (a 5-row draft beside a 12-row verification, a long prefill beside both), so
 padding every row to the longest would compute mostly padding. Instead the rows are **packed**: the token-wise work
 (embeddings, projections, MLP, which is nearly all of a forward) runs over the concatenated valid rows only, and only
-attention, which must see each row's own cache, uses a padded ``[rows, longest, keys]`` layout. Padding therefore
-costs attention scores, not matmuls; :attr:`PackedBatch.num_padded` counts it.
+attention, which must see each row's own cache, uses a padded ``[rows, longest, keys]`` layout, per group of rows of
+similar length (so that one prompt's prefill does not pad every one-token AR row). Padding therefore costs attention
+scores, not matmuls; :attr:`PackedBatch.num_padded` counts it.
 """
 
 from __future__ import annotations
@@ -37,22 +38,38 @@ class ForwardSpec:
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Batch rows of similar length whose attention runs as one padded ``[rows, width, key_len]`` call."""
+
+    rows: slice  # their packed query rows (contiguous: packing orders batch rows group by group)
+    query_index: torch.Tensor  # [n] place of each of those rows in the padded [num_batch_rows * width] layout
+    key_slots: torch.Tensor  # [num_batch_rows] cache slot of each batch row
+    slot_range: tuple[int, int] | None  # the slots are start..stop-1 in order: keys are a view, not a gather
+    attn_mask: torch.Tensor  # [num_batch_rows, 1, width, key_len] bool
+    width: int
+    key_len: int
+
+    @property
+    def num_padded(self) -> int:
+        return int(self.attn_mask.shape[0]) * self.width - int(self.query_index.shape[0])
+
+
+@dataclass(frozen=True)
 class PackedBatch:
-    """The rows of several :class:`ForwardSpec` packed for :meth:`Qwen3Decoder.forward_packed` (N valid query rows
-    over b batch rows, the longest with ``width`` query rows, keys ``[0, key_len)`` of each row's slot)."""
+    """The rows of several :class:`ForwardSpec` packed for :meth:`Qwen3Decoder.forward_packed`.
+
+    Batch rows are reordered into attention groups of similar length (``order[k]`` is the spec that packed batch row
+    ``k`` comes from), so that a long row (a prompt's prefill) does not pad every short one.
+    """
 
     tokens: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
     slot_of_row: torch.Tensor  # [N] cache slot each query row writes its K/V into
     cache_pos: torch.Tensor  # [N] position in that slot (after the slot's committed tokens)
-    query_index: torch.Tensor  # [N] place of each query row in the padded [b * width] attention layout
-    key_slots: torch.Tensor  # [b] cache slot of each batch row
-    contiguous_slots: bool  # key_slots == 0..b-1: the keys are a view, not a gather
-    attn_mask: torch.Tensor  # [b, 1, width, key_len] bool
-    width: int
-    key_len: int
-    logits_index: torch.Tensor  # [R] packed rows that get logits, batch row by batch row
-    logits_counts: tuple[int, ...]  # [b] how many of those each batch row owns
+    groups: tuple[AttentionGroup, ...]
+    logits_index: torch.Tensor  # [R] packed rows that get logits, packed batch row by packed batch row
+    logits_counts: tuple[int, ...]  # how many of those each packed batch row owns
+    order: tuple[int, ...]
 
     @property
     def num_rows(self) -> int:
@@ -61,28 +78,49 @@ class PackedBatch:
 
     @property
     def num_padded(self) -> int:
-        """Padding query rows in the attention layout."""
-        return len(self.logits_counts) * self.width - self.num_rows
+        """Padding query rows in the attention layouts."""
+        return sum(g.num_padded for g in self.groups)
+
+
+# a batch row joins the current attention group while it is at most this many times the group's shortest row
+GROUP_RATIO = 2
+MAX_GROUPS = 4  # each group is one more attention call per layer
+
+
+def attention_groups(sizes: list[int]) -> list[list[int]]:
+    """Batch rows (indices into ``sizes``) in groups of similar length, shortest first; within a group, rows keep
+    their order."""
+    by_size = sorted(range(len(sizes)), key=lambda i: (sizes[i], i))
+    groups: list[list[int]] = []
+    for i in by_size:
+        if groups and (sizes[i] <= GROUP_RATIO * sizes[groups[-1][0]] or len(groups) == MAX_GROUPS):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return [sorted(g) for g in groups]
 
 
 def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device: torch.device) -> PackedBatch:
     """Pack ``specs`` (one per batch row) whose rows live in cache ``slots`` holding ``lengths`` committed tokens."""
     sizes = [s.num_rows for s in specs]
-    b, width = len(specs), max(sizes)
-    key_len = max(c + n for c, n in zip(lengths, sizes))
+    grouping = attention_groups(sizes)
+    order = [i for g in grouping for i in g]
+    specs = [specs[i] for i in order]
+    sizes = [sizes[i] for i in order]
     size_t = torch.tensor(sizes, device=device)
-    length_t = torch.tensor(lengths, device=device)
-    row_of = torch.repeat_interleave(torch.arange(b, device=device), size_t)  # [N] batch row of each query row
+    length_t = torch.tensor([lengths[i] for i in order], device=device)
+    slots_t = torch.tensor([slots[i] for i in order], device=device)
+    row_of = torch.repeat_interleave(torch.arange(len(specs), device=device), size_t)  # [N] batch row of each row
     starts = torch.cumsum(size_t, 0) - size_t
     local = torch.arange(row_of.shape[0], device=device) - starts[row_of]  # [N] index within its batch row
-    slots_t = torch.tensor(slots, device=device)
-    # attention mask: every query row sees its slot's committed keys, then its own rows through its local mask
-    local_masks = torch.stack([F.pad(s.mask, (0, width - n, 0, width - n)) for s, n in zip(specs, sizes)])
-    key = torch.arange(key_len, device=device)[None, :] - length_t[:, None]  # [b, key_len] local column
-    inside = (key >= 0) & (key < size_t[:, None])
-    own = local_masks.gather(2, key.clamp(0, width - 1)[:, None, :].expand(b, width, key_len)) & inside[:, None, :]
-    mask = own | (key < 0)[:, None, :]
-    mask[:, :, 0] |= torch.arange(width, device=device)[None, :] >= size_t[:, None]  # padding rows: no NaN rows
+    groups, first, first_row = [], 0, 0
+    for g in grouping:
+        last = first + len(g)
+        n_rows = sum(sizes[first:last])
+        groups.append(_group(specs[first:last], size_t[first:last], length_t[first:last], slots_t[first:last],
+                             [slots[i] for i in order[first:last]], slice(first_row, first_row + n_rows),
+                             local[first_row:first_row + n_rows], row_of[first_row:first_row + n_rows] - first))
+        first, first_row = last, first_row + n_rows
     logits_from = torch.tensor([s.logits_from for s in specs], device=device)
     wants = local >= logits_from[row_of]
     return PackedBatch(
@@ -90,12 +128,27 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
         positions=torch.cat([s.positions for s in specs]),
         slot_of_row=slots_t[row_of],
         cache_pos=length_t[row_of] + local,
-        query_index=row_of * width + local,
-        key_slots=slots_t,
-        contiguous_slots=slots == list(range(b)),
-        attn_mask=mask[:, None],
-        width=width,
-        key_len=key_len,
+        groups=tuple(groups),
         logits_index=wants.nonzero().flatten(),
         logits_counts=tuple(n - s.logits_from for s, n in zip(specs, sizes)),
+        order=tuple(order),
     )
+
+
+def _group(specs: list[ForwardSpec], size_t: torch.Tensor, length_t: torch.Tensor, slots_t: torch.Tensor,
+           slots: list[int], rows: slice, local: torch.Tensor, row_of: torch.Tensor) -> AttentionGroup:
+    """The padded attention layout of one group: each query row sees its slot's committed keys, then its own
+    batch row's rows through that row's local mask."""
+    device = size_t.device
+    b, width = len(specs), int(size_t.max())
+    key_len = int((length_t + size_t).max())
+    local_masks = torch.stack([F.pad(s.mask, (0, width - s.num_rows, 0, width - s.num_rows)) for s in specs])
+    key = torch.arange(key_len, device=device)[None, :] - length_t[:, None]  # [b, key_len] local column
+    inside = (key >= 0) & (key < size_t[:, None])
+    own = local_masks.gather(2, key.clamp(0, width - 1)[:, None, :].expand(b, width, key_len)) & inside[:, None, :]
+    mask = own | (key < 0)[:, None, :]
+    mask[:, :, 0] |= torch.arange(width, device=device)[None, :] >= size_t[:, None]  # padding rows: no NaN rows
+    contiguous = slots == list(range(slots[0], slots[0] + b))
+    return AttentionGroup(rows=rows, query_index=row_of * width + local, key_slots=slots_t,
+                          slot_range=(slots[0], slots[0] + b) if contiguous else None, attn_mask=mask[:, None],
+                          width=width, key_len=key_len)

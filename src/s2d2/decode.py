@@ -9,6 +9,10 @@ AR-mode forward; **commit** gives a masked position its final token, and only co
 Per block, each step: draft; (s2d2) route, and maybe verify with speculative acceptance; top up to the step's
 quota with the base strategy; commit. ``ar`` is ``static`` with B = 1, ``dynamic`` is ``s2d2`` that never
 verifies, and every variant (cache modes, policies, estimators) is an argument of this one loop.
+
+The loop (:func:`decode_steps`) is a generator that *asks* for each forward (``logits = yield DraftRequest(...)``)
+instead of running it, so the same per-row algorithm runs alone (:func:`decode`, the adapter's single-row forwards)
+or as one row of the batched engine (:mod:`s2d2.engine`), which schedules and never decides.
 """
 
 from __future__ import annotations

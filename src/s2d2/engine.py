@@ -16,13 +16,14 @@ from __future__ import annotations
 import collections
 import heapq
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from s2d2.adapters.base import FamilyAdapter
-from s2d2.batching import ForwardSpec
+from s2d2.batching import ForwardSpec, pack
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.decode import (
     CommitRequest,
@@ -90,8 +91,8 @@ class _Waiting:
     prompt_ids: list[int]
     config: DecodeConfig
     generator: torch.Generator | None
-    stop_check: Any
-    capacity: int = field(default=0)
+    stop_check: Callable[[list[int]], bool] | None
+    capacity: int  # token slots the request needs in its cache slot
 
 
 class Engine:
@@ -119,8 +120,9 @@ class Engine:
         return not self._rows and not self._waiting
 
     def add(self, prompt_ids: list[int], config: DecodeConfig, generator: torch.Generator | None = None,
-            stop_check: Any = None) -> int:
-        """Queue a request; returns its id. It starts at the next step with a free slot."""
+            stop_check: Callable[[list[int]], bool] | None = None) -> int:
+        """Queue a request; returns its id. It starts at the next step with a free slot. ``generator`` draws its
+        samples; ``stop_check(generated_ids)`` ends it after a block (stop strings), as in ``decode_steps``."""
         rid = self._next_id
         self._next_id += 1
         b = config.block_size
@@ -153,13 +155,14 @@ class Engine:
         if rows:
             specs = [self._spec(r) for r in rows]
             slots = [r.slot for r in rows]
+            batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device)
             with self._timer:
-                logits = self.adapter.run_batch(specs, self.cache, slots)
+                logits = self.adapter.run_packed(batch, specs, self.cache, slots)
             elapsed = self._timer.elapsed
             self.stats.steps += 1
             self.stats.row_forwards += len(rows)
-            self.stats.rows_computed += sum(s.num_rows for s in specs)
-            self.stats.padded_rows += len(specs) * max(s.num_rows for s in specs) - sum(s.num_rows for s in specs)
+            self.stats.rows_computed += batch.num_rows
+            self.stats.padded_rows += batch.num_padded
             self.stats.forward_time_s += elapsed
             for row, out in zip(rows, logits):
                 row.state.stats.forward_time_s += elapsed

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from s2d2.batching import ForwardSpec
+from s2d2.batching import ForwardSpec, PackedBatch
 from s2d2.cache import BatchKVCache, KVCache
 
 
@@ -80,4 +80,9 @@ class FamilyAdapter(Protocol):
     def run_batch(self, specs: list[ForwardSpec], cache: BatchKVCache, slots: list[int]) -> list[torch.Tensor]:
         """One forward for several rows (row ``i`` in cache slot ``slots[i]``): commits each row's ``num_store``
         rows and returns each row's logits ``[num_rows - logits_from, V]``."""
+        ...
+
+    def run_packed(self, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
+                   slots: list[int]) -> list[torch.Tensor]:
+        """:meth:`run_batch` with the rows already packed (``batch = s2d2.batching.pack(specs, slots, ...)``)."""
         ...

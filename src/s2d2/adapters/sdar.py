@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from s2d2.batching import ForwardSpec, pack
+from s2d2.batching import ForwardSpec, PackedBatch, pack
 from s2d2.cache import BatchKVCache, KVCache
 from s2d2.models.qwen3 import Qwen3Decoder
 
@@ -108,11 +108,19 @@ class SDARAdapter:
     def run_batch(self, specs: list[ForwardSpec], cache: BatchKVCache, slots: list[int]) -> list[torch.Tensor]:
         """Execute one forward for several rows, row ``i`` in cache slot ``slots[i]``; commits each row's
         ``num_store`` rows and returns each row's logits (as :meth:`run` would, up to float rounding)."""
-        batch = pack(specs, slots, [cache.lengths[s] for s in slots], self.device)
+        return self.run_packed(pack(specs, slots, [cache.lengths[s] for s in slots], self.device), specs, cache,
+                               slots)
+
+    def run_packed(self, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
+                   slots: list[int]) -> list[torch.Tensor]:
+        """:meth:`run_batch` once ``batch = pack(specs, slots, ...)`` is built (the engine times the two apart)."""
         logits = self.model.forward_packed(batch, cache).index_fill_(-1, self._banned, float("-inf"))
         for spec, slot in zip(specs, slots):
             cache.slot(slot).commit(spec.num_store)
-        return list(logits.split(batch.logits_counts))
+        out: list[torch.Tensor] = [logits] * len(specs)
+        for k, part in zip(batch.order, logits.split(batch.logits_counts)):
+            out[k] = part
+        return out
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool) -> ForwardSpec:

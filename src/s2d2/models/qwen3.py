@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from s2d2.batching import PackedBatch
+from s2d2.batching import AttentionGroup, PackedBatch
 from s2d2.cache import BatchKVCache, KVCache
 from s2d2.errors import ModelLoadError
 
@@ -248,13 +248,13 @@ class Qwen3Decoder(nn.Module):
         """One forward over the packed rows of several requests; returns float32 logits ``[R, V]`` for
         ``batch.logits_index``, batch row by batch row.
 
-        Token-wise layers run over the N valid rows only; attention runs per batch row over that row's cache slot
-        (``batch.attn_mask`` ``[b, 1, width, key_len]``), with its query rows scattered into a padded layout and
+        Token-wise layers run over the N valid rows only; attention runs per group of batch rows over their cache
+        slots (:class:`~s2d2.batching.AttentionGroup`), with the query rows scattered into a padded layout and
         gathered back. Each row's K/V are written into its slot after its committed tokens (scratch until the
         caller commits them), as :meth:`forward` does for one row.
         """
         c = self.config
-        b, width, n = len(batch.logits_counts), batch.width, batch.num_rows
+        n = batch.num_rows
         cos, sin = self._rope(batch.positions)  # [N, 1, head_dim]
         x = self.embed(batch.tokens)  # [N, H]
         for i, layer in enumerate(self.layers):
@@ -269,16 +269,12 @@ class Qwen3Decoder(nn.Module):
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k
             cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v
-            if batch.contiguous_slots:
-                keys, values = cache.keys[i][:b, :, :batch.key_len], cache.values[i][:b, :, :batch.key_len]
+            if len(batch.groups) == 1:
+                attn = self._group_attention(q, cache.keys[i], cache.values[i], batch.groups[0])
             else:
-                keys = cache.keys[i][:, :, :batch.key_len].index_select(0, batch.key_slots)
-                values = cache.values[i][:, :, :batch.key_len].index_select(0, batch.key_slots)
-            padded = q.new_zeros(b * width, c.num_attention_heads, c.head_dim)
-            padded[batch.query_index] = q
-            padded = padded.view(b, width, c.num_attention_heads, c.head_dim).transpose(1, 2)
-            attn = F.scaled_dot_product_attention(padded, keys, values, attn_mask=batch.attn_mask, enable_gqa=True)
-            attn = attn.transpose(1, 2).reshape(b * width, layer.q_size)[batch.query_index]  # [N, q_size]
+                attn = q.new_empty(n, layer.q_size)
+                for g in batch.groups:
+                    attn[g.rows] = self._group_attention(q[g.rows], cache.keys[i], cache.values[i], g)
             x = x + layer.o_proj(attn)
             h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
             gate, up = layer.gate_up(h).chunk(2, dim=-1)
@@ -286,6 +282,23 @@ class Qwen3Decoder(nn.Module):
         x = _rms_norm(x[batch.logits_index], self.norm, c.rms_norm_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
+
+    def _group_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         g: AttentionGroup) -> torch.Tensor:
+        """Attention of one group's query rows ``[n, heads, head_dim]`` over their slots; returns ``[n, q_size]``."""
+        c = self.config
+        b, width = int(g.attn_mask.shape[0]), g.width
+        if g.slot_range is not None:
+            keys = keys[g.slot_range[0]:g.slot_range[1], :, :g.key_len]
+            values = values[g.slot_range[0]:g.slot_range[1], :, :g.key_len]
+        else:
+            keys = keys[:, :, :g.key_len].index_select(0, g.key_slots)
+            values = values[:, :, :g.key_len].index_select(0, g.key_slots)
+        padded = q.new_zeros(b * width, c.num_attention_heads, c.head_dim)
+        padded[g.query_index] = q
+        padded = padded.view(b, width, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=g.attn_mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b * width, -1)[g.query_index]
 
     # ---------------------------------------------------------------- weights
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
