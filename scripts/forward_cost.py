@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import s2d2
 from s2d2.batching import ForwardSpec
+from s2d2.decode import ForwardTimer
 
 
 def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats: int) -> list[float]:
@@ -30,16 +30,17 @@ def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats
     cache = adapter.new_batch_cache(requests, cache_len + rows + 8)
     for s in range(requests):
         cache.lengths[s] = cache_len  # K/V values do not change the cost; only the shapes matter
-    mask = torch.ones(rows, rows, dtype=torch.bool)
-    spec = ForwardSpec(torch.full((rows,), 5, dtype=torch.long), torch.arange(cache_len, cache_len + rows), mask,
-                       num_store=0, logits_from=0)
-    times = []
+    device = adapter.device
+    mask = torch.ones(rows, rows, dtype=torch.bool, device=device)
+    spec = ForwardSpec(torch.full((rows,), 5, dtype=torch.long, device=device),
+                       torch.arange(cache_len, cache_len + rows, device=device), mask, num_store=0, logits_from=0)
+    times, timer = [], ForwardTimer(device)  # synchronises CUDA around the forward
     with torch.inference_mode():
         for i in range(repeats + 3):
-            t0 = time.perf_counter()
-            adapter.run_batch([spec] * requests, cache, list(range(requests)))
+            with timer:
+                adapter.run_batch([spec] * requests, cache, list(range(requests)))
             if i >= 3:  # warm-up
-                times.append((time.perf_counter() - t0) * 1000)
+                times.append(timer.elapsed * 1000)
     return times
 
 
@@ -49,8 +50,10 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=64, help="committed tokens per request")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", default=None, help="folder for forward_cost.json / .png")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
     args = parser.parse_args()
-    model = s2d2.load(args.model)
+    model = s2d2.load(args.model, device=args.device, dtype=args.dtype)
     counts = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024]
     records = []
     print("| query rows | one request: median ms (min) | n requests x 1 row: median ms (min) |")
@@ -66,7 +69,7 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "forward_cost.json").write_text(json.dumps({"model": args.model, "cache": args.cache,
+        (out / "forward_cost.json").write_text(json.dumps({"model": args.model, "cache": args.cache, "device": args.device,
                                                           "threads": torch.get_num_threads(), "records": records},
                                                          indent=1))
         import matplotlib

@@ -102,6 +102,24 @@ def test_rows_that_stop_early_and_a_batch_larger_than_the_prompts(model):
     assert model.last_batch_stats.to_dict()["mean_batch"] <= 6
 
 
+def test_batch_stats_add_up(model):
+    """Batch 1 runs one row per step, unpacked (no padding); a batch runs the same rows in fewer steps: packing
+    computes exactly the valid rows, so rows computed equal batch 1's; the time split adds up."""
+    batch = prompts(5, seed=4)
+    cfg = DecodeConfig(method="s2d2", block_size=4, max_new_tokens=16, stop_token_ids=())
+    outs = model.generate(batch, cfg, batch_size=1)
+    one = model.last_batch_stats
+    assert one.steps == one.row_forwards == sum(o.stats.nfe for o in outs) and one.padded_rows == 0
+    model.generate(batch, cfg, batch_size=4)
+    four = model.last_batch_stats
+    assert four.row_forwards == one.row_forwards and four.rows_computed == one.rows_computed
+    assert four.steps < one.steps and four.padded_rows > 0
+    assert four.forward_time_s + four.row_time_s <= four.time_s
+    d = four.to_dict()
+    assert 0.0 <= d["engine_share"] <= d["host_share"] < 1.0
+    assert d["padding_share"] == four.padded_rows / (four.rows_computed + four.padded_rows)
+
+
 def test_stop_strings_batched(model):
     batch = prompts(5, seed=8)
     base = DecodeConfig(method="dynamic", block_size=4, threshold=0.5, max_new_tokens=32, stop_token_ids=())

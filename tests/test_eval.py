@@ -37,6 +37,30 @@ def test_eval_json_reports_accuracy_and_summed_stats(random_model_dir, capsys):
     assert stats["tokens_per_s"] == pytest.approx(stats["num_tokens"] / stats["time_s"], rel=1e-12)
 
 
+def test_eval_samples_are_per_problem_and_independent_of_the_batch(random_model_dir, tmp_path, capsys):
+    """--samples writes one record per problem whose text and counters are that problem's own generation (batch 1
+    through the API), and the file is the same, record for record, at batch 1 and batch 3."""
+    problems = arith.generate("test", 5, seed=0)
+    alone = [s2d2.load(str(random_model_dir)).generate(
+        p.prompt, DecodeConfig(method="s2d2", block_size=4, max_new_tokens=12, generation_config="none"))[0]
+        for p in problems]
+    files = []
+    for batch in (1, 3):
+        path = tmp_path / f"b{batch}.jsonl"
+        assert main(["eval", "--n", "5", "--model", str(random_model_dir), "--method", "s2d2", "--block-size", "4",
+                     "--max-new-tokens", "12", "--batch-size", str(batch), "--samples", str(path), "--json"]) == 0
+        capsys.readouterr()
+        files.append([json.loads(line) for line in path.read_text().splitlines()])
+    assert files[0] == files[1]
+    for i, (record, p, g) in enumerate(zip(files[0], problems, alone, strict=True)):
+        assert record["index"] == i and record["level"] == p.level and record["answer"] == p.answer
+        assert record["text"] == g.text and record["finish_reason"] == g.finish_reason
+        assert record["correct"] == arith.is_correct(p, g.text)
+        assert (record["nfe"], record["num_tokens"], record["verify_forwards"]) == (
+            g.stats.nfe, g.stats.num_tokens, g.stats.verify_forwards)
+        assert not any("time" in key for key in record)
+
+
 def test_eval_scores_what_the_model_wrote(model, monkeypatch):
     """A model that always answers the right number scores 100%; one that never does scores 0%."""
     problems = arith.generate("test", 4, seed=0)
@@ -55,5 +79,7 @@ def test_eval_scores_what_the_model_wrote(model, monkeypatch):
 def test_eval_rejects_bad_input(random_model_dir, capsys):
     assert main(["eval", "--task", "nope", "--n", "2", "--model", str(random_model_dir)]) == 2
     assert main(["eval", "--n", "0", "--model", str(random_model_dir)]) == 2
+    assert main(["eval", "--n", "2", "--model", str(random_model_dir), "--samples", "/nonexistent/dir/s.jsonl"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("s2d2: error:") for line in err)
+    assert len(err) == 3 and all(line.startswith("s2d2: error:") for line in err)
+    assert "--samples" in err[2]

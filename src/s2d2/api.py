@@ -23,14 +23,12 @@ from s2d2.checkpoint import (
     read_special_ids,
     resolve_model_dir,
 )
-from s2d2.config import DecodeConfig, check_batch_size
+from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size
 from s2d2.engine import BatchStats, Engine
 from s2d2.errors import ConfigError, InputError, ModelLoadError
 from s2d2.stats import DecodeStats
 
 BUNDLED = "bundled"
-# Prompts decoded together by default (Model.generate's batch_size)
-DEFAULT_BATCH_SIZE = 1
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -102,26 +102,24 @@ def attention_groups(sizes: list[int]) -> list[list[int]]:
 
 def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device: torch.device) -> PackedBatch:
     """Pack ``specs`` (one per batch row) whose rows live in cache ``slots`` holding ``lengths`` committed tokens."""
-    sizes = [s.num_rows for s in specs]
-    grouping = attention_groups(sizes)
+    grouping = attention_groups([s.num_rows for s in specs])
     order = [i for g in grouping for i in g]
     specs = [specs[i] for i in order]
-    sizes = [sizes[i] for i in order]
-    size_t = torch.tensor(sizes, device=device)
-    length_t = torch.tensor([lengths[i] for i in order], device=device)
-    slots_t = torch.tensor([slots[i] for i in order], device=device)
+    # one host-to-tensor copy for every per-batch-row integer (tiny tensor ops cost microseconds each)
+    size_t, length_t, slots_t, logits_from = torch.tensor(
+        [[s.num_rows for s in specs], [lengths[i] for i in order], [slots[i] for i in order],
+         [s.logits_from for s in specs]], device=device)
     row_of = torch.repeat_interleave(torch.arange(len(specs), device=device), size_t)  # [N] batch row of each row
     starts = torch.cumsum(size_t, 0) - size_t
     local = torch.arange(row_of.shape[0], device=device) - starts[row_of]  # [N] index within its batch row
     groups, first, first_row = [], 0, 0
     for g in grouping:
         last = first + len(g)
-        n_rows = sum(sizes[first:last])
+        n_rows = sum(s.num_rows for s in specs[first:last])
         groups.append(_group(specs[first:last], size_t[first:last], length_t[first:last], slots_t[first:last],
                              [slots[i] for i in order[first:last]], slice(first_row, first_row + n_rows),
                              local[first_row:first_row + n_rows], row_of[first_row:first_row + n_rows] - first))
         first, first_row = last, first_row + n_rows
-    logits_from = torch.tensor([s.logits_from for s in specs], device=device)
     wants = local >= logits_from[row_of]
     return PackedBatch(
         tokens=torch.cat([s.tokens for s in specs]),
@@ -130,7 +128,7 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
         cache_pos=length_t[row_of] + local,
         groups=tuple(groups),
         logits_index=wants.nonzero().flatten(),
-        logits_counts=tuple(n - s.logits_from for s, n in zip(specs, sizes)),
+        logits_counts=tuple(s.num_rows - s.logits_from for s in specs),
         order=tuple(order),
     )
 
@@ -140,9 +138,17 @@ def _group(specs: list[ForwardSpec], size_t: torch.Tensor, length_t: torch.Tenso
     """The padded attention layout of one group: each query row sees its slot's committed keys, then its own
     batch row's rows through that row's local mask."""
     device = size_t.device
-    b, width = len(specs), int(size_t.max())
-    key_len = int((length_t + size_t).max())
-    local_masks = torch.stack([F.pad(s.mask, (0, width - s.num_rows, 0, width - s.num_rows)) for s in specs])
+    b, width = len(specs), max(s.num_rows for s in specs)
+    key_len = max(int(n) + int(c) for n, c in zip(size_t.tolist(), length_t.tolist()))
+    # Local masks come from a few cached tensors (many rows share one), so they are placed one distinct mask at a
+    # time rather than one row at a time.
+    local_masks = torch.zeros(b, width, width, dtype=torch.bool, device=device)
+    by_mask: dict[int, tuple[torch.Tensor, list[int]]] = {}
+    for r, s in enumerate(specs):
+        by_mask.setdefault(id(s.mask), (s.mask, []))[1].append(r)
+    for mask, batch_rows in by_mask.values():
+        n = mask.shape[0]
+        local_masks[batch_rows, :n, :n] = mask
     key = torch.arange(key_len, device=device)[None, :] - length_t[:, None]  # [b, key_len] local column
     inside = (key >= 0) & (key < size_t[:, None])
     own = local_masks.gather(2, key.clamp(0, width - 1)[:, None, :].expand(b, width, key_len)) & inside[:, None, :]

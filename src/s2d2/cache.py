@@ -89,6 +89,24 @@ class SlotCache:
 
     def __init__(self, batch: BatchKVCache, index: int) -> None:
         self.batch, self.index = batch, index
+        self._views: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Per-layer ``[num_kv_heads, capacity, head_dim]`` views of the slot, as :attr:`KVCache.keys`: a slot runs
+        the single-row forward unchanged."""
+        return self._layer_views()[0]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return self._layer_views()[1]
+
+    def _layer_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        # rebuilt only when ensure_capacity has replaced the buffers (the capacity changes exactly then)
+        if self._views is None or self._views[0] != self.batch.capacity:
+            b, i = self.batch, self.index
+            self._views = (b.capacity, [k[i] for k in b.keys], [v[i] for v in b.values])
+        return self._views[1], self._views[2]
 
     @property
     def length(self) -> int:

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-from s2d2.config import DecodeConfig, check_batch_size, list_item_type
+from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size, list_item_type
 from s2d2.errors import S2D2Error
 
 # Help for the flags users reach for first; every other field documents itself in s2d2/config.py.
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", default=None, metavar="FILE",
                      help="more prompts, one per line (\\n inside a line stands for a newline)")
     gen.add_argument("--batch-size", type=int, default=None,
-                     help="prompts decoded together, one batched forward per step (default: DEFAULT_BATCH_SIZE)")
+                     help=f"prompts decoded together, one batched forward per step (default: {DEFAULT_BATCH_SIZE})")
     gen.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
@@ -103,7 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
-    ev.add_argument("--batch-size", type=int, default=None, help="problems decoded together")
+    ev.add_argument("--batch-size", type=int, default=None,
+                    help=f"problems decoded together (default: {DEFAULT_BATCH_SIZE})")
+    ev.add_argument("--samples", default=None, metavar="FILE",
+                    help="also write one JSON line per problem (text, correct, NFE and the row's other counters)")
     _add_config_flags(ev)
 
     be = sub.add_parser("bench", help="methods side by side: accuracy, NFE, tokens/s, speedup vs AR")
@@ -162,9 +165,15 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _batch_size(value: int | None) -> int:
-    from s2d2.api import DEFAULT_BATCH_SIZE
-
     return DEFAULT_BATCH_SIZE if value is None else check_batch_size(value)
+
+
+def _open_output(path: str, flag: str) -> typing.TextIO:
+    """``path`` opened for writing (UTF-8), or one sentence saying why it cannot be."""
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise S2D2Error(f"cannot write {flag} {path} ({e.strerror or type(e).__name__}).") from None
 
 
 def _read_prompts_file(path: str) -> list[str]:
@@ -200,8 +209,12 @@ def _eval(ns: argparse.Namespace) -> int:
     if ns.n < 1:
         raise S2D2Error(f"--n must be >= 1, got {ns.n}.")
     batch_size = _batch_size(ns.batch_size)
+    samples = _open_output(ns.samples, "--samples") if ns.samples else None  # a bad path fails before any work
     result = evaluate(s2d2.load(ns.model, device=ns.device, dtype=ns.dtype), cfg, ns.task, ns.n, ns.split,
                       batch_size=batch_size)
+    if samples is not None:
+        with samples:
+            samples.writelines(json.dumps(r) + "\n" for r in result.samples)
     if ns.json:
         print(json.dumps(result.to_dict()))
     else:

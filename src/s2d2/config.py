@@ -208,6 +208,12 @@ class DecodeConfig:
         return cls(**d)
 
 
+# Prompts decoded together by default (Model.generate's batch_size, --batch-size): the fastest on a 2-core CPU for
+# the bundled model for AR, dynamic and S2D2 configuration A (BENCHMARKS.md, "Batched decoding"). The KV cache takes
+# batch x (prompt + max_new_tokens) token slots; lower it for long contexts on large checkpoints.
+DEFAULT_BATCH_SIZE = 64
+
+
 def check_batch_size(value: Any) -> int:
     """A batch size (prompts decoded together) must be an integer >= 1; returns it."""
     _check_int("batch_size", value, 1)

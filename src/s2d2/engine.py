@@ -3,9 +3,10 @@
 Each request is a row running the per-row algorithm (:func:`s2d2.decode.decode_steps`) in its own slot of a
 :class:`~s2d2.cache.BatchKVCache`. A step collects the forward every active row needs next, whatever its kind (a
 draft, a 2L verification, a verification that also drafts the next block, a commit), runs them as one packed
-forward (:mod:`s2d2.batching`), and hands each row its logits. The engine only schedules: it never decides what a
-row does, so a row's tokens and forward counts are those of batch-1 decoding, whatever shares its batch
-(design invariant 7); sampled rows draw from their own generator.
+forward (:mod:`s2d2.batching`), and hands each row its logits. A step with a single active row runs that row's own
+forward unpacked (the adapter's single-row forward on its cache slot), so batch 1 costs what the plain loop costs.
+The engine only schedules: it never decides what a row does, so a row's tokens and forward counts are those of
+batch-1 decoding, whatever shares its batch (design invariant 7); sampled rows draw from their own generator.
 
 Continuous batching: requests wait in a queue; a finished or cancelled row frees its slot and the next waiting
 request takes it at the following step, while the others go on.
@@ -24,6 +25,7 @@ import torch
 
 from s2d2.adapters.base import FamilyAdapter
 from s2d2.batching import ForwardSpec, pack
+from s2d2.cache import SlotCache
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.decode import (
     CommitRequest,
@@ -60,6 +62,7 @@ class BatchStats:
     rows_computed: int = 0  # query rows the token-wise layers computed (valid rows only: rows are packed)
     padded_rows: int = 0  # padding in the attention layout (rows x longest row)
     forward_time_s: float = 0.0
+    row_time_s: float = 0.0  # the rows' own algorithm between forwards (what batch-1 decoding also spends)
     time_s: float = 0.0  # wall time inside step()
     num_tokens: int = 0
 
@@ -70,6 +73,9 @@ class BatchStats:
             mean_batch=self.row_forwards / self.steps if self.steps else 0.0,
             padding_share=self.padded_rows / (self.rows_computed + self.padded_rows) if self.rows_computed else 0.0,
             host_share=1.0 - self.forward_time_s / self.time_s if self.time_s > 0 else 0.0,
+            # host time that is the engine's own: admitting, building and packing the forwards, bookkeeping
+            engine_share=((self.time_s - self.forward_time_s - self.row_time_s) / self.time_s
+                          if self.time_s > 0 else 0.0),
             tokens_per_s=self.num_tokens / self.time_s if self.time_s > 0 else 0.0,
         )
         return d
@@ -79,6 +85,7 @@ class BatchStats:
 class _Row:
     request_id: int
     slot: int
+    cache: SlotCache
     steps: RowSteps
     state: RowState
     pending: ForwardRequest | None = None
@@ -154,19 +161,27 @@ class Engine:
         rows = sorted((r for r in self._rows.values() if r.pending is not None), key=lambda r: r.slot)
         if rows:
             specs = [self._spec(r) for r in rows]
-            slots = [r.slot for r in rows]
-            batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device)
-            with self._timer:
-                logits = self.adapter.run_packed(batch, specs, self.cache, slots)
+            if len(rows) == 1:  # one row: its own forward, unpacked, so batch 1 costs what the plain loop costs
+                with self._timer:
+                    logits = [self.adapter.run(specs[0], rows[0].cache)]
+                num_rows, num_padded = specs[0].num_rows, 0
+            else:
+                slots = [r.slot for r in rows]
+                batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device)
+                with self._timer:
+                    logits = self.adapter.run_packed(batch, specs, self.cache, slots)
+                num_rows, num_padded = batch.num_rows, batch.num_padded
             elapsed = self._timer.elapsed
             self.stats.steps += 1
             self.stats.row_forwards += len(rows)
-            self.stats.rows_computed += batch.num_rows
-            self.stats.padded_rows += batch.num_padded
+            self.stats.rows_computed += num_rows
+            self.stats.padded_rows += num_padded
             self.stats.forward_time_s += elapsed
+            t1 = time.perf_counter()
             for row, out in zip(rows, logits):
                 row.state.stats.forward_time_s += elapsed
                 self._advance(row, None if isinstance(row.pending, CommitRequest) else out, events)
+            self.stats.row_time_s += time.perf_counter() - t1
         self.stats.time_s += time.perf_counter() - t0
         return events
 
@@ -175,10 +190,10 @@ class Engine:
             w = self._waiting.popleft()
             slot = heapq.heappop(self._free)
             self.cache.ensure_capacity(w.capacity)
-            state = RowState()
-            steps = decode_steps(w.prompt_ids, w.config, self.cache.slot(slot), self.adapter.mask_id,
-                                 self.adapter.stop_ids, self.adapter.device, w.generator, w.stop_check, state)
-            row = _Row(w.request_id, slot, steps, state)
+            state, cache = RowState(), self.cache.slot(slot)
+            steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.mask_id, self.adapter.stop_ids,
+                                 self.adapter.device, w.generator, w.stop_check, state)
+            row = _Row(w.request_id, slot, cache, steps, state)
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
 

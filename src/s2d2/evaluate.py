@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from s2d2.api import Model
-from s2d2.config import DecodeConfig
+from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig
 from s2d2.errors import ConfigError
 from s2d2.stats import DecodeStats
 
@@ -22,6 +22,9 @@ class EvalResult:
     accuracy: float
     accuracy_by_level: dict[int, float]
     stats: DecodeStats
+    # one record per problem: its index, level, reference answer, the generated text, whether it is correct, the
+    # finish reason and the row's own counters (NFE, tokens, ...), which do not depend on the batch size
+    samples: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"task": self.task, "accuracy": self.accuracy, "n": self.n,
@@ -30,7 +33,7 @@ class EvalResult:
 
 
 def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500, split: str = "test",
-             batch_size: int = 1) -> EvalResult:
+             batch_size: int = DEFAULT_BATCH_SIZE) -> EvalResult:
     """Decode the first ``n`` problems of ``split`` with ``cfg`` (``batch_size`` at a time) and score the answers."""
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
@@ -45,4 +48,13 @@ def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500,
     for p, ok in zip(problems, correct):
         levels.setdefault(p.level, []).append(ok)
     stats = model.summed_stats(outs)
-    return EvalResult(task, n, sum(correct) / n, {k: sum(v) / len(v) for k, v in sorted(levels.items())}, stats)
+    samples = [{"index": i, "level": p.level, "answer": p.answer, "text": o.text, "correct": ok,
+                "finish_reason": o.finish_reason, **_row_counters(o.stats)}
+               for i, (p, o, ok) in enumerate(zip(problems, outs, correct))]
+    return EvalResult(task, n, sum(correct) / n, {k: sum(v) / len(v) for k, v in sorted(levels.items())}, stats,
+                      samples)
+
+
+def _row_counters(stats: DecodeStats) -> dict[str, Any]:
+    """A row's exact counters (time figures left out: they are not a property of the row alone in a batch)."""
+    return {k: v for k, v in stats.to_dict().items() if "time" not in k and k != "tokens_per_s"}

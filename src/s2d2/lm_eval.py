@@ -30,7 +30,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the lm-eval integration needs lm-eval: pip install 's2d2[eval]'") from e
 
 import s2d2
-from s2d2.config import DecodeConfig, list_item_type
+from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size, list_item_type
 from s2d2.errors import ConfigError, S2D2Error
 from s2d2.stats import DecodeStats
 
@@ -58,9 +58,6 @@ def decode_config_from_model_args(args: dict[str, Any]) -> DecodeConfig:
 
 def _parse_batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
     """lm-eval's batch_size model argument as an int."""
-    from s2d2.api import DEFAULT_BATCH_SIZE
-    from s2d2.config import check_batch_size
-
     text = str(batch_size)
     if text.startswith("auto"):
         return check_batch_size(int(max_batch_size)) if max_batch_size else DEFAULT_BATCH_SIZE

@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 
 from s2d2.batching import ForwardSpec, PackedBatch
-from s2d2.cache import BatchKVCache, KVCache
+from s2d2.cache import BatchKVCache, KVCache, SlotCache
 
 
 class FamilyAdapter(Protocol):
@@ -71,6 +71,11 @@ class FamilyAdapter(Protocol):
     def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
                     cache_ver: bool) -> ForwardSpec:
         """The rows and mask of :meth:`commit`."""
+        ...
+
+    def run(self, spec: ForwardSpec, cache: KVCache | SlotCache) -> torch.Tensor:
+        """One row's forward against its own cache (a single-row cache, or one slot of a batch cache): commits its
+        ``num_store`` rows and returns its logits ``[num_rows - logits_from, V]``."""
         ...
 
     def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:

@@ -23,7 +23,7 @@ from functools import lru_cache
 import torch
 
 from s2d2.batching import ForwardSpec, PackedBatch, pack
-from s2d2.cache import BatchKVCache, KVCache
+from s2d2.cache import BatchKVCache, KVCache, SlotCache
 from s2d2.models.qwen3 import Qwen3Decoder
 
 
@@ -90,8 +90,9 @@ class SDARAdapter:
     def new_cache(self, capacity: int) -> KVCache:
         return self.model.new_cache(capacity)
 
-    def run(self, spec: ForwardSpec, cache: KVCache) -> torch.Tensor:
-        """Execute one row's forward against a single-row cache; returns its logits ``[L - logits_from, V]``."""
+    def run(self, spec: ForwardSpec, cache: KVCache | SlotCache) -> torch.Tensor:
+        """Execute one row's forward against its own cache (single-row, or a slot of a batch cache); returns its
+        logits ``[L - logits_from, V]``."""
         n = spec.num_rows
         if cache.length:
             mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=self.device)
