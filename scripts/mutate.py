@@ -218,6 +218,34 @@ MUTATIONS: list[Mutation] = [
         "        if unexpected:\n",
         "        if False:\n",
     ),
+    Mutation(
+        "slot_range_ignores_gaps",
+        "an attention group reads its keys from consecutive slots even when its rows' slots have gaps",
+        "batching.py",
+        "slot_range=(slots[0], slots[0] + b) if contiguous else None",
+        "slot_range=(slots[0], slots[0] + b)",
+    ),
+    Mutation(
+        "packed_order_not_restored",
+        "the engine hands packed logits back in attention-group order, not in the rows' order",
+        "adapters/sdar.py",
+        "        for k, part in zip(batch.order, logits.split(batch.logits_counts)):",
+        "        for k, part in enumerate(logits.split(batch.logits_counts)):",
+    ),
+    Mutation(
+        "batched_commit_wrong_slot",
+        "a batched forward commits every row's stored K/V into the first row's slot",
+        "adapters/sdar.py",
+        "            cache.slot(slot).commit(spec.num_store)",
+        "            cache.slot(slots[0]).commit(spec.num_store)",
+    ),
+    Mutation(
+        "freed_slot_not_reset",
+        "a request that takes a freed slot starts on the previous request's committed cache",
+        "cache.py",
+        "        self.batch.lengths[self.index] = 0",
+        "        pass",
+    ),
 ]
 
 

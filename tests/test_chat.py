@@ -109,3 +109,26 @@ def test_cli_chat_template_kwargs_errors(chat_dir, capsys, flags, message):
     assert main(["generate", "hi", "--model", str(chat_dir), *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("s2d2: error: ") and message in err[0]
+
+
+def test_bundled_chat_template_renders_the_task_format_as_transformers_does():
+    """The bundled model's template (written by the training script) turns a question into the "Q: ...\\nA:" prompt
+    the model was trained on, multi-turn and system messages included, exactly as transformers renders it."""
+    from transformers import PreTrainedTokenizerFast
+
+    from s2d2.api import bundled_model_dir
+    from s2d2.tasks import arith
+    from s2d2.train import CHAT_TEMPLATE
+
+    model = s2d2.load("bundled")
+    assert model.chat_template == CHAT_TEMPLATE  # the committed file is what scripts/train_bundled.sh writes
+    problem = arith.generate("test", 1, seed=0)[0]
+    assert model.apply_chat_template([{"role": "user", "content": problem.question}]) == problem.prompt
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(bundled_model_dir() / "tokenizer.json"))
+    reference.chat_template = CHAT_TEMPLATE
+    turns = [{"role": "system", "content": "Solve."}, {"role": "user", "content": "a"},
+             {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    assert model.apply_chat_template(turns) == reference.apply_chat_template(turns, tokenize=False) == \
+        "Solve.\nQ: a\nA: b\nQ: c\nA:"
+    with pytest.raises(s2d2.InputError, match="roles"):
+        model.apply_chat_template([{"role": "tool", "content": "x"}])

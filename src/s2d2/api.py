@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -134,25 +134,21 @@ class Model:
         ``seed + i`` (a seed is drawn from torch's global RNG if none is set), whatever shares its batch. Every
         prompt is checked before any is decoded. :attr:`last_batch_stats` holds the batch-level figures.
         """
-        cfg = (config or DecodeConfig()).replace(**overrides) if overrides else (config or DecodeConfig())
-        cfg = cfg.with_generation_defaults(self.generation_defaults)
-        self._validate_config(cfg)
+        cfg = self.resolve_config(config, **overrides)
         check_batch_size(batch_size)
         items = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
         seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
         encoded = []  # every prompt is checked before any is decoded, so a bad one wastes no work
         for i, prompt in enumerate(items):
             try:
-                ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-                self._check_prompt_ids(ids, cfg)
+                encoded.append(self.encode_prompt(prompt, cfg))
             except InputError as e:
                 if len(items) == 1:
                     raise
                 raise InputError(f"prompt {i}: {e}") from None
-            encoded.append(ids)
         capacity = max(_positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
         engine = Engine(self.adapter, min(batch_size, len(encoded)), capacity)
-        stop_check = (lambda done: _find_stop(self.decode(done), cfg.stop) >= 0) if cfg.stop else None
+        stop_check = self.stop_check(cfg)
         order = {engine.add(ids, cfg, torch.Generator(device=self.device).manual_seed(seed + i), stop_check): i
                  for i, ids in enumerate(encoded)}
         results: list[Any] = [None] * len(encoded)
@@ -161,17 +157,39 @@ class Model:
                 if event.finished:
                     results[order[event.request_id]] = event
         self.last_batch_stats = engine.stats
-        out = []
-        for event in results:
-            token_ids, finish_reason, stats = event.token_ids, event.finish_reason, event.stats
-            text = self.decode(token_ids)
-            if cfg.stop and (cut := _find_stop(text, cfg.stop)) >= 0:
-                # keep the tokens up to the one completing the stop string; the text ends before it
-                token_ids = token_ids[:next(k for k in range(1, len(token_ids) + 1)
-                                            if _find_stop(self.decode(token_ids[:k]), cfg.stop) >= 0)]
-                text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
-            out.append(Generation(text, token_ids, finish_reason, stats))
-        return out
+        return [self.to_generation(e.token_ids, e.finish_reason, e.stats, cfg) for e in results]
+
+    def resolve_config(self, config: DecodeConfig | None = None, **overrides: Any) -> DecodeConfig:
+        """``config`` (default: DecodeConfig()) with ``overrides`` and the checkpoint's sampling defaults applied,
+        checked against this model (a :class:`ConfigError` if it cannot be honoured)."""
+        cfg = (config or DecodeConfig()).replace(**overrides) if overrides else (config or DecodeConfig())
+        cfg = cfg.with_generation_defaults(self.generation_defaults)
+        self._validate_config(cfg)
+        return cfg
+
+    def encode_prompt(self, prompt: str | Sequence[int], cfg: DecodeConfig) -> list[int]:
+        """The token ids of one prompt (text, or ids), checked: an :class:`InputError` for an empty prompt, ids
+        outside the vocabulary, a mask token, or a prompt that leaves no room for ``cfg.max_new_tokens``."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        self._check_prompt_ids(ids, cfg)
+        return ids
+
+    def stop_check(self, cfg: DecodeConfig) -> Callable[[list[int]], bool] | None:
+        """What ends a row at a block boundary once its text holds one of ``cfg.stop`` (None without stop strings)."""
+        if not cfg.stop:
+            return None
+        return lambda done: _find_stop(self.decode(done), cfg.stop) >= 0
+
+    def to_generation(self, token_ids: list[int], finish_reason: str, stats: DecodeStats,
+                      cfg: DecodeConfig) -> Generation:
+        """A row's result as a :class:`Generation`: its text, cut before the first stop string (the tokens then end
+        with the one completing it, and the finish reason is ``"stop"``)."""
+        text = self.decode(token_ids)
+        if cfg.stop and (cut := _find_stop(text, cfg.stop)) >= 0:
+            token_ids = token_ids[:next(k for k in range(1, len(token_ids) + 1)
+                                        if _find_stop(self.decode(token_ids[:k]), cfg.stop) >= 0)]
+            text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
+        return Generation(text, token_ids, finish_reason, stats)
 
     def summed_stats(self, generations: Sequence[Generation]) -> DecodeStats:
         """The stats of the last :meth:`generate` call's ``generations``, summed, with its wall time.

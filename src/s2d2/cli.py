@@ -124,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add a throughput section: AR, dynamic and S2D2 at these batch sizes (e.g. 1 4 16 64)")
     be.add_argument("--no-grid", action="store_true", help="with --batch-sizes: only the throughput section")
 
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    sv.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    sv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: 16)")
+    sv.add_argument("--max-queue", type=int, default=64,
+                    help="requests waiting for a slot beyond --max-batch; more are answered 429 (default: 64)")
+    sv.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds after which an unfinished request is cancelled, 504 (default: 600)")
+    sv.add_argument("--device", default="cpu")
+    sv.add_argument("--dtype", default="auto")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    _add_config_flags(sv)  # the server's defaults for every request
+
     from s2d2.train import TrainConfig
 
     tr = sub.add_parser("train", help="train a small SDAR-architecture model on the arith task")
@@ -289,11 +304,28 @@ def _init_random(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(ns: argparse.Namespace) -> int:
+    import s2d2
+
+    try:
+        from s2d2.server import ServerConfig, serve
+    except ImportError as e:
+        raise S2D2Error(f"s2d2 serve needs the serve extra (pip install 's2d2[serve]'): {e}.") from None
+    if not 0 <= ns.port <= 65535:
+        raise S2D2Error(f"--port must be between 0 and 65535, got {ns.port}.")
+    cfg = ServerConfig(model_name=ns.served_model_name or ns.model, max_batch=ns.max_batch, max_queue=ns.max_queue,
+                       timeout_s=ns.timeout, defaults=config_from_args(ns))
+    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
+    model.resolve_config(cfg.defaults)  # the defaults must suit this model before any request arrives
+    serve(model, cfg, host=ns.host, port=ns.port, log_level=ns.log_level)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``s2d2`` console script."""
     ns = build_parser().parse_args(argv)
     try:
-        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "train": _train,
+        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "serve": _serve, "train": _train,
                     "init-random": _init_random}
         return commands[ns.command](ns)
     except S2D2Error as e:

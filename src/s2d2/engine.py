@@ -138,18 +138,32 @@ class Engine:
         self._waiting.append(_Waiting(rid, list(prompt_ids), config, generator, stop_check, capacity))
         return rid
 
-    def cancel(self, request_id: int) -> bool:
-        """Stop a request now (running or waiting) and free its slot; False if it is unknown or already done."""
+    @property
+    def num_running(self) -> int:
+        """Requests holding a slot."""
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._waiting)
+
+    def cancel(self, request_id: int) -> Event | None:
+        """Stop a request now (running or waiting) and free its slot. Returns its final event (finish reason
+        ``"cancelled"``, the tokens committed left of the first mask so far, its stats), or None if the request is
+        unknown or already finished."""
         for w in self._waiting:
             if w.request_id == request_id:
                 self._waiting.remove(w)
-                return True
+                return Event(request_id, [], True, [], "cancelled", DecodeStats(prompt_tokens=len(w.prompt_ids)))
         row = self._rows.pop(request_id, None)
         if row is None:
-            return False
+            return None
         row.steps.close()
         heapq.heappush(self._free, row.slot)
-        return True
+        generated = row.state.seq.generated() if row.state.seq is not None else []
+        row.state.stats.num_tokens = len(generated)
+        return Event(request_id, generated[row.reported:], True, generated, "cancelled", row.state.stats)
 
     @torch.inference_mode()
     def step(self) -> list[Event]:

@@ -38,6 +38,17 @@ from s2d2.errors import ConfigError
 from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>")
+# The chat template written into tokenizer_config.json: chat turns in the task's own format, a user message becoming
+# "Q: <message>\nA:" (what the model was trained on), so chat APIs (s2d2 serve's /v1/chat/completions) work.
+CHAT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}{{ m['content'] + '\\n' }}"
+    "{%- elif m['role'] == 'user' -%}{{ 'Q: ' + m['content'] + '\\nA:' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ ' ' + m['content'] + '\\n' }}"
+    "{%- else -%}{{ raise_exception('message roles are system, user and assistant, not ' + m['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 
 
 @dataclass(frozen=True)
@@ -263,7 +274,8 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos_id], "pad_token_id": eos_id}))
     (out / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": SPECIAL_TOKENS[0],
-         "pad_token": SPECIAL_TOKENS[0], "mask_token": SPECIAL_TOKENS[1], "bos_token": None}, indent=2))
+         "pad_token": SPECIAL_TOKENS[0], "mask_token": SPECIAL_TOKENS[1], "bos_token": None,
+         "chat_template": CHAT_TEMPLATE}, indent=2))
 
     def encode(texts: list[str]) -> list[list[int]]:
         return [e.ids for e in tok.encode_batch(texts)]

@@ -1,0 +1,185 @@
+"""Load test of ``s2d2 serve`` on loopback: N concurrent streaming clients for a fixed time, per method.
+
+For each method it starts its own ``s2d2 serve --model MODEL --method METHOD`` on a free loopback port, warms it
+up, then for each concurrency level runs that many client threads (the openai client, streaming, so the time to
+first token is seen) for ``--seconds``, each sending arith test prompts one after another. Reported per (method,
+concurrency): requests, errors, p50/p99 latency, p50/p99 time to first token, generated tokens/s, and the server's
+resident memory (RSS) before and after. ``--soak-minutes`` then keeps the highest concurrency running against the
+last method's server and samples its RSS every 30 s (growth over the soak is the leak check).
+
+Bounded: every level stops after ``--seconds`` or ``--max-requests``, the soak after its minutes, and the server
+is killed at the end whatever happens. Loopback only. Run alone on the machine (it measures speed)::
+
+    python scripts/loadtest.py --methods s2d2 ar --concurrency 1 4 16 --seconds 30 --soak-minutes 10 \\
+        --out benchmarks/bundled-arith/loadtest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from s2d2.tasks import arith
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(model: str, method: str, max_batch: int, max_queue: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "s2d2.cli", "serve", "--model", model, "--port", str(port), "--method", method,
+           "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning",
+           "--served-model-name", "loadtest"]
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise SystemExit(f"the server did not start: {' '.join(cmd)}")
+            time.sleep(0.2)
+
+
+def one_request(client: openai.OpenAI, prompt: str, max_tokens: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    try:
+        stream = client.completions.create(model="loadtest", prompt=prompt, max_tokens=max_tokens, stream=True,
+                                           stream_options={"include_usage": True})
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text and ttft is None:
+                ttft = time.perf_counter() - t0
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+    except openai.APIError as e:
+        return {"error": type(e).__name__}
+    return {"latency": time.perf_counter() - t0, "ttft": ttft if ttft is not None else time.perf_counter() - t0,
+            "tokens": tokens}
+
+
+def run_level(url: str, prompts: list[str], concurrency: int, seconds: float, max_requests: int,
+              max_tokens: int) -> dict[str, Any]:
+    """``concurrency`` clients sending requests back to back for ``seconds`` (or ``max_requests`` in all)."""
+    results: list[dict[str, Any]] = []
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+    counter = iter(range(10**9))
+
+    def client_loop() -> None:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        while time.monotonic() < stop_at:
+            with lock:
+                k = next(counter)
+            if k >= max_requests:
+                return
+            r = one_request(client, prompts[k % len(prompts)], max_tokens)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    lat = sorted(r["latency"] for r in ok)
+    ttft = sorted(r["ttft"] for r in ok)
+
+    def pct(xs: list[float], q: float) -> float:
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {"concurrency": concurrency, "requests": len(ok), "errors": len(results) - len(ok), "wall_s": wall,
+            "latency_p50_s": statistics.median(lat) if lat else float("nan"), "latency_p99_s": pct(lat, 0.99),
+            "ttft_p50_s": statistics.median(ttft) if ttft else float("nan"), "ttft_p99_s": pct(ttft, 0.99),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "requests_per_s": len(ok) / wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--methods", nargs="+", default=["s2d2", "ar"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--seconds", type=float, default=30.0, help="per concurrency level")
+    parser.add_argument("--max-requests", type=int, default=5000, help="per concurrency level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--soak-minutes", type=float, default=0.0, help="then this long at the top concurrency")
+    parser.add_argument("--out", default=None, help="a JSON file for every figure")
+    args = parser.parse_args()
+    if max(args.concurrency) > args.max_batch + args.max_queue:
+        raise SystemExit("--concurrency above --max-batch + --max-queue would be answered 429")
+    prompts = [p.prompt for p in arith.generate("test", 200, seed=0)]
+    records, soak = [], None
+    print("| method | clients | requests | errors | latency p50 / p99 (s) | TTFT p50 / p99 (s) | tokens/s | "
+          "RSS before -> after (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for i, method in enumerate(args.methods):
+        proc, url = start_server(args.model, method, args.max_batch, args.max_queue)
+        try:
+            run_level(url, prompts, 2, 3.0, 20, args.max_tokens)  # warm-up
+            for c in args.concurrency:
+                before = rss_mib(proc.pid)
+                r = run_level(url, prompts, c, args.seconds, args.max_requests, args.max_tokens)
+                r.update(method=method, rss_before_mib=before, rss_after_mib=rss_mib(proc.pid))
+                records.append(r)
+                print(f"| {method} | {c} | {r['requests']} | {r['errors']} | {r['latency_p50_s']:.3f} / "
+                      f"{r['latency_p99_s']:.3f} | {r['ttft_p50_s']:.3f} / {r['ttft_p99_s']:.3f} | "
+                      f"{r['tokens_per_s']:.0f} | {r['rss_before_mib']:.0f} -> {r['rss_after_mib']:.0f} |", flush=True)
+            if args.soak_minutes > 0 and i == len(args.methods) - 1:
+                samples = [(0.0, rss_mib(proc.pid))]
+                start, errors, requests = time.monotonic(), 0, 0
+                while time.monotonic() - start < args.soak_minutes * 60:
+                    r = run_level(url, prompts, max(args.concurrency), 30.0, args.max_requests, args.max_tokens)
+                    errors, requests = errors + r["errors"], requests + r["requests"]
+                    samples.append((time.monotonic() - start, rss_mib(proc.pid)))
+                growth = samples[-1][1] / samples[0][1] - 1
+                soak = {"method": method, "minutes": args.soak_minutes, "clients": max(args.concurrency),
+                        "requests": requests, "errors": errors, "rss_mib": samples, "rss_growth": growth}
+                print(f"\nsoak: {method}, {max(args.concurrency)} clients, {args.soak_minutes:g} min: {requests} "
+                      f"requests, {errors} errors, RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MiB "
+                      f"({growth:+.1%})")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens,
+                                              "max_batch": args.max_batch, "cpus": os.cpu_count(),
+                                              "levels": records, "soak": soak}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,286 @@
+"""`s2d2 serve`: the real server on loopback, driven by the unchanged openai client (and raw HTTP for bad input).
+
+Greedy answers must equal `Model.generate` of the same prompts (what `s2d2 generate` prints); streaming must
+deliver the same text in pieces; bad input must be a 400 in OpenAI's error format and leave the server serving;
+a client that disconnects mid-stream must free its slot; a full queue answers 429.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+import s2d2  # noqa: E402
+from s2d2 import DecodeConfig  # noqa: E402
+from s2d2.server import ServerConfig, TextStream, create_app  # noqa: E402
+from s2d2.tasks import arith  # noqa: E402
+
+PROBLEMS = arith.generate("test", 8, seed=0)
+MAX_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def bundled() -> s2d2.Model:
+    return s2d2.load("bundled")
+
+
+def start_server(model: s2d2.Model, **overrides) -> SimpleNamespace:
+    cfg = ServerConfig(**{"model_name": "bundled", "max_batch": 4, "max_queue": 2, "timeout_s": 60.0,
+                          "defaults": DecodeConfig(max_new_tokens=MAX_NEW), **overrides})
+    server = uvicorn.Server(uvicorn.Config(create_app(model, cfg), host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return SimpleNamespace(url=url, port=port, server=server, thread=thread, client=client, cfg=cfg)
+
+
+def stop_server(s: SimpleNamespace) -> None:
+    s.server.should_exit = True
+    s.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def server(bundled):
+    s = start_server(bundled)
+    yield s
+    stop_server(s)
+
+
+def post(url: str, body: bytes | str | dict, path: str = "/v1/completions") -> tuple[int, dict, Any]:
+    data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read()), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read()), e.headers
+
+
+def get(url: str, path: str) -> str:
+    with urllib.request.urlopen(url + path, timeout=30) as r:
+        return r.read().decode()
+
+
+def expected(model: s2d2.Model, prompts: list[str], **cfg) -> list[s2d2.Generation]:
+    return model.generate(prompts, DecodeConfig(max_new_tokens=MAX_NEW, **cfg), batch_size=1)
+
+
+def running(url: str) -> int:
+    return json.loads(get(url, "/health"))["running"]
+
+
+def cancelled(url: str, reason: str = "cancelled") -> float:
+    line = f's2d2_generations_cancelled_total{{reason="{reason}"}} '
+    return next((float(x[len(line):]) for x in get(url, "/metrics").splitlines() if x.startswith(line)), 0.0)
+
+
+def wait_idle(url: str, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while running(url):
+        assert time.monotonic() < deadline, "a slot was never freed"
+        time.sleep(0.05)
+
+
+def test_completion_equals_generate_with_usage_and_stats(server, bundled):
+    want = expected(bundled, [PROBLEMS[0].prompt])[0]
+    out = server.client.completions.create(model="bundled", prompt=PROBLEMS[0].prompt)
+    assert out.choices[0].text == want.text and out.choices[0].finish_reason == want.finish_reason
+    assert out.usage.prompt_tokens == len(bundled.encode(PROBLEMS[0].prompt))
+    assert out.usage.completion_tokens == len(want.token_ids)
+    stats = out.model_extra["s2d2"]
+    assert stats["nfe"] == want.stats.nfe and stats["accepted_tokens"] == want.stats.accepted_tokens
+    assert stats["tokens_per_forward"] == pytest.approx(want.stats.num_tokens / want.stats.nfe)
+
+
+def test_s2d2_fields_as_extra_body_and_several_prompts(server, bundled):
+    prompts = [p.prompt for p in PROBLEMS[:3]]
+    want = expected(bundled, prompts, method="ar")
+    out = server.client.completions.create(model="bundled", prompt=prompts, extra_body={"method": "ar"})
+    assert [c.text for c in out.choices] == [w.text for w in want]
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert out.model_extra["s2d2"]["nfe"] == sum(w.stats.nfe for w in want)
+    assert out.model_extra["s2d2"]["verify_forwards"] == 0
+
+
+def test_chat_uses_the_chat_template(server, bundled):
+    want = expected(bundled, [PROBLEMS[1].prompt])[0]  # the bundled template renders a question as "Q: ...\nA:"
+    out = server.client.chat.completions.create(
+        model="bundled", messages=[{"role": "user", "content": PROBLEMS[1].question}])
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == want.text
+    assert out.usage.completion_tokens == len(want.token_ids)
+
+
+def test_streamed_text_equals_the_plain_answer(server, bundled):
+    want = expected(bundled, [PROBLEMS[2].prompt])[0]
+    chunks = list(server.client.completions.create(model="bundled", prompt=PROBLEMS[2].prompt, stream=True,
+                                                   stream_options={"include_usage": True}))
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == want.text
+    assert len([t for t in texts if t]) > 1  # really streamed, in pieces
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [want.finish_reason]
+    assert chunks[-1].usage.completion_tokens == len(want.token_ids)
+
+    chat = list(server.client.chat.completions.create(
+        model="bundled", messages=[{"role": "user", "content": PROBLEMS[2].question}], stream=True))
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == want.text
+    assert chat[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_stop_strings_streamed_and_plain(server, bundled):
+    want = expected(bundled, [PROBLEMS[3].prompt], stop=("#",))[0]
+    assert "#" not in want.text and want.finish_reason == "stop"
+    plain = server.client.completions.create(model="bundled", prompt=PROBLEMS[3].prompt, stop="#")
+    assert plain.choices[0].text == want.text and plain.choices[0].finish_reason == "stop"
+    streamed = list(server.client.completions.create(model="bundled", prompt=PROBLEMS[3].prompt, stop=["#"],
+                                                     stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == want.text
+
+
+def test_concurrent_requests_equal_generate(server, bundled):
+    """More requests than slots at once: they batch, queue, and each gets exactly its batch-1 answer."""
+    prompts = [p.prompt for p in PROBLEMS[:6]]
+    want = [g.text for g in expected(bundled, prompts)]
+
+    def ask(prompt: str) -> str:
+        return server.client.completions.create(model="bundled", prompt=prompt).choices[0].text
+
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, prompts))
+    assert got == want
+    metrics = get(server.url, "/metrics")
+    assert "s2d2_engine_steps_total" in metrics and "s2d2_request_latency_seconds_bucket" in metrics
+    assert "s2d2_requests_waiting" in metrics and "s2d2_batch_occupancy" in metrics
+
+
+def test_sampled_choices_are_reproducible_by_seed(server):
+    kw = dict(model="bundled", prompt=PROBLEMS[4].prompt, temperature=1.0, seed=7, n=3)
+    a = [c.text for c in server.client.completions.create(**kw).choices]
+    b = [c.text for c in server.client.completions.create(**kw).choices]
+    assert a == b and len(a) == 3
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"model": "bundled"}, "prompt"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": "many"}, "max_tokens"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 0}, "max_tokens"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 10**6}, "prompt"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "temperature": -1}, "temperature"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "top_p": 2}, "top_p"),
+    ({"model": "other", "prompt": "Q: 1\nA:"}, "model"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "block_sise": 8}, "block_sise"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "method": "fast"}, "method"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "n": 0}, "n"),
+    ({"model": "bundled", "prompt": ""}, "prompt"),
+    ({"model": "bundled", "prompt": "Q " * 3000}, "prompt"),
+    ({"model": "bundled", "prompt": ["Q: 1\nA:", "<|mask|>"]}, "prompt.1"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "logprobs": 2}, "logprobs"),
+])
+def test_bad_input_is_a_400_in_openai_format(server, body, param):
+    status, payload, _ = post(server.url, body)
+    assert status == 400, payload
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert error["message"].endswith(".") and "\n" not in error["message"] and "Traceback" not in error["message"]
+    if param is not None:
+        assert error["param"] == param, error
+
+
+def test_bad_chat_input_is_a_400(server):
+    for messages in ([], [{"role": "tool", "content": "x"}], [{"role": "user", "content": "a <|mask|> b"}],
+                     [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+        status, payload, _ = post(server.url, {"model": "bundled", "messages": messages}, "/v1/chat/completions")
+        assert status == 400, (messages, payload)
+        assert payload["error"]["message"]
+    # and the server still serves
+    assert server.client.completions.create(model="bundled", prompt=PROBLEMS[0].prompt, max_tokens=4).choices
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    limit = server.cfg.max_batch + server.cfg.max_queue
+    status, payload, headers = post(server.url, {"model": "bundled", "prompt": "Q: 1\nA:", "n": limit + 1})
+    assert status == 429 and payload["error"]["code"] == "queue_full"
+    assert int(headers["Retry-After"]) >= 1
+    wait_idle(server.url)  # nothing was queued
+    assert server.client.completions.create(model="bundled", prompt=PROBLEMS[0].prompt, max_tokens=4).choices
+
+
+def test_a_client_disconnecting_mid_stream_frees_its_slot(server, bundled):
+    body = json.dumps({"model": "bundled", "prompt": PROBLEMS[5].prompt, "stream": True, "max_tokens": 400,
+                       "method": "ar", "stop_token_ids": []})
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.read(6) == b"data: "  # decoding has started
+    assert running(server.url) == 1
+    before = cancelled(server.url)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    wait_idle(server.url)
+    assert cancelled(server.url) == before + 1  # stopped, not run to its 400 tokens
+    want = expected(bundled, [PROBLEMS[6].prompt])[0]
+    assert server.client.completions.create(model="bundled", prompt=PROBLEMS[6].prompt).choices[0].text == want.text
+
+
+def test_models_health_and_timeout(bundled):
+    s = start_server(bundled, timeout_s=0.05)
+    try:
+        models = json.loads(get(s.url, "/v1/models"))
+        assert [m["id"] for m in models["data"]] == ["bundled"]
+        status, payload, _ = post(s.url, {"model": "bundled", "prompt": PROBLEMS[0].prompt, "max_tokens": 400,
+                                          "method": "ar", "stop_token_ids": []})
+        assert status == 504 and payload["error"]["type"] == "timeout_error"
+        wait_idle(s.url)
+        assert cancelled(s.url, "timeout") == 1
+    finally:
+        stop_server(s)
+
+
+def test_text_stream_holds_back_stop_prefixes_and_partial_characters(bundled):
+    ids = bundled.encode(" 12+3=15. #### 15")
+    stream = TextStream(bundled, ("####",))
+    out = "".join(stream.feed([t]) for t in ids)
+    assert out == " 12+3=15. " and stream.stopped
+    stream = TextStream(bundled, ("=1x",))  # "=1" could start the stop string until the next character settles it
+    pieces = [stream.feed([t]) for t in bundled.encode("3=15")]
+    assert "".join(pieces) + stream.rest("3=15") == "3=15" and not stream.stopped
+
+
+@pytest.mark.parametrize("argv, word", [
+    (["--max-batch", "0"], "max_batch"),
+    (["--max-queue", "-1"], "max_queue"),
+    (["--timeout", "0"], "timeout"),
+    (["--port", "70000"], "--port"),
+    (["--block-size", "0"], "block_size"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+])
+def test_serve_refuses_bad_flags_in_one_sentence(argv, word, capsys):
+    from s2d2.cli import main
+
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("s2d2: error:") and word in err[0]
