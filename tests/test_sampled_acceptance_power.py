@@ -52,6 +52,9 @@ class TableAdapter:
     max_positions = 1 << 16
     vocab_size = V + 1
     device = torch.device("cpu")
+    shifted_logits = False
+    default_block_size = None
+    default_sub_block_size = None
 
     def __init__(self) -> None:
         self.ids: torch.Tensor | None = None

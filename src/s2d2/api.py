@@ -164,6 +164,12 @@ class Model:
         checked against this model (a :class:`ConfigError` if it cannot be honoured)."""
         cfg = (config or DecodeConfig()).replace(**overrides) if overrides else (config or DecodeConfig())
         cfg = cfg.with_generation_defaults(self.generation_defaults)
+        family: dict[str, Any] = {}  # the family's own defaults for fields the config leaves unset
+        if self.adapter.default_block_size is not None and not cfg.is_set("block_size") and cfg.method != "ar":
+            family["block_size"] = self.adapter.default_block_size
+        if self.adapter.default_sub_block_size is not None and cfg.sub_block_size is None and cfg.method != "ar":
+            family["sub_block_size"] = self.adapter.default_sub_block_size
+        cfg = cfg.replace(**family) if family else cfg
         self._validate_config(cfg)
         return cfg
 

@@ -23,7 +23,9 @@ class ForwardSpec:
 
     Every query row sees the row's whole committed cache; among the query rows, ``mask`` decides (True = may
     attend). The K/V of the first ``num_store`` rows become committed after the forward; logits are computed for rows
-    ``>= logits_from`` only.
+    ``logits_from .. logits_to - 1`` only (``logits_to`` None: to the last row), and ``pad_front`` copies of the
+    first of them are put in front (a shifted-logit family's draft whose first offset has no row before it in the
+    forward: that offset is committed, so its row is never read).
     """
 
     tokens: torch.Tensor  # [L] int64
@@ -31,10 +33,23 @@ class ForwardSpec:
     mask: torch.Tensor  # [L, L] bool
     num_store: int
     logits_from: int
+    logits_to: int | None = None
+    pad_front: int = 0
 
     @property
     def num_rows(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def logits_end(self) -> int:
+        """One past the last row that gets logits."""
+        return self.num_rows if self.logits_to is None else self.logits_to
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The forward's logit rows for this spec, with ``pad_front`` applied."""
+        if self.pad_front:
+            return torch.cat([logits[:1].expand(self.pad_front, -1), logits])
+        return logits
 
 
 @dataclass(frozen=True)
@@ -106,9 +121,9 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
     order = [i for g in grouping for i in g]
     specs = [specs[i] for i in order]
     # one host-to-tensor copy for every per-batch-row integer (tiny tensor ops cost microseconds each)
-    size_t, length_t, slots_t, logits_from = torch.tensor(
+    size_t, length_t, slots_t, logits_from, logits_end = torch.tensor(
         [[s.num_rows for s in specs], [lengths[i] for i in order], [slots[i] for i in order],
-         [s.logits_from for s in specs]], device=device)
+         [s.logits_from for s in specs], [s.logits_end for s in specs]], device=device)
     row_of = torch.repeat_interleave(torch.arange(len(specs), device=device), size_t)  # [N] batch row of each row
     starts = torch.cumsum(size_t, 0) - size_t
     local = torch.arange(row_of.shape[0], device=device) - starts[row_of]  # [N] index within its batch row
@@ -120,7 +135,7 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
                              [slots[i] for i in order[first:last]], slice(first_row, first_row + n_rows),
                              local[first_row:first_row + n_rows], row_of[first_row:first_row + n_rows] - first))
         first, first_row = last, first_row + n_rows
-    wants = local >= logits_from[row_of]
+    wants = (local >= logits_from[row_of]) & (local < logits_end[row_of])
     return PackedBatch(
         tokens=torch.cat([s.tokens for s in specs]),
         positions=torch.cat([s.positions for s in specs]),
@@ -128,7 +143,7 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
         cache_pos=length_t[row_of] + local,
         groups=tuple(groups),
         logits_index=wants.nonzero().flatten(),
-        logits_counts=tuple(s.num_rows - s.logits_from for s in specs),
+        logits_counts=tuple(s.logits_end - s.logits_from for s in specs),
         order=tuple(order),
     )
 

@@ -39,7 +39,7 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _EOS_TOKENS = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>")
-_MASK_TOKENS = ("<|MASK|>", "<|mask|>", "<MASK>", "[MASK]")
+_MASK_TOKENS = ("<|MASK|>", "<|mask|>", "|<MASK>|", "<MASK>", "[MASK]")  # "|<MASK>|": Fast-dLLM v2
 
 
 @dataclass(frozen=True)
@@ -278,7 +278,8 @@ def read_special_ids(
     eos: ``generation_config.json`` ``eos_token_id`` (int or list), else ``config.json``'s, else whichever of
     ``<|im_end|>``, ``<|endoftext|>``, ``</s>``, ``<eos>`` the tokenizer knows. mask: ``config.json``
     ``mask_token_id``, else ``tokenizer_config.json`` ``mask_token``, else the first known of ``<|MASK|>``,
-    ``<|mask|>``, ``<MASK>``, ``[MASK]``. pad: ``config.json`` ``pad_token_id``.
+    ``<|mask|>``, ``|<MASK>|`` (Fast-dLLM v2, whose id lives only in added_tokens.json), ``<MASK>``, ``[MASK]``.
+    pad: ``config.json`` ``pad_token_id``.
     """
     model_dir = Path(model_dir)
 

@@ -67,6 +67,9 @@ class DecodeConfig:
     method: Method = "s2d2"
     block_size: int | None = None  # None: 1 for "ar", 4 otherwise
     steps: int | None = None  # denoising steps per block; None: block_size
+    # decode each block sub-block by sub-block (Fast-dLLM v2's small_block_size, 8 there): drafts see the whole block,
+    # but spans, verification and commits stay in the left-most sub-block that still has masks; None: the block
+    sub_block_size: int | None = None
     threshold: float = 0.85  # confidence threshold of the dynamic strategy (and of N_high)
     fallback: Fallback = "dynamic"  # s2d2's base strategy for tokens verification did not commit
     # --- routing (s2d2 only)
@@ -137,6 +140,8 @@ class DecodeConfig:
         _check_int("steps", self.steps, 1)
         if self.steps > self.block_size:
             raise ConfigError(f"steps ({self.steps}) cannot exceed block_size ({self.block_size}): every step commits at least one token.")
+        if self.sub_block_size is not None:
+            _check_int("sub_block_size", self.sub_block_size, 1)
         for name in ("min_span", "ucb_span_bins", "ucb_progress_bins", "ucb_entropy_bins", "max_new_tokens"):
             _check_int(name, getattr(self, name), 1)
         _check_int("top_k", self.top_k, 0)

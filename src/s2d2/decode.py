@@ -78,7 +78,18 @@ class CommitRequest:
     cache_ver: bool
 
 
-ForwardRequest = DraftRequest | VerifyRequest | CommitRequest
+@dataclass(frozen=True)
+class FinalizeRequest:
+    """Shifted-logit families: a row asks for the forward that writes a finished block's (or the prompt's) K/V and
+    predicts the next block's first token from its last row."""
+
+    ids: torch.Tensor
+    end: int
+    block_size: int
+    cache_ver: bool
+
+
+ForwardRequest = DraftRequest | VerifyRequest | CommitRequest | FinalizeRequest
 # A row's decoding as a generator: it yields the forward it needs next, is sent that forward's logits (None for a
 # commit), and returns (generated ids, finish reason, stats) when done.
 RowSteps = Generator[ForwardRequest, "torch.Tensor | None", "tuple[list[int], str, DecodeStats]"]
@@ -96,19 +107,21 @@ class RowState:
 def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mask_id: int,
                  stop_ids: Iterable[int], device: torch.device, generator: torch.Generator | None = None,
                  stop_check: Callable[[list[int]], bool] | None = None,
-                 state: RowState | None = None) -> RowSteps:
+                 state: RowState | None = None, shifted_logits: bool = False) -> RowSteps:
     """Decode one prompt, asking for each forward instead of running it: the algorithm, free of scheduling.
 
     The caller (:func:`decode` for one row, :class:`s2d2.engine.Engine` for a batch) executes each yielded
     :data:`ForwardRequest` against ``cache`` (the row's own committed K/V) and sends back its logits.
     ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there (stop strings).
-    Forward time is the caller's to add to ``state.stats.forward_time_s``.
+    Forward time is the caller's to add to ``state.stats.forward_time_s``. With ``shifted_logits`` (the adapter's
+    family reads token t from row t-1), each block opens with its first token decoded in AR mode, from the row
+    before it (:meth:`_Forwards.open_block`).
     """
     t0 = time.perf_counter()
     state = state if state is not None else RowState()
     stats = state.stats
     stats.prompt_tokens = len(prompt_ids)
-    forwards = _Forwards(cache, cfg, stats)
+    forwards = _Forwards(cache, cfg, stats, shifted_logits)
     seq = state.seq = Sequence(prompt_ids, cfg.block_size, cfg.max_new_tokens, mask_id,
                                stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids, device)
     base = "static" if cfg.method in ("ar", "static") else "dynamic" if cfg.method == "dynamic" else cfg.fallback
@@ -116,28 +129,33 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     router = routing.RouterState.initial(cfg)
     cache.reset()
     for block in seq.blocks():
-        for quota in quotas:
-            span = block.span()
-            if span is None:
-                break
+        if shifted_logits and block.masked[0] and block.end > 0:
+            token = yield from forwards.open_block(seq, block, generator)
+            block = seq.commit(block, {0: token})
+        step = 0
+        # the decoding unit: the block, or the sub-block holding its first mask; spans and commits stay inside it
+        while (unit := block.unit(cfg.sub_block_size)).span() is not None:
+            span = unit.span()
+            assert span is not None
+            quota = quotas[min(step, len(quotas) - 1)]
             draft = yield from forwards.draft(seq, block, generator)
             commits: dict[int, int] = {}
             verdict = None
             if cfg.method == "s2d2":
-                verify_now, router = routing.route(router, block, span, draft, cfg)
+                verify_now, router = routing.route(router, unit, span, draft, cfg)
                 if verify_now:
                     verdict = yield from forwards.verify(seq, block, span, draft, generator)
                     commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
-            need = min(quota, block.num_masked) - len(commits)
+            need = min(quota, unit.num_masked) - len(commits)
             if need > 0:
-                candidates = [i for i in block.masked_offsets() if i not in commits]
+                candidates = [i for i in unit.masked_offsets() if i not in commits]
                 chosen = strategies.select(base, candidates, draft.confidence, need, cfg.threshold)
                 commits.update((i, draft.tokens[i]) for i in chosen)
                 stats.fallback_tokens += len(chosen)
             router = routing.observe(router, len(commits), verified=verdict is not None)
             block = seq.commit(block, commits)
             stats.steps += 1
-        assert block.span() is None, "the step quotas add up to the block size"
+            step += 1
         if stop_check is not None and not seq.stopped and stop_check(seq.generated()):
             seq.stop_at(block.start + block.end)
     token_ids, finish_reason = seq.output()
@@ -154,7 +172,7 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
     ``"stop"``/``"length"`` and stats. ``stop_check`` as in :func:`decode_steps`."""
     state = RowState()
     steps = decode_steps(prompt_ids, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device, generator,
-                         stop_check, state)
+                         stop_check, state, adapter.shifted_logits)
     timer = ForwardTimer(adapter.device)
     logits = None
     while True:
@@ -174,6 +192,8 @@ def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache)
                              cache_ver=request.cache_ver, draft_ver=request.draft_ver)
     if isinstance(request, VerifyRequest):
         return adapter.verify(request.filled, cache, request.block_start, request.span_start, request.next_block)
+    if isinstance(request, FinalizeRequest):
+        return adapter.finalize(request.ids, cache, request.end, request.block_size, cache_ver=request.cache_ver)
     adapter.commit(request.ids, cache, request.end, request.block_size, cache_ver=request.cache_ver)
     return None
 
@@ -200,10 +220,29 @@ class ForwardTimer:
 class _Forwards:
     """The row's forwards as requests: builds each one, counts it, and turns its logits into a draft or a verdict."""
 
-    def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats) -> None:
-        self.cache, self.cfg, self.stats = cache, cfg, stats
+    def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False) -> None:
+        self.cache, self.cfg, self.stats, self.shifted = cache, cfg, stats, shifted_logits
         self._fuse_draft = cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit
-        self._next_draft: tuple[int, torch.Tensor] | None = None  # (block start, logits) drafted by a verify
+        # (block start, logits) from the verify forward that finished the previous block: the next block's draft
+        # (aligned logits), or the row predicting its first token (shifted logits)
+        self._next_draft: tuple[int, torch.Tensor] | None = None
+
+    def open_block(self, seq: Sequence, block: BlockState,
+                   generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, int]:
+        """Shifted logits: the block's first token, decoded in AR mode from the row before it (drawn with the
+        decoding temperature). That row comes from the verification that finished the previous block, or from a
+        forward writing the previous block (or the prompt) to the cache and predicting from its last row."""
+        cfg = self.cfg
+        fused, self._next_draft = self._next_draft, None
+        if fused is not None and fused[0] == block.start:
+            logits = fused[1]
+            self.stats.fused_drafts += 1
+        else:
+            kind = "prefill_forwards" if self.cache.length == 0 else "commit_forwards"
+            logits = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+            setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        return int(choose_tokens(probs, cfg.greedy, generator)[0])
 
     def draft(self, seq: Sequence, block: BlockState,
               generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Draft]:
@@ -241,8 +280,11 @@ class _Forwards:
         cfg = self.cfg
         drafted = list(draft.tokens[span.start:span.end])
         filled = list(block.tokens[:span.start]) + drafted
-        ahead = block.size if (self._fuse_draft and span.end == block.end == block.size
-                               and block.start + block.size < seq.limit) else 0
+        finishes_block = (self._fuse_draft and span.end == block.end == block.size
+                          and block.start + block.size < seq.limit)
+        # aligned logits: the next block's mask rows ride along; shifted logits: the span's last row always predicts
+        # the position after it, which is the next block's first token when the span ends the block
+        ahead = block.size if finishes_block and not self.shifted else 0
         logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         logits, next_logits = logits[:span.length], logits[span.length:]
         self.stats.verify_forwards += 1
@@ -252,7 +294,7 @@ class _Forwards:
             q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
             verdict = accept_sampled(drafted, draft.probs[span.start:span.end], q, generator)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
-        if ahead and verdict.num_accepted == span.length:
+        if finishes_block and verdict.num_accepted == span.length:
             self.cache.commit(block.size)  # the causal K/V of the finished block, as fuse_commit would write them
             self._next_draft = (block.start + block.size, next_logits)
         return verdict

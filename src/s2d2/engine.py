@@ -30,6 +30,7 @@ from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.decode import (
     CommitRequest,
     DraftRequest,
+    FinalizeRequest,
     ForwardRequest,
     ForwardTimer,
     RowSteps,
@@ -206,7 +207,7 @@ class Engine:
             self.cache.ensure_capacity(w.capacity)
             state, cache = RowState(), self.cache.slot(slot)
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.mask_id, self.adapter.stop_ids,
-                                 self.adapter.device, w.generator, w.stop_check, state)
+                                 self.adapter.device, w.generator, w.stop_check, state, self.adapter.shifted_logits)
             row = _Row(w.request_id, slot, cache, steps, state)
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
@@ -238,5 +239,8 @@ class Engine:
         if isinstance(request, VerifyRequest):
             return adapter.verify_spec(request.filled, cache_len, request.block_start, request.span_start,
                                        request.next_block)
+        if isinstance(request, FinalizeRequest):
+            return adapter.finalize_spec(request.ids, cache_len, request.end, request.block_size,
+                                         cache_ver=request.cache_ver)
         assert isinstance(request, CommitRequest)
         return adapter.commit_spec(request.ids, cache_len, request.end, request.block_size, cache_ver=request.cache_ver)

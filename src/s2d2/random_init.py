@@ -26,8 +26,10 @@ from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 __all__ = ["FAMILIES", "SPECIAL_TOKENS", "write_random_model"]
 
 FAMILIES = ("sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream")
-IMPLEMENTED = ("sdar",)
+IMPLEMENTED = ("sdar", "fast_dllm_v2")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")  # ids 256, 257, 258, 259
+# Fast-dLLM v2 spells its mask "|<MASK>|" (added_tokens.json of the published checkpoints)
+FAST_DLLM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|")
 
 WEIGHT_STD = 0.2  # Linear and Embedding weights (see the module docstring for why this is large)
 NORM_STD = 0.1  # RMSNorm weights are 1 + normal(0, NORM_STD)
@@ -55,13 +57,13 @@ def _byte_alphabet() -> list[str]:
     return chars
 
 
-def _byte_tokenizer() -> Tokenizer:
+def _byte_tokenizer(special_tokens: tuple[str, ...] = SPECIAL_TOKENS) -> Tokenizer:
     """Byte-level BPE without merges: token id = byte value, then the special tokens at 256.."""
     vocab = {ch: i for i, ch in enumerate(_byte_alphabet())}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     return tok
 
 
@@ -91,6 +93,98 @@ def _sdar_config(tok: Tokenizer) -> dict[str, Any]:
         "pad_token_id": eot,
         "torch_dtype": "float32",
     }
+
+
+def _fast_dllm_v2_config(tok: Tokenizer) -> dict[str, Any]:
+    """The published Fast_dLLM_v2 config.json's keys (1.5B: tied embeddings), with tiny sizes. No mask_token_id:
+    the published configs have none; the mask id comes from added_tokens.json."""
+    layers = 2
+    return {
+        "architectures": ["Fast_dLLM_QwenForCausalLM"],
+        "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration.Fast_dLLM_QwenConfig", "AutoModel": "modeling.Fast_dLLM_QwenModel",
+                     "AutoModelForCausalLM": "modeling.Fast_dLLM_QwenForCausalLM"},
+        "bd_size": 8,  # 32 in the published checkpoints
+        "bos_token_id": tok.token_to_id("<|endoftext|>"),
+        "eos_token_id": tok.token_to_id("<|im_end|>"),
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "initializer_range": 0.02,
+        "intermediate_size": 128,
+        "layer_types": ["full_attention"] * layers,
+        "max_position_embeddings": 2048,
+        "max_window_layers": layers,
+        "model_type": "Fast_dLLM_Qwen",
+        "num_attention_heads": 4,
+        "num_hidden_layers": layers,
+        "num_key_value_heads": 2,
+        "pad_token_id": tok.token_to_id("<|im_end|>"),
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        "transformers_version": "4.53.1",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": 264,
+    }
+
+
+def _write_fast_dllm_v2_files(out: Path, tok: Tokenizer, config: dict[str, Any]) -> None:
+    """The published Fast-dLLM v2 side files: added_tokens.json (the mask id's only source), special_tokens_map.json,
+    a Qwen2Tokenizer tokenizer_config.json without mask_token or chat template, chat_template.jinja, and the
+    generation_config.json sampling defaults (do_sample, temperature 0.7, top_k 20, top_p 0.8)."""
+    specials = {t: tok.token_to_id(t) for t in FAST_DLLM_SPECIAL_TOKENS}
+    _write_json(out / "added_tokens.json", specials)
+    mask = {"content": "|<MASK>|", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    _write_json(out / "special_tokens_map.json", {
+        "additional_special_tokens": [mask],
+        "eos_token": {**mask, "content": "<|im_end|>"},
+        "pad_token": {**mask, "content": "<|endoftext|>"},
+    })
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {str(i): {**mask, "content": t, "special": True} for t, i in specials.items()},
+        "additional_special_tokens": ["|<MASK>|"],
+        "bos_token": None,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": int(config["max_position_embeddings"]),
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": specials["<|endoftext|>"],
+        "do_sample": True,
+        "eos_token_id": [specials["<|im_end|>"], specials["<|endoftext|>"]],
+        "pad_token_id": specials["<|endoftext|>"],
+        "repetition_penalty": 1.05,
+        "temperature": 0.7,
+        "top_k": 20,
+        "top_p": 0.8,
+        "transformers_version": "4.53.1",
+    })
+
+
+def _save_sharded(out: Path, tensors: dict[str, torch.Tensor], num_shards: int) -> None:
+    """``model-0000k-of-0000n.safetensors`` shards and their ``model.safetensors.index.json``, as published."""
+    names = sorted(tensors)
+    per = -(-len(names) // num_shards)
+    weight_map, total = {}, 0
+    for k in range(num_shards):
+        file = f"model-{k + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = {n: tensors[n] for n in names[k * per:(k + 1) * per]}
+        save_file(part, str(out / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+        total += sum(t.numel() * t.element_size() for t in part.values())
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def init_weights(model: Qwen3Decoder, seed: int, weight_std: float = WEIGHT_STD, norm_std: float = NORM_STD) -> None:
@@ -123,8 +217,9 @@ def write_random_model(
     if family not in IMPLEMENTED:
         raise ConfigError(f"family {family!r} is not supported yet; supported: {', '.join(IMPLEMENTED)}.")
 
-    tok = _byte_tokenizer()
-    config = _sdar_config(tok)
+    fast = family == "fast_dllm_v2"
+    tok = _byte_tokenizer(FAST_DLLM_SPECIAL_TOKENS if fast else SPECIAL_TOKENS)
+    config = _fast_dllm_v2_config(tok) if fast else _sdar_config(tok)
     config.update(overrides)
     if overrides.get("model_type") == "qwen3" and "architectures" not in overrides:
         config["architectures"] = ["Qwen3ForCausalLM"]
@@ -132,13 +227,17 @@ def write_random_model(
         raise ConfigError(
             f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()} tokens.")
 
-    model = Qwen3Decoder(DecoderConfig.from_hf(config, qk_norm=True, qkv_bias=False))
+    model = Qwen3Decoder(DecoderConfig.from_hf(config, qk_norm=not fast, qkv_bias=fast))
     init_weights(model, seed)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)
+    if fast:
+        _write_fast_dllm_v2_files(out, tok, config)
+        _save_sharded(out, model.hf_state_dict(), num_shards=2)
+        return out
     _write_json(out / "generation_config.json", {
         "bos_token_id": config.get("bos_token_id"),
         "eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],

@@ -79,6 +79,17 @@ class BlockState:
         end = next((i for i in range(start, self.end) if not self.masked[i]), self.end)
         return Span(start, end)
 
+    def unit(self, sub_block_size: int | None) -> BlockState:
+        """The decoding unit: the block itself, or (with ``sub_block_size``) a view of it ending with the sub-block
+        that holds its first mask, so that its span, masks and commits stay inside that sub-block (Fast-dLLM v2's
+        sub-blocks; drafts still see the whole block)."""
+        if sub_block_size is None or sub_block_size >= self.size:
+            return self
+        first = self.first_mask
+        if first >= self.end:
+            return self
+        return replace(self, end=min(self.end, (first // sub_block_size + 1) * sub_block_size))
+
     def with_tokens(self, commits: Mapping[int, int]) -> BlockState:
         """A copy where each ``offset: token`` of ``commits`` is committed."""
         tokens, masked = list(self.tokens), list(self.masked)

@@ -9,6 +9,7 @@ import torch
 from tokenizers import Tokenizer
 
 from s2d2.adapters.base import FamilyAdapter
+from s2d2.adapters.fast_dllm import FastDLLMAdapter
 from s2d2.adapters.sdar import SDARAdapter
 from s2d2.checkpoint import SpecialIds, load_weights
 from s2d2.errors import ModelLoadError
@@ -16,7 +17,8 @@ from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 
 # SDAR checkpoints say "sdar"; a Qwen3 model trained with the block-diffusion objective may say "qwen3".
 SDAR_MODEL_TYPES = ("sdar", "qwen3")
-SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES
+FAST_DLLM_MODEL_TYPES = ("Fast_dLLM_Qwen",)  # Fast-dLLM v2 (Qwen2.5 architecture, shifted logits)
+SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES + FAST_DLLM_MODEL_TYPES
 
 
 def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, tokenizer: Tokenizer,
@@ -30,8 +32,16 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
     if special.mask_id is None:
         raise ModelLoadError(f"{model_dir} names no mask token (config.json mask_token_id); "
                              "a block-diffusion model needs one.")
-    decoder_config = DecoderConfig.from_hf(config, qk_norm=True, qkv_bias=bool(config.get("attention_bias", False)))
+    fast = model_type in FAST_DLLM_MODEL_TYPES
+    # Qwen2 layout (Fast-dLLM v2): q/k/v bias, no q/k norm; Qwen3 layout (SDAR): q/k norm, bias only if configured
+    decoder_config = DecoderConfig.from_hf(config, qk_norm=not fast,
+                                           qkv_bias=True if fast else bool(config.get("attention_bias", False)))
     model = Qwen3Decoder.from_hf_weights(decoder_config, load_weights(model_dir, device=str(device)), device, dtype)
     # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
     padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
+    if fast:
+        bd_size = config.get("bd_size", 32)
+        if not isinstance(bd_size, int) or isinstance(bd_size, bool) or bd_size < 1:
+            raise ModelLoadError(f"config.json field bd_size must be a positive integer, got {bd_size!r}.")
+        return FastDLLMAdapter(model, special.mask_id, special.eos_ids, banned_ids=padding, bd_size=bd_size)
     return SDARAdapter(model, special.mask_id, special.eos_ids, banned_ids=padding)

@@ -24,6 +24,11 @@ class FamilyAdapter(Protocol):
     max_positions: int
     vocab_size: int
     device: torch.device
+    # Row t-1 predicts token t (Fast-dLLM v2): every block opens with an AR-decoded token, and AR mode is a plain
+    # causal forward. False: a mask's own row predicts it (SDAR), and AR mode is the 2L construction.
+    shifted_logits: bool
+    default_block_size: int | None  # the checkpoint's block size (Fast-dLLM v2's bd_size), for configs leaving it unset
+    default_sub_block_size: int | None  # the family's sub-block size (Fast-dLLM v2: 8), for configs leaving it unset
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for ``capacity`` token slots."""
@@ -56,6 +61,11 @@ class FamilyAdapter(Protocol):
         """Write the K/V of ``ids[cache.length : end]`` into the cache (a forward of its own)."""
         ...
 
+    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> torch.Tensor:
+        """Shifted-logit families: :meth:`commit`, and return the last row's logits ``[1, V]`` (the prediction for
+        position ``end``, the next block's AR token)."""
+        ...
+
     # The batched engine builds the same three forwards as specs (``cache_len`` is the row's committed length) and
     # runs the rows of many requests in one forward.
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
@@ -71,6 +81,11 @@ class FamilyAdapter(Protocol):
     def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
                     cache_ver: bool) -> ForwardSpec:
         """The rows and mask of :meth:`commit`."""
+        ...
+
+    def finalize_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+                      cache_ver: bool) -> ForwardSpec:
+        """The rows and mask of :meth:`finalize`."""
         ...
 
     def run(self, spec: ForwardSpec, cache: KVCache | SlotCache) -> torch.Tensor:

@@ -75,6 +75,9 @@ class SDARAdapter:
     """Draft / verify / commit forwards for SDAR checkpoints (and plain Qwen3 models trained the same way)."""
 
     family = "sdar"
+    shifted_logits = False  # a mask's own row predicts it
+    default_block_size: int | None = None  # the block size a config that leaves it unset gets (None: DecodeConfig's)
+    default_sub_block_size: int | None = None  # likewise for sub_block_size (None: no sub-blocks)
 
     def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
         self.model = model
@@ -100,8 +103,8 @@ class SDARAdapter:
         else:
             mask = spec.mask
         logits = self.model(spec.tokens, spec.positions, cache, mask, num_store=spec.num_store,
-                            logits_from=spec.logits_from)
-        return logits.index_fill_(-1, self._banned, float("-inf"))
+                            logits_from=spec.logits_from, logits_to=spec.logits_to)
+        return spec.finish_logits(logits.index_fill_(-1, self._banned, float("-inf")))
 
     def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
         return self.model.new_batch_cache(num_slots, capacity)
@@ -120,7 +123,7 @@ class SDARAdapter:
             cache.slot(slot).commit(spec.num_store)
         out: list[torch.Tensor] = [logits] * len(specs)
         for k, part in zip(batch.order, logits.split(batch.logits_counts)):
-            out[k] = part
+            out[k] = specs[k].finish_logits(part)
         return out
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,

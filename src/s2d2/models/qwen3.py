@@ -191,12 +191,14 @@ class Qwen3Decoder(nn.Module):
         *,
         num_store: int = 0,
         logits_from: int = 0,
+        logits_to: int | None = None,
     ) -> torch.Tensor:
-        """Run the rows ``input_ids`` after the committed cache; returns float32 logits ``[L - logits_from, V]``.
+        """Run the rows ``input_ids`` after the committed cache; returns float32 logits for rows ``logits_from`` to
+        ``logits_to`` (exclusive; None: the last row), ``[logits_to - logits_from, V]``.
 
         Keys are ``[committed cache | these rows]``. The K/V of the first ``num_store`` rows become committed
         (their rows must not attend to later rows, which the mask guarantees); the others stay scratch.
-        Logits are computed only for rows ``>= logits_from``, since the LM head is a large share of a small
+        Logits are computed only for those rows, since the LM head is a large share of a small
         model's forward and most rows (pending commits, a verifier's first half) need none.
 
         With ``cache=None`` (training) the input may be a batch ``[b, L]`` whose rows attend only to each other
@@ -233,7 +235,7 @@ class Qwen3Decoder(nn.Module):
             x = x + layer.down(F.silu(gate) * up)
         if cache is not None:
             cache.commit(num_store)
-        x = _rms_norm(x[:, logits_from:], self.norm, c.rms_norm_eps)
+        x = _rms_norm(x[:, logits_from:logits_to], self.norm, c.rms_norm_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(x, head).float()
         return logits if batched else logits[0]

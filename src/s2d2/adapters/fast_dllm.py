@@ -1,0 +1,79 @@
+"""Fast-dLLM v2 family: Qwen2.5-architecture block-diffusion models with right-shifted logits (row t-1 predicts
+token t), blocks of ``bd_size`` (32) at absolute multiples, and an autoregressive token at the start of each block.
+
+Forwards (reference §4.1; ``cache_len`` is always the block's start here, except for the first block's draft,
+which writes the prompt's block-aligned prefix):
+
+- draft: the block's rows (after any pending prompt rows), block-causal (the SDAR draft mask: pending rows causal
+  with ``cache_ver``, the block bidirectional, its committed prefix causal with ``draft_ver``). Offset i is read from
+  row i-1. Offset 0 is always committed when drafting (a prompt token, or the block's AR token), so when its row
+  before lies in the cache the draft carries a placeholder copy there that the loop never reads.
+- verify: AR mode is a plain causal forward; no 2L construction. The block's rows up to the span's end, drafts
+  filled in, causal; span offset i is read from row i-1, and one more row (the span's last) predicts the position
+  after the span. When the span ends the block and every draft is accepted, that row is the next block's AR token
+  and the rows' causal K/V are what a causal (``cache_ver``) cache holds for the block: the loop commits them, and
+  the next block opens without a forward of its own.
+- finalize: the finished block's rows (or the prompt), written to the cache, causal with ``cache_ver``; its last
+  row predicts the next block's first token (the "free" AR token of the reference, which is greedy there even when
+  sampling; here it is drawn with the decoding temperature, so sampled decoding stays a sample of the model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from s2d2.adapters.sdar import SDARAdapter, draft_mask
+from s2d2.batching import ForwardSpec
+from s2d2.cache import KVCache
+from s2d2.models.qwen3 import Qwen3Decoder
+
+
+class FastDLLMAdapter(SDARAdapter):
+    """Draft / verify / finalize forwards for Fast-dLLM v2 checkpoints (shifted logits)."""
+
+    family = "fast_dllm_v2"
+    shifted_logits = True
+
+    def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: tuple[int, ...], banned_ids: range,
+                 bd_size: int) -> None:
+        super().__init__(model, mask_id, stop_ids, banned_ids)
+        self.default_block_size = bd_size
+        self.default_sub_block_size = min(8, bd_size)  # the reference's small_block_size
+
+    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+                   *, cache_ver: bool, draft_ver: bool) -> ForwardSpec:
+        """Pending rows ``ids[cache_len : block_start]`` (written to the cache), then the block; logits shifted."""
+        end = block_start + block_size
+        pending = block_start - cache_len
+        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device)
+        positions = torch.arange(cache_len, end, device=self.device)
+        if pending:  # the last pending row predicts offset 0
+            return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending - 1,
+                               logits_to=pending + block_size - 1)
+        assert first_mask > 0, "a shifted-logit draft needs offset 0 committed when its row before is cached"
+        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=0, logits_from=0,
+                           logits_to=block_size - 1, pad_front=1)
+
+    def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
+                    next_block: int = 0) -> ForwardSpec:
+        """A causal forward over ``filled`` (the block up to the span's end, drafts in the span); logits for the span
+        and for the position after it (``[n + 1, V]``). Commits nothing; ``next_block`` does not apply."""
+        assert cache_len == block_start, "verify expects the cache to hold everything before the block"
+        offset = span_start - block_start
+        assert offset > 0, "offset 0 of a block is always committed in a shifted-logit family"
+        n = len(filled)
+        idx = torch.arange(n, device=self.device)
+        tokens = torch.tensor(filled, dtype=torch.long, device=self.device)
+        return ForwardSpec(tokens, torch.arange(block_start, block_start + n, device=self.device),
+                           idx[:, None] >= idx[None, :], num_store=0, logits_from=offset - 1)
+
+    def finalize_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+                      cache_ver: bool) -> ForwardSpec:
+        """Write ``ids[cache_len : end]`` to the cache (as a commit forward) and return the last row's logits: the
+        prediction for position ``end``."""
+        spec = self.commit_spec(ids, cache_len, end, block_size, cache_ver=cache_ver)
+        return ForwardSpec(spec.tokens, spec.positions, spec.mask, num_store=spec.num_store,
+                           logits_from=spec.num_rows - 1)
+
+    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> torch.Tensor:
+        return self.run(self.finalize_spec(ids, cache.length, end, block_size, cache_ver=cache_ver), cache)
