@@ -230,3 +230,34 @@ def test_cli_generate_on_an_init_random_directory(tmp_path, flags, capsys):
     assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--json", *flags]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0 < len(result["token_ids"]) <= 12 and result["stats"]["nfe"] > 0
+
+
+def test_a_qwen2_vocab_and_merges_without_tokenizer_json_tokenizes_as_transformers(tmp_path):
+    """Qwen2.5-based checkpoints may ship vocab.json + merges.txt (+ added_tokens.json) only: the tokenizer built
+    from them encodes exactly as transformers' Qwen2Tokenizer does from the same files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer
+
+    from s2d2.checkpoint import load_tokenizer
+
+    corpus = ["Hello, world! It's 2024 and the café is open.", "def f(x):\n    return x + 1\n", "A" * 30,
+              "Numbers 12345 and words, words; more words. 中文 😀"] * 20
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=
+                                                        pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.model.save(str(tmp_path))  # vocab.json, merges.txt
+    size = tok.get_vocab_size()
+    added = {"<|endoftext|>": size, "<|im_start|>": size + 1, "<|im_end|>": size + 2, "|<MASK>|": size + 3}
+    (tmp_path / "added_tokens.json").write_text(json.dumps(added))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False} for t, i in added.items()}}))
+    ours = load_tokenizer(tmp_path)
+    theirs = AutoTokenizer.from_pretrained(str(tmp_path))
+    for text in ["Hello, world! It's 2025.\n\nWhat's 12+678?", "  spaces   and\ttabs\r\n", "Ünïcödé café 中文",
+                 "<|im_start|>user\nhi<|im_end|>\n|<MASK>|", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"]:
+        assert ours.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False), text
+    assert ours.token_to_id("|<MASK>|") == added["|<MASK>|"]

@@ -201,16 +201,62 @@ def load_weights(model_dir: str | os.PathLike[str], device: str | torch.device =
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
+# Qwen2's pre-tokenization split (letters, single digits, punctuation runs, newlines, spaces), as its tokenizer
+# defines it; Qwen2.5-based checkpoints (Fast-dLLM v2, Dream) may ship only vocab.json + merges.txt.
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:
-    """The fast tokenizer from ``tokenizer.json`` (no transformers, no remote code)."""
+    """The fast tokenizer from ``tokenizer.json`` (no transformers, no remote code); for a Qwen2 tokenizer shipped
+    as ``vocab.json`` + ``merges.txt`` only, the same tokenizer built from those files and the added tokens."""
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
-        raise ModelLoadError(f"model directory {model_dir} has no tokenizer.json.")
+        if (Path(model_dir) / "vocab.json").is_file() and (Path(model_dir) / "merges.txt").is_file():
+            return _qwen2_tokenizer(Path(model_dir))
+        raise ModelLoadError(f"model directory {model_dir} has no tokenizer.json (nor vocab.json and merges.txt).")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception on malformed files
         reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
         raise ModelLoadError(f"{path} is not a valid tokenizers file ({reason}).") from None
+
+
+def _qwen2_tokenizer(model_dir: Path) -> Tokenizer:
+    """Byte-level BPE from ``vocab.json`` and ``merges.txt`` with Qwen2's NFC normalisation and pre-tokenization,
+    plus the added tokens of ``tokenizer_config.json`` (``added_tokens_decoder``) and ``added_tokens.json``."""
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+
+    config = _read_optional_json(model_dir / "tokenizer_config.json")
+    if config.get("tokenizer_class") not in (None, "Qwen2Tokenizer", "Qwen2TokenizerFast"):
+        raise ModelLoadError(f"model directory {model_dir} has no tokenizer.json, and its vocab.json + merges.txt "
+                             f"are of a {config.get('tokenizer_class')!r}, which only a tokenizer.json describes.")
+    try:
+        bpe = models.BPE.from_file(str(model_dir / "vocab.json"), str(model_dir / "merges.txt"))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise ModelLoadError(f"{model_dir}/vocab.json or merges.txt is not a valid BPE vocabulary ({e}).") from None
+    tok = Tokenizer(bpe)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    added: dict[int, tuple[str, bool]] = {}
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("content"), str) and str(key).isdigit():
+            added[int(key)] = (entry["content"], bool(entry.get("special", True)))
+    for content, i in _read_optional_json(model_dir / "added_tokens.json").items():
+        if isinstance(i, int):
+            added.setdefault(i, (content, True))
+    for i in sorted(added):  # in id order, so each lands on its id right after the vocabulary
+        content, special = added[i]
+        if tok.token_to_id(content) is None:
+            tok.add_tokens([AddedToken(content, special=special, normalized=not special)])
+        if tok.token_to_id(content) != i:
+            raise ModelLoadError(f"added token {content!r} should have id {i} but follows the vocabulary at "
+                                 f"{tok.token_to_id(content)} (vocab.json and the added tokens disagree).")
+    return tok
 
 
 def read_chat_template(model_dir: str | os.PathLike[str]) -> str | None:

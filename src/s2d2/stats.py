@@ -102,8 +102,10 @@ class DecodeStats:
     def summary(self) -> str:
         """One line for humans."""
         d = self.to_dict()
+        writes = self.prefill_forwards + self.commit_forwards
+        cache = f", cache writes {writes}" if writes else ""
         fused = f", {self.fused_drafts} drafts fused into verifies" if self.fused_drafts else ""
         return (f"{d['num_tokens']} tokens, NFE {d['nfe']} (draft {self.draft_forwards}, verify {self.verify_forwards}"
-                f"{fused}), "
+                f"{cache}{fused}), "
                 f"{d['tokens_per_forward']:.2f} tokens/forward, {d['tokens_per_s']:.1f} tokens/s, "
                 f"{self.accepted_tokens}/{self.proposed_tokens} drafts accepted")
