@@ -246,6 +246,36 @@ MUTATIONS: list[Mutation] = [
         "        self.batch.lengths[self.index] = 0",
         "        pass",
     ),
+    Mutation(
+        "shifted_draft_unshifted",
+        "a Fast-dLLM v2 draft reads offset i from row i instead of row i-1",
+        "adapters/fast_dllm.py",
+        "            return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending - 1,\n"
+        "                               logits_to=pending + block_size - 1)",
+        "            return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending,\n"
+        "                               logits_to=pending + block_size)",
+    ),
+    Mutation(
+        "ar_token_always_greedy",
+        "a block's opening AR token is its argmax even when sampling (the reference's behaviour)",
+        "decode.py",
+        "        return int(choose_tokens(probs, cfg.greedy, generator)[0])",
+        "        return int(choose_tokens(probs, True, generator)[0])",
+    ),
+    Mutation(
+        "sub_blocks_ignored",
+        "the decoding unit is always the whole block (sub_block_size has no effect)",
+        "state.py",
+        "        if sub_block_size is None or sub_block_size >= self.size:",
+        "        if True:",
+    ),
+    Mutation(
+        "verify_commit_without_full_acceptance",
+        "a shifted-logit verification that ends the block commits the block's cache even after a rejection",
+        "decode.py",
+        "        if finishes_block and verdict.num_accepted == span.length:",
+        "        if finishes_block:",
+    ),
 ]
 
 

@@ -261,3 +261,19 @@ def test_a_qwen2_vocab_and_merges_without_tokenizer_json_tokenizes_as_transforme
                  "<|im_start|>user\nhi<|im_end|>\n|<MASK>|", "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"]:
         assert ours.encode(text, add_special_tokens=False).ids == theirs.encode(text, add_special_tokens=False), text
     assert ours.token_to_id("|<MASK>|") == added["|<MASK>|"]
+
+
+def test_a_first_draft_with_pending_prompt_rows_reads_each_offset_from_the_row_before(fast):
+    """The first block's draft also writes the prompt's block-aligned prefix: offset i (prompt tail included) is read
+    from row i-1, the first of them the prefix's last row; equal to one uncached forward."""
+    adapter = fast.adapter
+    prompt = list(range(60, 79))  # 19 tokens: prefix 0..15 pending, tail 16..18 opens the block of 8 at 16
+    ids = torch.tensor(prompt + [adapter.mask_id] * 5)
+    cache = adapter.new_cache(64)
+    draft = adapter.draft(ids, cache, 16, 8, 3, cache_ver=True, draft_ver=True)
+    assert cache.length == 16 and draft.shape[0] == 8
+    n, idx = 24, torch.arange(24)
+    mask = (idx[:, None] >= idx[None, :]) | ((idx[:, None] >= 19) & (idx[None, :] >= 16))
+    full = adapter.model(ids, idx, adapter.new_cache(n), mask)
+    full[:, adapter._banned] = float("-inf")
+    torch.testing.assert_close(draft, full[15:23], rtol=1e-5, atol=1e-5)

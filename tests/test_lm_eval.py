@@ -38,9 +38,14 @@ def test_model_args_reach_every_decode_config_field():
         decode_config_from_model_args({"threshold": 2.0})
 
 
-@pytest.fixture(scope="module")
-def lm(random_model_dir) -> S2D2LM:
-    return S2D2LM(pretrained=str(random_model_dir), device=None, method="dynamic",
+@pytest.fixture(scope="module", params=["sdar", "fast_dllm_v2"])
+def lm(request, random_model_dir, tmp_path_factory) -> S2D2LM:
+    """The plugin on each family (the family comes from the directory's config.json)."""
+    from s2d2.random_init import write_random_model
+
+    path = random_model_dir if request.param == "sdar" else write_random_model(
+        tmp_path_factory.mktemp("fast-lm"), request.param)
+    return S2D2LM(pretrained=str(path), device=None, method="dynamic",
                   block_size=4, threshold=0.5, max_new_tokens=40, stop_token_ids="")
 
 

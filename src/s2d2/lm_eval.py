@@ -78,6 +78,10 @@ class S2D2LM(LM):
         # max_batch_size if given, else s2d2's default) and max_batch_size
         super().__init__()
         self.config = decode_config_from_model_args(decode_args)  # validate before the (slow) load
+        if "generation_config" not in decode_args:
+            # measure greedily unless told (as lm-eval's HF model and s2d2 eval do): the checkpoint's
+            # generation_config.json sampling defaults apply only with generation_config=auto
+            self.config = self.config.replace(generation_config="none")
         self.batch_size = _parse_batch_size(batch_size, max_batch_size)
         device = device or "cpu"
         if device.startswith("cuda") and not torch.cuda.is_available():
