@@ -123,15 +123,25 @@ def test_greedy_verifying_every_step_is_causal_greedy(fast, cfg):
             assert out.stats.nfe == 20  # one forward per token: prefill + first token, then one per token
 
 
-def test_a_verification_that_finishes_the_block_saves_its_forward(fast):
-    """With fuse_draft, a verification accepting the block's last span also yields the next block's AR token and
-    its cache: fewer forwards, same tokens."""
-    base = dict(method="s2d2", policy="mask_span_length", min_span=1, block_size=4, max_new_tokens=24,
-                stop_token_ids=(), generation_config="none")
-    fused = fast.generate(PROMPTS[1], DecodeConfig(**base), batch_size=1)[0]
-    plain = fast.generate(PROMPTS[1], DecodeConfig(**base, fuse_draft=False), batch_size=1)[0]
-    assert fused.token_ids == plain.token_ids
-    assert fused.stats.fused_drafts > 0 and fused.stats.nfe == plain.stats.nfe - fused.stats.fused_drafts
+@pytest.mark.parametrize("cfg", [
+    dict(policy="mask_span_length", min_span=1, block_size=4),  # the next block's AR token and cache
+    dict(policy="mask_span_length", min_span=1, block_size=8, sub_block_size=4),  # + the next sub-block's draft
+    dict(policy="mask_span_length", min_span=2, block_size=8, sub_block_size=4, threshold=0.2),  # drafts decide too
+])
+def test_a_verification_that_finishes_a_block_or_sub_block_saves_forwards(fast_models, cfg):
+    """With fuse_draft, a verification accepting the last span of a block also yields the next block's AR token and
+    the block's cache, and one accepting the last span of a sub-block also drafts the rest of the block: fewer
+    forwards, the same tokens."""
+    base = dict(method="s2d2", max_new_tokens=32, stop_token_ids=(), generation_config="none", **cfg)
+    saved = 0
+    for m in fast_models:
+        for prompt in PROMPTS:
+            fused = m.generate(prompt, DecodeConfig(**base), batch_size=1)[0]
+            plain = m.generate(prompt, DecodeConfig(**base, fuse_draft=False), batch_size=1)[0]
+            assert fused.token_ids == plain.token_ids
+            assert fused.stats.nfe == plain.stats.nfe - fused.stats.fused_drafts
+            saved += fused.stats.fused_drafts
+    assert saved > 0
 
 
 def test_never_verifying_is_the_dynamic_baseline(fast):
@@ -277,3 +287,16 @@ def test_a_first_draft_with_pending_prompt_rows_reads_each_offset_from_the_row_b
     full = adapter.model(ids, idx, adapter.new_cache(n), mask)
     full[:, adapter._banned] = float("-inf")
     torch.testing.assert_close(draft, full[15:23], rtol=1e-5, atol=1e-5)
+
+
+def test_a_verification_ending_a_sub_block_drafts_the_rest_of_the_block_as_a_draft_forward_would(fast):
+    """The verify forward's extra rows (the rest of the block, masks) give offset k its logits from row k-1, as the
+    draft forward with the verified prefix committed and draft_ver does; the cache is left unchanged."""
+    adapter = fast.adapter
+    cache = adapter.new_cache(64)
+    ids = torch.tensor(list(range(30, 46)) + [99, 5, 6, 7] + [adapter.mask_id] * 4)  # offsets 0-3 committed
+    adapter.commit(ids, cache, 16, 8, cache_ver=True)
+    verify = adapter.verify([99, 5, 6, 7], cache, 16, 17, next_block=4)  # span offsets 1-3, then 4 mask rows
+    assert verify.shape[0] == 3 + 1 + 4 and cache.length == 16
+    draft = adapter.draft(ids, cache, 16, 8, 4, cache_ver=True, draft_ver=True)
+    torch.testing.assert_close(verify[3:7], draft[4:8], rtol=1e-5, atol=1e-5)

@@ -144,7 +144,7 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
             if cfg.method == "s2d2":
                 verify_now, router = routing.route(router, unit, span, draft, cfg)
                 if verify_now:
-                    verdict = yield from forwards.verify(seq, block, span, draft, generator)
+                    verdict = yield from forwards.verify(seq, block, unit, span, draft, generator)
                     commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
             need = min(quota, unit.num_masked) - len(commits)
             if need > 0:
@@ -223,9 +223,12 @@ class _Forwards:
     def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False) -> None:
         self.cache, self.cfg, self.stats, self.shifted = cache, cfg, stats, shifted_logits
         self._fuse_draft = cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit
-        # (block start, logits) from the verify forward that finished the previous block: the next block's draft
-        # (aligned logits), or the row predicting its first token (shifted logits)
-        self._next_draft: tuple[int, torch.Tensor] | None = None
+        # A draft made by the verify forward that finished the previous block (aligned logits) or the current
+        # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
+        self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None
+        # Shifted logits: (block start, row) from the verify forward that finished the previous block, the row that
+        # predicts the block's first token
+        self._next_token: tuple[int, torch.Tensor] | None = None
 
     def open_block(self, seq: Sequence, block: BlockState,
                    generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, int]:
@@ -233,7 +236,7 @@ class _Forwards:
         decoding temperature). That row comes from the verification that finished the previous block, or from a
         forward writing the previous block (or the prompt) to the cache and predicting from its last row."""
         cfg = self.cfg
-        fused, self._next_draft = self._next_draft, None
+        fused, self._next_token = self._next_token, None
         if fused is not None and fused[0] == block.start:
             logits = fused[1]
             self.stats.fused_drafts += 1
@@ -253,8 +256,8 @@ class _Forwards:
         """
         cfg = self.cfg
         fused, self._next_draft = self._next_draft, None
-        if fused is not None and fused[0] == block.start:
-            logits = fused[1]  # drafted by the verify forward that finished the previous block
+        if fused is not None and fused[0] == (block.start, block.first_mask):
+            logits = fused[1]  # drafted by the verify forward that finished the previous block or sub-block
             self.stats.fused_drafts += 1
         else:
             if not cfg.fuse_commit and self.cache.length < block.start:
@@ -269,22 +272,28 @@ class _Forwards:
         confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
         return Draft(tuple(tokens.tolist()), tuple(confidence.tolist()), probs)
 
-    def verify(self, seq: Sequence, block: BlockState, span: Span, draft: Draft,
+    def verify(self, seq: Sequence, block: BlockState, unit: BlockState, span: Span, draft: Draft,
                generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Verdict]:
         """One AR-mode forward scoring the span's drafts, then speculative acceptance.
 
         With ``fuse_draft``, a span that runs to the end of a full block (so acceptance may finish it) also gets
         the next block's draft rows; if every draft is accepted, the block's K/V written by this forward are
-        committed to the cache and the next draft is kept, so the next block starts without a forward.
+        committed to the cache and the next draft is kept, so the next block starts without a forward. Shifted
+        logits: the span's last row predicts the next block's first token instead, and (with ``draft_ver``) a span
+        that ends its sub-block inside the block brings the rest of the block as draft rows, the next draft.
         """
         cfg = self.cfg
         drafted = list(draft.tokens[span.start:span.end])
         filled = list(block.tokens[:span.start]) + drafted
         finishes_block = (self._fuse_draft and span.end == block.end == block.size
                           and block.start + block.size < seq.limit)
-        # aligned logits: the next block's mask rows ride along; shifted logits: the span's last row always predicts
-        # the position after it, which is the next block's first token when the span ends the block
-        ahead = block.size if finishes_block and not self.shifted else 0
+        # Shifted logits, draft_ver: the rows of a draft before its first mask are causal, exactly this forward's
+        # rows, so the later sub-blocks (all masks) can be drafted here; the next draft starts at the span's end.
+        finishes_unit = (self.shifted and self._fuse_draft and cfg.draft_ver and span.end == unit.end < block.end)
+        if self.shifted:
+            ahead = block.size - span.end if finishes_unit else 0
+        else:
+            ahead = block.size if finishes_block else 0
         logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         logits, next_logits = logits[:span.length], logits[span.length:]
         self.stats.verify_forwards += 1
@@ -294,7 +303,16 @@ class _Forwards:
             q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
             verdict = accept_sampled(drafted, draft.probs[span.start:span.end], q, generator)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
-        if finishes_block and verdict.num_accepted == span.length:
-            self.cache.commit(block.size)  # the causal K/V of the finished block, as fuse_commit would write them
-            self._next_draft = (block.start + block.size, next_logits)
+        if verdict.num_accepted == span.length:
+            if finishes_block:
+                self.cache.commit(block.size)  # the causal K/V of the finished block, as fuse_commit writes them
+                if self.shifted:
+                    self._next_token = (block.start + block.size, next_logits)
+                else:
+                    self._next_draft = ((block.start + block.size, 0), next_logits)
+            elif finishes_unit:
+                # offsets span.end.. read from the span's last row and the draft rows but the last; the committed
+                # offsets before them get placeholder rows, as a draft's own are never read either
+                rows = next_logits[:-1]
+                self._next_draft = ((block.start, span.end), torch.cat([rows[:1].expand(span.end, -1), rows]))
         return verdict

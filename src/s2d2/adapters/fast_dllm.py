@@ -20,12 +20,24 @@ which writes the prompt's block-aligned prefix):
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from s2d2.adapters.sdar import SDARAdapter, draft_mask
 from s2d2.batching import ForwardSpec
 from s2d2.cache import KVCache
 from s2d2.models.qwen3 import Qwen3Decoder
+
+
+@lru_cache(maxsize=1024)
+def _verify_mask(num_causal: int, num_next: int, device: torch.device) -> torch.Tensor:
+    """``num_causal`` causal rows, then ``num_next`` rows that see all of them and each other."""
+    n = num_causal + num_next
+    idx = torch.arange(n, device=device)
+    mask = idx[:, None] >= idx[None, :]
+    mask[num_causal:, :] = True
+    return mask
 
 
 class FastDLLMAdapter(SDARAdapter):
@@ -57,15 +69,16 @@ class FastDLLMAdapter(SDARAdapter):
     def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
                     next_block: int = 0) -> ForwardSpec:
         """A causal forward over ``filled`` (the block up to the span's end, drafts in the span); logits for the span
-        and for the position after it (``[n + 1, V]``). Commits nothing; ``next_block`` does not apply."""
+        and for the position after it (``[n + 1, V]``), then for ``next_block`` mask rows that follow (the rest of the
+        block), which see every row of ``filled`` and each other: the block's next draft with ``draft_ver`` if
+        every draft is accepted. Commits nothing."""
         assert cache_len == block_start, "verify expects the cache to hold everything before the block"
         offset = span_start - block_start
         assert offset > 0, "offset 0 of a block is always committed in a shifted-logit family"
         n = len(filled)
-        idx = torch.arange(n, device=self.device)
-        tokens = torch.tensor(filled, dtype=torch.long, device=self.device)
-        return ForwardSpec(tokens, torch.arange(block_start, block_start + n, device=self.device),
-                           idx[:, None] >= idx[None, :], num_store=0, logits_from=offset - 1)
+        tokens = torch.tensor(filled + [self.mask_id] * next_block, dtype=torch.long, device=self.device)
+        return ForwardSpec(tokens, torch.arange(block_start, block_start + n + next_block, device=self.device),
+                           _verify_mask(n, next_block, self.device), num_store=0, logits_from=offset - 1)
 
     def finalize_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
                       cache_ver: bool) -> ForwardSpec:
