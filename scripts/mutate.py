@@ -122,17 +122,18 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "fused_draft_stale",
-        "the fused next-block draft (and its cache commit) is kept even when a draft was rejected",
+        "a fused next draft or AR token (and the cache commit) is kept even when a draft was rejected",
         "decode.py",
-        "if ahead and verdict.num_accepted == span.length:",
-        "if ahead:",
+        "        if verdict.num_accepted == span.length:\n            if finishes_block:",
+        "        if True:\n            if finishes_block:",
     ),
     Mutation(
         "stats_fused_counted_as_forward",
         "a draft fused into a verify forward is also counted as a draft forward",
         "decode.py",
+        "            logits = fused[1]  # drafted by the verify forward that finished the previous block or sub-block\n"
         "            self.stats.fused_drafts += 1\n",
-        "            self.stats.fused_drafts += 1\n            self.stats.draft_forwards += 1\n",
+        "            logits = fused[1]\n            self.stats.fused_drafts += 1\n            self.stats.draft_forwards += 1\n",
     ),
     Mutation(
         "top_k_off_by_one",
@@ -268,13 +269,6 @@ MUTATIONS: list[Mutation] = [
         "state.py",
         "        if sub_block_size is None or sub_block_size >= self.size:",
         "        if True:",
-    ),
-    Mutation(
-        "verify_commit_without_full_acceptance",
-        "a shifted-logit verification that ends the block commits the block's cache even after a rejection",
-        "decode.py",
-        "        if finishes_block and verdict.num_accepted == span.length:",
-        "        if finishes_block:",
     ),
 ]
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random SDAR models written in HF format and loaded through the public API."""
+"""Shared fixtures: tiny random models (SDAR, and every other family) written in HF format and loaded through the
+public API."""
 
 from __future__ import annotations
 
@@ -28,3 +29,17 @@ def random_models(tmp_path_factory: pytest.TempPathFactory) -> list[s2d2.Model]:
 @pytest.fixture(scope="session")
 def model(random_models: list[s2d2.Model]) -> s2d2.Model:
     return random_models[0]
+
+
+@pytest.fixture(scope="session")
+def family_dir(tmp_path_factory: pytest.TempPathFactory):
+    """``family_dir(family, seed=0)``: a tiny random checkpoint of ``family`` in its published layout (written once)."""
+    written: dict[tuple[str, int], object] = {}
+
+    def get(family: str, seed: int = 0):
+        if (family, seed) not in written:
+            written[family, seed] = write_random_model(tmp_path_factory.mktemp(f"{family}-seed{seed}"), family,
+                                                       seed=seed)
+        return written[family, seed]
+
+    return get

@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import s2d2
 from s2d2 import DecodeConfig
 from s2d2.cli import main
-from s2d2.random_init import write_random_model
 from s2d2.sampling import token_probs
 from hf_reference import qwen2_config
 from test_distribution import N, NUM_NEW, PROMPT, TEMPERATURE, TOP_K, chi_square_pvalue, sample_counts
@@ -31,8 +30,8 @@ PUBLISHED_CONFIG_KEYS = {
 
 
 @pytest.fixture(scope="module")
-def fast_dir(tmp_path_factory) -> Path:
-    return write_random_model(tmp_path_factory.mktemp("fast"), "fast_dllm_v2", seed=0)
+def fast_dir(family_dir) -> Path:
+    return family_dir("fast_dllm_v2")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +40,8 @@ def fast(fast_dir) -> s2d2.Model:
 
 
 @pytest.fixture(scope="module")
-def fast_models(tmp_path_factory) -> list[s2d2.Model]:
-    return [s2d2.load(str(write_random_model(tmp_path_factory.mktemp(f"fast{seed}"), "fast_dllm_v2", seed=seed)))
-            for seed in (1, 2)]
+def fast_models(family_dir) -> list[s2d2.Model]:
+    return [s2d2.load(str(family_dir("fast_dllm_v2", seed))) for seed in (1, 2)]
 
 
 def test_the_published_layout_loads(fast_dir, fast):

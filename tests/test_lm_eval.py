@@ -38,13 +38,10 @@ def test_model_args_reach_every_decode_config_field():
         decode_config_from_model_args({"threshold": 2.0})
 
 
-@pytest.fixture(scope="module", params=["sdar", "fast_dllm_v2"])
-def lm(request, random_model_dir, tmp_path_factory) -> S2D2LM:
+@pytest.fixture(scope="module", params=["sdar", "fast_dllm_v2", "llada2"])
+def lm(request, random_model_dir, family_dir) -> S2D2LM:
     """The plugin on each family (the family comes from the directory's config.json)."""
-    from s2d2.random_init import write_random_model
-
-    path = random_model_dir if request.param == "sdar" else write_random_model(
-        tmp_path_factory.mktemp("fast-lm"), request.param)
+    path = random_model_dir if request.param == "sdar" else family_dir(request.param)
     return S2D2LM(pretrained=str(path), device=None, method="dynamic",
                   block_size=4, threshold=0.5, max_new_tokens=40, stop_token_ids="")
 

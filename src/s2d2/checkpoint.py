@@ -38,7 +38,7 @@ __all__ = [
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>", "</s>", "<eos>")
+_EOS_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|role_end|>", "</s>", "<eos>")  # <|role_end|>: LLaDA2 turns
 _MASK_TOKENS = ("<|MASK|>", "<|mask|>", "|<MASK>|", "<MASK>", "[MASK]")  # "|<MASK>|": Fast-dLLM v2
 
 
@@ -322,7 +322,8 @@ def read_special_ids(
     """Mask, end-of-sequence and padding ids, from the config files first and the tokenizer's vocabulary last.
 
     eos: ``generation_config.json`` ``eos_token_id`` (int or list), else ``config.json``'s, else whichever of
-    ``<|im_end|>``, ``<|endoftext|>``, ``</s>``, ``<eos>`` the tokenizer knows. mask: ``config.json``
+    ``<|im_end|>``, ``<|endoftext|>``, ``<|role_end|>``, ``</s>``,
+    ``<eos>`` the tokenizer knows. mask: ``config.json``
     ``mask_token_id``, else ``tokenizer_config.json`` ``mask_token``, else the first known of ``<|MASK|>``,
     ``<|mask|>``, ``|<MASK>|`` (Fast-dLLM v2, whose id lives only in added_tokens.json), ``<MASK>``, ``[MASK]``.
     pad: ``config.json`` ``pad_token_id``.

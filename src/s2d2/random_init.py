@@ -26,8 +26,15 @@ from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 __all__ = ["FAMILIES", "SPECIAL_TOKENS", "write_random_model"]
 
 FAMILIES = ("sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream")
-IMPLEMENTED = ("sdar", "fast_dllm_v2")
+IMPLEMENTED = ("sdar", "fast_dllm_v2", "llada2")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")  # ids 256, 257, 258, 259
+# LLaDA2's special tokens (its tokenizer files; 156892, 156895, 156900 in the published vocabulary)
+LLADA2_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|mask|>", "<|role_end|>")
+LLADA2_CHAT_TEMPLATE = (
+    "<role>SYSTEM</role>{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}<|role_end|>"
+    "{% for m in messages %}{% if m['role'] != 'system' %}<role>{{ m['role'] | upper }}</role>{{ m['content'] }}"
+    "<|role_end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<role>ASSISTANT</role>{% endif %}"
+)
 # Fast-dLLM v2 spells its mask "|<MASK>|" (added_tokens.json of the published checkpoints)
 FAST_DLLM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|")
 
@@ -132,6 +139,75 @@ def _fast_dllm_v2_config(tok: Tokenizer) -> dict[str, Any]:
     }
 
 
+def _llada2_config(tok: Tokenizer) -> dict[str, Any]:
+    """The published LLaDA2.0-mini config.json's keys with tiny sizes (no mask or block fields: there are none)."""
+    return {
+        "architectures": ["LLaDA2MoeModelLM"],
+        "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_llada2_moe.LLaDA2MoeConfig",
+                     "AutoModel": "modeling_llada2_moe.LLaDA2MoeModel",
+                     "AutoModelForCausalLM": "modeling_llada2_moe.LLaDA2MoeModelLM"},
+        "dtype": "float32",  # bfloat16 in the published checkpoints
+        "embedding_dropout": 0.0,
+        "first_k_dense_replace": 1,
+        "head_dim": 16,
+        "hidden_act": "silu",
+        "hidden_size": 64,
+        "initializer_range": 0.02,
+        "intermediate_size": 96,
+        "max_position_embeddings": 2048,
+        "max_window_layers": 28,
+        "model_type": "llada2_moe",
+        "moe_intermediate_size": 16,
+        "moe_router_enable_expert_bias": True,
+        "n_group": 4,
+        "norm_head": False,
+        "norm_softmax": False,
+        "norm_topk_prob": True,
+        "num_attention_heads": 4,
+        "num_experts": 16,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": 2,
+        "num_key_value_heads": 2,
+        "num_shared_experts": 1,
+        "output_dropout": 0.0,
+        "output_router_logits": False,
+        "pad_token_id": tok.token_to_id("<|endoftext|>"),
+        "partial_rotary_factor": 0.5,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": None,
+        "rope_theta": 600000,
+        "rotary_dim": 8,
+        "routed_scaling_factor": 2.5,
+        "router_dtype": "fp32",
+        "score_function": "sigmoid",
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "topk_group": 2,
+        "transformers_version": "4.57.1",
+        "use_bias": False,
+        "use_cache": False,
+        "use_qkv_bias": False,
+        "use_rmsnorm": True,
+        "use_sliding_window": False,
+        "using_split_qkv_in_self_attention": False,
+        "vocab_size": 264,
+    }
+
+
+def _write_llada2_files(out: Path) -> None:
+    """The published tokenizer_config.json (mask_token, chat template) and special_tokens_map.json; no
+    generation_config.json (none was found for the published checkpoints)."""
+    _write_json(out / "special_tokens_map.json", {
+        "bos_token": "<|startoftext|>", "cls_token": "[CLS]", "eos_token": "<|endoftext|>", "gmask_token": "[gMASK]",
+        "pad_token": "<|endoftext|>", "mask_token": "<|mask|>"})
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": False, "add_eos_token": False, "bos_token": "<|startoftext|>",
+        "chat_template": LLADA2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "cls_token": "[CLS]",
+        "eos_token": "<|endoftext|>", "mask_token": "<|mask|>", "fast_tokenizer": True, "gmask_token": "[gMASK]",
+        "model_max_length": 2048, "pad_token": "<|endoftext|>", "tokenizer_class": "PreTrainedTokenizerFast"})
+
+
 def _write_fast_dllm_v2_files(out: Path, tok: Tokenizer, config: dict[str, Any]) -> None:
     """The published Fast-dLLM v2 side files: added_tokens.json (the mask id's only source), special_tokens_map.json,
     a Qwen2Tokenizer tokenizer_config.json without mask_token or chat template, chat_template.jinja, and the
@@ -217,9 +293,9 @@ def write_random_model(
     if family not in IMPLEMENTED:
         raise ConfigError(f"family {family!r} is not supported yet; supported: {', '.join(IMPLEMENTED)}.")
 
-    fast = family == "fast_dllm_v2"
-    tok = _byte_tokenizer(FAST_DLLM_SPECIAL_TOKENS if fast else SPECIAL_TOKENS)
-    config = _fast_dllm_v2_config(tok) if fast else _sdar_config(tok)
+    fast, llada2 = family == "fast_dllm_v2", family == "llada2"
+    tok = _byte_tokenizer(FAST_DLLM_SPECIAL_TOKENS if fast else LLADA2_SPECIAL_TOKENS if llada2 else SPECIAL_TOKENS)
+    config = _fast_dllm_v2_config(tok) if fast else _llada2_config(tok) if llada2 else _sdar_config(tok)
     config.update(overrides)
     if overrides.get("model_type") == "qwen3" and "architectures" not in overrides:
         config["architectures"] = ["Qwen3ForCausalLM"]
@@ -227,15 +303,24 @@ def write_random_model(
         raise ConfigError(
             f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()} tokens.")
 
-    model = Qwen3Decoder(DecoderConfig.from_hf(config, qk_norm=not fast, qkv_bias=fast))
+    if llada2:
+        from s2d2.adapters.llada2 import llada2_decoder_config
+
+        decoder_config = llada2_decoder_config(config)
+    else:
+        decoder_config = DecoderConfig.from_hf(config, qk_norm=not fast, qkv_bias=fast)
+    model = Qwen3Decoder(decoder_config)
     init_weights(model, seed)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)
-    if fast:
-        _write_fast_dllm_v2_files(out, tok, config)
+    if fast or llada2:
+        if fast:
+            _write_fast_dllm_v2_files(out, tok, config)
+        else:
+            _write_llada2_files(out)
         _save_sharded(out, model.hf_state_dict(), num_shards=2)
         return out
     _write_json(out / "generation_config.json", {

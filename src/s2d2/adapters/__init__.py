@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 
 from s2d2.adapters.base import FamilyAdapter
 from s2d2.adapters.fast_dllm import FastDLLMAdapter
+from s2d2.adapters.llada2 import LLaDA2Adapter, llada2_decoder_config
 from s2d2.adapters.sdar import SDARAdapter
 from s2d2.checkpoint import SpecialIds, load_weights
 from s2d2.errors import ModelLoadError
@@ -18,7 +19,8 @@ from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 # SDAR checkpoints say "sdar"; a Qwen3 model trained with the block-diffusion objective may say "qwen3".
 SDAR_MODEL_TYPES = ("sdar", "qwen3")
 FAST_DLLM_MODEL_TYPES = ("Fast_dLLM_Qwen",)  # Fast-dLLM v2 (Qwen2.5 architecture, shifted logits)
-SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES + FAST_DLLM_MODEL_TYPES
+LLADA2_MODEL_TYPES = ("llada2_moe",)  # LLaDA2.0 / 2.1 (BailingMoeV2, aligned logits)
+SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES + FAST_DLLM_MODEL_TYPES + LLADA2_MODEL_TYPES
 
 
 def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, tokenizer: Tokenizer,
@@ -33,9 +35,11 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
         raise ModelLoadError(f"{model_dir} names no mask token (config.json mask_token_id); "
                              "a block-diffusion model needs one.")
     fast = model_type in FAST_DLLM_MODEL_TYPES
-    # Qwen2 layout (Fast-dLLM v2): q/k/v bias, no q/k norm; Qwen3 layout (SDAR): q/k norm, bias only if configured
-    decoder_config = DecoderConfig.from_hf(config, qk_norm=not fast,
-                                           qkv_bias=True if fast else bool(config.get("attention_bias", False)))
+    if model_type in LLADA2_MODEL_TYPES:
+        decoder_config = llada2_decoder_config(config)
+    else:  # Qwen2 layout (Fast-dLLM v2): q/k/v bias, no q/k norm; Qwen3 (SDAR): q/k norm, bias only if configured
+        decoder_config = DecoderConfig.from_hf(config, qk_norm=not fast,
+                                               qkv_bias=True if fast else bool(config.get("attention_bias", False)))
     model = Qwen3Decoder.from_hf_weights(decoder_config, load_weights(model_dir, device=str(device)), device, dtype)
     # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
     padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
@@ -44,4 +48,6 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
         if not isinstance(bd_size, int) or isinstance(bd_size, bool) or bd_size < 1:
             raise ModelLoadError(f"config.json field bd_size must be a positive integer, got {bd_size!r}.")
         return FastDLLMAdapter(model, special.mask_id, special.eos_ids, banned_ids=padding, bd_size=bd_size)
+    if model_type in LLADA2_MODEL_TYPES:
+        return LLaDA2Adapter(model, special.mask_id, special.eos_ids, banned_ids=padding)
     return SDARAdapter(model, special.mask_id, special.eos_ids, banned_ids=padding)

@@ -23,6 +23,7 @@ from torch import nn
 from s2d2.batching import AttentionGroup, PackedBatch
 from s2d2.cache import BatchKVCache, KVCache
 from s2d2.errors import ModelLoadError
+from s2d2.models.moe import MoEConfig, MoEMLP
 
 # Checkpoint tensors known to be unused, and ignored when loading (every other unused tensor is an error):
 # ``rotary_emb.inv_freq``, the RoPE frequency buffers older transformers versions saved with each layer (or the
@@ -47,12 +48,23 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     qk_norm: bool = True  # Qwen3 / SDAR: RMSNorm over head_dim on q and k, before RoPE
     qkv_bias: bool = False  # Qwen2 / Fast-dLLM v2: bias on q/k/v projections
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head (LLaDA2: 0.5)
+    moe: MoEConfig | None = None  # routed-expert MLPs (LLaDA2), from layer first_k_dense_replace on
+    first_k_dense_replace: int = 0
+    layout: str = "qwen"  # checkpoint weight names: "qwen" (Qwen2/3: SDAR, Fast-dLLM v2) or "llada2" (BailingMoeV2)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
                 raise ModelLoadError(f"config.json field {name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ModelLoadError(f"partial_rotary_factor {self.partial_rotary_factor} gives a rotary dimension of "
+                                 f"{self.rotary_dim}, which must be even and within head_dim ({self.head_dim}).")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelLoadError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -112,13 +124,17 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
+    """NeoX-style RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial); the rest pass."""
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 
 
 class _Layer(nn.Module):
-    def __init__(self, c: DecoderConfig, device: Any, dtype: torch.dtype) -> None:
+    def __init__(self, c: DecoderConfig, index: int, device: Any, dtype: torch.dtype) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.q_size = c.num_attention_heads * c.head_dim
@@ -129,8 +145,26 @@ class _Layer(nn.Module):
         self.k_norm = nn.Parameter(torch.ones(c.head_dim, **kw)) if c.qk_norm else None
         self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False, **kw)
         self.post_norm = nn.Parameter(torch.ones(c.hidden_size, **kw))
-        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, **kw)
-        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, **kw)
+        self.moe = MoEMLP(c.moe, device, dtype) if c.moe is not None and index >= c.first_k_dense_replace else None
+        dense = self.moe is None
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, **kw) if dense else None
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, **kw) if dense else None
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU MLP, or the routed experts (over the rows of ``h``, whatever its leading dims)."""
+        if self.moe is not None:
+            return self.moe(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def _swiglu_layout(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, inter: int,
+                   expert: int | None = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    """``gate_proj`` / ``up_proj`` / ``down_proj`` of one SwiGLU MLP (of ``expert`` in stacked expert weights)."""
+    at = () if expert is None else (expert,)
+    return {prefix + "gate_proj.weight": (gate_up, (*at, slice(0, inter))),
+            prefix + "up_proj.weight": (gate_up, (*at, slice(inter, 2 * inter))),
+            prefix + "down_proj.weight": (down, at[0] if at else None)}
 
 
 class Qwen3Decoder(nn.Module):
@@ -141,7 +175,7 @@ class Qwen3Decoder(nn.Module):
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
-        self.layers = nn.ModuleList(_Layer(c, device, dtype) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(_Layer(c, i, device, dtype) for i in range(c.num_hidden_layers))
         self.norm = nn.Parameter(torch.ones(c.hidden_size, device=device, dtype=dtype))
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(
             c.hidden_size, c.vocab_size, bias=False, device=device, dtype=dtype)
@@ -149,10 +183,11 @@ class Qwen3Decoder(nn.Module):
 
     def _inv_freq(self, device: Any) -> torch.Tensor:
         c = self.config
-        return 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32, device=device) / c.head_dim))
+        dim = c.rotary_dim
+        return 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
     def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[L, 1, head_dim]`` for ``position_ids``, looked up in a table grown on demand."""
+        """cos and sin ``[L, 1, rotary_dim]`` for ``position_ids``, looked up in a table grown on demand."""
         needed = int(position_ids.max()) + 1
         table = getattr(self, "_rope_table", None)
         if table is None or table[0].shape[0] < needed or table[0].device != position_ids.device:
@@ -230,9 +265,7 @@ class Qwen3Decoder(nn.Module):
                 k, v = cache.keys[i][None, :, :start + n], cache.values[i][None, :, :start + n]
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [b, heads, L, hd]
             x = x + layer.o_proj(attn.transpose(1, 2).reshape(b, n, layer.q_size))
-            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm, c.rms_norm_eps))
         if cache is not None:
             cache.commit(num_store)
         x = _rms_norm(x[:, logits_from:logits_to], self.norm, c.rms_norm_eps)
@@ -278,9 +311,7 @@ class Qwen3Decoder(nn.Module):
                 for g in batch.groups:
                     attn[g.rows] = self._group_attention(q[g.rows], cache.keys[i], cache.values[i], g)
             x = x + layer.o_proj(attn)
-            h = _rms_norm(x, layer.post_norm, c.rms_norm_eps)
-            gate, up = layer.gate_up(h).chunk(2, dim=-1)
-            x = x + layer.down(F.silu(gate) * up)
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm, c.rms_norm_eps))
         x = _rms_norm(x[batch.logits_index], self.norm, c.rms_norm_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
@@ -362,26 +393,43 @@ class Qwen3Decoder(nn.Module):
             out[name] = (param[rows] if rows is not None else param).detach().clone().contiguous()
         return out
 
-    def _hf_layout(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
-        """Map each Hugging Face weight name to (our parameter, the slice of its rows that holds it)."""
+    def _hf_layout(self) -> dict[str, tuple[torch.Tensor, Any]]:
+        """Map each Hugging Face weight name to (our parameter, the index of the part of it that holds it)."""
         c = self.config
-        out: dict[str, tuple[torch.Tensor, slice | None]] = {"model.embed_tokens.weight": (self.embed.weight, None)}
+        llada2 = c.layout == "llada2"
+        embed = "model.word_embeddings.weight" if llada2 else "model.embed_tokens.weight"
+        out: dict[str, tuple[torch.Tensor, Any]] = {embed: (self.embed.weight, None)}
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            q, kv, inter = layer.q_size, layer.kv_size, c.intermediate_size
+            q, kv = layer.q_size, layer.kv_size
             out[p + "input_layernorm.weight"] = (layer.input_norm, None)
             out[p + "post_attention_layernorm.weight"] = (layer.post_norm, None)
-            for proj, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
-                out[p + f"self_attn.{proj}.weight"] = (layer.qkv.weight, rows)
-                if c.qkv_bias:
-                    out[p + f"self_attn.{proj}.bias"] = (layer.qkv.bias, rows)
-            if c.qk_norm:
-                out[p + "self_attn.q_norm.weight"] = (layer.q_norm, None)
-                out[p + "self_attn.k_norm.weight"] = (layer.k_norm, None)
-            out[p + "self_attn.o_proj.weight"] = (layer.o_proj.weight, None)
-            out[p + "mlp.gate_proj.weight"] = (layer.gate_up.weight, slice(0, inter))
-            out[p + "mlp.up_proj.weight"] = (layer.gate_up.weight, slice(inter, 2 * inter))
-            out[p + "mlp.down_proj.weight"] = (layer.down.weight, None)
+            if llada2:  # fused QKV, rows [Q heads | K heads | V heads], as our qkv
+                out[p + "attention.query_key_value.weight"] = (layer.qkv.weight, None)
+                out[p + "attention.query_layernorm.weight"] = (layer.q_norm, None)
+                out[p + "attention.key_layernorm.weight"] = (layer.k_norm, None)
+                out[p + "attention.dense.weight"] = (layer.o_proj.weight, None)
+            else:
+                for proj, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)),
+                                   ("v_proj", slice(q + kv, q + 2 * kv))):
+                    out[p + f"self_attn.{proj}.weight"] = (layer.qkv.weight, rows)
+                    if c.qkv_bias:
+                        out[p + f"self_attn.{proj}.bias"] = (layer.qkv.bias, rows)
+                if c.qk_norm:
+                    out[p + "self_attn.q_norm.weight"] = (layer.q_norm, None)
+                    out[p + "self_attn.k_norm.weight"] = (layer.k_norm, None)
+                out[p + "self_attn.o_proj.weight"] = (layer.o_proj.weight, None)
+            if layer.moe is None:
+                out.update(_swiglu_layout(p + "mlp.", layer.gate_up.weight, layer.down.weight, c.intermediate_size))
+                continue
+            moe, inter = layer.moe, c.moe.moe_intermediate_size
+            out[p + "mlp.gate.weight"] = (moe.router, None)
+            out[p + "mlp.gate.expert_bias"] = (moe.expert_bias, None)
+            for e in range(c.moe.num_experts):
+                out.update(_swiglu_layout(f"{p}mlp.experts.{e}.", moe.gate_up, moe.down, inter, e))
+            if moe.shared_gate_up is not None:
+                out.update(_swiglu_layout(p + "mlp.shared_experts.", moe.shared_gate_up.weight, moe.shared_down.weight,
+                                          inter * c.moe.num_shared_experts))
         out["model.norm.weight"] = (self.norm, None)
         out["lm_head.weight"] = (self.lm_head.weight if self.lm_head is not None else self.embed.weight, None)
         return out

@@ -1,0 +1,183 @@
+"""LLaDA2.x family (first step: the MoE model and SDAR's forwards on it; token editing is not here yet): the
+published layout, the decoder against transformers' Glm4MoeForCausalLM (the same architecture: per-head q/k norm,
+partial NeoX RoPE, dense first layers, grouped-sigmoid routed and shared experts), and the invariants."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import s2d2
+from s2d2 import DecodeConfig
+from s2d2.adapters.sdar import draft_mask
+from s2d2.cli import main
+from s2d2.errors import ModelLoadError
+from s2d2.random_init import write_random_model
+from test_distribution import chi_square_pvalue, exact_ar_distribution, sample_counts
+from test_engine import assert_batch_independent, prompts
+
+# config.json keys of inclusionAI/LLaDA2.0-mini as published (../shared/checkpoints)
+PUBLISHED_CONFIG_KEYS = {
+    "architectures", "attention_dropout", "auto_map", "dtype", "embedding_dropout", "first_k_dense_replace",
+    "head_dim", "hidden_act", "hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings",
+    "max_window_layers", "model_type", "moe_intermediate_size", "moe_router_enable_expert_bias", "n_group",
+    "norm_head", "norm_softmax", "norm_topk_prob", "num_attention_heads", "num_experts", "num_experts_per_tok",
+    "num_hidden_layers", "num_key_value_heads", "num_shared_experts", "output_dropout", "output_router_logits",
+    "pad_token_id", "partial_rotary_factor", "rms_norm_eps", "rope_scaling", "rope_theta", "rotary_dim",
+    "routed_scaling_factor", "router_dtype", "score_function", "sliding_window", "tie_word_embeddings", "topk_group",
+    "transformers_version", "use_bias", "use_cache", "use_qkv_bias", "use_rmsnorm", "use_sliding_window",
+    "using_split_qkv_in_self_attention", "vocab_size",
+}
+
+
+@pytest.fixture(scope="module")
+def llada_dir(family_dir) -> Path:
+    return family_dir("llada2")
+
+
+@pytest.fixture(scope="module")
+def llada(llada_dir) -> s2d2.Model:
+    return s2d2.load(str(llada_dir))
+
+
+def test_the_published_layout_loads(llada_dir, llada):
+    config = json.loads((llada_dir / "config.json").read_text())
+    assert set(config) == PUBLISHED_CONFIG_KEYS
+    index = json.loads((llada_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    for name in ("model.word_embeddings.weight", "model.layers.0.attention.query_key_value.weight",
+                 "model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.gate.expert_bias",
+                 "model.layers.1.mlp.experts.15.down_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight",
+                 "lm_head.weight"):
+        assert name in index, name
+    tok = llada.tokenizer
+    assert llada.adapter.family == "llada2" and llada.adapter.mask_id == tok.token_to_id("<|mask|>")
+    assert set(llada.adapter.stop_ids) == {tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|role_end|>")}
+    assert llada.resolve_config(DecodeConfig()).block_size == 32
+    assert llada.apply_chat_template([{"role": "user", "content": "hi"}]).endswith(
+        "<role>HUMAN</role>hi<|role_end|><role>ASSISTANT</role>".replace("HUMAN", "USER"))
+
+
+@pytest.mark.parametrize("key, value", [("score_function", "softmax"), ("norm_head", True),
+                                        ("moe_router_enable_expert_bias", False), ("use_qkv_bias", True)])
+def test_unsupported_config_values_are_refused_in_one_sentence(tmp_path, key, value):
+    path = write_random_model(tmp_path / "m", "llada2")
+    config = json.loads((path / "config.json").read_text())
+    config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=key) as err:
+        s2d2.load(str(path))
+    assert "\n" not in str(err.value)
+
+
+def test_logits_equal_transformers_glm4_moe(llada_dir, llada):
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    c = json.loads((llada_dir / "config.json").read_text())
+    hf = Glm4MoeForCausalLM(Glm4MoeConfig(
+        vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], intermediate_size=c["intermediate_size"],
+        num_hidden_layers=c["num_hidden_layers"], num_attention_heads=c["num_attention_heads"],
+        num_key_value_heads=c["num_key_value_heads"], head_dim=c["head_dim"], rms_norm_eps=c["rms_norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": c["rope_theta"],
+                         "partial_rotary_factor": c["partial_rotary_factor"]},
+        max_position_embeddings=c["max_position_embeddings"], tie_word_embeddings=False, attention_bias=False,
+        moe_intermediate_size=c["moe_intermediate_size"], num_experts_per_tok=c["num_experts_per_tok"],
+        n_shared_experts=c["num_shared_experts"], n_routed_experts=c["num_experts"],
+        routed_scaling_factor=c["routed_scaling_factor"], n_group=c["n_group"], topk_group=c["topk_group"],
+        first_k_dense_replace=c["first_k_dense_replace"], norm_topk_prob=True, use_qk_norm=True))
+    hf = hf.to(torch.float32).eval()
+    ours: dict[str, torch.Tensor] = {}
+    for file in sorted(llada_dir.glob("model-*.safetensors")):
+        ours.update(load_file(str(file)))
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    theirs: dict[str, torch.Tensor] = {"model.embed_tokens.weight": ours["model.word_embeddings.weight"],
+                                       "model.norm.weight": ours["model.norm.weight"],
+                                       "lm_head.weight": ours["lm_head.weight"]}
+    for i in range(c["num_hidden_layers"]):
+        p, t = f"model.layers.{i}.", f"model.layers.{i}."
+        qkv = ours[p + "attention.query_key_value.weight"]
+        theirs.update({t + "self_attn.q_proj.weight": qkv[:q], t + "self_attn.k_proj.weight": qkv[q:q + kv],
+                       t + "self_attn.v_proj.weight": qkv[q + kv:],
+                       t + "self_attn.q_norm.weight": ours[p + "attention.query_layernorm.weight"],
+                       t + "self_attn.k_norm.weight": ours[p + "attention.key_layernorm.weight"],
+                       t + "self_attn.o_proj.weight": ours[p + "attention.dense.weight"],
+                       t + "input_layernorm.weight": ours[p + "input_layernorm.weight"],
+                       t + "post_attention_layernorm.weight": ours[p + "post_attention_layernorm.weight"]})
+        if i < c["first_k_dense_replace"]:
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                theirs[t + f"mlp.{proj}.weight"] = ours[p + f"mlp.{proj}.weight"]
+            continue
+        e = range(c["num_experts"])
+        theirs[t + "mlp.gate.weight"] = ours[p + "mlp.gate.weight"]
+        theirs[t + "mlp.gate.e_score_correction_bias"] = ours[p + "mlp.gate.expert_bias"]
+        theirs[t + "mlp.experts.gate_up_proj"] = torch.stack([torch.cat(
+            [ours[p + f"mlp.experts.{k}.gate_proj.weight"], ours[p + f"mlp.experts.{k}.up_proj.weight"]]) for k in e])
+        theirs[t + "mlp.experts.down_proj"] = torch.stack([ours[p + f"mlp.experts.{k}.down_proj.weight"] for k in e])
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            theirs[t + f"mlp.shared_experts.{proj}.weight"] = ours[p + f"mlp.shared_experts.{proj}.weight"]
+    result = hf.load_state_dict(theirs, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    ids = torch.tensor([[5, 77, 120, 3, 250, 9, 41, 200, 13, 64, 101, 33]])
+    n = ids.shape[1]
+    with torch.no_grad():
+        expected = hf(ids).logits[0]
+        got = llada.adapter.model(ids[0], torch.arange(n), llada.adapter.new_cache(n),
+                                  torch.ones(n, n, dtype=torch.bool).tril())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_masks_really_mask(llada):
+    """Changing a later block moves no logit of an earlier one (block-causal draft mask, boolean)."""
+    adapter = llada.adapter
+    a = torch.tensor(list(range(40, 56)))
+    b = a.clone()
+    b[12:] = torch.tensor([7, 8, 9, 10])  # the last block of 4
+    mask = draft_mask(12, 4, 0, True, True, adapter.device)
+    out = [adapter.model(x, torch.arange(16), adapter.new_cache(16), mask) for x in (a, b)]
+    assert torch.equal(out[0][:12], out[1][:12]) and not torch.equal(out[0][12:], out[1][12:])
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(method="ar"),
+    dict(method="s2d2", policy="mask_span_length", min_span=1, block_size=4),
+    dict(method="s2d2", policy="mask_span_length", min_span=1, block_size=8, sub_block_size=4),
+])
+def test_greedy_verifying_every_step_equals_ar(llada, cfg):
+    ar = DecodeConfig(method="ar", max_new_tokens=16, stop_token_ids=(), generation_config="none")
+    config = DecodeConfig(**cfg, max_new_tokens=16, stop_token_ids=(), generation_config="none")
+    for prompt in ([72, 101, 108, 108, 111], list(range(40, 48)), [3, 250, 9]):
+        assert llada.generate(prompt, config, batch_size=1)[0].token_ids == \
+            llada.generate(prompt, ar, batch_size=1)[0].token_ids
+
+
+def test_never_verifying_is_dynamic_and_batched_equals_batch_1(llada):
+    base = dict(block_size=8, threshold=0.3, max_new_tokens=16, stop_token_ids=(), generation_config="none")
+    for prompt in ([72, 101, 108, 108, 111], list(range(40, 56))):
+        dyn = llada.generate(prompt, DecodeConfig(method="dynamic", **base), batch_size=1)[0]
+        never = llada.generate(prompt, DecodeConfig(method="s2d2", policy="mask_span_length", min_span=99, **base),
+                               batch_size=1)[0]
+        assert never.token_ids == dyn.token_ids and never.stats.nfe == dyn.stats.nfe
+    for cfg in (dict(method="ar"), dict(method="s2d2", block_size=4, policy="mask_span_length", min_span=1),
+                dict(method="dynamic", block_size=8, threshold=0.5)):
+        assert_batch_independent(llada, prompts(6, seed=20), DecodeConfig(**cfg, max_new_tokens=16,
+                                                                          stop_token_ids=()), batch_size=4)
+
+
+def test_sampled_s2d2_draws_from_the_ar_distribution(llada):
+    target = exact_ar_distribution(llada)
+    counts = sample_counts(llada, method="s2d2", policy="mask_span_length", min_span=1, generation_config="none")
+    assert chi_square_pvalue(counts, target) > 1e-3
+
+
+@pytest.mark.parametrize("flags", [["--method", "ar"], ["--method", "static"], ["--method", "dynamic"],
+                                   ["--method", "s2d2"], ["--method", "s2d2", "--block-size", "4"]])
+def test_cli_generate_on_an_init_random_directory(tmp_path, flags, capsys):
+    out = tmp_path / "m"
+    assert main(["init-random", "--family", "llada2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--json", *flags]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < len(result["token_ids"]) <= 12 and result["stats"]["nfe"] > 0
