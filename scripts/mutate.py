@@ -270,6 +270,20 @@ MUTATIONS: list[Mutation] = [
         "        if sub_block_size is None or sub_block_size >= self.size:",
         "        if True:",
     ),
+    Mutation(
+        "edits_reach_the_prompt",
+        "token editing may also replace the prompt's tokens inside the first block",
+        "decode.py",
+        "    return {i: draft.tokens[i] for i in range(block.num_prompt, block.end)",
+        "    return {i: draft.tokens[i] for i in range(0, block.end)",
+    ),
+    Mutation(
+        "fused_commit_despite_editing",
+        "a verification may commit a block's K/V while editing can still change the block",
+        "decode.py",
+        "cfg.fuse_commit and cfg.editing_threshold is None",
+        "cfg.fuse_commit",
+    ),
 ]
 
 

@@ -181,3 +181,87 @@ def test_cli_generate_on_an_init_random_directory(tmp_path, flags, capsys):
     assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--json", *flags]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0 < len(result["token_ids"]) <= 12 and result["stats"]["nfe"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------ editing
+EDIT = dict(editing_threshold=0.3, max_post_steps=4)
+
+
+def run_traced(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
+    """Decode one prompt, recording each draft's view of everything before its block; returns (tokens, stats,
+    snapshots, cache)."""
+    from s2d2.decode import DraftRequest, decode_steps, run_request
+
+    adapter = model.adapter
+    cache = adapter.new_cache(256)
+    steps = decode_steps(prompt, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device)
+    logits, snapshots = None, []
+    with torch.inference_mode():
+        while True:
+            try:
+                request = steps.send(logits)
+            except StopIteration as done:
+                tokens, _, stats = done.value
+                return tokens, stats, snapshots, cache
+            if isinstance(request, DraftRequest):
+                snapshots.append((request.block_start, request.ids[:request.block_start].tolist()))
+            logits = run_request(adapter, request, cache)
+
+
+@pytest.mark.parametrize("method", [dict(method="dynamic", threshold=0.5), dict(method="s2d2"),
+                                    dict(method="s2d2", policy="mask_span_length", min_span=1, editing_threshold=0.05)])
+def test_edits_touch_only_the_current_block_and_the_cache_holds_final_tokens(llada, method):
+    """Edits fire; every draft sees the prompt and earlier blocks exactly as they end up; the cache holds the K/V of
+    the final tokens (a block's K/V enter it only after its last edit)."""
+    cfg = llada.resolve_config(DecodeConfig(**{**EDIT, **method}, block_size=4, max_new_tokens=24,
+                                            stop_token_ids=(), generation_config="none"))
+    total_edits = 0
+    for prompt in ([72, 101, 108, 108, 111], list(range(40, 48))):
+        tokens, stats, snapshots, cache = run_traced(llada, prompt, cfg)
+        total_edits += stats.edits
+        final = prompt + tokens
+        for start, before in snapshots:
+            assert before == final[:start]
+        n = cache.length
+        fresh = llada.adapter.new_cache(n)
+        llada.adapter.commit(torch.tensor(final), fresh, n, 4, cache_ver=True)
+        for ours, expected in zip(cache.keys, fresh.keys):
+            torch.testing.assert_close(ours[:, :n], expected[:, :n], rtol=1e-5, atol=1e-5)
+    assert total_edits > 0
+
+
+def test_never_verifying_is_dynamic_with_editing(llada):
+    base = dict(block_size=8, threshold=0.3, max_new_tokens=16, stop_token_ids=(), generation_config="none", **EDIT)
+    for prompt in ([72, 101, 108, 108, 111], list(range(40, 56))):
+        dyn = llada.generate(prompt, DecodeConfig(method="dynamic", **base), batch_size=1)[0]
+        never = llada.generate(prompt, DecodeConfig(method="s2d2", policy="mask_span_length", min_span=99, **base),
+                               batch_size=1)[0]
+        assert never.token_ids == dyn.token_ids and never.stats.nfe == dyn.stats.nfe
+        assert never.stats.edits == dyn.stats.edits
+
+
+def test_post_steps_run_only_while_edits_fire(llada):
+    base = dict(method="dynamic", block_size=4, threshold=0.5, max_new_tokens=16, stop_token_ids=(),
+                generation_config="none", editing_threshold=0.3)
+    none = llada.generate([72, 101, 108], DecodeConfig(**base, max_post_steps=0), batch_size=1)[0]
+    some = llada.generate([72, 101, 108], DecodeConfig(**base, max_post_steps=8), batch_size=1)[0]
+    assert some.stats.steps >= none.stats.steps and some.stats.edits >= none.stats.edits
+    assert some.stats.nfe - none.stats.nfe == some.stats.steps - none.stats.steps  # each post step is one draft
+
+
+def test_editing_is_refused_for_families_without_it(model):
+    with pytest.raises(s2d2.ConfigError, match="editing_threshold") as err:
+        model.generate("x", DecodeConfig(editing_threshold=0.9))
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("flags", [["--method", "ar"], ["--method", "static"], ["--method", "dynamic"],
+                                   ["--method", "s2d2"], ["--method", "s2d2", "--policy", "contextual_bandit_ucb"]])
+def test_cli_generate_with_editing(tmp_path, flags, capsys):
+    out = tmp_path / "m"
+    assert main(["init-random", "--family", "llada2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--editing-threshold", "0.9",
+                 "--max-post-steps", "2", "--json", *flags]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < len(result["token_ids"]) <= 12 and "edits" in result["stats"]

@@ -170,6 +170,9 @@ class Model:
         if self.adapter.default_sub_block_size is not None and cfg.sub_block_size is None and cfg.method != "ar":
             family["sub_block_size"] = self.adapter.default_sub_block_size
         cfg = cfg.replace(**family) if family else cfg
+        if cfg.editing_threshold is not None and not getattr(self.adapter, "supports_editing", False):
+            raise ConfigError(f"editing_threshold applies to models trained for token editing (LLaDA2.x); "
+                              f"{self.name} is a {self.adapter.family} model.")
         self._validate_config(cfg)
         return cfg
 

@@ -108,6 +108,11 @@ class DecodeConfig:
     # "auto": unset sampling fields take the checkpoint's generation_config.json values (Model.generate applies
     # them); "none": the checkpoint's file is ignored and unset fields keep the built-in defaults (greedy)
     generation_config: GenerationConfigMode = "auto"
+    # --- editing (LLaDA2.1's self-correction; families whose models were trained for it): every forward may
+    # replace a committed generated token of the current block whose draft now differs with confidence above
+    # editing_threshold; a block whose masks are gone runs up to max_post_steps editing-only steps while edits fire
+    editing_threshold: float | None = None  # None: off
+    max_post_steps: int = 0
     # --- stopping
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] | None = field(default=None)  # None: the model's end-of-sequence ids
@@ -142,6 +147,9 @@ class DecodeConfig:
             raise ConfigError(f"steps ({self.steps}) cannot exceed block_size ({self.block_size}): every step commits at least one token.")
         if self.sub_block_size is not None:
             _check_int("sub_block_size", self.sub_block_size, 1)
+        if self.editing_threshold is not None:
+            _check_float("editing_threshold", self.editing_threshold, 0.0, 1.0)
+        _check_int("max_post_steps", self.max_post_steps, 0)
         for name in ("min_span", "ucb_span_bins", "ucb_progress_bins", "ucb_entropy_bins", "max_new_tokens"):
             _check_int(name, getattr(self, name), 1)
         _check_int("top_k", self.top_k, 0)

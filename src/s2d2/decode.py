@@ -132,27 +132,36 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
         if shifted_logits and block.masked[0] and block.end > 0:
             token = yield from forwards.open_block(seq, block, generator)
             block = seq.commit(block, {0: token})
-        step = 0
-        # the decoding unit: the block, or the sub-block holding its first mask; spans and commits stay inside it
-        while (unit := block.unit(cfg.sub_block_size)).span() is not None:
+        step, post_steps, edited = 0, 0, False
+        while True:
+            # the decoding unit: the block, or the sub-block holding its first mask; spans and commits stay in it
+            unit = block.unit(cfg.sub_block_size)
             span = unit.span()
-            assert span is not None
+            if span is None:
+                # editing: a block whose masks are gone runs editing-only steps while the last step edited
+                if not (edited and post_steps < cfg.max_post_steps):
+                    break
+                post_steps += 1
             quota = quotas[min(step, len(quotas) - 1)]
             draft = yield from forwards.draft(seq, block, generator)
-            commits: dict[int, int] = {}
+            edits = _edits(block, draft, cfg.editing_threshold) if cfg.editing_threshold is not None else {}
+            edited = bool(edits)
+            stats.edits += len(edits)
+            commits: dict[int, int] = dict(edits)
             verdict = None
-            if cfg.method == "s2d2":
+            if cfg.method == "s2d2" and span is not None:
                 verify_now, router = routing.route(router, unit, span, draft, cfg)
-                if verify_now:
-                    verdict = yield from forwards.verify(seq, block, unit, span, draft, generator)
-                    commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
-            need = min(quota, unit.num_masked) - len(commits)
+                if verify_now:  # the verifier reads the edited prefix
+                    verdict = yield from forwards.verify(seq, block.with_tokens(edits), unit, span, draft, generator)
+                    commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
+            need = min(quota, unit.num_masked) - (len(commits) - len(edits))
             if need > 0:
                 candidates = [i for i in unit.masked_offsets() if i not in commits]
                 chosen = strategies.select(base, candidates, draft.confidence, need, cfg.threshold)
                 commits.update((i, draft.tokens[i]) for i in chosen)
                 stats.fallback_tokens += len(chosen)
-            router = routing.observe(router, len(commits), verified=verdict is not None)
+            if span is not None:
+                router = routing.observe(router, len(commits) - len(edits), verified=verdict is not None)
             block = seq.commit(block, commits)
             stats.steps += 1
             step += 1
@@ -162,6 +171,13 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     stats.num_tokens = len(token_ids)
     stats.time_s = time.perf_counter() - t0
     return token_ids, finish_reason, stats
+
+
+def _edits(block: BlockState, draft: Draft, threshold: float) -> dict[int, int]:
+    """LLaDA2.1's self-correction: committed generated tokens of the block (never the prompt, never past a stop) whose
+    draft now differs with confidence above ``threshold``, and the token to put there."""
+    return {i: draft.tokens[i] for i in range(block.num_prompt, block.end)
+            if not block.masked[i] and draft.tokens[i] != block.tokens[i] and draft.confidence[i] > threshold}
 
 
 @torch.inference_mode()
@@ -222,7 +238,8 @@ class _Forwards:
 
     def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False) -> None:
         self.cache, self.cfg, self.stats, self.shifted = cache, cfg, stats, shifted_logits
-        self._fuse_draft = cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit
+        # a block's K/V may enter the cache early only if no edit can change it afterwards
+        self._fuse_draft = cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
         # A draft made by the verify forward that finished the previous block (aligned logits) or the current
         # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
         self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None

@@ -37,6 +37,7 @@ class DecodeStats:
     accepted_tokens: int = 0
     corrected_tokens: int = 0
     fallback_tokens: int = 0
+    edits: int = 0  # committed tokens replaced by LLaDA2.1-style editing (editing_threshold)
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts accepted at span offset i
     proposed_per_position: list[int] = field(default_factory=list)  # [i]: drafts verified at span offset i
     # a prompt's wall time from its start to its end: its latency, which in a batch overlaps the other prompts'

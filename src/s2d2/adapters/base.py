@@ -29,6 +29,7 @@ class FamilyAdapter(Protocol):
     shifted_logits: bool
     default_block_size: int | None  # the checkpoint's block size (Fast-dLLM v2's bd_size), for configs leaving it unset
     default_sub_block_size: int | None  # the family's sub-block size (Fast-dLLM v2: 8), for configs leaving it unset
+    supports_editing: bool  # whether editing_threshold may be used (LLaDA2.x)
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for ``capacity`` token slots."""

@@ -5,7 +5,7 @@ boolean masks that really mask (the reference's float 0/1 masks do not, its §7.
 The architecture is the shared decoder (:mod:`s2d2.models.qwen3`) with the ``llada2`` weight layout, per-head q/k
 RMSNorm, partial RoPE, dense first layers and grouped-sigmoid routed experts (:mod:`s2d2.models.moe`). Config
 values the decoder does not implement are refused in one sentence rather than silently misread.
-Not yet here: LLaDA2.1's token editing.
+Token editing (LLaDA2.1's self-correction) is the loop's ``editing_threshold`` / ``max_post_steps``.
 """
 
 from __future__ import annotations
@@ -74,3 +74,4 @@ class LLaDA2Adapter(SDARAdapter):
 
     family = "llada2"
     default_block_size = LLADA2_BLOCK_SIZE
+    supports_editing = True  # LLaDA2.1's self-correction (LLaDA2.0 was not trained for it; the user decides)

@@ -78,6 +78,7 @@ class SDARAdapter:
     shifted_logits = False  # a mask's own row predicts it
     default_block_size: int | None = None  # the block size a config that leaves it unset gets (None: DecodeConfig's)
     default_sub_block_size: int | None = None  # likewise for sub_block_size (None: no sub-blocks)
+    supports_editing = False  # whether the family's models were trained for token editing (editing_threshold)
 
     def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
         self.model = model
