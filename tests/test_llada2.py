@@ -265,3 +265,25 @@ def test_cli_generate_with_editing(tmp_path, flags, capsys):
                  "--max-post-steps", "2", "--json", *flags]) == 0
     result = json.loads(capsys.readouterr().out)
     assert 0 < len(result["token_ids"]) <= 12 and "edits" in result["stats"]
+
+
+def test_logits_equal_the_published_modeling_code(llada_dir, llada):
+    """tests/fixtures/llada2_parity.safetensors holds the logits of the published modeling_llada2_moe.py (run by
+    scripts/llada2_parity_fixture.py in a transformers 4.57 environment) on this very model (init-random, seed 0),
+    under a causal and a block-causal mask."""
+    from safetensors import safe_open
+
+    from s2d2.checkpoint import load_weights
+
+    path = Path(__file__).parent / "fixtures" / "llada2_parity.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        fixture = {k: f.get_tensor(k) for k in f.keys()}
+    weights = load_weights(llada_dir)
+    assert float(sum(weights[k].double().sum() for k in sorted(weights))) == float(meta["weights_checksum"])
+    ids = fixture["input_ids"]
+    n, block, idx = ids.shape[0], int(meta["block"]), torch.arange(ids.shape[0])
+    masks = {"causal": idx[:, None] >= idx[None, :], "block_causal": (idx[:, None] // block) >= (idx[None, :] // block)}
+    for name, mask in masks.items():
+        ours = llada.adapter.model(ids, idx, llada.adapter.new_cache(n), mask)
+        torch.testing.assert_close(ours, fixture[f"logits_{name}"], rtol=1e-5, atol=1e-5)
