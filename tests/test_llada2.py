@@ -137,7 +137,9 @@ def test_masks_really_mask(llada):
     b[12:] = torch.tensor([7, 8, 9, 10])  # the last block of 4
     mask = draft_mask(12, 4, 0, True, True, adapter.device)
     out = [adapter.model(x, torch.arange(16), adapter.new_cache(16), mask) for x in (a, b)]
-    assert torch.equal(out[0][:12], out[1][:12]) and not torch.equal(out[0][12:], out[1][12:])
+    # equal up to float rounding (experts multiply other row counts); the reference's float masks move them by ~12
+    torch.testing.assert_close(out[0][:12], out[1][:12], rtol=0, atol=1e-4)
+    assert (out[0][12:] - out[1][12:]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("cfg", [
@@ -287,3 +289,18 @@ def test_logits_equal_the_published_modeling_code(llada_dir, llada):
     for name, mask in masks.items():
         ours = llada.adapter.model(ids, idx, llada.adapter.new_cache(n), mask)
         torch.testing.assert_close(ours, fixture[f"logits_{name}"], rtol=1e-5, atol=1e-5)
+
+
+def test_draft_and_verify_leave_the_cache_unchanged_and_cached_equals_uncached(llada):
+    """Only committed tokens enter the cache; a cached draft equals one uncached forward with the draft mask."""
+    adapter = llada.adapter
+    ids = torch.tensor(list(range(30, 46)) + [adapter.mask_id] * 4)  # 16 committed, then a block of 4 masks
+    cache = adapter.new_cache(64)
+    adapter.commit(ids, cache, 16, 4, cache_ver=True)
+    keys = [k[:, :16].clone() for k in cache.keys]
+    draft = adapter.draft(ids, cache, 16, 4, 0, cache_ver=True, draft_ver=True)
+    adapter.verify([5, 6], cache, 16, 16)
+    assert cache.length == 16 and all(torch.equal(k[:, :16], old) for k, old in zip(cache.keys, keys))
+    full = adapter.model(ids, torch.arange(20), adapter.new_cache(20), draft_mask(16, 4, 0, True, True, adapter.device))
+    full[:, adapter._banned] = float("-inf")
+    torch.testing.assert_close(draft, full[16:], rtol=1e-5, atol=1e-5)

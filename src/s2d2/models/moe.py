@@ -8,9 +8,10 @@ experts are chosen among them. The weights are the *unbiased* scores of the chos
 experts, a plain SwiGLU MLP every token goes through.
 
 Expert computation: the (token, expert) pairs are sorted by expert and each expert that received tokens runs one
-matmul over its tokens; a loop over the experts *in use*, never over all of them, and no per-token loop. With few
-pairs (decoding a handful of rows) the chosen experts' weights are gathered and applied with one batched matmul
-instead, which avoids a kernel launch per expert.
+matmul over its tokens; a loop over the experts *in use*, never over all of them, and no per-token loop. Measured on
+2 CPU cores (hidden 512, 64 experts, top-8, expert width 256): 0.70 ms for 1 token and 3.6 ms for 16 against 0.95
+and 4.4 ms for a loop over every expert; gathering the chosen experts' weights for one batched matmul was slower
+still at 1 token (1.7 ms: it copies every chosen expert's weights), so there is one path.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-# At most this many (token, expert) pairs use the gathered-weights path (its temporary holds each pair's weights)
-GATHER_MAX_PAIRS = 64
 
 
 @dataclass(frozen=True)
@@ -97,18 +95,13 @@ class MoEMLP(nn.Module):
         t, k = experts.shape
         flat = experts.reshape(-1)  # [T*k] pair p belongs to token p // k
         token = torch.arange(t, device=x.device).repeat_interleave(k)
-        if flat.numel() <= GATHER_MAX_PAIRS:
-            gate, up = torch.bmm(self.gate_up[flat], x[token, :, None]).squeeze(-1).chunk(2, dim=-1)
-            y = torch.bmm(self.down[flat], (F.silu(gate) * up)[:, :, None]).squeeze(-1)  # [P, H]
-        else:
-            order = flat.argsort(stable=True)
-            used, counts = torch.unique_consecutive(flat[order], return_counts=True)  # experts in use, ascending
-            y_sorted = x.new_empty(flat.numel(), x.shape[-1])
-            xs, start = x[token[order]], 0
-            for e, n in zip(used.tolist(), counts.tolist()):
-                gate, up = F.linear(xs[start:start + n], self.gate_up[e]).chunk(2, dim=-1)
-                y_sorted[start:start + n] = F.linear(F.silu(gate) * up, self.down[e])
-                start += n
-            y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
-        y = y * weights.reshape(-1, 1)
+        order = flat.argsort(stable=True)
+        used, counts = torch.unique_consecutive(flat[order], return_counts=True)  # experts in use, ascending
+        y_sorted = x.new_empty(flat.numel(), x.shape[-1])
+        xs, start = x[token[order]], 0
+        for e, n in zip(used.tolist(), counts.tolist()):
+            gate, up = F.linear(xs[start:start + n], self.gate_up[e]).chunk(2, dim=-1)
+            y_sorted[start:start + n] = F.linear(F.silu(gate) * up, self.down[e])
+            start += n
+        y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted) * weights.reshape(-1, 1)
         return torch.zeros_like(x).index_add_(0, token, y)
