@@ -304,11 +304,13 @@ def bundled_model_dir() -> Path:
     return Path(str(resources.files("s2d2"))) / "bundled"
 
 
-def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto") -> Model:
+def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto",
+         adapter: str | None = None) -> Model:
     """Load a model: ``"bundled"``, a local Hugging Face-format directory, or a hub id.
 
     ``dtype="auto"`` computes in float32 on CPU (bfloat16 is several times slower there) and in the checkpoint's
-    ``torch_dtype`` on GPU.
+    ``torch_dtype`` on GPU. ``adapter``: a peft LoRA adapter (directory or hub id) merged into the weights at load
+    (no peft needed: the merge is ``W += alpha / r * B @ A``).
     """
     dev = _resolve_device(device)
     if name_or_path == BUNDLED:
@@ -321,8 +323,9 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
     config = read_config(model_dir)
     tokenizer = load_tokenizer(model_dir)
     special = read_special_ids(model_dir, config, tokenizer)
-    adapter = build_adapter(model_dir, config, special, tokenizer, dev, _resolve_dtype(dtype, config, dev))
-    return Model(adapter, tokenizer, name=name_or_path, chat_template=read_chat_template(model_dir),
+    lora_dir = resolve_model_dir(adapter) if adapter is not None else None
+    family = build_adapter(model_dir, config, special, tokenizer, dev, _resolve_dtype(dtype, config, dev), lora_dir)
+    return Model(family, tokenizer, name=name_or_path, chat_template=read_chat_template(model_dir),
                  generation_defaults=read_generation_defaults(model_dir))
 
 

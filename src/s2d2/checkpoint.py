@@ -9,6 +9,7 @@ with a one-sentence message.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ __all__ = [
     "SpecialIds",
     "load_tokenizer",
     "load_weights",
+    "merge_lora",
     "parse_json_file",
     "read_chat_template",
     "read_config",
@@ -205,6 +207,55 @@ def load_weights(model_dir: str | os.PathLike[str], device: str | torch.device =
 # defines it; Qwen2.5-based checkpoints (Fast-dLLM v2, Dream) may ship only vocab.json + merges.txt.
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<base>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
+
+
+def merge_lora(tensors: dict[str, torch.Tensor], adapter_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Merge a peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into ``tensors`` (Hugging
+    Face names): ``W += scale * B @ A`` per target, computed in float32, ``scale = lora_alpha / r`` (``/ sqrt(r)``
+    with ``use_rslora``). Options this merge cannot honour, and targets the checkpoint lacks, are ModelLoadErrors.
+    """
+    adapter_dir = Path(adapter_dir)
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise ModelLoadError(f"adapter directory {adapter_dir} has no adapter_config.json (a peft LoRA adapter).")
+    cfg = read_json(config_path)
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        raise ModelLoadError(f"{config_path} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters are supported.")
+    for key, neutral in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("modules_to_save", None),
+                         ("layer_replication", None), ("rank_pattern", {}), ("alpha_pattern", {})):
+        if cfg.get(key) not in (neutral, None) and not (neutral == {} and not cfg.get(key)):
+            raise ModelLoadError(f"{config_path} sets {key}={cfg.get(key)!r}, which merging does not support.")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise ModelLoadError(f"{config_path} needs an integer r >= 1 and a number lora_alpha (got {r!r}, {alpha!r}).")
+    scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelLoadError(f"adapter directory {adapter_dir} has no adapter_model.safetensors.")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in _load_safetensors(weights, "cpu").items():
+        match = _LORA_KEY.match(name)
+        if match is None:
+            raise ModelLoadError(f"{weights.name} holds {name!r}, which is not a LoRA A/B weight of a target module.")
+        pairs.setdefault(match["base"] + ".weight", {})[match["ab"]] = tensor
+    merged = dict(tensors)
+    for base, ab in sorted(pairs.items()):
+        if base not in merged:
+            module = base.rsplit(".", 2)[-2]
+            raise ModelLoadError(f"the adapter targets {base!r} (module {module!r}), which this checkpoint does not "
+                                 "have.")
+        if set(ab) != {"A", "B"}:
+            raise ModelLoadError(f"the adapter has only lora_{next(iter(ab))} for {base!r}.")
+        w = merged[base]
+        delta = ab["B"].float() @ ab["A"].float()
+        if delta.shape != w.shape:
+            raise ModelLoadError(f"the adapter's update for {base!r} has shape {tuple(delta.shape)}, the weight "
+                                 f"{tuple(w.shape)}.")
+        merged[base] = (w.float() + scale * delta.to(w.device)).to(w.dtype)
+    return merged
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:

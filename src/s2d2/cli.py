@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=int, default=None,
                      help=f"prompts decoded together, one batched forward per step (default: {DEFAULT_BATCH_SIZE})")
     gen.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    gen.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -100,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--n", type=int, default=500, help="number of problems")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    ev.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
@@ -111,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="methods side by side: accuracy, NFE, tokens/s, speedup vs AR")
     be.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    be.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
     be.add_argument("--task", default="arith")
     be.add_argument("--n", type=int, default=None, help="problems (default 200; 10 with --quick)")
     be.add_argument("--grid", default=None, help='JSON list of {"name": ..., "config": {DecodeConfig fields}}')
@@ -126,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
     sv.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    sv.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
     sv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -167,7 +175,7 @@ def _generate(ns: argparse.Namespace) -> int:
     texts = list(ns.prompt) + (_read_prompts_file(ns.prompts_file) if ns.prompts_file else [])
     if not texts:
         raise S2D2Error("give a prompt (or several, or --prompts-file FILE).")
-    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
+    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
     if ns.chat:
         texts = [model.apply_chat_template([{"role": "user", "content": t}], **template_kwargs) for t in texts]
     outs = model.generate(texts, cfg, batch_size=batch_size)
@@ -225,8 +233,8 @@ def _eval(ns: argparse.Namespace) -> int:
         raise S2D2Error(f"--n must be >= 1, got {ns.n}.")
     batch_size = _batch_size(ns.batch_size)
     samples = _open_output(ns.samples, "--samples") if ns.samples else None  # a bad path fails before any work
-    result = evaluate(s2d2.load(ns.model, device=ns.device, dtype=ns.dtype), cfg, ns.task, ns.n, ns.split,
-                      batch_size=batch_size)
+    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
+    result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size)
     if samples is not None:
         with samples:
             samples.writelines(json.dumps(r) + "\n" for r in result.samples)
@@ -254,7 +262,7 @@ def _bench(ns: argparse.Namespace) -> int:
     if ns.no_grid and not batch_sizes:
         raise S2D2Error("--no-grid needs --batch-sizes: there would be nothing to run.")
     grid = bench.load_grid(ns.grid) if ns.grid else bench.default_grid(quick=ns.quick)
-    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
+    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
     from s2d2.tasks import arith
 
     problems = arith.generate("test", n, seed=0)
@@ -315,7 +323,7 @@ def _serve(ns: argparse.Namespace) -> int:
         raise S2D2Error(f"--port must be between 0 and 65535, got {ns.port}.")
     cfg = ServerConfig(model_name=ns.served_model_name or ns.model, max_batch=ns.max_batch, max_queue=ns.max_queue,
                        timeout_s=ns.timeout, defaults=config_from_args(ns))
-    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype)
+    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
     model.resolve_config(cfg.defaults)  # the defaults must suit this model before any request arrives
     serve(model, cfg, host=ns.host, port=ns.port, log_level=ns.log_level)
     return 0

@@ -73,7 +73,8 @@ class S2D2LM(LM):
     loglikelihood requests are refused with a clear error."""
 
     def __init__(self, pretrained: str = "bundled", device: str | None = None, dtype: str = "auto",
-                 batch_size: int | str = 1, max_batch_size: int | None = None, **decode_args: Any) -> None:
+                 batch_size: int | str = 1, max_batch_size: int | None = None, adapter: str | None = None,
+                 **decode_args: Any) -> None:
         # lm-eval passes batch_size (an int, or "auto"/"auto:N", which has no memory search to do here: it means
         # max_batch_size if given, else s2d2's default) and max_batch_size
         super().__init__()
@@ -88,7 +89,7 @@ class S2D2LM(LM):
             # lm-eval passes its own default, cuda:0, when --device is not given (its HF model falls back too)
             log.warning("no CUDA device is available; s2d2 decodes on the CPU")
             device = "cpu"
-        self.model = s2d2.load(str(pretrained), device=device, dtype=dtype)
+        self.model = s2d2.load(str(pretrained), device=device, dtype=dtype, adapter=adapter or None)
         self.stats = DecodeStats()  # summed over every request served
 
     @property

@@ -12,7 +12,7 @@ from s2d2.adapters.base import FamilyAdapter
 from s2d2.adapters.fast_dllm import FastDLLMAdapter
 from s2d2.adapters.llada2 import LLaDA2Adapter, llada2_decoder_config
 from s2d2.adapters.sdar import SDARAdapter
-from s2d2.checkpoint import SpecialIds, load_weights
+from s2d2.checkpoint import SpecialIds, load_weights, merge_lora
 from s2d2.errors import ModelLoadError
 from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 
@@ -24,8 +24,9 @@ SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES + FAST_DLLM_MODEL_TYPES + LLADA2_MODEL_
 
 
 def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, tokenizer: Tokenizer,
-                  device: torch.device, dtype: torch.dtype) -> FamilyAdapter:
-    """Instantiate the native module for ``config``, load its safetensors weights, and wrap it in its adapter."""
+                  device: torch.device, dtype: torch.dtype, lora_dir: Path | None = None) -> FamilyAdapter:
+    """Instantiate the native module for ``config``, load its safetensors weights (with the LoRA adapter in
+    ``lora_dir`` merged in), and wrap it in its family adapter."""
     model_type = str(config.get("model_type", ""))
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
@@ -40,7 +41,10 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
     else:  # Qwen2 layout (Fast-dLLM v2): q/k/v bias, no q/k norm; Qwen3 (SDAR): q/k norm, bias only if configured
         decoder_config = DecoderConfig.from_hf(config, qk_norm=not fast,
                                                qkv_bias=True if fast else bool(config.get("attention_bias", False)))
-    model = Qwen3Decoder.from_hf_weights(decoder_config, load_weights(model_dir, device=str(device)), device, dtype)
+    tensors = load_weights(model_dir, device=str(device))
+    if lora_dir is not None:
+        tensors = merge_lora(tensors, lora_dir)
+    model = Qwen3Decoder.from_hf_weights(decoder_config, tensors, device, dtype)
     # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
     padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
     if fast:

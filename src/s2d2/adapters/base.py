@@ -62,7 +62,8 @@ class FamilyAdapter(Protocol):
         """Write the K/V of ``ids[cache.length : end]`` into the cache (a forward of its own)."""
         ...
 
-    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> torch.Tensor:
+    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *,
+                 cache_ver: bool) -> torch.Tensor:
         """Shifted-logit families: :meth:`commit`, and return the last row's logits ``[1, V]`` (the prediction for
         position ``end``, the next block's AR token)."""
         ...

@@ -88,5 +88,6 @@ class FastDLLMAdapter(SDARAdapter):
         return ForwardSpec(spec.tokens, spec.positions, spec.mask, num_store=spec.num_store,
                            logits_from=spec.num_rows - 1)
 
-    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> torch.Tensor:
+    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *,
+                 cache_ver: bool) -> torch.Tensor:
         return self.run(self.finalize_spec(ids, cache.length, end, block_size, cache_ver=cache_ver), cache)
