@@ -43,3 +43,34 @@ def family_dir(tmp_path_factory: pytest.TempPathFactory):
         return written[family, seed]
 
     return get
+
+
+@pytest.fixture
+def cli_generate_on_random(tmp_path, capsys):
+    """``cli_generate_on_random(family, *flags)``: ``s2d2 init-random --family family`` into a fresh directory, then
+    ``s2d2 generate "x" --model DIR --max-new-tokens 12 --json *flags``; both must exit 0. Returns the JSON."""
+    import json
+
+    from s2d2.cli import main
+
+    def run(family: str, *flags: str) -> dict:
+        out = tmp_path / family
+        assert main(["init-random", "--family", family, "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def family_model(family_dir):
+    """``family_model(family, seed=0)``: the :func:`family_dir` checkpoint, loaded (once)."""
+    loaded: dict[tuple[str, int], s2d2.Model] = {}
+
+    def get(family: str, seed: int = 0) -> s2d2.Model:
+        if (family, seed) not in loaded:
+            loaded[family, seed] = s2d2.load(str(family_dir(family, seed)))
+        return loaded[family, seed]
+
+    return get

@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.cli import main
 from s2d2.sampling import token_probs
 from hf_reference import qwen2_config
 from test_distribution import N, NUM_NEW, PROMPT, TEMPERATURE, TOP_K, chi_square_pvalue, sample_counts
@@ -35,13 +34,13 @@ def fast_dir(family_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fast(fast_dir) -> s2d2.Model:
-    return s2d2.load(str(fast_dir))
+def fast(family_model) -> s2d2.Model:
+    return family_model("fast_dllm_v2")
 
 
 @pytest.fixture(scope="module")
-def fast_models(family_dir) -> list[s2d2.Model]:
-    return [s2d2.load(str(family_dir("fast_dllm_v2", seed))) for seed in (1, 2)]
+def fast_models(family_model) -> list[s2d2.Model]:
+    return [family_model("fast_dllm_v2", seed) for seed in (1, 2)]
 
 
 def test_the_published_layout_loads(fast_dir, fast):
@@ -231,12 +230,8 @@ def test_sampled_s2d2_draws_from_the_ar_distribution(fast):
 @pytest.mark.parametrize("flags", [["--method", "ar"], ["--method", "static"], ["--method", "dynamic"],
                                    ["--method", "s2d2"], ["--method", "s2d2", "--block-size", "4"],
                                    ["--method", "s2d2", "--sub-block-size", "4", "--temperature", "0.7"]])
-def test_cli_generate_on_an_init_random_directory(tmp_path, flags, capsys):
-    out = tmp_path / "m"
-    assert main(["init-random", "--family", "fast_dllm_v2", "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--json", *flags]) == 0
-    result = json.loads(capsys.readouterr().out)
+def test_cli_generate_on_an_init_random_directory(cli_generate_on_random, flags):
+    result = cli_generate_on_random("fast_dllm_v2", *flags)
     assert 0 < len(result["token_ids"]) <= 12 and result["stats"]["nfe"] > 0
 
 

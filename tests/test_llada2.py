@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 import s2d2
 from s2d2 import DecodeConfig
 from s2d2.adapters.sdar import draft_mask
-from s2d2.cli import main
 from s2d2.errors import ModelLoadError
 from s2d2.random_init import write_random_model
 from test_distribution import chi_square_pvalue, exact_ar_distribution, sample_counts
@@ -40,8 +39,8 @@ def llada_dir(family_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llada(llada_dir) -> s2d2.Model:
-    return s2d2.load(str(llada_dir))
+def llada(family_model) -> s2d2.Model:
+    return family_model("llada2")
 
 
 def test_the_published_layout_loads(llada_dir, llada):
@@ -174,15 +173,16 @@ def test_sampled_s2d2_draws_from_the_ar_distribution(llada):
     assert chi_square_pvalue(counts, target) > 1e-3
 
 
-@pytest.mark.parametrize("flags", [["--method", "ar"], ["--method", "static"], ["--method", "dynamic"],
-                                   ["--method", "s2d2"], ["--method", "s2d2", "--block-size", "4"]])
-def test_cli_generate_on_an_init_random_directory(tmp_path, flags, capsys):
-    out = tmp_path / "m"
-    assert main(["init-random", "--family", "llada2", "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--json", *flags]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert 0 < len(result["token_ids"]) <= 12 and result["stats"]["nfe"] > 0
+_METHODS = [["--method", "ar"], ["--method", "static"], ["--method", "dynamic"], ["--method", "s2d2"]]
+_EDITING = ["--editing-threshold", "0.9", "--max-post-steps", "2"]
+
+
+@pytest.mark.parametrize("flags", _METHODS + [["--method", "s2d2", "--block-size", "4"]] + [
+    f + _EDITING for f in _METHODS + [["--method", "s2d2", "--policy", "contextual_bandit_ucb"]]])
+def test_cli_generate_on_an_init_random_directory(cli_generate_on_random, flags):
+    """Every method, with and without token editing (UCB too)."""
+    result = cli_generate_on_random("llada2", *flags)
+    assert 0 < len(result["token_ids"]) <= 12 and result["stats"]["nfe"] > 0 and "edits" in result["stats"]
 
 
 # ------------------------------------------------------------------------------------------------------ editing
@@ -255,18 +255,6 @@ def test_editing_is_refused_for_families_without_it(model):
     with pytest.raises(s2d2.ConfigError, match="editing_threshold") as err:
         model.generate("x", DecodeConfig(editing_threshold=0.9))
     assert "\n" not in str(err.value)
-
-
-@pytest.mark.parametrize("flags", [["--method", "ar"], ["--method", "static"], ["--method", "dynamic"],
-                                   ["--method", "s2d2"], ["--method", "s2d2", "--policy", "contextual_bandit_ucb"]])
-def test_cli_generate_with_editing(tmp_path, flags, capsys):
-    out = tmp_path / "m"
-    assert main(["init-random", "--family", "llada2", "--out", str(out)]) == 0
-    capsys.readouterr()
-    assert main(["generate", "x", "--model", str(out), "--max-new-tokens", "12", "--editing-threshold", "0.9",
-                 "--max-post-steps", "2", "--json", *flags]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert 0 < len(result["token_ids"]) <= 12 and "edits" in result["stats"]
 
 
 def test_logits_equal_the_published_modeling_code(llada_dir, llada):

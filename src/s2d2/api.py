@@ -137,7 +137,6 @@ class Model:
         cfg = self.resolve_config(config, **overrides)
         check_batch_size(batch_size)
         items = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
-        seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
         encoded = []  # every prompt is checked before any is decoded, so a bad one wastes no work
         for i, prompt in enumerate(items):
             try:
@@ -149,8 +148,8 @@ class Model:
         capacity = max(_positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
         engine = Engine(self.adapter, min(batch_size, len(encoded)), capacity)
         stop_check = self.stop_check(cfg)
-        order = {engine.add(ids, cfg, torch.Generator(device=self.device).manual_seed(seed + i), stop_check): i
-                 for i, ids in enumerate(encoded)}
+        order = {engine.add(ids, cfg, generator, stop_check): i
+                 for i, (ids, generator) in enumerate(zip(encoded, self.row_generators(cfg, len(encoded))))}
         results: list[Any] = [None] * len(encoded)
         while not engine.idle:
             for event in engine.step():
@@ -183,20 +182,26 @@ class Model:
         self._check_prompt_ids(ids, cfg)
         return ids
 
+    def row_generators(self, cfg: DecodeConfig, count: int) -> list[torch.Generator]:
+        """One generator per row: row ``i`` draws from ``seed + i`` (a seed is drawn from torch's global RNG when
+        ``cfg.seed`` is None), so a row's samples depend on its seed alone, never on what shares its batch."""
+        seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
+        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(count)]
+
     def stop_check(self, cfg: DecodeConfig) -> Callable[[list[int]], bool] | None:
         """What ends a row at a block boundary once its text holds one of ``cfg.stop`` (None without stop strings)."""
         if not cfg.stop:
             return None
-        return lambda done: _find_stop(self.decode(done), cfg.stop) >= 0
+        return lambda done: find_stop(self.decode(done), cfg.stop) >= 0
 
     def to_generation(self, token_ids: list[int], finish_reason: str, stats: DecodeStats,
                       cfg: DecodeConfig) -> Generation:
         """A row's result as a :class:`Generation`: its text, cut before the first stop string (the tokens then end
         with the one completing it, and the finish reason is ``"stop"``)."""
         text = self.decode(token_ids)
-        if cfg.stop and (cut := _find_stop(text, cfg.stop)) >= 0:
+        if cfg.stop and (cut := find_stop(text, cfg.stop)) >= 0:
             token_ids = token_ids[:next(k for k in range(1, len(token_ids) + 1)
-                                        if _find_stop(self.decode(token_ids[:k]), cfg.stop) >= 0)]
+                                        if find_stop(self.decode(token_ids[:k]), cfg.stop) >= 0)]
             text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
         return Generation(text, token_ids, finish_reason, stats)
 
@@ -271,7 +276,7 @@ def _positions_needed(prompt_len: int, cfg: DecodeConfig) -> int:
     return -(-(prompt_len + cfg.max_new_tokens) // cfg.block_size) * cfg.block_size
 
 
-def _find_stop(text: str, stops: Sequence[str]) -> int:
+def find_stop(text: str, stops: Sequence[str]) -> int:
     """Index of the earliest stop string in ``text``, or -1."""
     found = [i for i in (text.find(x) for x in stops) if i >= 0]
     return min(found, default=-1)

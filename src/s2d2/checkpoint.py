@@ -209,6 +209,11 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
+# adapter_config.json options a plain merge cannot honour, and the values (absent included) that leave them unused
+_LORA_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "use_dora": (None, False), "fan_in_fan_out": (None, False), "bias": (None, "none"), "modules_to_save": (None,),
+    "layer_replication": (None,), "rank_pattern": (None, {}), "alpha_pattern": (None, {}),
+}
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<base>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
@@ -224,9 +229,8 @@ def merge_lora(tensors: dict[str, torch.Tensor], adapter_dir: str | os.PathLike[
     cfg = read_json(config_path)
     if str(cfg.get("peft_type", "LORA")).upper() != "LORA":
         raise ModelLoadError(f"{config_path} is a {cfg.get('peft_type')!r} adapter; only LoRA adapters are supported.")
-    for key, neutral in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none"), ("modules_to_save", None),
-                         ("layer_replication", None), ("rank_pattern", {}), ("alpha_pattern", {})):
-        if cfg.get(key) not in (neutral, None) and not (neutral == {} and not cfg.get(key)):
+    for key, accepted in _LORA_NEUTRAL.items():
+        if cfg.get(key) not in accepted:
             raise ModelLoadError(f"{config_path} sets {key}={cfg.get(key)!r}, which merging does not support.")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):

@@ -152,7 +152,8 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
             if cfg.method == "s2d2" and span is not None:
                 verify_now, router = routing.route(router, unit, span, draft, cfg)
                 if verify_now:  # the verifier reads the edited prefix
-                    verdict = yield from forwards.verify(seq, block.with_tokens(edits), unit, span, draft, generator)
+                    edited_block = block.with_tokens(edits) if edits else block
+                    verdict = yield from forwards.verify(seq, edited_block, unit, span, draft, generator)
                     commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
             need = min(quota, unit.num_masked) - (len(commits) - len(edits))
             if need > 0:
@@ -247,6 +248,13 @@ class _Forwards:
         # predicts the block's first token
         self._next_token: tuple[int, torch.Tensor] | None = None
 
+    def _count_cache_write(self) -> None:
+        """Count a forward of its own that writes committed K/V: the prompt's (prefill) or a finished block's."""
+        if self.cache.length == 0:
+            self.stats.prefill_forwards += 1
+        else:
+            self.stats.commit_forwards += 1
+
     def open_block(self, seq: Sequence, block: BlockState,
                    generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, int]:
         """Shifted logits: the block's first token, decoded in AR mode from the row before it (drawn with the
@@ -258,9 +266,8 @@ class _Forwards:
             logits = fused[1]
             self.stats.fused_drafts += 1
         else:
-            kind = "prefill_forwards" if self.cache.length == 0 else "commit_forwards"
+            self._count_cache_write()
             logits = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
-            setattr(self.stats, kind, getattr(self.stats, kind) + 1)
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         return int(choose_tokens(probs, cfg.greedy, generator)[0])
 
@@ -278,9 +285,8 @@ class _Forwards:
             self.stats.fused_drafts += 1
         else:
             if not cfg.fuse_commit and self.cache.length < block.start:
-                kind = "prefill_forwards" if self.cache.length == 0 else "commit_forwards"
+                self._count_cache_write()
                 yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
-                setattr(self.stats, kind, getattr(self.stats, kind) + 1)
             logits = yield DraftRequest(seq.ids, block.start, block.size, block.first_mask, cfg.cache_ver,
                                         cfg.draft_ver)
             self.stats.draft_forwards += 1

@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from s2d2.errors import ConfigError
-from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
+from s2d2.adapters import decoder_config_for
+from s2d2.models.qwen3 import Qwen3Decoder
 
 __all__ = ["FAMILIES", "SPECIAL_TOKENS", "write_random_model"]
 
@@ -303,13 +304,7 @@ def write_random_model(
         raise ConfigError(
             f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()} tokens.")
 
-    if llada2:
-        from s2d2.adapters.llada2 import llada2_decoder_config
-
-        decoder_config = llada2_decoder_config(config)
-    else:
-        decoder_config = DecoderConfig.from_hf(config, qk_norm=not fast, qkv_bias=fast)
-    model = Qwen3Decoder(decoder_config)
+    model = Qwen3Decoder(decoder_config_for(config))  # the loader's own choice, so what is written is what loads
     init_weights(model, seed)
 
     out = Path(out_dir)

@@ -42,7 +42,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from s2d2.api import Generation, Model
+from s2d2.api import Generation, Model, find_stop
 from s2d2.config import DecodeConfig
 from s2d2.engine import Engine, Event
 from s2d2.errors import S2D2Error
@@ -309,7 +309,7 @@ class TextStream:
         """The text newly settled by ``new_ids``; sets :attr:`stopped` once a stop string appears."""
         self.token_ids += new_ids
         text = self.model.decode(self.token_ids)
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = find_stop(text, self.stops)
         if cut >= 0:
             self.stopped = True
             return self._take(text, cut)
@@ -354,7 +354,7 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return await _api_error(request, APIError(exc.status_code, str(exc.detail), error_type="invalid_request_error"))
+        return await _api_error(request, APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -405,11 +405,10 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
                        decode_cfg: DecodeConfig, *, chat: bool, echo: list[str] | None = None) -> Any:
         start = time.monotonic()
         loop = asyncio.get_running_loop()
-        seed = decode_cfg.seed if decode_cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
         stop_check = model.stop_check(decode_cfg)
-        tickets = [Ticket(loop, ids, decode_cfg, torch.Generator(device=model.device).manual_seed(seed + k),
-                          stop_check, start + cfg.timeout_s)
-                   for k, ids in enumerate(x for x in prompt_ids for _ in range(body.n))]
+        rows = [x for x in prompt_ids for _ in range(body.n)]  # choice k of prompt i is row i * n + k
+        tickets = [Ticket(loop, ids, decode_cfg, generator, stop_check, start + cfg.timeout_s)
+                   for ids, generator in zip(rows, model.row_generators(decode_cfg, len(rows)))]
         worker.submit(tickets)  # 429 when the queue is full
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())

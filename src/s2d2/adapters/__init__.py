@@ -23,6 +23,17 @@ LLADA2_MODEL_TYPES = ("llada2_moe",)  # LLaDA2.0 / 2.1 (BailingMoeV2, aligned lo
 SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES + FAST_DLLM_MODEL_TYPES + LLADA2_MODEL_TYPES
 
 
+def decoder_config_for(config: dict[str, Any]) -> DecoderConfig:
+    """The native decoder's configuration for a checkpoint's ``config.json``, by its ``model_type``."""
+    model_type = str(config.get("model_type", ""))
+    if model_type in LLADA2_MODEL_TYPES:
+        return llada2_decoder_config(config)
+    if model_type in FAST_DLLM_MODEL_TYPES:  # Qwen2 layout: q/k/v bias, no q/k norm
+        return DecoderConfig.from_hf(config, qk_norm=False, qkv_bias=True)
+    # Qwen3 layout (SDAR): q/k norm, q/k/v bias only if configured
+    return DecoderConfig.from_hf(config, qk_norm=True, qkv_bias=bool(config.get("attention_bias", False)))
+
+
 def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, tokenizer: Tokenizer,
                   device: torch.device, dtype: torch.dtype, lora_dir: Path | None = None) -> FamilyAdapter:
     """Instantiate the native module for ``config``, load its safetensors weights (with the LoRA adapter in
@@ -36,11 +47,7 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
         raise ModelLoadError(f"{model_dir} names no mask token (config.json mask_token_id); "
                              "a block-diffusion model needs one.")
     fast = model_type in FAST_DLLM_MODEL_TYPES
-    if model_type in LLADA2_MODEL_TYPES:
-        decoder_config = llada2_decoder_config(config)
-    else:  # Qwen2 layout (Fast-dLLM v2): q/k/v bias, no q/k norm; Qwen3 (SDAR): q/k norm, bias only if configured
-        decoder_config = DecoderConfig.from_hf(config, qk_norm=not fast,
-                                               qkv_bias=True if fast else bool(config.get("attention_bias", False)))
+    decoder_config = decoder_config_for(config)
     tensors = load_weights(model_dir, device=str(device))
     if lora_dir is not None:
         tensors = merge_lora(tensors, lora_dir)
