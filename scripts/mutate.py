@@ -271,6 +271,13 @@ MUTATIONS: list[Mutation] = [
         "        if True:",
     ),
     Mutation(
+        "row_seeds_shared",
+        "every row of a generate call draws from the same seed instead of seed + i",
+        "api.py",
+        "        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(count)]",
+        "        return [torch.Generator(device=self.device).manual_seed(seed) for i in range(count)]",
+    ),
+    Mutation(
         "edits_reach_the_prompt",
         "token editing may also replace the prompt's tokens inside the first block",
         "decode.py",
