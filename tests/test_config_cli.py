@@ -398,9 +398,9 @@ def test_init_random_unknown_family(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_init_random_unsupported_family(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = _run(["init-random", "--family", "d2f_llada", "--out", str(tmp_path / "m")], capsys)
+    code, out, err = _run(["init-random", "--family", "gpt2", "--out", str(tmp_path / "m")], capsys)
     _assert_user_error(code, out, err)
-    assert "d2f_llada" in err
+    assert "gpt2" in err and "d2f_dream" in err
     assert not (tmp_path / "m" / "config.json").exists()
 
 

@@ -205,11 +205,8 @@ def test_random_model_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_random_model_families() -> None:
-    assert FAMILIES[0] == "sdar"
-    with pytest.raises(ConfigError, match="not supported yet") as err:
-        write_random_model("/nonexistent/never-written", family="d2f_llada")
-    assert_one_sentence(err)
-    with pytest.raises(ConfigError, match="sdar, fast_dllm_v2") as err:
+    assert FAMILIES == ("sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream")
+    with pytest.raises(ConfigError, match="sdar, fast_dllm_v2, llada2, d2f_llada, d2f_dream") as err:
         write_random_model("/nonexistent/never-written", family="gpt2")
     assert_one_sentence(err)
 

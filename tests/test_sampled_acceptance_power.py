@@ -53,6 +53,7 @@ class TableAdapter:
     vocab_size = V + 1
     device = torch.device("cpu")
     shifted_logits = False
+    blocks_from_prompt_end = False
     default_block_size = None
     default_sub_block_size = None
 

@@ -21,11 +21,13 @@ from s2d2.checkpoint import (
     read_config,
     read_generation_defaults,
     read_special_ids,
+    read_template_tokens,
     resolve_model_dir,
 )
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size
 from s2d2.engine import BatchStats, Engine
 from s2d2.errors import ConfigError, InputError, ModelLoadError
+from s2d2.state import sequence_length
 from s2d2.stats import DecodeStats
 
 BUNDLED = "bundled"
@@ -51,11 +53,14 @@ class Model:
     """A loaded block-diffusion model with its tokenizer, ready to decode with any :class:`DecodeConfig`."""
 
     def __init__(self, adapter: FamilyAdapter, tokenizer: Any, *, name: str, chat_template: str | None = None,
-                 generation_defaults: dict[str, Any] | None = None) -> None:
+                 generation_defaults: dict[str, Any] | None = None,
+                 template_tokens: dict[str, str] | None = None) -> None:
         self.adapter = adapter
         self.tokenizer = tokenizer
         self.name = name
         self.chat_template = chat_template
+        # bos_token, eos_token, ... as the chat template sees them (transformers passes the same variables)
+        self.template_tokens = dict(template_tokens or {})
         # sampling fields from the checkpoint's generation_config.json; DecodeConfig fields a request leaves unset
         # take these values (DecodeConfig.generation_config="auto", the default)
         self.generation_defaults = dict(generation_defaults or {})
@@ -101,7 +106,8 @@ class Model:
 
         try:
             return _chat_environment().from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+                **{**self.template_tokens, **template_kwargs}, messages=messages,
+                add_generation_prompt=add_generation_prompt)
         except jinja2.TemplateError as e:
             raise InputError(f"the chat template of {self.name} cannot render these messages ({e}).") from None
 
@@ -145,7 +151,7 @@ class Model:
                 if len(items) == 1:
                     raise
                 raise InputError(f"prompt {i}: {e}") from None
-        capacity = max(_positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
+        capacity = max(self._positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
         engine = Engine(self.adapter, min(batch_size, len(encoded)), capacity)
         stop_check = self.stop_check(cfg)
         order = {engine.add(ids, cfg, generator, stop_check): i
@@ -181,6 +187,10 @@ class Model:
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         self._check_prompt_ids(ids, cfg)
         return ids
+
+    def _positions_needed(self, prompt_len: int, cfg: DecodeConfig) -> int:
+        """Positions a prompt and its ``max_new_tokens`` occupy, rounded up to whole blocks."""
+        return sequence_length(prompt_len, cfg.block_size, cfg.max_new_tokens, self.adapter.blocks_from_prompt_end)
 
     def row_generators(self, cfg: DecodeConfig, count: int) -> list[torch.Generator]:
         """One generator per row: row ``i`` draws from ``seed + i`` (a seed is drawn from torch's global RNG when
@@ -243,7 +253,7 @@ class Model:
             name = f"the mask token {token!r} (id {mask_id})" if token is not None else f"the mask token id {mask_id}"
             raise InputError(f"the prompt contains {name} at position {prompt_ids.index(mask_id)}; "
                              "a prompt may not hold mask tokens.")
-        total = _positions_needed(len(prompt_ids), cfg)
+        total = self._positions_needed(len(prompt_ids), cfg)
         if total > self.adapter.max_positions:
             raise InputError(
                 f"the prompt ({len(prompt_ids)} tokens) plus max_new_tokens ({cfg.max_new_tokens}), rounded up to "
@@ -271,9 +281,6 @@ def _chat_environment() -> Any:
     return env
 
 
-def _positions_needed(prompt_len: int, cfg: DecodeConfig) -> int:
-    """Positions a prompt and its ``max_new_tokens`` occupy, rounded up to whole blocks."""
-    return -(-(prompt_len + cfg.max_new_tokens) // cfg.block_size) * cfg.block_size
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int:
@@ -331,7 +338,8 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
     lora_dir = resolve_model_dir(adapter) if adapter is not None else None
     family = build_adapter(model_dir, config, special, tokenizer, dev, _resolve_dtype(dtype, config, dev), lora_dir)
     return Model(family, tokenizer, name=name_or_path, chat_template=read_chat_template(model_dir),
-                 generation_defaults=read_generation_defaults(model_dir))
+                 generation_defaults=read_generation_defaults(model_dir),
+                 template_tokens=read_template_tokens(model_dir))
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -350,7 +358,10 @@ def _resolve_dtype(dtype: str, config: dict[str, Any], device: torch.device) -> 
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
-        return _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or "float32"), torch.float32)
+        # LLaDA's OLMo-style config names its training precision instead ("amp_bf16")
+        precision = {"amp_bf16": "bfloat16", "amp_fp16": "float16"}.get(str(config.get("precision")))
+        return _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or precision or "float32"),
+                           torch.float32)
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}.")
     return _DTYPES[dtype]

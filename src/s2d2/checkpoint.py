@@ -33,6 +33,7 @@ __all__ = [
     "read_generation_defaults",
     "read_json",
     "read_special_ids",
+    "read_template_tokens",
     "resolve_model_dir",
 ]
 
@@ -331,6 +332,22 @@ def read_chat_template(model_dir: str | os.PathLike[str]) -> str | None:
             if isinstance(entry, dict) and entry.get("name") == "default" and isinstance(entry.get("template"), str):
                 return entry["template"]
     return None
+
+
+def read_template_tokens(model_dir: str | os.PathLike[str]) -> dict[str, str]:
+    """The special-token strings a chat template may use (``bos_token``, ``eos_token``, ``pad_token``,
+    ``unk_token``), from ``tokenizer_config.json``, else ``special_tokens_map.json``; as strings or ``{"content": ...}``
+    dicts there."""
+    model_dir = Path(model_dir)
+    out: dict[str, str] = {}
+    for source in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins
+        data = _read_optional_json(model_dir / source)
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = data.get(key)
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                out[key] = value
+    return out
 
 
 def read_generation_defaults(model_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -301,7 +301,7 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _init_random(ns: argparse.Namespace) -> int:
-    from s2d2.random_init import write_random_model
+    from s2d2.random_init import LORA_ADAPTER_DIR, write_random_model
 
     if ns.seed < 0:
         raise S2D2Error(f"--seed must be a non-negative integer, got {ns.seed}.")
@@ -314,6 +314,8 @@ def _init_random(ns: argparse.Namespace) -> int:
     except OSError as e:
         raise S2D2Error(f"cannot write {ns.out}: {e.strerror or e}.") from None
     print(f"wrote a random {ns.family} model to {path}")
+    if (path / LORA_ADAPTER_DIR / "adapter_config.json").is_file():
+        print(f"and its LoRA adapter to {path / LORA_ADAPTER_DIR} (pass it with --adapter)")
     return 0
 
 

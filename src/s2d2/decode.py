@@ -1,6 +1,7 @@
 """The decoding loop: one loop for AR, static, dynamic and S2D2.
 
-Glossary (design.md): a **block** is B consecutive positions at an absolute multiple of B; a **mask** is a
+Glossary (design.md): a **block** is B consecutive positions at an absolute multiple of B (D2F: from the prompt's
+end); a **mask** is a
 position not yet committed; a **draft** is one diffusion-mode forward over the block; the **span** is the
 left-most maximal run of masks in the block; **route** decides per step whether to **verify** the span with one
 AR-mode forward; **commit** gives a masked position its final token, and only committed tokens enter the KV cache;
@@ -107,7 +108,8 @@ class RowState:
 def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mask_id: int,
                  stop_ids: Iterable[int], device: torch.device, generator: torch.Generator | None = None,
                  stop_check: Callable[[list[int]], bool] | None = None,
-                 state: RowState | None = None, shifted_logits: bool = False) -> RowSteps:
+                 state: RowState | None = None, shifted_logits: bool = False,
+                 blocks_from_prompt_end: bool = False) -> RowSteps:
     """Decode one prompt, asking for each forward instead of running it: the algorithm, free of scheduling.
 
     The caller (:func:`decode` for one row, :class:`s2d2.engine.Engine` for a batch) executes each yielded
@@ -115,7 +117,8 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there (stop strings).
     Forward time is the caller's to add to ``state.stats.forward_time_s``. With ``shifted_logits`` (the adapter's
     family reads token t from row t-1), each block opens with its first token decoded in AR mode, from the row
-    before it (:meth:`_Forwards.open_block`).
+    before it (:meth:`_Forwards.open_block`). With ``blocks_from_prompt_end`` (D2F) blocks start at the prompt's end
+    instead of at absolute multiples of the block size.
     """
     t0 = time.perf_counter()
     state = state if state is not None else RowState()
@@ -123,7 +126,8 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     stats.prompt_tokens = len(prompt_ids)
     forwards = _Forwards(cache, cfg, stats, shifted_logits)
     seq = state.seq = Sequence(prompt_ids, cfg.block_size, cfg.max_new_tokens, mask_id,
-                               stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids, device)
+                               stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids, device,
+                               blocks_from_prompt_end)
     base = "static" if cfg.method in ("ar", "static") else "dynamic" if cfg.method == "dynamic" else cfg.fallback
     quotas = strategies.step_quotas(cfg.block_size, cfg.steps)
     router = routing.RouterState.initial(cfg)
@@ -189,7 +193,7 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
     ``"stop"``/``"length"`` and stats. ``stop_check`` as in :func:`decode_steps`."""
     state = RowState()
     steps = decode_steps(prompt_ids, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device, generator,
-                         stop_check, state, adapter.shifted_logits)
+                         stop_check, state, adapter.shifted_logits, adapter.blocks_from_prompt_end)
     timer = ForwardTimer(adapter.device)
     logits = None
     while True:

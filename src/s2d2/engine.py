@@ -207,7 +207,8 @@ class Engine:
             self.cache.ensure_capacity(w.capacity)
             state, cache = RowState(), self.cache.slot(slot)
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.mask_id, self.adapter.stop_ids,
-                                 self.adapter.device, w.generator, w.stop_check, state, self.adapter.shifted_logits)
+                                 self.adapter.device, w.generator, w.stop_check, state, self.adapter.shifted_logits,
+                                 self.adapter.blocks_from_prompt_end)
             row = _Row(w.request_id, slot, cache, steps, state)
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)

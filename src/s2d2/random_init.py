@@ -24,10 +24,9 @@ from s2d2.errors import ConfigError
 from s2d2.adapters import decoder_config_for
 from s2d2.models.qwen3 import Qwen3Decoder
 
-__all__ = ["FAMILIES", "SPECIAL_TOKENS", "write_random_model"]
+__all__ = ["FAMILIES", "LORA_ADAPTER_DIR", "SPECIAL_TOKENS", "write_lora_adapter", "write_random_model"]
 
 FAMILIES = ("sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream")
-IMPLEMENTED = ("sdar", "fast_dllm_v2", "llada2")
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|MASK|>")  # ids 256, 257, 258, 259
 # LLaDA2's special tokens (its tokenizer files; 156892, 156895, 156900 in the published vocabulary)
 LLADA2_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "[CLS]", "[gMASK]", "<|mask|>", "<|role_end|>")
@@ -38,6 +37,24 @@ LLADA2_CHAT_TEMPLATE = (
 )
 # Fast-dLLM v2 spells its mask "|<MASK>|" (added_tokens.json of the published checkpoints)
 FAST_DLLM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "|<MASK>|")
+
+# LLaDA-8B-Instruct's special tokens (126080, 126081, 126336, 126346-126348 in the published vocabulary) and its
+# published chat template (tokenizer_config.json)
+LLADA_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>",
+                        "<|end_header_id|>", "<|eot_id|>")
+LLADA_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+)
+# Dream's added tokens that matter here (151643-151645, 151665, 151666 in the published vocabulary)
+DREAM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>")
+LORA_RANK = 8  # the published D2F adapters: r 32, alpha 32 (scale 1); tiny models get r 8, alpha 8
+LORA_ADAPTER_DIR = "lora"  # where init-random puts a D2F family's adapter, inside the model directory
+# The D2F adapters' target modules (D2F's training LoraConfig), by family
+LORA_TARGETS = {"d2f_llada": ("q_proj", "v_proj", "k_proj", "attn_out"),
+                "d2f_dream": ("q_proj", "v_proj", "k_proj", "o_proj")}
 
 WEIGHT_STD = 0.2  # Linear and Embedding weights (see the module docstring for why this is large)
 NORM_STD = 0.1  # RMSNorm weights are 1 + normal(0, NORM_STD)
@@ -196,6 +213,104 @@ def _llada2_config(tok: Tokenizer) -> dict[str, Any]:
     }
 
 
+def _llada_config(tok: Tokenizer) -> dict[str, Any]:
+    """The published LLaDA-8B-Instruct config.json's keys (OLMo names) with tiny sizes."""
+    return {
+        "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0, "architectures": ["LLaDAModelLM"],
+        "attention_dropout": 0.0, "attention_layer_norm": False, "attention_layer_norm_with_affine": True,
+        "auto_map": {"AutoConfig": "configuration_llada.LLaDAConfig",
+                     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM", "AutoModel": "modeling_llada.LLaDAModelLM"},
+        "bias_for_layer_norm": False, "block_group_size": 1, "block_type": "llama",
+        "d_model": 64,  # 4096 in the published checkpoint
+        "embedding_dropout": 0.0, "embedding_size": 264,
+        "eos_token_id": tok.token_to_id("<|endoftext|>"),
+        "flash_attention": False, "include_bias": False, "include_qkv_bias": False, "init_cutoff_factor": None,
+        "init_device": "meta", "init_fn": "mitchell", "init_std": 0.02, "input_emb_norm": False,
+        "layer_norm_type": "rms", "layer_norm_with_affine": True,
+        "mask_token_id": tok.token_to_id("<|mdm_mask|>"),
+        "max_sequence_length": 2048, "mlp_hidden_size": 128, "mlp_ratio": 4, "model_type": "llada",
+        "multi_query_attention": None, "n_heads": 4, "n_kv_heads": 4, "n_layers": 2,
+        "pad_token_id": tok.token_to_id("<|endoftext|>"),
+        "precision": "amp_bf16", "residual_dropout": 0.0, "rms_norm_eps": 1e-05, "rope": True,
+        "rope_full_precision": True, "rope_theta": 500000.0, "scale_logits": False, "transformers_version": "4.46.3",
+        "use_cache": False, "vocab_size": 264, "weight_tying": False,
+    }
+
+
+def _dream_config(tok: Tokenizer) -> dict[str, Any]:
+    """The published Dream-v0 config.json's keys (Qwen2 names) with tiny sizes."""
+    eot = tok.token_to_id("<|endoftext|>")
+    return {
+        "architectures": ["DreamModel"], "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"},
+        "bos_token_id": eot, "eos_token_id": eot, "hidden_act": "silu",
+        "hidden_size": 64,  # 3584 in the published checkpoints
+        "initializer_range": 0.02, "intermediate_size": 128,
+        "mask_token_id": tok.token_to_id("<|mask|>"),
+        "max_position_embeddings": 2048, "max_window_layers": 2, "model_type": "Dream", "num_attention_heads": 4,
+        "num_hidden_layers": 2, "num_key_value_heads": 2, "pad_token_id": eot, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000.0, "sliding_window": None, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "transformers_version": "4.46.2", "use_cache": True, "use_mrope": False,
+        "use_sliding_window": False, "vocab_size": 264,
+    }
+
+
+def _write_llada_files(out: Path, tok: Tokenizer) -> None:
+    """The published LLaDA-8B-Instruct side files: tokenizer_config.json (chat template, bos/eos), special tokens,
+    generation_config.json (bos and eos only)."""
+    _write_json(out / "special_tokens_map.json", {
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": False, "add_eos_token": False, "bos_token": "<|startoftext|>",
+        "chat_template": LLADA_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": "<|endoftext|>",
+        "fast_tokenizer": True, "model_max_length": 2048, "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast"})
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": tok.token_to_id("<|startoftext|>"), "eos_token_id": tok.token_to_id("<|endoftext|>")})
+
+
+def _write_dream_files(out: Path, tok: Tokenizer) -> None:
+    """The published Dream side files: added_tokens.json, special tokens (mask ``<|mask|>``), a tokenizer_config.json
+    with a Qwen chat template, generation_config.json (bos, eos, pad)."""
+    specials = {t: tok.token_to_id(t) for t in DREAM_SPECIAL_TOKENS}
+    _write_json(out / "added_tokens.json", specials)
+    _write_json(out / "special_tokens_map.json", {
+        "additional_special_tokens": ["<|beginoftext|>", "<|mask|>"], "bos_token": "<|beginoftext|>",
+        "eos_token": "<|endoftext|>", "mask_token": "<|mask|>", "pad_token": "<|endoftext|>"})
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": False, "add_prefix_space": False, "additional_special_tokens": ["<|beginoftext|>", "<|mask|>"],
+        "bos_token": "<|beginoftext|>", "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>", "errors": "replace", "mask_token": "<|mask|>", "model_max_length": 2048,
+        "pad_token": "<|endoftext|>", "split_special_tokens": False, "tokenizer_class": "DreamTokenizer",
+        "unk_token": None})
+    eot = specials["<|endoftext|>"]
+    _write_json(out / "generation_config.json", {"bos_token_id": eot, "eos_token_id": eot, "pad_token_id": eot})
+
+
+def write_lora_adapter(out_dir: str | os.PathLike[str], base: dict[str, torch.Tensor], targets: tuple[str, ...],
+                       seed: int = 0, r: int = LORA_RANK, alpha: float = LORA_RANK) -> Path:
+    """A random peft-format LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``, peft's key names
+    ``base_model.model.<weight>.lora_{A,B}.weight``) on every 2-D weight of ``base`` whose module is in ``targets``."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    tensors = {}
+    for name in sorted(base):
+        module, leaf = name.rsplit(".", 1)
+        if leaf != "weight" or module.rsplit(".", 1)[-1] not in targets or base[name].dim() != 2:
+            continue
+        out_dim, in_dim = base[name].shape
+        tensors[f"base_model.model.{module}.lora_A.weight"] = WEIGHT_STD * torch.randn(r, in_dim, generator=gen)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = WEIGHT_STD * torch.randn(out_dim, r, generator=gen)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    _write_json(out / "adapter_config.json", {
+        "base_model_name_or_path": None, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "lora_alpha": alpha, "lora_dropout": 0.1, "modules_to_save": None,
+        "peft_type": "LORA", "r": r, "target_modules": list(targets), "task_type": None, "use_dora": False,
+        "use_rslora": False})
+    return out
+
+
 def _write_llada2_files(out: Path) -> None:
     """The published tokenizer_config.json (mask_token, chat template) and special_tokens_map.json; no
     generation_config.json (none was found for the published checkpoints)."""
@@ -291,12 +406,13 @@ def write_random_model(
     """
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; known families: {', '.join(FAMILIES)}.")
-    if family not in IMPLEMENTED:
-        raise ConfigError(f"family {family!r} is not supported yet; supported: {', '.join(IMPLEMENTED)}.")
 
-    fast, llada2 = family == "fast_dllm_v2", family == "llada2"
-    tok = _byte_tokenizer(FAST_DLLM_SPECIAL_TOKENS if fast else LLADA2_SPECIAL_TOKENS if llada2 else SPECIAL_TOKENS)
-    config = _fast_dllm_v2_config(tok) if fast else _llada2_config(tok) if llada2 else _sdar_config(tok)
+    specials, make_config = {
+        "sdar": (SPECIAL_TOKENS, _sdar_config), "fast_dllm_v2": (FAST_DLLM_SPECIAL_TOKENS, _fast_dllm_v2_config),
+        "llada2": (LLADA2_SPECIAL_TOKENS, _llada2_config), "d2f_llada": (LLADA_SPECIAL_TOKENS, _llada_config),
+        "d2f_dream": (DREAM_SPECIAL_TOKENS, _dream_config)}[family]
+    tok = _byte_tokenizer(specials)
+    config = make_config(tok)
     config.update(overrides)
     if overrides.get("model_type") == "qwen3" and "architectures" not in overrides:
         config["architectures"] = ["Qwen3ForCausalLM"]
@@ -311,12 +427,19 @@ def write_random_model(
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     _write_json(out / "config.json", config)
-    if fast or llada2:
-        if fast:
+    if family != "sdar":
+        if family == "fast_dllm_v2":
             _write_fast_dllm_v2_files(out, tok, config)
-        else:
+        elif family == "llada2":
             _write_llada2_files(out)
-        _save_sharded(out, model.hf_state_dict(), num_shards=2)
+        elif family == "d2f_llada":
+            _write_llada_files(out, tok)
+        else:
+            _write_dream_files(out, tok)
+        tensors = model.hf_state_dict()
+        _save_sharded(out, tensors, num_shards=2)
+        if family in LORA_TARGETS:  # the D2F adapter that makes the base model a block-diffusion decoder
+            write_lora_adapter(out / LORA_ADAPTER_DIR, tensors, LORA_TARGETS[family], seed=seed)
         return out
     _write_json(out / "generation_config.json", {
         "bos_token_id": config.get("bos_token_id"),

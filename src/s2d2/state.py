@@ -98,20 +98,28 @@ class BlockState:
         return replace(self, tokens=tuple(tokens), masked=tuple(masked))
 
 
-class Sequence:
-    """The prompt followed by masks, decoded block by block; blocks sit at absolute multiples of ``block_size``.
+def sequence_length(prompt_len: int, block_size: int, max_new_tokens: int, blocks_from_prompt_end: bool = False) -> int:
+    """Positions a prompt and its ``max_new_tokens`` occupy, rounded up to whole blocks (see :class:`Sequence`)."""
+    origin = prompt_len if blocks_from_prompt_end else 0
+    return origin + -(-(prompt_len + max_new_tokens - origin) // block_size) * block_size
 
-    The prompt's tail (``len(prompt) % block_size`` tokens) opens the first decoded block as committed tokens.
-    Decoding stops at ``limit``: ``len(prompt) + max_new_tokens``, lowered to the position of the first committed
-    stop token.
+
+class Sequence:
+    """The prompt followed by masks, decoded block by block; blocks sit at absolute multiples of ``block_size``, or
+    with ``blocks_from_prompt_end`` (D2F) at the prompt's end plus multiples of it.
+
+    With absolute blocks the prompt's tail (``len(prompt) % block_size`` tokens) opens the first decoded block as
+    committed tokens. Decoding stops at ``limit``: ``len(prompt) + max_new_tokens``, lowered to the position of the
+    first committed stop token.
     """
 
     def __init__(self, prompt_ids: list[int], block_size: int, max_new_tokens: int, mask_id: int,
-                 stop_ids: Iterable[int], device: torch.device | str) -> None:
+                 stop_ids: Iterable[int], device: torch.device | str, blocks_from_prompt_end: bool = False) -> None:
         self.prompt_len = len(prompt_ids)
         self.block_size = block_size
         self.limit = self.prompt_len + max_new_tokens
-        self.total_len = -(-self.limit // block_size) * block_size
+        self.origin = self.prompt_len if blocks_from_prompt_end else 0
+        self.total_len = sequence_length(self.prompt_len, block_size, max_new_tokens, blocks_from_prompt_end)
         self.mask_id = mask_id
         self.stop_ids = frozenset(stop_ids)
         self.stopped = False
@@ -121,7 +129,8 @@ class Sequence:
     def blocks(self) -> Iterator[BlockState]:
         """Open each block in turn until ``limit``; the caller finishes one before asking for the next."""
         b = self.block_size
-        for start in range(self.prompt_len // b * b, self.total_len, b):
+        first = self.origin + (self.prompt_len - self.origin) // b * b
+        for start in range(first, self.total_len, b):
             if start >= self.limit:
                 return
             num_prompt = max(0, self.prompt_len - start)

@@ -9,6 +9,14 @@ import torch
 from tokenizers import Tokenizer
 
 from s2d2.adapters.base import FamilyAdapter
+from s2d2.adapters.d2f import (
+    DREAM_TURN_END_TOKENS,
+    LLADA_TURN_END_TOKENS,
+    DreamAdapter,
+    LLaDAAdapter,
+    dream_decoder_config,
+    llada_decoder_config,
+)
 from s2d2.adapters.fast_dllm import FastDLLMAdapter
 from s2d2.adapters.llada2 import LLaDA2Adapter, llada2_decoder_config
 from s2d2.adapters.sdar import SDARAdapter
@@ -20,7 +28,10 @@ from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
 SDAR_MODEL_TYPES = ("sdar", "qwen3")
 FAST_DLLM_MODEL_TYPES = ("Fast_dLLM_Qwen",)  # Fast-dLLM v2 (Qwen2.5 architecture, shifted logits)
 LLADA2_MODEL_TYPES = ("llada2_moe",)  # LLaDA2.0 / 2.1 (BailingMoeV2, aligned logits)
-SUPPORTED_MODEL_TYPES = SDAR_MODEL_TYPES + FAST_DLLM_MODEL_TYPES + LLADA2_MODEL_TYPES
+LLADA_MODEL_TYPES = ("llada",)  # LLaDA-8B (OLMo layout, aligned logits), with the D2F adapter
+DREAM_MODEL_TYPES = ("Dream",)  # Dream-v0-7B (Qwen2 layout, shifted logits), with the D2F adapter
+SUPPORTED_MODEL_TYPES = (SDAR_MODEL_TYPES + FAST_DLLM_MODEL_TYPES + LLADA2_MODEL_TYPES + LLADA_MODEL_TYPES
+                         + DREAM_MODEL_TYPES)
 
 
 def decoder_config_for(config: dict[str, Any]) -> DecoderConfig:
@@ -28,6 +39,10 @@ def decoder_config_for(config: dict[str, Any]) -> DecoderConfig:
     model_type = str(config.get("model_type", ""))
     if model_type in LLADA2_MODEL_TYPES:
         return llada2_decoder_config(config)
+    if model_type in LLADA_MODEL_TYPES:
+        return llada_decoder_config(config)
+    if model_type in DREAM_MODEL_TYPES:
+        return dream_decoder_config(config)
     if model_type in FAST_DLLM_MODEL_TYPES:  # Qwen2 layout: q/k/v bias, no q/k norm
         return DecoderConfig.from_hf(config, qk_norm=False, qkv_bias=True)
     # Qwen3 layout (SDAR): q/k norm, q/k/v bias only if configured
@@ -61,4 +76,16 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
         return FastDLLMAdapter(model, special.mask_id, special.eos_ids, banned_ids=padding, bd_size=bd_size)
     if model_type in LLADA2_MODEL_TYPES:
         return LLaDA2Adapter(model, special.mask_id, special.eos_ids, banned_ids=padding)
+    if model_type in LLADA_MODEL_TYPES:
+        stops = _with_turn_ends(special.eos_ids, tokenizer, LLADA_TURN_END_TOKENS)
+        return LLaDAAdapter(model, special.mask_id, stops, banned_ids=padding)
+    if model_type in DREAM_MODEL_TYPES:
+        stops = _with_turn_ends(special.eos_ids, tokenizer, DREAM_TURN_END_TOKENS)
+        return DreamAdapter(model, special.mask_id, stops, banned_ids=padding)
     return SDARAdapter(model, special.mask_id, special.eos_ids, banned_ids=padding)
+
+
+def _with_turn_ends(eos_ids: tuple[int, ...], tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple[int, ...]:
+    """``eos_ids`` followed by the ids of the turn-end ``tokens`` the tokenizer knows (no duplicates)."""
+    known = (tokenizer.token_to_id(t) for t in tokens)
+    return tuple(dict.fromkeys([*eos_ids, *(i for i in known if i is not None)]))

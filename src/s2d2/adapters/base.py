@@ -30,6 +30,9 @@ class FamilyAdapter(Protocol):
     default_block_size: int | None  # the checkpoint's block size (Fast-dLLM v2's bd_size), for configs leaving it unset
     default_sub_block_size: int | None  # the family's sub-block size (Fast-dLLM v2: 8), for configs leaving it unset
     supports_editing: bool  # whether editing_threshold may be used (LLaDA2.x)
+    # D2F: blocks start at the prompt's end (not at absolute multiples of the block size), and without the
+    # AR-consistent cache the prompt is one bidirectional chunk
+    blocks_from_prompt_end: bool
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache for ``capacity`` token slots."""

@@ -57,7 +57,8 @@ class FastDLLMAdapter(SDARAdapter):
         """Pending rows ``ids[cache_len : block_start]`` (written to the cache), then the block; logits shifted."""
         end = block_start + block_size
         pending = block_start - cache_len
-        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device)
+        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
+                          self._prompt_rows(cache_len, pending))
         positions = torch.arange(cache_len, end, device=self.device)
         if pending:  # the last pending row predicts offset 0
             return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending - 1,

@@ -29,18 +29,21 @@ from s2d2.models.qwen3 import Qwen3Decoder
 
 @lru_cache(maxsize=1024)
 def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bool, draft_ver: bool,
-               device: torch.device) -> torch.Tensor:
+               device: torch.device, prompt_rows: int = 0) -> torch.Tensor:
     """Local mask ``[P + B, P + B]`` (True = may attend) for ``num_pending`` pending rows, then ``block_size`` rows.
 
     The pending rows start at a block boundary; without ``cache_ver`` they attend block-causally, the mask SDAR
-    was trained with.
+    was trained with, except that the first ``prompt_rows`` of them (a D2F prompt: one chunk, blocks counted from
+    its end) attend to each other bidirectionally and the blocks after them are counted from there.
     """
     n = num_pending + block_size
     idx = torch.arange(n, device=device)
     if cache_ver:
         mask = idx[:, None] >= idx[None, :]
     else:
-        mask = (idx[:, None] // block_size) >= (idx[None, :] // block_size)
+        block = (idx - prompt_rows).div(block_size, rounding_mode="floor")  # the prompt chunk is block -1
+        block[:prompt_rows] = -1
+        mask = block[:, None] >= block[None, :]
     mask[num_pending:, num_pending:] = True  # the block is bidirectional ...
     if draft_ver and first_mask > 0:  # ... except its committed prefix, which attends causally
         rows = slice(num_pending, num_pending + first_mask)
@@ -79,6 +82,7 @@ class SDARAdapter:
     default_block_size: int | None = None  # the block size a config that leaves it unset gets (None: DecodeConfig's)
     default_sub_block_size: int | None = None  # likewise for sub_block_size (None: no sub-blocks)
     supports_editing = False  # whether the family's models were trained for token editing (editing_threshold)
+    blocks_from_prompt_end = False  # D2F: blocks start at the prompt's end, the prompt one bidirectional chunk
 
     def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
         self.model = model
@@ -132,9 +136,15 @@ class SDARAdapter:
         """The draft forward: pending rows ``ids[cache_len : block_start]`` (committed here), then the block."""
         end = block_start + block_size
         pending = block_start - cache_len
-        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device)
+        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
+                          self._prompt_rows(cache_len, pending))
         positions = torch.arange(cache_len, end, device=self.device)
         return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)
+
+    def _prompt_rows(self, cache_len: int, pending: int) -> int:
+        """How many of the pending rows form the prompt's bidirectional chunk: with ``blocks_from_prompt_end`` the
+        rows written when the cache is empty are exactly the prompt; otherwise none."""
+        return pending if self.blocks_from_prompt_end and cache_len == 0 else 0
 
     def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
                     next_block: int = 0) -> ForwardSpec:
@@ -154,7 +164,7 @@ class SDARAdapter:
                     cache_ver: bool) -> ForwardSpec:
         """A forward of its own writing the K/V of ``ids[cache_len : end]``."""
         n = end - cache_len
-        mask = draft_mask(n, block_size, 0, cache_ver, False, self.device)[:n, :n]
+        mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]
         return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
                            num_store=n, logits_from=n)
 

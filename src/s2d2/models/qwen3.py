@@ -48,10 +48,13 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     qk_norm: bool = True  # Qwen3 / SDAR: RMSNorm over head_dim on q and k, before RoPE
     qkv_bias: bool = False  # Qwen2 / Fast-dLLM v2: bias on q/k/v projections
+    rope_float32: bool = False  # rotate q/k in float32 and cast back (LLaDA's rope_full_precision); else in the model dtype
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head (LLaDA2: 0.5)
     moe: MoEConfig | None = None  # routed-expert MLPs (LLaDA2), from layer first_k_dense_replace on
     first_k_dense_replace: int = 0
-    layout: str = "qwen"  # checkpoint weight names: "qwen" (Qwen2/3: SDAR, Fast-dLLM v2) or "llada2" (BailingMoeV2)
+    # checkpoint weight names: "qwen" (Qwen2/3: SDAR, Fast-dLLM v2, Dream), "llada2" (BailingMoeV2) or "llada"
+    # (LLaDA-8B's OLMo-style ``model.transformer.blocks.*``)
+    layout: str = "qwen"
 
     @property
     def rotary_dim(self) -> int:
@@ -124,7 +127,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """NeoX-style RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial); the rest pass."""
+    """NeoX-style RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial); the rest pass.
+    Tables in float32 for a lower-precision ``x`` rotate in float32 and cast back (LLaDA's ``rope_full_precision``)."""
+    if cos.dtype != x.dtype:
+        return _rotate(x.float(), cos, sin).to(x.dtype)
     dim = cos.shape[-1]
     if dim < x.shape[-1]:
         return torch.cat((_rotate(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
@@ -156,6 +162,14 @@ class _Layer(nn.Module):
             return self.moe(h.reshape(-1, h.shape[-1])).reshape(h.shape)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+
+# Per layout: the names of the embedding, the final norm and the LM head (the one tensor a tied model lacks).
+_TOP_LEVEL_NAMES = {
+    "qwen": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
+    "llada2": ("model.word_embeddings.weight", "model.norm.weight", "lm_head.weight"),
+    "llada": ("model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight"),
+}
 
 
 def _swiglu_layout(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, inter: int,
@@ -194,7 +208,7 @@ class Qwen3Decoder(nn.Module):
             size = max(needed, 2 * (table[0].shape[0] if table is not None else 0), 512)
             freqs = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-            dtype = self.embed.weight.dtype
+            dtype = torch.float32 if self.config.rope_float32 else self.embed.weight.dtype
             table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
         return table[0][position_ids], table[1][position_ids]
 
@@ -343,12 +357,13 @@ class Qwen3Decoder(nn.Module):
         the names in :data:`IGNORED_CHECKPOINT_TENSORS`. With ``tie_word_embeddings`` an ``lm_head.weight`` equal
         to the embedding is ignored, and a different one is used as an untied head, as transformers 5 does.
         """
-        if self.lm_head is None and "lm_head.weight" in tensors:
-            self._untie_if_different(tensors)
+        embed_name, _, head_name = _TOP_LEVEL_NAMES[self.config.layout]
+        if self.lm_head is None and head_name in tensors:
+            self._untie_if_different(tensors[head_name], tensors.get(embed_name))
         own = self._hf_layout()
         missing = [name for name in own if name not in tensors]
         if self.lm_head is None:
-            missing = [m for m in missing if m != "lm_head.weight"]
+            missing = [m for m in missing if m != head_name]
         if missing:
             raise ModelLoadError(f"the checkpoint lacks {len(missing)} weight(s), first {missing[0]!r}.")
         unexpected = sorted(n for n in tensors if n not in own and not IGNORED_CHECKPOINT_TENSORS.search(n))
@@ -368,14 +383,13 @@ class Qwen3Decoder(nn.Module):
                 _check_finite(name, src)
                 target.copy_(src.to(param.dtype))
 
-    def _untie_if_different(self, tensors: Mapping[str, torch.Tensor]) -> None:
+    def _untie_if_different(self, head: torch.Tensor, embed: torch.Tensor | None) -> None:
         """Give a tied model its own LM head when the checkpoint's ``lm_head.weight`` differs from the embedding.
 
         transformers (5.x) does the same: a config that ties the two, with a checkpoint holding both with different
         values, means the config is wrong, and the checkpoint's head is the one the model was trained with. Equal
         values (checkpoints converted from ``.bin`` files store the shared tensor twice) keep the tie.
         """
-        head, embed = tensors["lm_head.weight"], tensors.get("model.embed_tokens.weight")
         if embed is not None and head.shape == embed.shape and torch.equal(head, embed.to(head.device, head.dtype)):
             return
         c, weight = self.config, self.embed.weight
@@ -387,8 +401,9 @@ class Qwen3Decoder(nn.Module):
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
         """This model's weights under Hugging Face names (un-fused), e.g. to save as safetensors."""
         out = {}
+        head_name = _TOP_LEVEL_NAMES[self.config.layout][2]
         for name, (param, rows) in self._hf_layout().items():
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == head_name and self.lm_head is None:
                 continue
             out[name] = (param[rows] if rows is not None else param).detach().clone().contiguous()
         return out
@@ -396,22 +411,35 @@ class Qwen3Decoder(nn.Module):
     def _hf_layout(self) -> dict[str, tuple[torch.Tensor, Any]]:
         """Map each Hugging Face weight name to (our parameter, the index of the part of it that holds it)."""
         c = self.config
-        llada2 = c.layout == "llada2"
-        embed = "model.word_embeddings.weight" if llada2 else "model.embed_tokens.weight"
+        embed, norm, head = _TOP_LEVEL_NAMES[c.layout]
         out: dict[str, tuple[torch.Tensor, Any]] = {embed: (self.embed.weight, None)}
         for i, layer in enumerate(self.layers):
-            p = f"model.layers.{i}."
             q, kv = layer.q_size, layer.kv_size
+            split_qkv = (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv)))
+            if c.layout == "llada":  # OLMo names; ff_proj is the gate, ff_out the down projection
+                p = f"model.transformer.blocks.{i}."
+                out[p + "attn_norm.weight"] = (layer.input_norm, None)
+                out[p + "ff_norm.weight"] = (layer.post_norm, None)
+                for proj, rows in split_qkv:
+                    out[p + f"{proj}.weight"] = (layer.qkv.weight, rows)
+                    if c.qkv_bias:
+                        out[p + f"{proj}.bias"] = (layer.qkv.bias, rows)
+                out[p + "attn_out.weight"] = (layer.o_proj.weight, None)
+                inter = c.intermediate_size
+                out[p + "ff_proj.weight"] = (layer.gate_up.weight, slice(0, inter))
+                out[p + "up_proj.weight"] = (layer.gate_up.weight, slice(inter, 2 * inter))
+                out[p + "ff_out.weight"] = (layer.down.weight, None)
+                continue
+            p = f"model.layers.{i}."
             out[p + "input_layernorm.weight"] = (layer.input_norm, None)
             out[p + "post_attention_layernorm.weight"] = (layer.post_norm, None)
-            if llada2:  # fused QKV, rows [Q heads | K heads | V heads], as our qkv
+            if c.layout == "llada2":  # fused QKV, rows [Q heads | K heads | V heads], as our qkv
                 out[p + "attention.query_key_value.weight"] = (layer.qkv.weight, None)
                 out[p + "attention.query_layernorm.weight"] = (layer.q_norm, None)
                 out[p + "attention.key_layernorm.weight"] = (layer.k_norm, None)
                 out[p + "attention.dense.weight"] = (layer.o_proj.weight, None)
             else:
-                for proj, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)),
-                                   ("v_proj", slice(q + kv, q + 2 * kv))):
+                for proj, rows in split_qkv:
                     out[p + f"self_attn.{proj}.weight"] = (layer.qkv.weight, rows)
                     if c.qkv_bias:
                         out[p + f"self_attn.{proj}.bias"] = (layer.qkv.bias, rows)
@@ -430,6 +458,6 @@ class Qwen3Decoder(nn.Module):
             if moe.shared_gate_up is not None:
                 out.update(_swiglu_layout(p + "mlp.shared_experts.", moe.shared_gate_up.weight, moe.shared_down.weight,
                                           inter * c.moe.num_shared_experts))
-        out["model.norm.weight"] = (self.norm, None)
-        out["lm_head.weight"] = (self.lm_head.weight if self.lm_head is not None else self.embed.weight, None)
+        out[norm] = (self.norm, None)
+        out[head] = (self.lm_head.weight if self.lm_head is not None else self.embed.weight, None)
         return out
