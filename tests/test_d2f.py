@@ -313,3 +313,216 @@ def test_blocks_start_at_the_prompt_end_and_the_prompt_is_one_bidirectional_chun
     assert spec.mask[:5, :5].all() and not spec.mask[:5, 5:].any() and spec.mask[5:].all()
     assert torch.equal(adapter.draft_spec(torch.arange(13), 5, 9, 4, 0, cache_ver=False, draft_ver=False).mask,
                        draft_mask(4, 4, 0, False, False, adapter.device))
+
+
+# ------------------------------------------------------------------------------------------- pipelined blocks
+PIPE = dict(block_add_threshold=0.5, decoded_token_threshold=0.8)
+
+
+def trace_requests(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
+    """Decode one prompt with the single-row forwards, checking before every forward that the cache holds only
+    committed tokens; returns (token ids, stats, [(request, ids before it, its logits)], cache, final ids)."""
+    from s2d2.decode import RowState, decode_steps, run_request
+
+    adapter = model.adapter
+    cache, state = adapter.new_cache(256), RowState()
+    steps = decode_steps(prompt, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device, state=state,
+                         shifted_logits=adapter.shifted_logits, blocks_from_prompt_end=adapter.blocks_from_prompt_end)
+    trace, logits = [], None
+    try:
+        while True:
+            request = steps.send(logits)
+            assert adapter.mask_id not in state.seq.ids[:cache.length].tolist()  # only committed tokens are cached
+            before = state.seq.ids.clone()
+            logits = run_request(adapter, request, cache)
+            trace.append((request, before, logits))
+    except StopIteration as done:
+        ids, _, stats = done.value
+    return ids, stats, trace, cache, state.seq.ids
+
+
+def _drafts(trace) -> list:
+    return [t for t in trace if type(t[0]).__name__ == "DraftRequest"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("pipe", [PIPE, dict(block_add_threshold=0.25, decoded_token_threshold=0.5),
+                                  dict(block_add_threshold=1.0)])
+def test_pipelined_greedy_verifying_every_step_equals_ar(d2f, family, pipe):
+    """With an AR-consistent cache a verified step commits only what the verifier decides, from the cache frontier
+    on, so verifying every step is greedy AR whatever the blocks in flight; and several blocks really are in
+    flight (each draft forward covers at most one more block than the one before)."""
+    model = d2f[family]
+    ar = DecodeConfig(method="ar", max_new_tokens=20, stop_token_ids=(), generation_config="none")
+    cfg = DecodeConfig(method="s2d2", block_size=4, policy="mask_span_length", min_span=1, **pipe, max_new_tokens=20,
+                       stop_token_ids=(), generation_config="none")
+    widths = []
+    for prompt in PROMPTS:
+        ids, stats, trace, _, _ = trace_requests(model, prompt, cfg)
+        assert ids == model.generate(prompt, ar, batch_size=1)[0].token_ids, (prompt, pipe)
+        drafts = [r.num_blocks for r, _, _ in _drafts(trace)]
+        assert drafts[0] == 1 and all(b <= a + 1 for a, b in zip(drafts, drafts[1:]))
+        widths += drafts
+    assert max(widths) > 1 if pipe["block_add_threshold"] < 1 else max(widths) == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pipelined_never_verifying_is_the_d2f_baseline_and_batched_equals_batch_1(d2f, family):
+    model = d2f[family]
+    base = dict(block_size=4, threshold=0.3, **PIPE, max_new_tokens=20, stop_token_ids=(), generation_config="none")
+    for prompt in PROMPTS:
+        d2f_baseline = model.generate(prompt, DecodeConfig(method="dynamic", **base), batch_size=1)[0]
+        never = model.generate(prompt, DecodeConfig(method="s2d2", policy="mask_span_length", min_span=99, **base),
+                               batch_size=1)[0]
+        assert never.token_ids == d2f_baseline.token_ids and never.stats.nfe == d2f_baseline.stats.nfe
+        assert d2f_baseline.stats.nfe == d2f_baseline.stats.steps  # one forward per step
+    for cfg in (dict(method="dynamic", threshold=0.3), dict(method="s2d2", policy="mask_span_length", min_span=1),
+                dict(method="s2d2", threshold=0.3), dict(method="s2d2", policy="contextual_bandit_ucb")):
+        config = DecodeConfig(**cfg, block_size=4, **PIPE, max_new_tokens=16, stop_token_ids=())
+        assert_batch_independent(model, prompts(6, seed=40), config, batch_size=4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("prompt", [[72, 101, 108, 108, 111], list(range(40, 49))])
+def test_pipelined_d2f_steps_follow_the_add_and_activation_rules(d2f, family, prompt):
+    """Replays D2F's schedule from the trace of the dynamic (never verifying) decoder and checks every step: blocks
+    start at the prompt's end; the next block opens exactly when the last block's decoded share has reached
+    block_add_threshold (one per step, never past the limit); finished blocks leave flight from the front; each block
+    commits exactly its masked drafts above the threshold, or, when none clears it and the block is fully activated
+    (the front block, or its predecessor's share reached decoded_token_threshold), its most confident draft;
+    shifted logits: the front block's first token in the step it reaches the front."""
+    model, size, threshold = d2f[family], 4, 0.6
+    adapter = model.adapter
+    cfg = DecodeConfig(method="dynamic", block_size=size, threshold=threshold, **PIPE, max_new_tokens=24,
+                       stop_token_ids=(), generation_config="none")
+    ids, stats, trace, _, final = trace_requests(model, prompt, cfg)
+    drafts = _drafts(trace)
+    assert len(drafts) == stats.steps == stats.nfe and len(ids) == 24
+    limit, p = len(prompt) + 24, len(prompt)
+    masked = lambda ids, lo, hi: [i for i in range(lo, min(hi, limit)) if ids[i] == adapter.mask_id]  # noqa: E731
+    share = lambda ids, start: 1 - len(masked(ids, start, start + size)) / (min(start + size, limit) - start)  # noqa
+    activated, widths = {p}, []
+    for t, (request, before, logits) in enumerate(drafts):
+        after = drafts[t + 1][1] if t + 1 < len(drafts) else final
+        front, count = request.block_start, request.num_blocks
+        assert (front - p) % size == 0 and front + (count - 1) * size < limit
+        if t:  # the add rule, from the state this step started with
+            prev_front, prev_count = drafts[t - 1][0].block_start, drafts[t - 1][0].num_blocks
+            kept = max(prev_count - (front - prev_front) // size, 1)
+            last = front + (kept - 1) * size
+            opens = share(before, last) >= PIPE["block_add_threshold"] and last + size < limit
+            assert count == kept + opens, t
+        for j in range(1, count):
+            if share(before, front + (j - 1) * size) >= PIPE["decoded_token_threshold"]:
+                activated.add(front + j * size)
+        activated.add(front)
+        probs = torch.softmax(logits, dim=-1)
+        conf, tokens = probs.max(dim=-1)
+        for j in range(count):
+            start = front + j * size
+            todo = masked(before, start, start + size)
+            done = [i for i in todo if after[i] != adapter.mask_id]
+            if adapter.shifted_logits and j == 0 and start in todo and after[start] != adapter.mask_id:
+                todo.remove(start)  # the front block's AR token
+                done.remove(start)
+            confident = [i for i in todo if conf[i - front] > threshold]
+            expected = confident or ([max(todo, key=lambda i: conf[i - front])] if start in activated and todo else [])
+            assert sorted(done) == sorted(expected), (t, j)
+            assert all(after[i] == tokens[i - front] for i in done)
+        widths.append(count)
+    assert max(widths) >= 2
+
+
+def test_a_stop_token_ends_the_blocks_after_it(d2f):
+    """Once a stop token is committed, the blocks after it leave flight (no later forward carries a block that starts
+    at or past the stop) and no new block opens; the output ends before the stop token. The stop is the token the
+    unconstrained decoder writes at offset 19, committed while the block after it is in flight."""
+    model = d2f["d2f_llada"]
+    base = dict(method="dynamic", block_size=4, threshold=0.3, block_add_threshold=0.25, max_new_tokens=24,
+                generation_config="none")
+    prompt = [72, 101, 108, 108, 111]
+    free = model.generate(prompt, DecodeConfig(**base, stop_token_ids=()), batch_size=1)[0].token_ids
+    stop = free[19]
+    assert stop not in free[:19]
+    ids, stats, trace, _, final = trace_requests(model, prompt, DecodeConfig(**base, stop_token_ids=(stop,)))
+    assert ids == free[:19]
+    position = len(prompt) + 19
+    after_stop = [r for r, before, _ in _drafts(trace) if before[position] == stop]
+    assert after_stop and all(r.block_start + (r.num_blocks - 1) * 4 < position for r in after_stop)
+
+
+def test_pipelined_cache_holds_what_a_fresh_causal_forward_computes(d2f):
+    """Cache purity with blocks in flight: after decoding, the cached K/V of every committed position equal those of
+    one uncached causal forward over the committed tokens (cache_ver), the prompt included."""
+    model = d2f["d2f_llada"]
+    adapter = model.adapter
+    cfg = DecodeConfig(method="s2d2", block_size=4, threshold=0.3, **PIPE, max_new_tokens=20, stop_token_ids=(),
+                       generation_config="none")
+    ids, _, _, cache, seq_ids = trace_requests(model, [72, 101, 108, 108, 111], cfg)
+    n = cache.length
+    assert n >= 5 + 20 - 4 and adapter.mask_id not in seq_ids[:n].tolist()
+    fresh = adapter.new_cache(n)
+    adapter.model(seq_ids[:n], torch.arange(n), fresh, torch.ones(n, n, dtype=torch.bool).tril(), num_store=n)
+    for cached, expected in zip(cache.keys, fresh.keys):
+        torch.testing.assert_close(cached[:, :n], expected[:, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_a_multi_block_draft_equals_one_uncached_block_causal_forward(d2f):
+    adapter = d2f["d2f_llada"].adapter
+    m = adapter.mask_id
+    ids = torch.tensor([72, 101, 108, 108, 111, 30, 31, m, m, 32, m, m, m, m, m, m, m])  # prompt, 3 blocks of 4
+    cache = adapter.new_cache(64)
+    draft = adapter.draft(ids, cache, 5, 4, 2, cache_ver=False, draft_ver=False, num_blocks=3)
+    assert cache.length == 5 and draft.shape[0] == 12
+    t, f = True, False
+    mask = torch.tensor([[t] * 5 + [f] * 12] * 5 + [[t] * 9 + [f] * 8] * 4 + [[t] * 13 + [f] * 4] * 4 + [[t] * 17] * 4)
+    assert torch.equal(draft_mask(5, 4, 2, False, False, adapter.device, prompt_rows=5, num_blocks=3), mask)
+    full = adapter.model(ids, torch.arange(17), adapter.new_cache(17), mask, logits_to=17)
+    full[:, adapter._banned] = float("-inf")
+    torch.testing.assert_close(draft, full[5:], rtol=1e-5, atol=1e-5)
+
+
+def test_pipelined_cache_ver_is_what_makes_verification_exact(d2f):
+    """Without the AR-consistent cache the finished blocks' K/V are block-causal (D2F's), the verifier is not the AR
+    conditional, and verifying every step no longer reproduces AR for some prompt: cache_ver has a meaning here."""
+    model = d2f["d2f_llada"]
+    ar = DecodeConfig(method="ar", max_new_tokens=20, stop_token_ids=(), generation_config="none")
+    cfg = DecodeConfig(method="s2d2", block_size=4, policy="mask_span_length", min_span=1, **PIPE, max_new_tokens=20,
+                       stop_token_ids=(), generation_config="none")
+    same = {flag: [model.generate(p, cfg.replace(cache_ver=flag, draft_ver=flag), batch_size=1)[0].token_ids ==
+                   model.generate(p, ar, batch_size=1)[0].token_ids for p in PROMPTS] for flag in (True, False)}
+    assert all(same[True]) and not all(same[False])
+
+
+def test_pipelined_sampled_s2d2_draws_from_the_ar_distribution(d2f):
+    model = d2f["d2f_llada"]
+    counts = sample_counts(model, method="s2d2", block_size=2, policy="mask_span_length", min_span=1,
+                           generation_config="none", **PIPE)
+    assert chi_square_pvalue(counts, exact_ar_distribution(model)) > 1e-3
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (dict(method="static"), "applies to methods dynamic and s2d2, not static"),
+    (dict(method="s2d2", sub_block_size=2), "cannot be combined with sub_block_size"),
+    (dict(method="s2d2", fuse_commit=False), "needs fuse_commit"),
+    (dict(method="s2d2", block_add_threshold=0.0), "block_add_threshold must be a number in (0.0, 1.0]"),
+])
+def test_pipelining_refuses_what_it_cannot_honour(cfg, message):
+    with pytest.raises(s2d2.errors.ConfigError, match=re.escape(message)):
+        DecodeConfig(**{"block_add_threshold": 0.5, **cfg})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("flags", [["--method", "dynamic"], ["--method", "s2d2"],
+                                   ["--method", "s2d2", "--policy", "score_hysteresis"],
+                                   ["--method", "s2d2", "--policy", "contextual_bandit_ucb", "--temperature", "0.8"]])
+def test_cli_generate_pipelined(family_dir, capsys, family, flags):
+    from s2d2.cli import main
+
+    path = family_dir(family)
+    assert main(["generate", "x", "--model", str(path), "--adapter", str(path / LORA_ADAPTER_DIR), "--block-size", "4",
+                 "--block-add-threshold", "0.5", "--decoded-token-threshold", "0.8", "--max-new-tokens", "12",
+                 "--json", *flags]) == 0
+    result = json.loads(capsys.readouterr().out)
+    n = len(result["token_ids"])
+    assert result["stats"]["nfe"] > 0 and (n == 12 or (n < 12 and result["finish_reason"] == "stop")), result

@@ -66,7 +66,8 @@ class TableAdapter:
     def _draft_rows(self, last: int, first: int, size: int) -> torch.Tensor:
         return torch.stack([_row(P_LOGITS.roll(last + j)) for j in range(first, first + size)])
 
-    def draft(self, ids, cache, block_start, block_size, first_mask, *, cache_ver, draft_ver):
+    def draft(self, ids, cache, block_start, block_size, first_mask, *, cache_ver, draft_ver, num_blocks=1):
+        assert num_blocks == 1
         self.ids = ids
         cache.commit(block_start - cache.length)  # the pending tokens are now "cached"
         last = int(ids[block_start + first_mask - 1])

@@ -20,13 +20,17 @@ from s2d2.errors import S2D2Error
 # Help for the flags users reach for first; every other field documents itself in s2d2/config.py.
 _HELP = {
     "method": "decoding method",
-    "block_size": "tokens per block (default: 1 for ar, else the checkpoint's (Fast-dLLM v2, LLaDA2: 32) or 4)",
+    "block_size": "tokens per block (default: 1 for ar, else the checkpoint's (Fast-dLLM v2, LLaDA2, D2F: 32) or 4)",
     "steps": "denoising steps per block (default: block size)",
     "sub_block_size": "decode each block sub-block by sub-block: spans and commits stay in the left-most sub-block "
                       "with masks (default: 8 for Fast-dLLM v2, else the whole block)",
     "editing_threshold": "LLaDA2.x token editing: replace a committed generated token of the block whose draft "
                          "differs with confidence above this (default: off)",
     "max_post_steps": "editing-only steps a block may run after its last mask while edits fire",
+    "block_add_threshold": "pipelined blocks (D2F): open the next block when the last one's decoded share reaches "
+                           "this (D2F's example: 0.5); unset: one block in flight",
+    "decoded_token_threshold": "pipelined blocks: a block gets at least one token per step once its predecessor's "
+                               "decoded share reaches this",
     "threshold": "confidence threshold of the dynamic strategy",
     "policy": "routing policy deciding when to verify (s2d2)",
     "estimator": "acceptance estimator used by score policies",

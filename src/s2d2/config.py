@@ -113,6 +113,11 @@ class DecodeConfig:
     # editing_threshold; a block whose masks are gone runs up to max_post_steps editing-only steps while edits fire
     editing_threshold: float | None = None  # None: off
     max_post_steps: int = 0
+    # --- pipelining (D2F): several blocks in flight, one draft forward over all of them per step. The next block
+    # opens when the last one's decoded share reaches block_add_threshold (D2F's example: 0.5); a block is fully
+    # activated (gets at least one token per step) once its predecessor's share reaches decoded_token_threshold.
+    block_add_threshold: float | None = None  # None: one block in flight
+    decoded_token_threshold: float = 0.8
     # --- stopping
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] | None = field(default=None)  # None: the model's end-of-sequence ids
@@ -150,6 +155,18 @@ class DecodeConfig:
         if self.editing_threshold is not None:
             _check_float("editing_threshold", self.editing_threshold, 0.0, 1.0)
         _check_int("max_post_steps", self.max_post_steps, 0)
+        _check_float("decoded_token_threshold", self.decoded_token_threshold, 0.0, 1.0)
+        if self.block_add_threshold is not None:
+            _check_float("block_add_threshold", self.block_add_threshold, 0.0, 1.0, low_open=True)
+            if self.method not in ("dynamic", "s2d2"):
+                raise ConfigError(f"block_add_threshold (pipelined blocks) applies to methods dynamic and s2d2, "
+                                  f"not {self.method}.")
+            if self.sub_block_size is not None or self.editing_threshold is not None:
+                raise ConfigError("block_add_threshold (pipelined blocks) cannot be combined with sub_block_size or "
+                                  "editing_threshold.")
+            if not self.fuse_commit:
+                raise ConfigError("block_add_threshold (pipelined blocks) needs fuse_commit: finished blocks are "
+                                  "written to the cache by the next draft forward.")
         for name in ("min_span", "ucb_span_bins", "ucb_progress_bins", "ucb_entropy_bins", "max_new_tokens"):
             _check_int(name, getattr(self, name), 1)
         _check_int("top_k", self.top_k, 0)

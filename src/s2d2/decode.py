@@ -57,6 +57,7 @@ class DraftRequest:
     first_mask: int
     cache_ver: bool
     draft_ver: bool
+    num_blocks: int = 1  # pipelined decoding: the blocks in flight, from block_start
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,9 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     quotas = strategies.step_quotas(cfg.block_size, cfg.steps)
     router = routing.RouterState.initial(cfg)
     cache.reset()
-    for block in seq.blocks():
+    if cfg.block_add_threshold is not None:
+        yield from _decode_pipelined(seq, cfg, forwards, generator, stop_check)
+    for block in seq.blocks() if cfg.block_add_threshold is None else ():
         if shifted_logits and block.masked[0] and block.end > 0:
             token = yield from forwards.open_block(seq, block, generator)
             block = seq.commit(block, {0: token})
@@ -185,6 +188,77 @@ def _edits(block: BlockState, draft: Draft, threshold: float) -> dict[int, int]:
             if not block.masked[i] and draft.tokens[i] != block.tokens[i] and draft.confidence[i] > threshold}
 
 
+def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, generator: torch.Generator | None,
+                      stop_check: Callable[[list[int]], bool] | None) -> Generator[ForwardRequest, torch.Tensor | None,
+                                                                                   None]:
+    """D2F's pipelined blocks: several blocks in flight, one draft forward over all of them per step.
+
+    Each step: open the next block when the last one's decoded share reaches ``block_add_threshold`` (one per step);
+    fully activate a block once its predecessor's share reaches ``decoded_token_threshold``; draft every block in
+    flight in one forward, which first writes the finished blocks before them to the cache (in order); then
+
+    - a step that does not verify is D2F's step: every block commits its drafts above ``threshold``, a fully
+      activated one at least its most confident draft;
+    - ``s2d2`` routes on the span, the left-most run of masks after the cache frontier (it may cross blocks), and a
+      verified step commits what the verification decides (the front block topped up to one token, which a
+      verification always commits). Later blocks wait for the steps the policy skips, so a verified step is exact:
+      greedy S2D2 verifying every step is greedy AR, and never verifying is the D2F baseline.
+
+    Shifted logits: a block's first token is decoded in AR mode when the block reaches the front, from the last row
+    of the finished block before it, which that step's draft forward writes to the cache (as :func:`decode_steps`
+    opens a block).
+    """
+    size = cfg.block_size
+    router = routing.RouterState.initial(cfg)
+    front, count = seq.first_block_start, 1  # the first block in flight; how many are in flight
+    activated = {front}  # starts of the fully activated blocks
+    stats = forwards.stats
+    while front < seq.limit:
+        last = seq.view(front + (count - 1) * size)
+        if not seq.stopped and front + count * size < seq.limit and _decoded_share(last) >= cfg.block_add_threshold:
+            count += 1
+        for j in range(1, count):
+            if _decoded_share(seq.view(front + (j - 1) * size)) >= cfg.decoded_token_threshold:
+                activated.add(front + j * size)
+        region = seq.view(front, count)
+        writes_front = forwards.cache.length < front  # the draft writes the finished rows before the front block
+        draft = yield from forwards.draft(seq, region, generator, num_blocks=count)
+        if forwards.shifted and region.masked[0]:
+            assert writes_front, "a shifted-logit block reaches the front in the step that caches its predecessor"
+            region = seq.commit(region, {0: draft.tokens[0]})  # the row before is committed: AR mode
+        span = region.span()
+        commits: dict[int, int] = {}
+        verdict = None
+        if cfg.method == "s2d2" and span is not None:
+            verify_now, router = routing.route(router, region, span, draft, cfg)
+            if verify_now:
+                verdict = yield from forwards.verify(seq, region, region, span, draft, generator)
+                commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
+        for j in range(count if verdict is None else 1):  # the front block only, after a verification
+            lo, hi = j * size, min((j + 1) * size, region.end)
+            candidates = [i for i in range(lo, hi) if region.masked[i] and i not in commits]
+            need = (1 if front + j * size in activated else 0) - sum(lo <= i < hi for i in commits)
+            chosen = strategies.select("dynamic", candidates, draft.confidence, max(need, 0), cfg.threshold)
+            commits.update((i, draft.tokens[i]) for i in chosen)
+            stats.fallback_tokens += len(chosen)
+        if span is not None:
+            router = routing.observe(router, len(commits), verified=verdict is not None)
+        region = seq.commit(region, commits)
+        stats.steps += 1
+        count = min(count, -(-(seq.limit - front) // size))  # a stop token ends the blocks after it
+        while count and seq.view(front).num_masked == 0:  # finished front blocks leave flight, in order
+            front, count = front + size, count - 1
+            if stop_check is not None and not seq.stopped and stop_check(seq.generated()):
+                seq.stop_at(front)
+            count = max(count, 1) if front < seq.limit else 0
+            activated.add(front)
+
+
+def _decoded_share(block: BlockState) -> float:
+    """Share of a block's decodable positions committed so far (1 for a block with none)."""
+    return 1.0 - block.num_masked / block.end if block.end > 0 else 1.0
+
+
 @torch.inference_mode()
 def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cache: KVCache,
            generator: torch.Generator | None = None,
@@ -210,7 +284,7 @@ def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache)
     """Execute one row's request with the adapter's single-row forwards."""
     if isinstance(request, DraftRequest):
         return adapter.draft(request.ids, cache, request.block_start, request.block_size, request.first_mask,
-                             cache_ver=request.cache_ver, draft_ver=request.draft_ver)
+                             cache_ver=request.cache_ver, draft_ver=request.draft_ver, num_blocks=request.num_blocks)
     if isinstance(request, VerifyRequest):
         return adapter.verify(request.filled, cache, request.block_start, request.span_start, request.next_block)
     if isinstance(request, FinalizeRequest):
@@ -244,7 +318,8 @@ class _Forwards:
     def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False) -> None:
         self.cache, self.cfg, self.stats, self.shifted = cache, cfg, stats, shifted_logits
         # a block's K/V may enter the cache early only if no edit can change it afterwards
-        self._fuse_draft = cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
+        self._fuse_draft = (cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
+                            and cfg.block_add_threshold is None)
         # A draft made by the verify forward that finished the previous block (aligned logits) or the current
         # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
         self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None
@@ -275,11 +350,12 @@ class _Forwards:
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         return int(choose_tokens(probs, cfg.greedy, generator)[0])
 
-    def draft(self, seq: Sequence, block: BlockState,
-              generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Draft]:
-        """One diffusion-mode forward over the block; tokens drawn at every offset.
+    def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None,
+              num_blocks: int = 1) -> Generator[ForwardRequest, torch.Tensor | None, Draft]:
+        """One diffusion-mode forward over the block (or the ``num_blocks`` blocks in flight that ``block`` spans);
+        tokens drawn at every offset.
 
-        The forward first writes the pending K/V (prompt or previous block); without ``fuse_commit`` they get a
+        The forward first writes the pending K/V (prompt or previous blocks); without ``fuse_commit`` they get a
         forward of their own instead, as in the reference code.
         """
         cfg = self.cfg
@@ -291,8 +367,8 @@ class _Forwards:
             if not cfg.fuse_commit and self.cache.length < block.start:
                 self._count_cache_write()
                 yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
-            logits = yield DraftRequest(seq.ids, block.start, block.size, block.first_mask, cfg.cache_ver,
-                                        cfg.draft_ver)
+            logits = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
+                                        cfg.cache_ver, cfg.draft_ver, num_blocks)
             self.stats.draft_forwards += 1
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         tokens = choose_tokens(probs, cfg.greedy, generator)

@@ -236,7 +236,8 @@ class Engine:
         adapter = self.adapter
         if isinstance(request, DraftRequest):
             return adapter.draft_spec(request.ids, cache_len, request.block_start, request.block_size,
-                                      request.first_mask, cache_ver=request.cache_ver, draft_ver=request.draft_ver)
+                                      request.first_mask, cache_ver=request.cache_ver, draft_ver=request.draft_ver,
+                                      num_blocks=request.num_blocks)
         if isinstance(request, VerifyRequest):
             return adapter.verify_spec(request.filled, cache_len, request.block_start, request.span_start,
                                        request.next_block)

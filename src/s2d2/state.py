@@ -126,17 +126,26 @@ class Sequence:
         self.ids = torch.full((self.total_len,), mask_id, dtype=torch.long, device=device)  # [T] int64
         self.ids[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
 
+    @property
+    def first_block_start(self) -> int:
+        """Where the first decoded block starts (it holds the prompt's tail with absolute blocks)."""
+        return self.origin + (self.prompt_len - self.origin) // self.block_size * self.block_size
+
     def blocks(self) -> Iterator[BlockState]:
         """Open each block in turn until ``limit``; the caller finishes one before asking for the next."""
-        b = self.block_size
-        first = self.origin + (self.prompt_len - self.origin) // b * b
-        for start in range(first, self.total_len, b):
+        for start in range(self.first_block_start, self.total_len, self.block_size):
             if start >= self.limit:
                 return
-            num_prompt = max(0, self.prompt_len - start)
-            tokens = tuple(self.ids[start:start + b].tolist())
-            masked = tuple(i >= num_prompt for i in range(b))
-            yield BlockState(start, b, tokens, masked, min(b, self.limit - start), num_prompt)
+            yield self.view(start)
+
+    def view(self, start: int, num_blocks: int = 1) -> BlockState:
+        """The ``num_blocks`` blocks from ``start`` as one :class:`BlockState` (pipelined decoding keeps its blocks in
+        flight as one such region), with the tokens committed so far."""
+        size = num_blocks * self.block_size
+        num_prompt = max(0, self.prompt_len - start)
+        tokens = tuple(self.ids[start:start + size].tolist())
+        masked = tuple(i >= num_prompt and t == self.mask_id for i, t in enumerate(tokens))
+        return BlockState(start, size, tokens, masked, max(0, min(size, self.limit - start)), num_prompt)
 
     def commit(self, block: BlockState, commits: Mapping[int, int]) -> BlockState:
         """Commit tokens into ``block`` and the sequence; a committed stop token ends the decodable part there."""

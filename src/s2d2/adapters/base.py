@@ -39,11 +39,12 @@ class FamilyAdapter(Protocol):
         ...
 
     def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
-              *, cache_ver: bool, draft_ver: bool) -> torch.Tensor:
-        """Diffusion-mode pass over ``ids[block_start : block_start + block_size]``; returns logits ``[B, V]``.
+              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> torch.Tensor:
+        """Diffusion-mode pass over ``ids[block_start : block_start + num_blocks * block_size]`` (the block, or the
+        blocks in flight of pipelined decoding, each seeing itself and those before); returns logits ``[R, V]``.
 
         First writes the pending tokens ``ids[cache.length : block_start]`` into the cache (causally if
-        ``cache_ver``). With ``draft_ver`` the block rows before ``first_mask`` attend causally.
+        ``cache_ver``). With ``draft_ver`` the rows of the first block before ``first_mask`` attend causally.
         """
         ...
 
@@ -74,7 +75,7 @@ class FamilyAdapter(Protocol):
     # The batched engine builds the same three forwards as specs (``cache_len`` is the row's committed length) and
     # runs the rows of many requests in one forward.
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
-                   *, cache_ver: bool, draft_ver: bool) -> ForwardSpec:
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> ForwardSpec:
         """The rows and mask of :meth:`draft`."""
         ...
 

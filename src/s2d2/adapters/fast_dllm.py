@@ -53,19 +53,21 @@ class FastDLLMAdapter(SDARAdapter):
         self.default_sub_block_size = min(8, bd_size)  # the reference's small_block_size
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
-                   *, cache_ver: bool, draft_ver: bool) -> ForwardSpec:
-        """Pending rows ``ids[cache_len : block_start]`` (written to the cache), then the block; logits shifted."""
-        end = block_start + block_size
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> ForwardSpec:
+        """Pending rows ``ids[cache_len : block_start]`` (written to the cache), then the block (or the ``num_blocks``
+        blocks in flight); logits shifted."""
+        size = block_size * num_blocks
+        end = block_start + size
         pending = block_start - cache_len
         mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
-                          self._prompt_rows(cache_len, pending))
+                          self._prompt_rows(cache_len, pending), num_blocks)
         positions = torch.arange(cache_len, end, device=self.device)
         if pending:  # the last pending row predicts offset 0
             return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending - 1,
-                               logits_to=pending + block_size - 1)
+                               logits_to=pending + size - 1)
         assert first_mask > 0, "a shifted-logit draft needs offset 0 committed when its row before is cached"
         return ForwardSpec(ids[cache_len:end], positions, mask, num_store=0, logits_from=0,
-                           logits_to=block_size - 1, pad_front=1)
+                           logits_to=size - 1, pad_front=1)
 
     def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
                     next_block: int = 0) -> ForwardSpec:

@@ -29,14 +29,15 @@ from s2d2.models.qwen3 import Qwen3Decoder
 
 @lru_cache(maxsize=1024)
 def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bool, draft_ver: bool,
-               device: torch.device, prompt_rows: int = 0) -> torch.Tensor:
-    """Local mask ``[P + B, P + B]`` (True = may attend) for ``num_pending`` pending rows, then ``block_size`` rows.
+               device: torch.device, prompt_rows: int = 0, num_blocks: int = 1) -> torch.Tensor:
+    """Local mask ``[P + R, P + R]`` (True = may attend) for ``num_pending`` pending rows, then ``R = num_blocks *
+    block_size`` rows: the block, or (pipelined decoding) the blocks in flight, each seeing itself and those before.
 
     The pending rows start at a block boundary; without ``cache_ver`` they attend block-causally, the mask SDAR
     was trained with, except that the first ``prompt_rows`` of them (a D2F prompt: one chunk, blocks counted from
     its end) attend to each other bidirectionally and the blocks after them are counted from there.
     """
-    n = num_pending + block_size
+    n = num_pending + num_blocks * block_size
     idx = torch.arange(n, device=device)
     if cache_ver:
         mask = idx[:, None] >= idx[None, :]
@@ -44,7 +45,8 @@ def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bo
         block = (idx - prompt_rows).div(block_size, rounding_mode="floor")  # the prompt chunk is block -1
         block[:prompt_rows] = -1
         mask = block[:, None] >= block[None, :]
-    mask[num_pending:, num_pending:] = True  # the block is bidirectional ...
+    region = (idx[num_pending:] - num_pending) // block_size
+    mask[num_pending:, num_pending:] = region[:, None] >= region[None, :]  # each block is bidirectional ...
     if draft_ver and first_mask > 0:  # ... except its committed prefix, which attends causally
         rows = slice(num_pending, num_pending + first_mask)
         mask[rows, num_pending:] = idx[None, num_pending:] <= idx[rows, None]
@@ -132,12 +134,13 @@ class SDARAdapter:
         return out
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
-                   *, cache_ver: bool, draft_ver: bool) -> ForwardSpec:
-        """The draft forward: pending rows ``ids[cache_len : block_start]`` (committed here), then the block."""
-        end = block_start + block_size
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> ForwardSpec:
+        """The draft forward: pending rows ``ids[cache_len : block_start]`` (committed here), then the block (or the
+        ``num_blocks`` blocks in flight)."""
+        end = block_start + block_size * num_blocks
         pending = block_start - cache_len
         mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
-                          self._prompt_rows(cache_len, pending))
+                          self._prompt_rows(cache_len, pending), num_blocks)
         positions = torch.arange(cache_len, end, device=self.device)
         return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)
 
@@ -169,9 +172,9 @@ class SDARAdapter:
                            num_store=n, logits_from=n)
 
     def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
-              *, cache_ver: bool, draft_ver: bool) -> torch.Tensor:
+              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> torch.Tensor:
         return self.run(self.draft_spec(ids, cache.length, block_start, block_size, first_mask,
-                                        cache_ver=cache_ver, draft_ver=draft_ver), cache)
+                                        cache_ver=cache_ver, draft_ver=draft_ver, num_blocks=num_blocks), cache)
 
     def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
                next_block: int = 0) -> torch.Tensor:
