@@ -259,7 +259,7 @@ def test_editing_is_refused_for_families_without_it(model):
 
 def test_logits_equal_the_published_modeling_code(llada_dir, llada):
     """tests/fixtures/llada2_parity.safetensors holds the logits of the published modeling_llada2_moe.py (run by
-    scripts/llada2_parity_fixture.py in a transformers 4.57 environment) on this very model (init-random, seed 0),
+    scripts/parity_fixture.py --family llada2 in a transformers 4.57 environment) on this very model (init-random, seed 0),
     under a causal and a block-causal mask."""
     from safetensors import safe_open
 
