@@ -354,8 +354,9 @@ def test_pipelined_greedy_verifying_every_step_equals_ar(d2f, family, pipe):
     flight (each draft forward covers at most one more block than the one before)."""
     model = d2f[family]
     ar = DecodeConfig(method="ar", max_new_tokens=20, stop_token_ids=(), generation_config="none")
-    cfg = DecodeConfig(method="s2d2", block_size=4, policy="mask_span_length", min_span=1, **pipe, max_new_tokens=20,
-                       stop_token_ids=(), generation_config="none")
+    # a low threshold, so that confident drafts beside the span abound (a verified step must not commit them)
+    cfg = DecodeConfig(method="s2d2", block_size=4, policy="mask_span_length", min_span=1, threshold=0.05, **pipe,
+                       max_new_tokens=20, stop_token_ids=(), generation_config="none")
     widths = []
     for prompt in PROMPTS:
         ids, stats, trace, _, _ = trace_requests(model, prompt, cfg)

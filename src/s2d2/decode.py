@@ -238,6 +238,8 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
             lo, hi = j * size, min((j + 1) * size, region.end)
             candidates = [i for i in range(lo, hi) if region.masked[i] and i not in commits]
             need = (1 if front + j * size in activated else 0) - sum(lo <= i < hi for i in commits)
+            if verdict is not None and need <= 0:
+                break  # a verified step commits only what the verification decided (it always commits one)
             chosen = strategies.select("dynamic", candidates, draft.confidence, max(need, 0), cfg.threshold)
             commits.update((i, draft.tokens[i]) for i in chosen)
             stats.fallback_tokens += len(chosen)
