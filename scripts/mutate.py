@@ -74,8 +74,14 @@ MUTATIONS: list[Mutation] = [
         "draft_ver_ignored",
         "draft forwards always use draft_ver=False (committed block prefix attends bidirectionally)",
         "adapters/sdar.py",
-        "mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device)",
-        "mask = draft_mask(pending, block_size, first_mask, cache_ver, False, self.device)",
+        "mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,\n"
+        "                          self._prompt_rows(cache_len, pending), num_blocks)\n"
+        "        positions = torch.arange(cache_len, end, device=self.device)\n"
+        "        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)",
+        "mask = draft_mask(pending, block_size, first_mask, cache_ver, False, self.device,\n"
+        "                          self._prompt_rows(cache_len, pending), num_blocks)\n"
+        "        positions = torch.arange(cache_len, end, device=self.device)\n"
+        "        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)",
     ),
     Mutation(
         "draft_p_distorted",
@@ -153,8 +159,8 @@ MUTATIONS: list[Mutation] = [
         "commit_mask_ignores_cache_ver",
         "a commit forward (no fuse_commit) writes block-causal K/V even with cache_ver",
         "adapters/sdar.py",
-        "mask = draft_mask(n, block_size, 0, cache_ver, False, self.device)[:n, :n]",
-        "mask = draft_mask(n, block_size, 0, False, False, self.device)[:n, :n]",
+        "mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]",
+        "mask = draft_mask(n, block_size, 0, False, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]",
     ),
     Mutation(
         "dynamic_threshold_ge",
@@ -195,8 +201,8 @@ MUTATIONS: list[Mutation] = [
         "chat_template_ignores_kwargs",
         "apply_chat_template does not pass extra keyword arguments to the template",
         "api.py",
-        "messages=messages, add_generation_prompt=add_generation_prompt, **template_kwargs)",
-        "messages=messages, add_generation_prompt=add_generation_prompt)",
+        "**{**self.template_tokens, **template_kwargs}, messages=messages,",
+        "**self.template_tokens, messages=messages,",
     ),
     Mutation(
         "generation_config_ignored",
@@ -252,9 +258,9 @@ MUTATIONS: list[Mutation] = [
         "a Fast-dLLM v2 draft reads offset i from row i instead of row i-1",
         "adapters/fast_dllm.py",
         "            return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending - 1,\n"
-        "                               logits_to=pending + block_size - 1)",
+        "                               logits_to=pending + size - 1)",
         "            return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending,\n"
-        "                               logits_to=pending + block_size)",
+        "                               logits_to=pending + size)",
     ),
     Mutation(
         "ar_token_always_greedy",
@@ -290,6 +296,42 @@ MUTATIONS: list[Mutation] = [
         "decode.py",
         "cfg.fuse_commit and cfg.editing_threshold is None",
         "cfg.fuse_commit",
+    ),
+    Mutation(
+        "pipelined_verified_step_tops_up_every_block",
+        "pipelined S2D2: after a verification every block in flight also commits as in a skipped step (the "
+        "reference's top-up of fully activated blocks, and confident drafts)",
+        "decode.py",
+        "        for j in range(count) if verdict is None else ():",
+        "        for j in range(count):",
+    ),
+    Mutation(
+        "pipelined_add_rule_strict",
+        "pipelining opens the next block only when the last one's share exceeds block_add_threshold (D2F: reaches)",
+        "decode.py",
+        "_decoded_share(last) >= cfg.block_add_threshold",
+        "_decoded_share(last) > cfg.block_add_threshold",
+    ),
+    Mutation(
+        "pipelined_activation_threshold",
+        "pipelining activates a block on block_add_threshold instead of decoded_token_threshold",
+        "decode.py",
+        ">= cfg.decoded_token_threshold:",
+        ">= cfg.block_add_threshold:",
+    ),
+    Mutation(
+        "pipelined_blocks_survive_a_stop",
+        "pipelining keeps the blocks after a committed stop token in flight",
+        "decode.py",
+        "        count = min(count, -(-(seq.limit - front) // size))",
+        "        count = count",
+    ),
+    Mutation(
+        "d2f_prompt_block_causal",
+        "D2F: the prompt is prefilled block-causally instead of as one bidirectional chunk",
+        "adapters/sdar.py",
+        "        return pending if self.blocks_from_prompt_end and cache_len == 0 else 0",
+        "        return 0",
     ),
 ]
 

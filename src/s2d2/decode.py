@@ -200,9 +200,9 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
     - a step that does not verify is D2F's step: every block commits its drafts above ``threshold``, a fully
       activated one at least its most confident draft;
     - ``s2d2`` routes on the span, the left-most run of masks after the cache frontier (it may cross blocks), and a
-      verified step commits what the verification decides (the front block topped up to one token, which a
-      verification always commits). Later blocks wait for the steps the policy skips, so a verified step is exact:
-      greedy S2D2 verifying every step is greedy AR, and never verifying is the D2F baseline.
+      verified step commits what the verification decides and nothing else. Later blocks wait for the steps the
+      policy skips, so a verified step is exact: greedy S2D2 verifying every step is greedy AR, and never verifying
+      is the D2F baseline.
 
     Shifted logits: a block's first token is decoded in AR mode when the block reaches the front, from the last row
     of the finished block before it, which that step's draft forward writes to the cache (as :func:`decode_steps`
@@ -234,13 +234,13 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
             if verify_now:
                 verdict = yield from forwards.verify(seq, region, region, span, draft, generator)
                 commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
-        for j in range(count if verdict is None else 1):  # the front block only, after a verification
+        # a verified step commits what the verification decided and nothing else (at least one token of the front
+        # block, the span's first); a step that does not verify is D2F's
+        for j in range(count) if verdict is None else ():
             lo, hi = j * size, min((j + 1) * size, region.end)
-            candidates = [i for i in range(lo, hi) if region.masked[i] and i not in commits]
-            need = (1 if front + j * size in activated else 0) - sum(lo <= i < hi for i in commits)
-            if verdict is not None and need <= 0:
-                break  # a verified step commits only what the verification decided (it always commits one)
-            chosen = strategies.select("dynamic", candidates, draft.confidence, max(need, 0), cfg.threshold)
+            candidates = [i for i in range(lo, hi) if region.masked[i]]
+            need = 1 if front + j * size in activated else 0
+            chosen = strategies.select("dynamic", candidates, draft.confidence, need, cfg.threshold)
             commits.update((i, draft.tokens[i]) for i in chosen)
             stats.fallback_tokens += len(chosen)
         if span is not None:
