@@ -19,7 +19,12 @@ from s2d2.adapters.sdar import draft_mask
 from s2d2.errors import ModelLoadError
 from s2d2.random_init import LORA_ADAPTER_DIR, LORA_TARGETS, write_random_model
 from test_distribution import chi_square_pvalue, exact_ar_distribution, sample_counts
-from test_engine import assert_batch_independent, prompts
+from test_engine import (
+    assert_batch_independent,
+    assert_draft_and_verify_leave_the_cache_unchanged,
+    assert_never_verifying_is_dynamic,
+    prompts,
+)
 from test_fast_dllm import causal_greedy, exact_causal_distribution
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -221,12 +226,8 @@ def test_greedy_verifying_every_step_equals_ar(d2f, family, cfg):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_never_verifying_is_dynamic_and_batched_equals_batch_1(d2f, family):
     model = d2f[family]
-    base = dict(block_size=8, threshold=0.3, max_new_tokens=16, stop_token_ids=(), generation_config="none")
-    for prompt in PROMPTS:
-        dyn = model.generate(prompt, DecodeConfig(method="dynamic", **base), batch_size=1)[0]
-        never = model.generate(prompt, DecodeConfig(method="s2d2", policy="mask_span_length", min_span=99, **base),
-                               batch_size=1)[0]
-        assert never.token_ids == dyn.token_ids and never.stats.nfe == dyn.stats.nfe
+    assert_never_verifying_is_dynamic(model, PROMPTS, block_size=8, threshold=0.3, max_new_tokens=16,
+                                      stop_token_ids=(), generation_config="none")
     for cfg in (dict(method="ar"), dict(method="s2d2", block_size=4, policy="mask_span_length", min_span=1),
                 dict(method="s2d2", block_size=8), dict(method="dynamic", block_size=8, threshold=0.5)):
         assert_batch_independent(model, prompts(6, seed=30), DecodeConfig(**cfg, max_new_tokens=16,
@@ -244,18 +245,7 @@ def test_sampled_s2d2_draws_from_the_ar_distribution(d2f, family):
 
 
 def test_llada_draft_and_verify_leave_the_cache_unchanged_and_cached_equals_uncached(d2f):
-    adapter = d2f["d2f_llada"].adapter
-    ids = torch.tensor(list(range(30, 46)) + [adapter.mask_id] * 4)
-    cache = adapter.new_cache(64)
-    adapter.commit(ids, cache, 16, 4, cache_ver=True)
-    keys = [k[:, :16].clone() for k in cache.keys]
-    draft = adapter.draft(ids, cache, 16, 4, 0, cache_ver=True, draft_ver=True)
-    adapter.verify([5, 6], cache, 16, 16)
-    assert cache.length == 16 and all(torch.equal(k[:, :16], old) for k, old in zip(cache.keys, keys))
-    full = adapter.model(ids, torch.arange(20), adapter.new_cache(20), draft_mask(16, 4, 0, True, True, adapter.device),
-                         logits_to=20)
-    full[:, adapter._banned] = float("-inf")
-    torch.testing.assert_close(draft, full[16:], rtol=1e-5, atol=1e-5)
+    assert_draft_and_verify_leave_the_cache_unchanged(d2f["d2f_llada"].adapter)
 
 
 _FLAGS = [["--method", "ar"], ["--method", "static"], ["--method", "dynamic"], ["--method", "s2d2"],
@@ -370,13 +360,9 @@ def test_pipelined_greedy_verifying_every_step_equals_ar(d2f, family, pipe):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pipelined_never_verifying_is_the_d2f_baseline_and_batched_equals_batch_1(d2f, family):
     model = d2f[family]
-    base = dict(block_size=4, threshold=0.3, **PIPE, max_new_tokens=20, stop_token_ids=(), generation_config="none")
-    for prompt in PROMPTS:
-        d2f_baseline = model.generate(prompt, DecodeConfig(method="dynamic", **base), batch_size=1)[0]
-        never = model.generate(prompt, DecodeConfig(method="s2d2", policy="mask_span_length", min_span=99, **base),
-                               batch_size=1)[0]
-        assert never.token_ids == d2f_baseline.token_ids and never.stats.nfe == d2f_baseline.stats.nfe
-        assert d2f_baseline.stats.nfe == d2f_baseline.stats.steps  # one forward per step
+    d2f_baseline = assert_never_verifying_is_dynamic(model, PROMPTS, block_size=4, threshold=0.3, **PIPE,
+                                                     max_new_tokens=20, stop_token_ids=(), generation_config="none")
+    assert all(out.stats.nfe == out.stats.steps for out in d2f_baseline)  # one forward per step
     for cfg in (dict(method="dynamic", threshold=0.3), dict(method="s2d2", policy="mask_span_length", min_span=1),
                 dict(method="s2d2", threshold=0.3), dict(method="s2d2", policy="contextual_bandit_ucb")):
         config = DecodeConfig(**cfg, block_size=4, **PIPE, max_new_tokens=16, stop_token_ids=())

@@ -83,6 +83,37 @@ def assert_batch_independent(model: s2d2.Model, batch: list[list[int]], cfg: Dec
     assert excused <= len(batch) // 10
 
 
+def assert_never_verifying_is_dynamic(model: s2d2.Model, batch: list[list[int]], **base) -> list[s2d2.Generation]:
+    """Invariant: S2D2 whose policy never verifies is the dynamic baseline, token for token and forward for forward
+    (and edit for edit); returns the dynamic outputs."""
+    outs = []
+    for prompt in batch:
+        dyn = model.generate(prompt, DecodeConfig(method="dynamic", **base), batch_size=1)[0]
+        never = model.generate(prompt, DecodeConfig(method="s2d2", policy="mask_span_length", min_span=10**6, **base),
+                               batch_size=1)[0]
+        assert never.token_ids == dyn.token_ids and never.stats.nfe == dyn.stats.nfe, prompt
+        assert never.stats.verify_forwards == 0 and never.stats.edits == dyn.stats.edits
+        outs.append(dyn)
+    return outs
+
+
+def assert_draft_and_verify_leave_the_cache_unchanged(adapter) -> None:
+    """Only committed tokens enter the cache (a draft and a verification leave its committed part as it was), and a
+    cached draft equals one uncached forward with the draft mask (an aligned-logit adapter)."""
+    from s2d2.adapters.sdar import draft_mask
+
+    ids = torch.tensor(list(range(30, 46)) + [adapter.mask_id] * 4)  # 16 committed, then a block of 4 masks
+    cache = adapter.new_cache(64)
+    adapter.commit(ids, cache, 16, 4, cache_ver=True)
+    keys = [k[:, :16].clone() for k in cache.keys]
+    draft = adapter.draft(ids, cache, 16, 4, 0, cache_ver=True, draft_ver=True)
+    adapter.verify([5, 6], cache, 16, 16)
+    assert cache.length == 16 and all(torch.equal(k[:, :16], old) for k, old in zip(cache.keys, keys))
+    full = adapter.model(ids, torch.arange(20), adapter.new_cache(20), draft_mask(16, 4, 0, True, True, adapter.device))
+    full[:, adapter._banned] = float("-inf")
+    torch.testing.assert_close(draft, full[16:], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(METHODS))
 def test_batched_greedy_equals_batch_1_for_every_method(random_models, name):
     cfg = DecodeConfig(**METHODS[name], max_new_tokens=28, stop_token_ids=())

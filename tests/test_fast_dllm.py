@@ -16,7 +16,7 @@ from s2d2 import DecodeConfig
 from s2d2.sampling import token_probs
 from hf_reference import qwen2_config
 from test_distribution import N, NUM_NEW, PROMPT, TEMPERATURE, TOP_K, chi_square_pvalue, sample_counts
-from test_engine import NEAR_TIE, assert_batch_independent, prompts
+from test_engine import NEAR_TIE, assert_batch_independent, assert_never_verifying_is_dynamic, prompts
 
 # config.json keys of Efficient-Large-Model/Fast_dLLM_v2_1.5B as published (../shared/checkpoints)
 PUBLISHED_CONFIG_KEYS = {
@@ -142,13 +142,8 @@ def test_a_verification_that_finishes_a_block_or_sub_block_saves_forwards(fast_m
 
 
 def test_never_verifying_is_the_dynamic_baseline(fast):
-    base = dict(block_size=8, threshold=0.3, max_new_tokens=24, stop_token_ids=(), generation_config="none")
-    for prompt in PROMPTS:
-        dyn = fast.generate(prompt, DecodeConfig(method="dynamic", **base), batch_size=1)[0]
-        never = fast.generate(prompt, DecodeConfig(method="s2d2", policy="mask_span_length", min_span=99, **base),
-                              batch_size=1)[0]
-        assert never.token_ids == dyn.token_ids and never.stats.nfe == dyn.stats.nfe
-        assert never.stats.verify_forwards == 0
+    assert_never_verifying_is_dynamic(fast, PROMPTS, block_size=8, threshold=0.3, max_new_tokens=24,
+                                      stop_token_ids=(), generation_config="none")
 
 
 def test_sub_blocks_keep_commits_inside_the_left_most_sub_block(fast):

@@ -38,12 +38,14 @@ def test_model_args_reach_every_decode_config_field():
         decode_config_from_model_args({"threshold": 2.0})
 
 
-@pytest.fixture(scope="module", params=["sdar", "fast_dllm_v2", "llada2"])
+@pytest.fixture(scope="module", params=["sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream"])
 def lm(request, random_model_dir, family_dir) -> S2D2LM:
-    """The plugin on each family (the family comes from the directory's config.json)."""
+    """The plugin on each family (the family comes from the directory's config.json); the D2F families with their
+    LoRA adapter and pipelined blocks, as model_args give them."""
     path = random_model_dir if request.param == "sdar" else family_dir(request.param)
+    d2f = dict(adapter=str(path / "lora"), block_add_threshold=0.5) if request.param.startswith("d2f") else {}
     return S2D2LM(pretrained=str(path), device=None, method="dynamic",
-                  block_size=4, threshold=0.5, max_new_tokens=40, stop_token_ids="")
+                  block_size=4, threshold=0.5, max_new_tokens=40, stop_token_ids="", **d2f)
 
 
 def test_request_settings_override_model_args(lm):
