@@ -24,6 +24,7 @@ from typing import Any
 from s2d2.api import Model
 from s2d2.checkpoint import parse_json_file
 from s2d2.config import DecodeConfig
+from s2d2.distributed import DataParallel
 from s2d2.errors import ConfigError
 from s2d2.stats import DecodeStats
 
@@ -155,19 +156,22 @@ def _json_kind(value: Any) -> str:
 
 
 def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bool], grid: list[Setting], repeats: int = 3,
-              seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+              seed: int = 0, progress: bool = True, dp: DataParallel | None = None) -> list[dict[str, Any]]:
     """Decode ``prompts`` with every setting ``repeats`` times (shuffled order); one summary record per setting.
 
-    ``checker(i, text)`` says whether the text generated for prompt ``i`` is correct.
+    ``checker(i, text)`` says whether the text generated for prompt ``i`` is correct. With ``dp`` the ranks of a
+    data-parallel job split the prompts (every rank runs the same seeded order of settings) and a setting's time
+    is the slowest rank's.
     """
+    dp = dp or DataParallel()
     configs = {s.name: s.config() for s in grid}
     model.generate(prompts[: min(4, len(prompts))], DecodeConfig(method="ar", generation_config="none"))  # warm-up
 
     def run(name: str) -> tuple[DecodeStats, list[bool]]:
-        outs = model.generate(prompts, configs[name], batch_size=1)  # the grid compares methods at batch 1
-        return model.summed_stats(outs), [checker(i, o.text) for i, o in enumerate(outs)]
+        outs = dp.generate(model, prompts, configs[name], 1)  # the grid compares methods at batch 1
+        return dp.summed_stats(model, outs), [checker(i, o.text) for i, o in enumerate(outs)]
 
-    runs = _shuffled_rounds([s.name for s in grid], run, repeats, seed, "bench" if progress else None)
+    runs = _shuffled_rounds([s.name for s in grid], run, repeats, seed, "bench" if progress and dp.is_main else None)
     ar_name = next(s.name for s in grid if s.fields.get("method") == "ar")
     ar_time = statistics.median(st.time_s for st, _ in runs[ar_name])
     records = []

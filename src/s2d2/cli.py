@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size, list_item_type
+from s2d2.distributed import DataParallel
 from s2d2.errors import S2D2Error
 
 # Help for the flags users reach for first; every other field documents itself in s2d2/config.py.
@@ -108,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="accuracy and decoding stats on a task with checkable answers")
     ev.add_argument("--task", default="arith", help="arith (synthetic grade-school math, test split)")
-    ev.add_argument("--n", type=int, default=500, help="number of problems")
+    # --limit (lm-eval's name) also serves under torchrun, whose own parser takes --n for an abbreviation of its flags
+    ev.add_argument("--n", "--limit", dest="n", type=int, default=500, help="number of problems")
     ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
     ev.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
     ev.add_argument("--adapter", default=None, metavar="DIR",
@@ -127,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--adapter", default=None, metavar="DIR",
                     help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
     be.add_argument("--task", default="arith")
-    be.add_argument("--n", type=int, default=None, help="problems (default 200; 10 with --quick)")
+    be.add_argument("--n", "--limit", dest="n", type=int, default=None, help="problems (default 200; 10 with --quick)")
     be.add_argument("--grid", default=None, help='JSON list of {"name": ..., "config": {DecodeConfig fields}}')
     be.add_argument("--out", default="bench-out", help="directory for results.jsonl, results.md, pareto.png")
     be.add_argument("--repeats", type=int, default=None, help="timed rounds; medians are reported (default 3)")
@@ -241,23 +243,32 @@ def _eval(ns: argparse.Namespace) -> int:
     if ns.n < 1:
         raise S2D2Error(f"--n must be >= 1, got {ns.n}.")
     batch_size = _batch_size(ns.batch_size)
-    samples = _open_output(ns.samples, "--samples") if ns.samples else None  # a bad path fails before any work
-    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
-    result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size)
+    dp = DataParallel.from_env(ns.device)  # torchrun: this process's rank; else a single process
+    # a bad path fails before any work (rank 0 writes the results)
+    samples = _open_output(ns.samples, "--samples") if ns.samples and dp.is_main else None
+    try:
+        model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
+        result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size, dp=dp)
+    except BaseException:
+        dp.close(failed=True)
+        raise
+    dp.close()
+    if not dp.is_main:
+        return 0
     if samples is not None:
         with samples:
             samples.writelines(json.dumps(r) + "\n" for r in result.samples)
     if ns.json:
-        print(json.dumps(result.to_dict()))
+        print(json.dumps({**result.to_dict(), "world_size": dp.world_size}))
     else:
         by_level = ", ".join(f"level {k}: {v:.1%}" for k, v in result.accuracy_by_level.items())
-        print(f"{ns.task} {ns.split}: accuracy {result.accuracy:.1%} on {result.n} problems ({by_level})")
+        ranks = f" ({dp.world_size} processes)" if dp.world_size > 1 else ""
+        print(f"{ns.task} {ns.split}: accuracy {result.accuracy:.1%} on {result.n} problems ({by_level}){ranks}")
         print(f"[{cfg.method}] {result.stats.summary()}")
     return 0
 
 
 def _bench(ns: argparse.Namespace) -> int:
-    import s2d2
     from s2d2 import bench
     from s2d2.evaluate import TASKS
 
@@ -271,7 +282,24 @@ def _bench(ns: argparse.Namespace) -> int:
     if ns.no_grid and not batch_sizes:
         raise S2D2Error("--no-grid needs --batch-sizes: there would be nothing to run.")
     grid = bench.load_grid(ns.grid) if ns.grid else bench.default_grid(quick=ns.quick)
-    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
+    dp = DataParallel.from_env(ns.device)
+    if dp.world_size > 1 and batch_sizes:
+        dp.close(failed=True)
+        raise S2D2Error("--batch-sizes measures one process's batched engine; run it without torchrun.")
+    try:
+        code = _run_bench(ns, bench, grid, n, repeats, batch_sizes, dp)
+    except BaseException:
+        dp.close(failed=True)
+        raise
+    dp.close()
+    return code
+
+
+def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repeats: int, batch_sizes: list[int],
+               dp: DataParallel) -> int:
+    import s2d2
+
+    model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
     from s2d2.tasks import arith
 
     problems = arith.generate("test", n, seed=0)
@@ -281,9 +309,12 @@ def _bench(ns: argparse.Namespace) -> int:
         return arith.is_correct(problems[i], text)
 
     out = Path(ns.out)
-    title = f"{ns.model} on {ns.task} ({n} test problems, {repeats} rounds)"
+    ranks = f", {dp.world_size} processes" if dp.world_size > 1 else ""
+    title = f"{ns.model} on {ns.task} ({n} test problems, {repeats} rounds{ranks})"
     if not ns.no_grid:
-        records = bench.run_bench(model, prompts, checker, grid, repeats=repeats, progress=not ns.no_progress)
+        records = bench.run_bench(model, prompts, checker, grid, repeats=repeats, progress=not ns.no_progress, dp=dp)
+        if not dp.is_main:
+            return 0
         bench.write_outputs(records, out, title)
         print((out / "results.md").read_text())
     if batch_sizes:

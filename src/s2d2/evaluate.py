@@ -7,6 +7,7 @@ from typing import Any
 
 from s2d2.api import Model
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig
+from s2d2.distributed import DataParallel
 from s2d2.errors import ConfigError
 from s2d2.stats import DecodeStats
 
@@ -33,8 +34,10 @@ class EvalResult:
 
 
 def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500, split: str = "test",
-             batch_size: int = DEFAULT_BATCH_SIZE) -> EvalResult:
-    """Decode the first ``n`` problems of ``split`` with ``cfg`` (``batch_size`` at a time) and score the answers."""
+             batch_size: int = DEFAULT_BATCH_SIZE, dp: DataParallel | None = None) -> EvalResult:
+    """Decode the first ``n`` problems of ``split`` with ``cfg`` (``batch_size`` at a time) and score the answers;
+    with ``dp`` each rank of a data-parallel job decodes its shard and every rank gets the whole result."""
+    dp = dp or DataParallel()
     if task not in TASKS:
         raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
     if n < 1:
@@ -42,12 +45,12 @@ def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500,
     from s2d2.tasks import arith
 
     problems = arith.generate(split, n, seed=0)
-    outs = model.generate([p.prompt for p in problems], cfg, batch_size=batch_size)
+    outs = dp.generate(model, [p.prompt for p in problems], cfg, batch_size)
     correct = [arith.is_correct(p, o.text) for p, o in zip(problems, outs)]
     levels: dict[int, list[bool]] = {}
     for p, ok in zip(problems, correct):
         levels.setdefault(p.level, []).append(ok)
-    stats = model.summed_stats(outs)
+    stats = dp.summed_stats(model, outs)
     samples = [{"index": i, "level": p.level, "answer": p.answer, "text": o.text, "correct": ok,
                 "finish_reason": o.finish_reason, **_row_counters(o.stats)}
                for i, (p, o, ok) in enumerate(zip(problems, outs, correct))]
