@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,17 @@ EXACT = ("num_prompts", "num_tokens", "prompt_tokens", "nfe", "draft_forwards", 
          "accepted_per_position", "proposed_per_position")
 
 
-def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m s2d2 ARGS`` in one process, or under ``torchrun --standalone --nproc-per-node N``."""
+def _run_module(module: str, args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` in one process, or under ``torchrun --standalone --nproc-per-node N``."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    cmd = (launcher if processes > 1 else [sys.executable]) + ["-m", "s2d2", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = (launcher if processes > 1 else [sys.executable]) + ["-m", module, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def _run(args: list[str], processes: int, cwd: Path) -> subprocess.CompletedProcess:
+    """The ``s2d2`` command (``python -m s2d2``), in one process or several."""
+    return _run_module("s2d2", args, processes, cwd)
 
 
 def test_shards_cover_every_item_once_in_order():
@@ -78,3 +84,39 @@ def test_the_batched_throughput_section_is_refused_under_torchrun(random_model_d
     assert done.returncode != 0
     assert "--batch-sizes measures one process's batched engine; run it without torchrun." in done.stderr
     assert "s2d2/cli.py" not in done.stderr  # one sentence from every rank (torchrun then reports the failed job)
+
+
+def test_lm_eval_on_two_processes_equals_one(random_model_dir, tmp_path):
+    """lm-eval's own data parallelism (its evaluator shards documents by the model's rank and world size, which the
+    s2d2 model takes from the launcher's RANK / WORLD_SIZE, as under ``accelerate launch``): a generation task and a
+    multiple-choice (log-likelihood) task give the same logged responses and metrics as one process."""
+    pytest.importorskip("lm_eval")
+    outputs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"lm{processes}"
+        done = _run_module("s2d2.lm_eval", ["--model", "s2d2", "--model_args",
+                                            f"pretrained={random_model_dir},method=dynamic,block_size=4,threshold=0.5",
+                                            "--tasks", "s2d2_arith,s2d2_arith_mc", "--limit", "5", "--device", "cpu",
+                                            "--output_path", str(out), "--log_samples"], processes, tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results = json.loads(next(out.rglob("results*.json")).read_text())["results"]
+        samples = {}
+        for task in ("s2d2_arith", "s2d2_arith_mc"):
+            (path,) = (p for p in out.rglob("samples_*.jsonl") if re.fullmatch(rf"samples_{task}_\d{{4}}-.*", p.name))
+            # each request's first response (lm-eval pads a rank that has fewer requests by repeating its last one,
+            # whose response list then grows)
+            samples[task] = sorted((d["doc_id"], [r[0] for r in d["resps"]])
+                                   for d in map(json.loads, path.read_text().splitlines()))
+        outputs[processes] = (results, samples)
+    (one, one_samples), (two, two_samples) = outputs[1], outputs[2]
+    assert one_samples["s2d2_arith"] == two_samples["s2d2_arith"]
+    # log-likelihoods: equal up to float rounding (each rank packs its own batches), greedy flags exactly
+    mc_one, mc_two = one_samples["s2d2_arith_mc"], two_samples["s2d2_arith_mc"]
+    assert [d for d, _ in mc_one] == [d for d, _ in mc_two] == list(range(5))
+    for (_, a), (_, b) in zip(mc_one, mc_two):
+        flat_a, flat_b = list(a), list(b)
+        assert [x[1] for x in flat_a] == [x[1] for x in flat_b]
+        assert [float(x[0]) for x in flat_a] == pytest.approx([float(x[0]) for x in flat_b], rel=1e-5)
+    for task in ("s2d2_arith", "s2d2_arith_mc"):
+        assert {k: v for k, v in one[task].items() if "stderr" not in k} == \
+            {k: v for k, v in two[task].items() if "stderr" not in k}

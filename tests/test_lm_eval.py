@@ -66,9 +66,79 @@ def test_generate_until_equals_the_api_with_stop_strings(lm):
     assert lm.stats.num_tokens > 0 and lm.stats.nfe > 0  # decoding stats are kept for the log line
 
 
-def test_loglikelihood_is_refused_with_a_clear_error(lm):
-    with pytest.raises(NotImplementedError, match="generate_until only"):
-        lm.loglikelihood([])
+@torch.inference_mode()
+def direct_ar_logprobs(model: s2d2.Model, ids: list[int], first: int) -> tuple[float, bool]:
+    """log P(ids[first:] | ids[:first]) token by token, each conditional from its own uncached causal forward: a
+    mask at position t after ids[:t] (aligned logits), or the last row of ids[:t] (shifted logits)."""
+    adapter = model.adapter
+    total, greedy = 0.0, True
+    for t in range(first, len(ids)):
+        tokens = ids[:t] + ([] if adapter.shifted_logits else [adapter.mask_id])
+        n = len(tokens)
+        logits = adapter.model(torch.tensor(tokens), torch.arange(n), adapter.new_cache(n),
+                               torch.ones(n, n, dtype=torch.bool).tril())[-1]
+        logp = torch.log_softmax(logits.index_fill(-1, adapter._banned, float("-inf")), dim=-1)
+        total += float(logp[ids[t]])
+        greedy = greedy and int(logp.argmax()) == ids[t]
+    return total, greedy
+
+
+def test_loglikelihood_equals_ar_mode_logits_computed_directly(lm):
+    pairs = [("Q: 2+3", " = 5"), ("ab", "cd ef"), ("x ", "yz"), ("", "hello")]  # trailing space; empty context
+    requests = [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    for batch_size in (1, 3):
+        lm.batch_size = batch_size
+        got = lm.loglikelihood(requests)
+        for (context, continuation), (logp, greedy) in zip(pairs, got):
+            head, tail = lm._encode_pair(context, continuation)
+            assert head + tail == (lm.model.encode(context + continuation) if context else
+                                   [lm.model.adapter.stop_ids[0]] + lm.model.encode(continuation))
+            expected, expected_greedy = direct_ar_logprobs(lm.model, head + tail, len(head))
+            assert logp == pytest.approx(expected, abs=1e-3) and logp < 0 and greedy == expected_greedy
+    lm.batch_size = 1
+    # the model's own greedy AR continuation is greedy, and no other is
+    context = lm.model.encode("Q: 7")
+    ar = lm.model.generate(context, DecodeConfig(method="ar", max_new_tokens=4, stop_token_ids=(),
+                                                 generation_config="none"))[0].token_ids
+    other = ar[:-1] + [(ar[-1] + 1) % 200]
+    (_, is_greedy), (_, not_greedy) = lm.model.loglikelihoods([(context, ar), (context, other)])
+    assert is_greedy and not not_greedy
+
+
+def test_loglikelihood_rolling_scores_every_token_once(lm, monkeypatch):
+    text = "the quick brown fox jumps over the lazy dog"
+    tokens = lm.model.encode(text)
+    (whole,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert whole == pytest.approx(lm.model.loglikelihoods([([lm.model.adapter.stop_ids[0]], tokens)])[0][0], abs=1e-3)
+    scored = []
+    real = lm.model.loglikelihoods
+    monkeypatch.setattr(lm.model, "loglikelihoods",
+                        lambda pairs, batch_size: scored.extend(len(c) for _, c in pairs) or real(pairs, batch_size))
+    monkeypatch.setattr(lm.model.adapter, "max_positions", 8)  # force several windows
+    (windowed,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert sum(scored) == len(tokens) and len(scored) > 1 and windowed < 0
+
+
+def test_multiple_choice_task_offline_on_the_bundled_model(tmp_path: Path):
+    """``--tasks s2d2_arith_mc``: lm-eval's accuracy equals the share of problems whose true solution gets the
+    highest Model.loglikelihoods score, computed here; the bundled model picks the true final answer."""
+    from s2d2.lm_eval_tasks.s2d2_arith import load_choices
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    cmd = [sys.executable, "-m", "s2d2.lm_eval", "--model", "s2d2", "--batch_size", "8", "--tasks",
+           "s2d2_arith_mc", "--limit", "20", "--device", "cpu", "--output_path", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    acc = json.loads(next(tmp_path.rglob("results*.json")).read_text())["results"]["s2d2_arith_mc"]["acc,none"]
+    model = s2d2.load("bundled")
+    docs = load_choices(20)["test"]
+    right = 0
+    for doc in docs:
+        context = model.encode(doc["prompt"])
+        scores = model.loglikelihoods([(context, model.encode(doc["prompt"] + " " + c)[len(context):])
+                                       for c in doc["choices"]])
+        right += max(range(len(scores)), key=lambda k: scores[k][0]) == doc["label"]
+    assert acc == pytest.approx(right / 20) and acc >= 0.9
 
 
 def test_cuda_default_falls_back_to_cpu_without_cuda(random_model_dir, monkeypatch):

@@ -215,6 +215,42 @@ class Model:
             text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
         return Generation(text, token_ids, finish_reason, stats)
 
+    @torch.inference_mode()
+    def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+                       batch_size: int = DEFAULT_BATCH_SIZE) -> list[tuple[float, bool]]:
+        """For each ``(context ids, continuation ids)``: the log-probability of the continuation given the context in
+        the model's AR mode (block size 1: each token conditioned on everything before it), and whether it is the
+        greedy continuation. One forward per pair, batched: the verifier's forward (the 2L construction for
+        aligned logits, a causal forward for shifted ones) over context + continuation. Tokens the decoder never
+        emits (the mask, the vocabulary's padding rows) get probability 0. A context longer than the model allows
+        is cut from the left; a pair needs a non-empty context (lm-eval gives an end-of-text token) and continuation.
+        """
+        adapter = self.adapter
+        rows: list[tuple[list[int], int]] = []
+        for i, (context, continuation) in enumerate(pairs):
+            if not context or not continuation:
+                raise InputError(f"pair {i}: log-likelihood needs a non-empty context and continuation.")
+            ids = [int(t) for t in (*context, *continuation)][-adapter.max_positions:]
+            if len(ids) == len(continuation):
+                raise InputError(f"pair {i}: the continuation alone fills the model's {adapter.max_positions} "
+                                 "positions.")
+            bad = next((t for t in ids if not 0 <= t < adapter.vocab_size), None)
+            if bad is not None:
+                raise InputError(f"pair {i}: token id {bad} is outside the vocabulary (size {adapter.vocab_size}).")
+            rows.append((ids, len(ids) - len(continuation)))
+        results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths batch together
+        for start in range(0, len(order), check_batch_size(batch_size)):
+            chunk = order[start:start + batch_size]
+            specs = [adapter.verify_spec(rows[i][0], 0, 0, rows[i][1]) for i in chunk]
+            cache = adapter.new_batch_cache(len(chunk), max(spec.num_rows for spec in specs))
+            for i, logits in zip(chunk, adapter.run_batch(specs, cache, list(range(len(chunk))))):
+                ids, first = rows[i]
+                target = torch.tensor(ids[first:], device=logits.device)
+                logp = torch.log_softmax(logits[:len(target)].float(), dim=-1)  # shifted: one row more, unused
+                results[i] = (float(logp.gather(-1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all()))
+        return results
+
     def summed_stats(self, generations: Sequence[Generation]) -> DecodeStats:
         """The stats of the last :meth:`generate` call's ``generations``, summed, with its wall time.
 

@@ -31,6 +31,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 
 import s2d2
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size, list_item_type
+from s2d2.distributed import DataParallel
 from s2d2.errors import ConfigError, S2D2Error
 from s2d2.stats import DecodeStats
 
@@ -69,8 +70,8 @@ def _parse_batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
 
 @register_model("s2d2")
 class S2D2LM(LM):
-    """lm-eval model that decodes with s2d2 (any method: ar, static, dynamic, s2d2). Implements generate_until;
-    loglikelihood requests are refused with a clear error."""
+    """lm-eval model that decodes with s2d2 (any method: ar, static, dynamic, s2d2): generate_until, and
+    loglikelihood / loglikelihood_rolling scored in the model's AR mode; data-parallel under a multi-process launch."""
 
     def __init__(self, pretrained: str = "bundled", device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_batch_size: int | None = None, adapter: str | None = None,
@@ -89,8 +90,39 @@ class S2D2LM(LM):
             # lm-eval passes its own default, cuda:0, when --device is not given (its HF model falls back too)
             log.warning("no CUDA device is available; s2d2 decodes on the CPU")
             device = "cpu"
-        self.model = s2d2.load(str(pretrained), device=device, dtype=dtype, adapter=adapter or None)
+        # Launched as several processes (accelerate launch / torchrun: RANK, WORLD_SIZE, LOCAL_RANK), lm-eval's
+        # evaluator gives each rank its share of the documents and gathers the results through the primitives below.
+        self._dp = DataParallel.from_env(device)
+        self._rank, self._world_size = self._dp.rank, self._dp.world_size
+        self.model = s2d2.load(str(pretrained), device=self._dp.device(device), dtype=dtype, adapter=adapter or None)
         self.stats = DecodeStats()  # summed over every request served
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``tensor``, concatenated in rank order (a 0-d tensor counts as one element)."""
+        if self._world_size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        dist.all_gather(parts, tensor)
+        return torch.cat([p.reshape(-1) if p.dim() == 0 else p for p in parts])
+
+    def gather_object(self, obj: Any, dst: int = 0) -> list[Any] | None:
+        """Every rank's ``obj`` on rank ``dst`` (None elsewhere)."""
+        if self._world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] | None = [None] * self._world_size if self._rank == dst else None
+        dist.gather_object(obj, out, dst=dst)
+        return out
+
+    def barrier(self) -> None:
+        self._dp.barrier()
 
     @property
     def tokenizer_name(self) -> str:
@@ -147,11 +179,50 @@ class S2D2LM(LM):
         return self.config.replace(**changes)
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        raise NotImplementedError("the s2d2 lm-eval model implements generate_until only; use generation tasks "
-                                  "(for example s2d2_arith or gsm8k), not multiple-choice or perplexity ones.")
+        """``(log P(continuation | context), is greedy)`` per request, in the model's AR mode
+        (:meth:`s2d2.Model.loglikelihoods`), so that multiple-choice tasks run."""
+        pairs = [self._encode_pair(context, continuation) for context, continuation in (r.args for r in requests)]
+        results = self.model.loglikelihoods(pairs, batch_size=self.batch_size)
+        for request, result in zip(requests, results):
+            self.cache_hook.add_partial("loglikelihood", request.args, result)
+        return results
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        return self.loglikelihood(requests, disable_tqdm)  # type: ignore[return-value]
+        """The log-likelihood of each whole text, scored in windows of the model's length (lm-eval's rolling
+        windows, the first token conditioned on an end-of-text token)."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        prefix = self._prefix_token()
+        pairs, owners = [], []
+        for k, request in enumerate(requests):
+            # a window's context and continuation together fill at most the model's positions
+            windows = get_rolling_token_windows(token_list=self.model.encode(request.args[0]), prefix_token=prefix,
+                                                max_seq_len=self.model.adapter.max_positions - 1, context_len=1)
+            for window in map(make_disjoint_window, windows):
+                pairs.append(window)
+                owners.append(k)
+        totals = [0.0] * len(requests)
+        for k, (logp, _) in zip(owners, self.model.loglikelihoods(pairs, batch_size=self.batch_size)):
+            totals[k] += logp
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of a context and its continuation, as lm-eval's HF model splits them: trailing spaces of the
+        context move to the continuation, the pair is encoded whole, and an empty context becomes an end-of-text
+        token."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        if not context:
+            return [self._prefix_token()], self.model.encode(continuation)
+        whole, head = self.model.encode(context + continuation), self.model.encode(context)
+        return head, whole[len(head):]
+
+    def _prefix_token(self) -> int:
+        """The token an empty context stands for: the model's first end-of-sequence id."""
+        return self.model.adapter.stop_ids[0] if self.model.adapter.stop_ids else 0
 
 
 def main(argv: list[str] | None = None) -> None:
