@@ -82,7 +82,7 @@ def default_grid(quick: bool = False) -> list[Setting]:
                                                        draft_ver=False)),
         Setting("ar (reference cost: 2 forwards/token)", dict(method="ar", fuse_commit=False)),
     ]
-    # tuned on the validation split (scripts/tune_s2d2.py): config A behind the skip_confident gate
+    # tuned on the validation split (now `s2d2 tune`): config A behind the skip_confident gate
     grid += [
         Setting(f"s2d2 config-A skip-confident B={b} t={t}", dict(method="s2d2", block_size=b, threshold=t,
                                                                   skip_confident=True))

@@ -49,6 +49,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig,
     """One flag per dataclass field of ``cls`` (kebab-case), defaulting to None so unset flags keep the defaults."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields")
+    if cls is DecodeConfig:
+        group.add_argument("--config", metavar="FILE", default=None,
+                           help="decoding options from a JSON file (`s2d2 tune` writes one); flags given here win")
     for f in fields(cls):
         if f.name in skip or not f.init:
             continue
@@ -73,10 +76,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig,
 
 
 def config_from_args(ns: argparse.Namespace, cls: type = DecodeConfig) -> Any:
-    """The ``cls`` (DecodeConfig) the user asked for: only flags given on the command line override the defaults."""
+    """The ``cls`` (DecodeConfig) the user asked for: only flags given on the command line override the defaults,
+    or the fields of ``--config FILE`` (an ``s2d2 tune`` result) where one is given."""
     given = {f.name: getattr(ns, f.name) for f in fields(cls) if getattr(ns, f.name, None) is not None}
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
-    return cls(**given)
+    base = DecodeConfig.file_fields(ns.config) if cls is DecodeConfig and getattr(ns, "config", None) else {}
+    return cls(**{**base, **given})
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,6 +145,30 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
                     help="add a throughput section: AR, dynamic and S2D2 at these batch sizes (e.g. 1 4 16 64)")
     be.add_argument("--no-grid", action="store_true", help="with --batch-sizes: only the throughput section")
+    be.add_argument("--config", default=None, metavar="FILE",
+                    help="add this config file's setting (`s2d2 tune` writes one) to the grid and the throughput section")
+
+    tu = sub.add_parser("tune", help="the fastest setting within an accuracy budget of AR, on the validation split")
+    tu.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    tu.add_argument("--adapter", default=None, metavar="DIR",
+                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
+    tu.add_argument("--task", default="arith")
+    tu.add_argument("--split", default="validation", help="the split the choice is made on (default: validation)")
+    tu.add_argument("--n", "--limit", dest="n", type=int, default=150, help="problems (default 150)")
+    tu.add_argument("--max-accuracy-drop", type=float, default=1.0,
+                    help="accuracy points below AR a setting may lose (default 1.0)")
+    tu.add_argument("--objective", default="tokens_per_forward", choices=["tokens_per_forward", "tokens_per_s"],
+                    help="what fastest means: tokens per forward (exact) or measured tokens/s at batch 1")
+    tu.add_argument("--timed", type=int, default=3, help="with tokens_per_s: how many candidates to time (default 3)")
+    tu.add_argument("--repeats", type=int, default=3, help="with tokens_per_s: timed rounds (default 3)")
+    tu.add_argument("--batch-size", type=int, default=None,
+                    help=f"problems decoded together in the exact pass (default: {DEFAULT_BATCH_SIZE})")
+    tu.add_argument("--quick", action="store_true", help="a 3-setting search space (for tests)")
+    tu.add_argument("--out", default="tuned.json", metavar="FILE",
+                    help="where the chosen setting is written, for --config FILE (default tuned.json)")
+    tu.add_argument("--report", default=None, metavar="FILE", help="also write every setting's record (JSON lines)")
+    tu.add_argument("--device", default="cpu")
+    tu.add_argument("--dtype", default="auto")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
     sv.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
@@ -282,12 +311,14 @@ def _bench(ns: argparse.Namespace) -> int:
     if ns.no_grid and not batch_sizes:
         raise S2D2Error("--no-grid needs --batch-sizes: there would be nothing to run.")
     grid = bench.load_grid(ns.grid) if ns.grid else bench.default_grid(quick=ns.quick)
+    tuned = [bench.Setting(f"config {ns.config}", DecodeConfig.file_fields(ns.config))] if ns.config else []
+    grid += tuned
     dp = DataParallel.from_env(ns.device)
     if dp.world_size > 1 and batch_sizes:
         dp.close(failed=True)
         raise S2D2Error("--batch-sizes measures one process's batched engine; run it without torchrun.")
     try:
-        code = _run_bench(ns, bench, grid, n, repeats, batch_sizes, dp)
+        code = _run_bench(ns, bench, grid, n, repeats, batch_sizes, dp, tuned)
     except BaseException:
         dp.close(failed=True)
         raise
@@ -296,7 +327,7 @@ def _bench(ns: argparse.Namespace) -> int:
 
 
 def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repeats: int, batch_sizes: list[int],
-               dp: DataParallel) -> int:
+               dp: DataParallel, tuned: list[Any]) -> int:
     import s2d2
 
     model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
@@ -318,10 +349,51 @@ def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repe
         bench.write_outputs(records, out, title)
         print((out / "results.md").read_text())
     if batch_sizes:
-        records = bench.run_throughput(model, prompts, checker, bench.throughput_grid(quick=ns.quick), batch_sizes,
-                                       repeats=repeats, progress=not ns.no_progress)
+        records = bench.run_throughput(model, prompts, checker, bench.throughput_grid(quick=ns.quick) + tuned,
+                                       batch_sizes, repeats=repeats, progress=not ns.no_progress)
         bench.write_throughput(records, out, f"batched: {title}")
         print((out / "throughput.md").read_text())
+    return 0
+
+
+def _tune(ns: argparse.Namespace) -> int:
+    import s2d2
+    from s2d2.evaluate import TASKS
+    from s2d2.tasks import arith
+    from s2d2.tune import search_space, tune, winner_config
+
+    if ns.task not in TASKS:
+        raise S2D2Error(f"--task must be one of {', '.join(TASKS)}; got {ns.task!r}.")
+    if ns.split not in arith.SPLITS:
+        raise S2D2Error(f"--split must be one of {', '.join(arith.SPLITS)}; got {ns.split!r}.")
+    if ns.n < 1 or ns.timed < 1 or ns.repeats < 1:
+        raise S2D2Error("--n, --timed and --repeats must be >= 1.")
+    batch_size = _batch_size(ns.batch_size)
+    dp = DataParallel.from_env(ns.device)
+    # a bad path fails before any work (rank 0 writes the results)
+    out = _open_output(ns.out, "--out") if dp.is_main else None
+    report = _open_output(ns.report, "--report") if ns.report and dp.is_main else None
+    try:
+        model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
+        problems = arith.generate(ns.split, ns.n, seed=0)
+        result = tune(model, [p.prompt for p in problems], lambda i, text: arith.is_correct(problems[i], text),
+                      search_space(ns.quick), ns.max_accuracy_drop, ns.objective, ns.timed, ns.repeats, batch_size,
+                      dp, progress=dp.is_main)
+    except BaseException:
+        dp.close(failed=True)
+        raise
+    dp.close()
+    if out is None:
+        return 0
+    with out:
+        out.write(json.dumps(winner_config(result), indent=1) + "\n")
+    if report is not None:
+        with report:
+            report.writelines(json.dumps(r) + "\n" for r in result.records)
+    print(f"{ns.task} {ns.split}, {ns.n} problems; AR accuracy {result.ar_accuracy:.1%}; budget: at most "
+          f"{ns.max_accuracy_drop:g} points below AR; objective: {ns.objective}\n")
+    print(result.table())
+    print(f"\nchosen: {result.winner['name']} -> {ns.out} (use it with --config {ns.out})")
     return 0
 
 
@@ -375,8 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``s2d2`` console script."""
     ns = build_parser().parse_args(argv)
     try:
-        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "serve": _serve, "train": _train,
-                    "init-random": _init_random}
+        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "tune": _tune, "serve": _serve,
+                    "train": _train, "init-random": _init_random}
         return commands[ns.command](ns)
     except S2D2Error as e:
         print(f"s2d2: error: {e}", file=sys.stderr)

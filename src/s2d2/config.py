@@ -237,6 +237,23 @@ class DecodeConfig:
             raise ConfigError(f"unknown decoding option {unknown[0]!r}; valid options: {', '.join(sorted(known))}.")
         return cls(**d)
 
+    @classmethod
+    def file_fields(cls, path: str) -> dict[str, Any]:
+        """The fields a config file sets (``--config FILE``, lm-eval ``config=FILE``; ``s2d2 tune`` writes them): a
+        JSON object of DecodeConfig fields, lists for the list-valued ones. Checked here, so a bad file is one
+        sentence before any work; callers lay their own settings over the result."""
+        from s2d2.checkpoint import parse_json_file  # lazily: checkpoint imports this module
+
+        data = parse_json_file(path, ConfigError, label=f"config file {path}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object of decoding options.")
+        data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        try:
+            cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from None
+        return data
+
 
 # Prompts decoded together by default (Model.generate's batch_size, --batch-size): the fastest on a 2-core CPU for
 # the bundled model for AR, dynamic and S2D2 configuration A (BENCHMARKS.md, "Batched decoding"). The KV cache takes

@@ -6,7 +6,8 @@ lm-eval's own command line (every lm-eval flag works)::
     python -m s2d2.lm_eval --model s2d2 --model_args method=s2d2,block_size=8 --tasks s2d2_arith --limit 20
 
 ``--model_args`` takes ``pretrained`` (a model directory, a hub id or ``bundled``, the default), ``device``,
-``dtype``, and every :class:`~s2d2.config.DecodeConfig` field by name. List-valued fields take space-separated
+``dtype``, ``adapter``, ``config`` (a config file written by ``s2d2 tune``), and every
+:class:`~s2d2.config.DecodeConfig` field by name. List-valued fields take space-separated
 values (``stop_token_ids=2 5``), since lm-eval splits the argument string on commas. A request's own generation
 settings win over ``--model_args``: ``until`` becomes the stop strings, ``max_gen_toks`` the token budget, and
 ``do_sample``/``temperature`` the sampling temperature. lm-eval is an optional extra: ``pip install s2d2[eval]``.
@@ -79,6 +80,9 @@ class S2D2LM(LM):
         # lm-eval passes batch_size (an int, or "auto"/"auto:N", which has no memory search to do here: it means
         # max_batch_size if given, else s2d2's default) and max_batch_size
         super().__init__()
+        if decode_args.get("config"):  # an `s2d2 tune` result; the other model_args win over it
+            decode_args = {**DecodeConfig.file_fields(str(decode_args.pop("config"))), **decode_args}
+        decode_args.pop("config", None)
         self.config = decode_config_from_model_args(decode_args)  # validate before the (slow) load
         if "generation_config" not in decode_args:
             # measure greedily unless told (as lm-eval's HF model and s2d2 eval do): the checkpoint's
