@@ -99,3 +99,26 @@ def test_bad_config_files_are_one_sentence(tmp_path, capsys, content, message):
     assert message.format(path) in err and err.count("\n") == 1
     with pytest.raises(ConfigError):
         DecodeConfig.file_fields(str(tmp_path / "missing.json"))
+
+
+def test_tune_on_an_lm_eval_task_scores_its_validation_split(tmp_path, capsys):
+    """``--task lm-eval:s2d2_arith``: every setting runs lm-eval's evaluator on the task's validation documents, so
+    its accuracy is what ``s2d2 eval --split validation`` gives for the same setting with the task's generation
+    settings (until newline / "Q:", 64 tokens)."""
+    pytest.importorskip("lm_eval")
+    from s2d2.evaluate import evaluate
+
+    report = tmp_path / "records.jsonl"
+    assert main(["tune", "--task", "lm-eval:s2d2_arith", "--quick", "--limit", "8", "--out", str(tmp_path / "t.json"),
+                 "--report", str(report)]) == 0
+    records = [json.loads(line) for line in report.read_text().splitlines()]
+    model = s2d2.load("bundled")
+    for r in records:
+        cfg = DecodeConfig(**{**r["config"], "generation_config": "none", "stop": ("\n", "Q:"), "max_new_tokens": 64})
+        assert r["accuracy"] == pytest.approx(evaluate(model, cfg, n=8, split="validation").accuracy), r["name"]
+    assert main(["tune", "--task", "lm-eval:s2d2_arith_mc", "--quick", "--limit", "2",
+                 "--out", str(tmp_path / "u.json")]) == 2
+    assert "is a multiple_choice task" in capsys.readouterr().err
+    assert main(["tune", "--task", "lm-eval:no_such_task", "--quick", "--limit", "2",
+                 "--out", str(tmp_path / "v.json")]) == 2
+    assert "lm-eval knows no task 'no_such_task'" in capsys.readouterr().err

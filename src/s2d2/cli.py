@@ -152,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
     tu.add_argument("--adapter", default=None, metavar="DIR",
                     help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
-    tu.add_argument("--task", default="arith")
+    tu.add_argument("--task", default="arith",
+                    help="arith (the bundled task), or lm-eval:NAME for an lm-eval generation task (its metric)")
+    tu.add_argument("--metric", default=None, help="with lm-eval:NAME: the metric to hold within budget "
+                                                  "(default: the task's first)")
     tu.add_argument("--split", default="validation", help="the split the choice is made on (default: validation)")
     tu.add_argument("--n", "--limit", dest="n", type=int, default=150, help="problems (default 150)")
     tu.add_argument("--max-accuracy-drop", type=float, default=1.0,
@@ -362,23 +365,35 @@ def _tune(ns: argparse.Namespace) -> int:
     from s2d2.tasks import arith
     from s2d2.tune import search_space, tune, winner_config
 
-    if ns.task not in TASKS:
-        raise S2D2Error(f"--task must be one of {', '.join(TASKS)}; got {ns.task!r}.")
+    lm_task = ns.task[len("lm-eval:"):] if ns.task.startswith("lm-eval:") else None
+    if lm_task is None and ns.task not in TASKS:
+        raise S2D2Error(f"--task must be one of {', '.join(TASKS)} or lm-eval:NAME; got {ns.task!r}.")
     if ns.split not in arith.SPLITS:
         raise S2D2Error(f"--split must be one of {', '.join(arith.SPLITS)}; got {ns.split!r}.")
     if ns.n < 1 or ns.timed < 1 or ns.repeats < 1:
         raise S2D2Error("--n, --timed and --repeats must be >= 1.")
+    if lm_task is not None and ns.objective != "tokens_per_forward":
+        raise S2D2Error("with an lm-eval task, tune chooses by tokens per forward (--objective tokens_per_forward).")
     batch_size = _batch_size(ns.batch_size)
     dp = DataParallel.from_env(ns.device)
+    if lm_task is not None and dp.world_size > 1:
+        dp.close(failed=True)
+        raise S2D2Error("tune on an lm-eval task runs in one process; launch it without torchrun.")
     # a bad path fails before any work (rank 0 writes the results)
     out = _open_output(ns.out, "--out") if dp.is_main else None
     report = _open_output(ns.report, "--report") if ns.report and dp.is_main else None
     try:
         model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
-        problems = arith.generate(ns.split, ns.n, seed=0)
-        result = tune(model, [p.prompt for p in problems], lambda i, text: arith.is_correct(problems[i], text),
-                      search_space(ns.quick), ns.max_accuracy_drop, ns.objective, ns.timed, ns.repeats, batch_size,
-                      dp, progress=dp.is_main)
+        if lm_task is not None:
+            from s2d2.tune import lm_eval_exact, search
+
+            exact = lm_eval_exact(model, lm_task, ns.split, ns.n, batch_size, ns.metric)
+            result = search(exact, search_space(ns.quick), ns.max_accuracy_drop)
+        else:
+            problems = arith.generate(ns.split, ns.n, seed=0)
+            result = tune(model, [p.prompt for p in problems], lambda i, text: arith.is_correct(problems[i], text),
+                          search_space(ns.quick), ns.max_accuracy_drop, ns.objective, ns.timed, ns.repeats,
+                          batch_size, dp, progress=dp.is_main)
     except BaseException:
         dp.close(failed=True)
         raise

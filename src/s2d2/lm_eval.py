@@ -101,6 +101,17 @@ class S2D2LM(LM):
         self.model = s2d2.load(str(pretrained), device=self._dp.device(device), dtype=dtype, adapter=adapter or None)
         self.stats = DecodeStats()  # summed over every request served
 
+    @classmethod
+    def wrap(cls, model: s2d2.Model, batch_size: int = 1, config: DecodeConfig | None = None) -> S2D2LM:
+        """The lm-eval model around an already loaded :class:`s2d2.Model` (one process; ``s2d2 tune`` uses it)."""
+        lm = cls.__new__(cls)
+        LM.__init__(lm)
+        lm.config = config or DecodeConfig(generation_config="none")
+        lm.batch_size = check_batch_size(batch_size)
+        lm._dp = DataParallel()
+        lm.model, lm.stats = model, DecodeStats()
+        return lm
+
     @property
     def device(self) -> torch.device:
         return self.model.device

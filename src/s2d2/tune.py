@@ -23,6 +23,7 @@ from s2d2.bench import Setting, run_bench
 from s2d2.config import DecodeConfig
 from s2d2.distributed import DataParallel
 from s2d2.errors import ConfigError
+from s2d2.stats import DecodeStats
 
 OBJECTIVES = ("tokens_per_forward", "tokens_per_s")
 
@@ -83,18 +84,35 @@ def tune(model: Model, prompts: list[str], checker: Callable[[int, str], bool], 
          batch_size: int = 64, dp: DataParallel | None = None, progress: bool = False) -> TuneResult:
     """Search ``space`` on ``prompts`` (the validation split; ``checker(i, text)`` scores prompt i) for the best
     setting by ``objective`` whose accuracy is within ``max_drop`` points of AR's."""
+    dp = dp or DataParallel()
+
+    def exact(setting: Setting) -> tuple[float, dict[str, Any]]:
+        outs = dp.generate(model, prompts, setting.config(), batch_size)
+        return sum(checker(i, o.text) for i, o in enumerate(outs)) / len(prompts), \
+            dp.summed_stats(model, outs).to_dict()
+
+    def timing(settings: list[Setting]) -> dict[str, float]:
+        records = run_bench(model, prompts, checker, settings, repeats=repeats, dp=dp, progress=progress)
+        return {r["name"]: r["tokens_per_s"] for r in records}
+
+    return search(exact, space, max_drop, objective, timed, timing)
+
+
+def search(exact: Callable[[Setting], tuple[float, dict[str, Any]]], space: list[Setting], max_drop: float = 1.0,
+           objective: str = "tokens_per_forward", timed: int = 3,
+           timing: Callable[[list[Setting]], dict[str, float]] | None = None) -> TuneResult:
+    """The search itself, over any task: ``exact(setting)`` gives a setting's accuracy (0-1) and summed stats dict;
+    ``timing(settings)`` (for ``objective="tokens_per_s"``) their measured tokens/s, AR first."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
     if max_drop < 0:
         raise ConfigError(f"the accuracy budget must be >= 0 points, got {max_drop}.")
-    dp = dp or DataParallel()
-    ar = Setting("ar", dict(method="ar"))
+    if objective == "tokens_per_s" and timing is None:
+        raise ConfigError("objective tokens_per_s needs a timed pass, which this task does not offer.")
     records = []
-    for setting in [ar, *space]:
-        outs = dp.generate(model, prompts, setting.config(), batch_size)
-        stats = dp.summed_stats(model, outs).to_dict()
-        correct = sum(checker(i, o.text) for i, o in enumerate(outs))
-        records.append({"name": setting.name, "config": setting.fields, "accuracy": correct / len(prompts),
+    for setting in [Setting("ar", dict(method="ar")), *space]:
+        accuracy, stats = exact(setting)
+        records.append({"name": setting.name, "config": setting.fields, "accuracy": accuracy,
                         "tokens_per_forward": stats["tokens_per_forward"], "nfe": stats["nfe"],
                         "tokens_per_s": None})
     ar_accuracy = records[0]["accuracy"]
@@ -108,13 +126,50 @@ def tune(model: Model, prompts: list[str], checker: Callable[[int, str], bool], 
         for r in candidates:  # settings that decode alike (same accuracy and forwards) are timed once: the first
             distinct.setdefault((r["accuracy"], r["nfe"]), r)
         chosen = [records[0], *list(distinct.values())[:timed]]
-        grid = [Setting(r["name"], r["config"]) for r in chosen]
-        timings = {t["name"]: t for t in run_bench(model, prompts, checker, grid, repeats=repeats, dp=dp,
-                                                   progress=progress)}
+        speeds = timing([Setting(r["name"], r["config"]) for r in chosen])
         for r in chosen:
-            r["tokens_per_s"] = timings[r["name"]]["tokens_per_s"]
+            r["tokens_per_s"] = speeds[r["name"]]
         winner = max(chosen, key=lambda r: r["tokens_per_s"])
     return TuneResult(records, ar_accuracy, winner)
+
+
+def lm_eval_exact(model: Model, task_name: str, split: str, limit: int, batch_size: int,
+                  metric: str | None = None) -> Callable[[Setting], tuple[float, dict[str, Any]]]:
+    """``exact`` for :func:`search` over an lm-eval generation task: each setting runs lm-eval's own evaluator on the
+    task's ``split`` documents (``validation``: its validation split, refused if it has none), up to ``limit``; the
+    accuracy is ``metric`` (default: the task's first metric)."""
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from s2d2.lm_eval import TASKS_DIR, S2D2LM
+
+    try:
+        task = TaskManager(include_path=str(TASKS_DIR)).load([task_name])["tasks"].get(task_name)
+    except KeyError:
+        raise ConfigError(f"lm-eval knows no task {task_name!r} (run `python -m s2d2.lm_eval --tasks list`).") from None
+    if task is None or not hasattr(task, "has_validation_docs"):
+        raise ConfigError(f"lm-eval task {task_name!r} is not a single task (groups are not supported).")
+    if task.config.output_type != "generate_until":
+        raise ConfigError(f"lm-eval task {task_name!r} is a {task.config.output_type} task; tune searches decoding "
+                          "settings, which only generation tasks use.")
+    if split == "validation":
+        if not task.has_validation_docs():
+            raise ConfigError(f"lm-eval task {task_name!r} has no validation split; tune on --split test only if "
+                              "you report results on other data.")
+        task.config.test_split = None  # lm-eval evaluates the test split when there is one
+    lm = S2D2LM.wrap(model, batch_size)
+
+    def exact(setting: Setting) -> tuple[float, dict[str, Any]]:
+        lm.config, lm.stats = setting.config(), DecodeStats()
+        results = simple_evaluate(model=lm, tasks=[task], limit=limit, log_samples=False)["results"][task_name]
+        names = [k for k in results if "," in k and "stderr" not in k]
+        key = next((k for k in names if k.split(",")[0] == metric), None) if metric else (names[0] if names else None)
+        if key is None:
+            raise ConfigError(f"lm-eval task {task_name!r} reports no metric {metric!r}; it has: "
+                              f"{', '.join(k.split(',')[0] for k in names)}.")
+        return float(results[key]), lm.stats.to_dict()
+
+    return exact
 
 
 def winner_config(result: TuneResult) -> dict[str, Any]:

@@ -6,15 +6,18 @@ from typing import Any
 
 
 def load(num_problems: int = 500, **_: Any) -> Any:  # -> datasets.DatasetDict
-    """The first ``num_problems`` test problems of ``s2d2.tasks.arith`` (seed 0) as a DatasetDict with a test
-    split; extra keyword arguments (lm-eval passes the task's metadata) are ignored."""
+    """The first ``num_problems`` test and validation problems of ``s2d2.tasks.arith`` (seed 0) as a DatasetDict
+    (lm-eval scores the test split; ``s2d2 tune --lm-eval-task`` the validation one); extra keyword arguments (lm-eval
+    passes the task's metadata) are ignored."""
     import datasets
 
     from s2d2.tasks import arith
 
-    rows = [{"prompt": p.prompt, "target": p.target, "answer": str(p.answer), "level": p.level,
-             "template": p.template} for p in arith.generate("test", int(num_problems), seed=0)]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+    def rows(split: str) -> list[dict[str, Any]]:
+        return [{"prompt": p.prompt, "target": p.target, "answer": str(p.answer), "level": p.level,
+                 "template": p.template} for p in arith.generate(split, int(num_problems), seed=0)]
+
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows(split)) for split in ("test", "validation")})
 
 
 def load_choices(num_problems: int = 500, num_choices: int = 4, **_: Any) -> Any:  # -> datasets.DatasetDict
