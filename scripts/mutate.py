@@ -333,6 +333,34 @@ MUTATIONS: list[Mutation] = [
         "        return pending if self.blocks_from_prompt_end and cache_len == 0 else 0",
         "        return 0",
     ),
+    Mutation(
+        "dp_seed_not_shifted",
+        "data-parallel: a rank's seeded config is not shifted by its shard's start (row i draws from seed + local i)",
+        "distributed.py",
+        "shard_cfg = cfg.replace(seed=cfg.seed + start) if cfg.seed is not None else cfg",
+        "shard_cfg = cfg",
+    ),
+    Mutation(
+        "dp_gathered_out_of_order",
+        "data-parallel: the ranks' outputs are gathered in reverse rank order",
+        "distributed.py",
+        "        return [g for part, _ in parts for g in part]",
+        "        return [g for part, _ in reversed(parts) for g in part]",
+    ),
+    Mutation(
+        "loglikelihood_reads_the_wrong_rows",
+        "log-likelihoods read each continuation token from the row after its own",
+        "api.py",
+        "logp = torch.log_softmax(logits[:len(target)].float(), dim=-1)",
+        "logp = torch.log_softmax(torch.roll(logits, -1, 0)[:len(target)].float(), dim=-1)",
+    ),
+    Mutation(
+        "tune_budget_ignored",
+        "tune counts every setting as within the accuracy budget",
+        "tune.py",
+        'r["within_budget"] = r["accuracy"] >= ar_accuracy - max_drop / 100 - 1e-12',
+        'r["within_budget"] = True',
+    ),
 ]
 
 
