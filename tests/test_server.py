@@ -121,6 +121,22 @@ def test_s2d2_fields_as_extra_body_and_several_prompts(server, bundled):
     assert out.model_extra["s2d2"]["verify_forwards"] == 0
 
 
+def test_a_request_may_ask_for_step_traces(server, bundled):
+    """"trace": true returns each choice's step trace, the same events as Model.generate(trace=True) records (times
+    aside); a streamed request may not ask for one."""
+    prompts = [p.prompt for p in PROBLEMS[:2]]
+    want = bundled.generate(prompts, DecodeConfig(max_new_tokens=MAX_NEW), batch_size=1, trace=True)
+    out = server.client.completions.create(model="bundled", prompt=prompts, extra_body={"trace": True})
+    for choice, w in zip(out.choices, want):
+        trace = choice.model_extra["s2d2_trace"]
+        assert trace[0]["schema"] == "s2d2.trace/1" and trace[-1]["token_ids"] == w.token_ids
+        assert [e.get("commits") for e in trace] == [e.get("commits") for e in w.trace]
+    plain = server.client.completions.create(model="bundled", prompt=prompts[0])
+    assert "s2d2_trace" not in plain.choices[0].model_extra
+    with pytest.raises(openai.BadRequestError, match="ask for it with stream=false"):
+        server.client.completions.create(model="bundled", prompt=prompts[0], stream=True, extra_body={"trace": True})
+
+
 def test_chat_uses_the_chat_template(server, bundled):
     want = expected(bundled, [PROBLEMS[1].prompt])[0]  # the bundled template renders a question as "Q: ...\nA:"
     out = server.client.chat.completions.create(

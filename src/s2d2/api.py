@@ -42,6 +42,7 @@ class Generation:
     token_ids: list[int]  # generated ids, stop token excluded (with stop strings: up to the token completing one)
     finish_reason: str  # "stop" (a stop token or stop string was generated) or "length" (max_new_tokens reached)
     stats: DecodeStats
+    trace: list[dict[str, Any]] | None = None  # the step trace (s2d2.trace, schema s2d2.trace/1) with trace=True
 
     def to_dict(self) -> dict[str, Any]:
         """The ``s2d2 generate --json`` object."""
@@ -127,7 +128,7 @@ class Model:
                                      "text and may not hold special tokens.")
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], config: DecodeConfig | None = None,
-                 *, batch_size: int = DEFAULT_BATCH_SIZE, **overrides: Any) -> list[Generation]:
+                 *, batch_size: int = DEFAULT_BATCH_SIZE, trace: bool = False, **overrides: Any) -> list[Generation]:
         """Decode each prompt (text, or a list of token ids) with ``config`` (fields may be overridden by keyword).
 
         Sampling fields the config leaves unset (temperature, top_k, top_p) take the checkpoint's
@@ -139,6 +140,7 @@ class Model:
         logit ties), and sampling is reproducible per prompt: prompt ``i`` draws from a generator seeded with
         ``seed + i`` (a seed is drawn from torch's global RNG if none is set), whatever shares its batch. Every
         prompt is checked before any is decoded. :attr:`last_batch_stats` holds the batch-level figures.
+        ``trace=True`` records each prompt's step trace in :attr:`Generation.trace` (:mod:`s2d2.trace`).
         """
         cfg = self.resolve_config(config, **overrides)
         check_batch_size(batch_size)
@@ -154,7 +156,7 @@ class Model:
         capacity = max(self._positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
         engine = Engine(self.adapter, min(batch_size, len(encoded)), capacity)
         stop_check = self.stop_check(cfg)
-        order = {engine.add(ids, cfg, generator, stop_check): i
+        order = {engine.add(ids, cfg, generator, stop_check, trace): i
                  for i, (ids, generator) in enumerate(zip(encoded, self.row_generators(cfg, len(encoded))))}
         results: list[Any] = [None] * len(encoded)
         while not engine.idle:
@@ -162,7 +164,7 @@ class Model:
                 if event.finished:
                     results[order[event.request_id]] = event
         self.last_batch_stats = engine.stats
-        return [self.to_generation(e.token_ids, e.finish_reason, e.stats, cfg) for e in results]
+        return [self.to_generation(e.token_ids, e.finish_reason, e.stats, cfg, e.trace) for e in results]
 
     def resolve_config(self, config: DecodeConfig | None = None, **overrides: Any) -> DecodeConfig:
         """``config`` (default: DecodeConfig()) with ``overrides`` and the checkpoint's sampling defaults applied,
@@ -205,7 +207,7 @@ class Model:
         return lambda done: find_stop(self.decode(done), cfg.stop) >= 0
 
     def to_generation(self, token_ids: list[int], finish_reason: str, stats: DecodeStats,
-                      cfg: DecodeConfig) -> Generation:
+                      cfg: DecodeConfig, trace: list[dict[str, Any]] | None = None) -> Generation:
         """A row's result as a :class:`Generation`: its text, cut before the first stop string (the tokens then end
         with the one completing it, and the finish reason is ``"stop"``)."""
         text = self.decode(token_ids)
@@ -213,7 +215,7 @@ class Model:
             token_ids = token_ids[:next(k for k in range(1, len(token_ids) + 1)
                                         if find_stop(self.decode(token_ids[:k]), cfg.stop) >= 0)]
             text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
-        return Generation(text, token_ids, finish_reason, stats)
+        return Generation(text, token_ids, finish_reason, stats, trace)
 
     @torch.inference_mode()
     def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],

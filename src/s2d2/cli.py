@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help='a JSON object of extra chat template variables, e.g. \'{"enable_thinking": false}\' '
                           "(with --chat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    gen.add_argument("--trace", default=None, metavar="FILE",
+                     help="write each prompt's step trace as JSON lines (schema s2d2.trace/1; `s2d2 trace plot` draws it)")
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="accuracy and decoding stats on a task with checkable answers")
@@ -147,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--no-grid", action="store_true", help="with --batch-sizes: only the throughput section")
     be.add_argument("--config", default=None, metavar="FILE",
                     help="add this config file's setting (`s2d2 tune` writes one) to the grid and the throughput section")
+
+    tr_ = sub.add_parser("trace", help="draw a step trace (`s2d2 generate --trace FILE`)")
+    trace_sub = tr_.add_subparsers(dest="trace_command", required=True)
+    plot = trace_sub.add_parser("plot", help="a picture of what the decoder did at each step")
+    plot.add_argument("traces", nargs="+", metavar="FILE", help="trace files; two or more are drawn side by side")
+    plot.add_argument("-o", "--out", default="trace.png", help="the picture (PNG, SVG or PDF; default trace.png)")
+    plot.add_argument("--row", type=int, default=0, help="which prompt of each file (default 0)")
 
     tu = sub.add_parser("tune", help="the fastest setting within an accuracy budget of AR, on the validation split")
     tu.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
@@ -218,10 +227,17 @@ def _generate(ns: argparse.Namespace) -> int:
     texts = list(ns.prompt) + (_read_prompts_file(ns.prompts_file) if ns.prompts_file else [])
     if not texts:
         raise S2D2Error("give a prompt (or several, or --prompts-file FILE).")
+    trace_file = _open_output(ns.trace, "--trace") if ns.trace else None  # a bad path fails before any work
     model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
     if ns.chat:
         texts = [model.apply_chat_template([{"role": "user", "content": t}], **template_kwargs) for t in texts]
-    outs = model.generate(texts, cfg, batch_size=batch_size)
+    outs = model.generate(texts, cfg, batch_size=batch_size, trace=trace_file is not None)
+    if trace_file is not None:
+        with trace_file:
+            for i, out in enumerate(outs):
+                header = {**out.trace[0], "text": texts[i], "prompt_ids": model.encode(texts[i]),
+                          "tokens": {str(t): model.decode([t]) for t in sorted(set(out.token_ids))}}
+                trace_file.writelines(json.dumps({"row": i, **event}) + "\n" for event in [header, *out.trace[1:]])
     for out in outs:  # one JSON object per prompt (JSON Lines), or the texts
         print(json.dumps(out.to_dict()) if ns.json else out.text)
     if not ns.json:
@@ -359,6 +375,15 @@ def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repe
     return 0
 
 
+def _trace(ns: argparse.Namespace) -> int:
+    from s2d2.trace_plot import plot_traces, read_trace
+
+    traces = [read_trace(path, ns.row) for path in ns.traces]
+    plot_traces(traces, ns.out, titles=[Path(p).stem for p in ns.traces])
+    print(f"wrote {ns.out}")
+    return 0
+
+
 def _tune(ns: argparse.Namespace) -> int:
     import s2d2
     from s2d2.evaluate import TASKS
@@ -462,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``s2d2`` console script."""
     ns = build_parser().parse_args(argv)
     try:
-        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "tune": _tune, "serve": _serve,
+        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "tune": _tune, "trace": _trace, "serve": _serve,
                     "train": _train, "init-random": _init_random}
         return commands[ns.command](ns)
     except S2D2Error as e:

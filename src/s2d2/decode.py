@@ -27,11 +27,13 @@ import torch
 
 from s2d2 import routing, strategies
 from s2d2.adapters.base import FamilyAdapter
+from s2d2.batching import ForwardSpec
 from s2d2.cache import KVCache
 from s2d2.config import DecodeConfig
 from s2d2.sampling import choose_tokens, token_probs
 from s2d2.state import BlockState, Draft, Sequence, Span
 from s2d2.stats import DecodeStats
+from s2d2.trace import Tracer
 from s2d2.verify import Verdict, accept_greedy, accept_sampled
 
 
@@ -104,6 +106,7 @@ class RowState:
 
     stats: DecodeStats = field(default_factory=DecodeStats)
     seq: Sequence | None = None
+    trace: Tracer | None = None  # set by the driver to record a step trace (s2d2.trace); None: no tracing work
 
 
 def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mask_id: int,
@@ -125,7 +128,8 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     state = state if state is not None else RowState()
     stats = state.stats
     stats.prompt_tokens = len(prompt_ids)
-    forwards = _Forwards(cache, cfg, stats, shifted_logits)
+    tracer = state.trace
+    forwards = _Forwards(cache, cfg, stats, shifted_logits, tracer)
     seq = state.seq = Sequence(prompt_ids, cfg.block_size, cfg.max_new_tokens, mask_id,
                                stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids, device,
                                blocks_from_prompt_end)
@@ -133,12 +137,18 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     quotas = strategies.step_quotas(cfg.block_size, cfg.steps)
     router = routing.RouterState.initial(cfg)
     cache.reset()
+    if tracer is not None:
+        tracer.header(prompt_tokens=len(prompt_ids), block_size=cfg.block_size, method=cfg.method,
+                      policy=cfg.policy if cfg.method == "s2d2" else None, threshold=cfg.threshold,
+                      pipelined=cfg.block_add_threshold is not None)
     if cfg.block_add_threshold is not None:
         yield from _decode_pipelined(seq, cfg, forwards, generator, stop_check)
     for block in seq.blocks() if cfg.block_add_threshold is None else ():
         if shifted_logits and block.masked[0] and block.end > 0:
             token = yield from forwards.open_block(seq, block, generator)
             block = seq.commit(block, {0: token})
+            if tracer is not None:
+                tracer.commit(block.start, token, "ar")
         step, post_steps, edited = 0, 0, False
         while True:
             # the decoding unit: the block, or the sub-block holding its first mask; spans and commits stay in it
@@ -151,6 +161,8 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
                 post_steps += 1
             quota = quotas[min(step, len(quotas) - 1)]
             draft = yield from forwards.draft(seq, block, generator)
+            if tracer is not None:
+                tracer.draft(block.start, unit.masked_offsets(), draft.tokens, draft.confidence)
             edits = _edits(block, draft, cfg.editing_threshold) if cfg.editing_threshold is not None else {}
             edited = bool(edits)
             stats.edits += len(edits)
@@ -158,6 +170,9 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
             verdict = None
             if cfg.method == "s2d2" and span is not None:
                 verify_now, router = routing.route(router, unit, span, draft, cfg)
+                if tracer is not None:
+                    tracer.route(verify_now, (block.start + span.start, block.start + span.end),
+                                 routing.explain(router, unit, span, draft, cfg))
                 if verify_now:  # the verifier reads the edited prefix
                     edited_block = block.with_tokens(edits) if edits else block
                     verdict = yield from forwards.verify(seq, edited_block, unit, span, draft, generator)
@@ -171,6 +186,9 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
             if span is not None:
                 router = routing.observe(router, len(commits) - len(edits), verified=verdict is not None)
             block = seq.commit(block, commits)
+            if tracer is not None:
+                _trace_commits(tracer, block.start, commits, edits, span, verdict)
+                tracer.end_step(stats.steps, block.start)
             stats.steps += 1
             step += 1
         if stop_check is not None and not seq.stopped and stop_check(seq.generated()):
@@ -178,7 +196,23 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
     token_ids, finish_reason = seq.output()
     stats.num_tokens = len(token_ids)
     stats.time_s = time.perf_counter() - t0
+    if tracer is not None:
+        tracer.done(token_ids, finish_reason, stats.to_dict())
     return token_ids, finish_reason, stats
+
+
+def _trace_commits(tracer: Tracer, start: int, commits: dict[int, int], edits: dict[int, int], span: Span | None,
+                   verdict: Verdict | None) -> None:
+    """Record a step's commits with how each came about (the trace schema's ``how``)."""
+    for offset, token in sorted(commits.items()):
+        how = "fallback"
+        if offset in edits:
+            how = "edit"
+        elif verdict is not None and span is not None and span.start <= offset < span.start + verdict.num_accepted:
+            how = "accepted"
+        elif verdict is not None and span is not None and offset == span.start + verdict.num_accepted:
+            how = "corrected"
+        tracer.commit(start + offset, token, how)
 
 
 def _edits(block: BlockState, draft: Draft, threshold: float) -> dict[int, int]:
@@ -223,14 +257,22 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
         region = seq.view(front, count)
         writes_front = forwards.cache.length < front  # the draft writes the finished rows before the front block
         draft = yield from forwards.draft(seq, region, generator, num_blocks=count)
+        tracer = forwards.tracer
+        if tracer is not None:
+            tracer.draft(region.start, region.masked_offsets(), draft.tokens, draft.confidence)
         if forwards.shifted and region.masked[0]:
             assert writes_front, "a shifted-logit block reaches the front in the step that caches its predecessor"
             region = seq.commit(region, {0: draft.tokens[0]})  # the row before is committed: AR mode
+            if tracer is not None:
+                tracer.commit(region.start, draft.tokens[0], "ar")
         span = region.span()
         commits: dict[int, int] = {}
         verdict = None
         if cfg.method == "s2d2" and span is not None:
             verify_now, router = routing.route(router, region, span, draft, cfg)
+            if tracer is not None:
+                tracer.route(verify_now, (region.start + span.start, region.start + span.end),
+                             routing.explain(router, region, span, draft, cfg))
             if verify_now:
                 verdict = yield from forwards.verify(seq, region, region, span, draft, generator)
                 commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
@@ -246,6 +288,9 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
         if span is not None:
             router = routing.observe(router, len(commits), verified=verdict is not None)
         region = seq.commit(region, commits)
+        if tracer is not None:
+            _trace_commits(tracer, region.start, commits, {}, span, verdict)
+            tracer.end_step(stats.steps, front)
         stats.steps += 1
         count = min(count, -(-(seq.limit - front) // size))  # a stop token ends the blocks after it
         while count and seq.view(front).num_masked == 0:  # finished front blocks leave flight, in order
@@ -263,11 +308,11 @@ def _decoded_share(block: BlockState) -> float:
 
 @torch.inference_mode()
 def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cache: KVCache,
-           generator: torch.Generator | None = None,
-           stop_check: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str, DecodeStats]:
+           generator: torch.Generator | None = None, stop_check: Callable[[list[int]], bool] | None = None,
+           tracer: Tracer | None = None) -> tuple[list[int], str, DecodeStats]:
     """Decode one prompt with the adapter's single-row forwards; returns the generated ids (stop token excluded),
-    ``"stop"``/``"length"`` and stats. ``stop_check`` as in :func:`decode_steps`."""
-    state = RowState()
+    ``"stop"``/``"length"`` and stats. ``stop_check`` as in :func:`decode_steps`; ``tracer`` records a trace."""
+    state = RowState(trace=tracer)
     steps = decode_steps(prompt_ids, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device, generator,
                          stop_check, state, adapter.shifted_logits, adapter.blocks_from_prompt_end)
     timer = ForwardTimer(adapter.device)
@@ -277,9 +322,27 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
             request = steps.send(logits)
         except StopIteration as done:
             return done.value
+        rows = request_spec(adapter, request, cache.length).num_rows if tracer is not None else 0
         with timer:
             logits = run_request(adapter, request, cache)
         state.stats.forward_time_s += timer.elapsed
+        if tracer is not None:
+            tracer.forward_done(rows, timer.elapsed)
+
+
+def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int) -> ForwardSpec:
+    """The rows and mask of a request against a cache holding ``cache_len`` committed tokens (the batched engine's
+    form of every forward)."""
+    if isinstance(request, DraftRequest):
+        return adapter.draft_spec(request.ids, cache_len, request.block_start, request.block_size, request.first_mask,
+                                  cache_ver=request.cache_ver, draft_ver=request.draft_ver, num_blocks=request.num_blocks)
+    if isinstance(request, VerifyRequest):
+        return adapter.verify_spec(request.filled, cache_len, request.block_start, request.span_start,
+                                   request.next_block)
+    if isinstance(request, FinalizeRequest):
+        return adapter.finalize_spec(request.ids, cache_len, request.end, request.block_size,
+                                     cache_ver=request.cache_ver)
+    return adapter.commit_spec(request.ids, cache_len, request.end, request.block_size, cache_ver=request.cache_ver)
 
 
 def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache) -> torch.Tensor | None:
@@ -317,8 +380,9 @@ class ForwardTimer:
 class _Forwards:
     """The row's forwards as requests: builds each one, counts it, and turns its logits into a draft or a verdict."""
 
-    def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False) -> None:
-        self.cache, self.cfg, self.stats, self.shifted = cache, cfg, stats, shifted_logits
+    def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False,
+                 tracer: Tracer | None = None) -> None:
+        self.cache, self.cfg, self.stats, self.shifted, self.tracer = cache, cfg, stats, shifted_logits, tracer
         # a block's K/V may enter the cache early only if no edit can change it afterwards
         self._fuse_draft = (cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
                             and cfg.block_add_threshold is None)
@@ -328,6 +392,10 @@ class _Forwards:
         # Shifted logits: (block start, row) from the verify forward that finished the previous block, the row that
         # predicts the block's first token
         self._next_token: tuple[int, torch.Tensor] | None = None
+
+    def _trace_forward(self, kind: str) -> None:
+        if self.tracer is not None:
+            self.tracer.forward(kind)
 
     def _count_cache_write(self) -> None:
         """Count a forward of its own that writes committed K/V: the prompt's (prefill) or a finished block's."""
@@ -346,8 +414,10 @@ class _Forwards:
         if fused is not None and fused[0] == block.start:
             logits = fused[1]
             self.stats.fused_drafts += 1
+            self._trace_forward("fused_token")
         else:
             self._count_cache_write()
+            self._trace_forward("finalize")
             logits = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         return int(choose_tokens(probs, cfg.greedy, generator)[0])
@@ -365,10 +435,13 @@ class _Forwards:
         if fused is not None and fused[0] == (block.start, block.first_mask):
             logits = fused[1]  # drafted by the verify forward that finished the previous block or sub-block
             self.stats.fused_drafts += 1
+            self._trace_forward("fused_draft")
         else:
             if not cfg.fuse_commit and self.cache.length < block.start:
                 self._count_cache_write()
+                self._trace_forward("commit")
                 yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+            self._trace_forward("draft")
             logits = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
                                         cfg.cache_ver, cfg.draft_ver, num_blocks)
             self.stats.draft_forwards += 1
@@ -399,6 +472,7 @@ class _Forwards:
             ahead = block.size - span.end if finishes_unit else 0
         else:
             ahead = block.size if finishes_block else 0
+        self._trace_forward("verify")
         logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         logits, next_logits = logits[:span.length], logits[span.length:]
         self.stats.verify_forwards += 1
@@ -407,6 +481,8 @@ class _Forwards:
         else:
             q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
             verdict = accept_sampled(drafted, draft.probs[span.start:span.end], q, generator)
+        if self.tracer is not None:
+            self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
         if verdict.num_accepted == span.length:
             if finishes_block:

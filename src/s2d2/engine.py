@@ -29,16 +29,15 @@ from s2d2.cache import SlotCache
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.decode import (
     CommitRequest,
-    DraftRequest,
-    FinalizeRequest,
     ForwardRequest,
     ForwardTimer,
-    RowSteps,
-    VerifyRequest,
     RowState,
+    RowSteps,
     decode_steps,
+    request_spec,
 )
 from s2d2.stats import DecodeStats
+from s2d2.trace import Tracer
 
 
 @dataclass
@@ -52,6 +51,7 @@ class Event:
     token_ids: list[int] | None = None  # the whole generation (stop token excluded), when finished
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     stats: DecodeStats | None = None
+    trace: list[dict] | None = None  # the request's step trace (s2d2.trace), when finished and traced
 
 
 @dataclass
@@ -101,6 +101,7 @@ class _Waiting:
     generator: torch.Generator | None
     stop_check: Callable[[list[int]], bool] | None
     capacity: int  # token slots the request needs in its cache slot
+    trace: bool = False
 
 
 class Engine:
@@ -128,15 +129,16 @@ class Engine:
         return not self._rows and not self._waiting
 
     def add(self, prompt_ids: list[int], config: DecodeConfig, generator: torch.Generator | None = None,
-            stop_check: Callable[[list[int]], bool] | None = None) -> int:
+            stop_check: Callable[[list[int]], bool] | None = None, trace: bool = False) -> int:
         """Queue a request; returns its id. It starts at the next step with a free slot. ``generator`` draws its
-        samples; ``stop_check(generated_ids)`` ends it after a block (stop strings), as in ``decode_steps``."""
+        samples; ``stop_check(generated_ids)`` ends it after a block (stop strings), as in ``decode_steps``;
+        ``trace`` records its step trace (:mod:`s2d2.trace`), returned with its final event."""
         rid = self._next_id
         self._next_id += 1
         b = config.block_size
         # positions of prompt + max_new_tokens in whole blocks, plus the scratch rows a forward writes after them
         capacity = -(-(len(prompt_ids) + config.max_new_tokens) // b) * b + 3 * b
-        self._waiting.append(_Waiting(rid, list(prompt_ids), config, generator, stop_check, capacity))
+        self._waiting.append(_Waiting(rid, list(prompt_ids), config, generator, stop_check, capacity, trace))
         return rid
 
     @property
@@ -193,8 +195,10 @@ class Engine:
             self.stats.padded_rows += num_padded
             self.stats.forward_time_s += elapsed
             t1 = time.perf_counter()
-            for row, out in zip(rows, logits):
+            for row, spec, out in zip(rows, specs, logits):
                 row.state.stats.forward_time_s += elapsed
+                if row.state.trace is not None:
+                    row.state.trace.forward_done(spec.num_rows, elapsed)
                 self._advance(row, None if isinstance(row.pending, CommitRequest) else out, events)
             self.stats.row_time_s += time.perf_counter() - t1
         self.stats.time_s += time.perf_counter() - t0
@@ -205,7 +209,7 @@ class Engine:
             w = self._waiting.popleft()
             slot = heapq.heappop(self._free)
             self.cache.ensure_capacity(w.capacity)
-            state, cache = RowState(), self.cache.slot(slot)
+            state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.mask_id, self.adapter.stop_ids,
                                  self.adapter.device, w.generator, w.stop_check, state, self.adapter.shifted_logits,
                                  self.adapter.blocks_from_prompt_end)
@@ -222,7 +226,8 @@ class Engine:
             del self._rows[row.request_id]
             heapq.heappush(self._free, row.slot)
             self.stats.num_tokens += len(token_ids)
-            events.append(Event(row.request_id, token_ids[row.reported:], True, token_ids, finish_reason, stats))
+            trace = row.state.trace.events if row.state.trace is not None else None
+            events.append(Event(row.request_id, token_ids[row.reported:], True, token_ids, finish_reason, stats, trace))
             return
         if not self.stream:
             return
@@ -232,17 +237,4 @@ class Engine:
             row.reported = len(generated)
 
     def _spec(self, row: _Row) -> ForwardSpec:
-        request, cache_len = row.pending, self.cache.lengths[row.slot]
-        adapter = self.adapter
-        if isinstance(request, DraftRequest):
-            return adapter.draft_spec(request.ids, cache_len, request.block_start, request.block_size,
-                                      request.first_mask, cache_ver=request.cache_ver, draft_ver=request.draft_ver,
-                                      num_blocks=request.num_blocks)
-        if isinstance(request, VerifyRequest):
-            return adapter.verify_spec(request.filled, cache_len, request.block_start, request.span_start,
-                                       request.next_block)
-        if isinstance(request, FinalizeRequest):
-            return adapter.finalize_spec(request.ids, cache_len, request.end, request.block_size,
-                                         cache_ver=request.cache_ver)
-        assert isinstance(request, CommitRequest)
-        return adapter.commit_spec(request.ids, cache_len, request.end, request.block_size, cache_ver=request.cache_ver)
+        return request_spec(self.adapter, row.pending, self.cache.lengths[row.slot])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -105,16 +106,34 @@ def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: 
         t = state.num_decisions + 1
         arm = ucb_choose(state.ucb_pulls, state.ucb_rewards, bucket, t, cfg.ucb_beta)
         return arm == 1, replace(state, num_decisions=t, last_choice=(bucket, arm))
+    _, _, score = score_parts(block, span, draft, cfg)
+    if cfg.policy == "score_threshold":
+        return score_threshold(score, cfg.tau), state
+    decision = score_hysteresis(state.hysteresis_on, score, cfg.tau_on, cfg.tau_off)
+    return decision, replace(state, hysteresis_on=decision)
+
+
+def score_parts(block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> tuple[torch.Tensor, int, float]:
+    """The score policies' inputs and output: per-token acceptance estimates of the span, N_high, the score."""
     rows = slice(span.start, span.end)
     alpha = ESTIMATORS[cfg.estimator](draft.probs[rows], torch.tensor(draft.confidence[rows]), cfg)
     num_high = 0
     if cfg.score_type == "difference_dynamic":
         num_high = sum(1 for i in block.masked_offsets() if draft.confidence[i] > cfg.threshold)
-    score = verification_score(expected_accepted_length(alpha), num_high, cfg)
-    if cfg.policy == "score_threshold":
-        return score_threshold(score, cfg.tau), state
-    decision = score_hysteresis(state.hysteresis_on, score, cfg.tau_on, cfg.tau_off)
-    return decision, replace(state, hysteresis_on=decision)
+    return alpha, num_high, verification_score(expected_accepted_length(alpha), num_high, cfg)
+
+
+def explain(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> dict[str, Any]:
+    """What a decision was based on, for traces (``state`` is the state :func:`route` returned): the policy, the
+    estimator's per-token values, E[K], N_high and the score; the UCB bucket and arm; the skip_confident gate."""
+    why: dict[str, Any] = {"policy": cfg.policy, "span_confident": span_is_confident(draft.confidence, span,
+                                                                                     cfg.threshold)}
+    alpha, num_high, score = score_parts(block, span, draft, cfg)
+    why.update(estimator=cfg.estimator, alphas=[round(float(a), 6) for a in alpha],
+               expected_accepted=round(expected_accepted_length(alpha), 6), n_high=num_high, score=round(score, 6))
+    if cfg.policy == "contextual_bandit_ucb" and state.last_choice is not None:
+        why.update(ucb_bucket=state.last_choice[0], ucb_arm=state.last_choice[1])
+    return why
 
 
 def observe(state: RouterState, num_committed: int, verified: bool) -> RouterState:

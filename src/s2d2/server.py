@@ -111,6 +111,8 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
+    # s2d2's own: return each choice's step trace (schema s2d2.trace/1) as choices[k].s2d2_trace
+    trace: bool = False
 
 
 class CompletionRequest(_Request):
@@ -139,9 +141,10 @@ class Ticket:
     """One generation (one choice of one request) on its way through the engine; the handler awaits its events."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], cfg: DecodeConfig,
-                 generator: torch.Generator, stop_check: Callable[[list[int]], bool] | None, deadline: float) -> None:
+                 generator: torch.Generator, stop_check: Callable[[list[int]], bool] | None, deadline: float,
+                 trace: bool = False) -> None:
         self.loop, self.prompt_ids, self.cfg, self.generator = loop, prompt_ids, cfg, generator
-        self.stop_check, self.deadline = stop_check, deadline
+        self.stop_check, self.deadline, self.trace = stop_check, deadline, trace
         self.events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         self.request_id: int | None = None  # the engine's id, set by the worker
         self.done = False  # set by the worker when the final event is sent
@@ -233,7 +236,8 @@ class EngineWorker:
             kind, ticket = item
             if kind == "add" and ticket is not None:
                 # may grow the batch cache: the longest request so far sets the slots' capacity
-                ticket.request_id = self._engine.add(ticket.prompt_ids, ticket.cfg, ticket.generator, ticket.stop_check)
+                ticket.request_id = self._engine.add(ticket.prompt_ids, ticket.cfg, ticket.generator, ticket.stop_check,
+                                                     ticket.trace)
                 self._tickets[ticket.request_id] = ticket
             elif kind == "cancel" and ticket is not None:
                 self._cancel(ticket, "cancelled")
@@ -407,7 +411,10 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         stop_check = model.stop_check(decode_cfg)
         rows = [x for x in prompt_ids for _ in range(body.n)]  # choice k of prompt i is row i * n + k
-        tickets = [Ticket(loop, ids, decode_cfg, generator, stop_check, start + cfg.timeout_s)
+        if body.trace and body.stream:
+            raise APIError(400, "trace is returned with the whole response; ask for it with stream=false.",
+                           param="trace")
+        tickets = [Ticket(loop, ids, decode_cfg, generator, stop_check, start + cfg.timeout_s, body.trace)
                    for ids, generator in zip(rows, model.row_generators(decode_cfg, len(rows)))]
         worker.submit(tickets)  # 429 when the queue is full
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -434,6 +441,8 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice.update(text=text, logprobs=None)
+            if body.trace:
+                choice["s2d2_trace"] = g.trace
             choices.append(choice)
         metrics.requests.labels(endpoint, "200").inc()
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -547,7 +556,7 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
     def _generation(model: Model, event: Event, decode_cfg: DecodeConfig, stopped: bool = False) -> Generation:
         stats = event.stats or DecodeStats()
         reason = "stop" if stopped else event.finish_reason or "length"
-        g = model.to_generation(event.token_ids or [], reason, stats, decode_cfg)
+        g = model.to_generation(event.token_ids or [], reason, stats, decode_cfg, event.trace)
         metrics.prompt_tokens.inc(stats.prompt_tokens)
         metrics.generated_tokens.inc(len(g.token_ids))
         metrics.forwards.inc(stats.nfe)

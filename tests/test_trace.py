@@ -1,0 +1,136 @@
+"""Step traces (schema s2d2.trace/1): every step, forward and commit accounted for and consistent with the stats and
+the output, for every method and family quirk; batched traces equal batch 1's; tracing changes nothing; the CLI
+writes them and draws them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from s2d2 import DecodeConfig
+from s2d2.cli import main
+from s2d2.trace import COMMIT_KINDS, SCHEMA
+
+PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 56)), [3, 250, 9]]
+CONFIGS = {
+    "ar": dict(method="ar"),
+    "dynamic": dict(method="dynamic", block_size=4, threshold=0.3),
+    "s2d2": dict(method="s2d2", block_size=4, threshold=0.3),
+    "s2d2-always": dict(method="s2d2", block_size=4, policy="mask_span_length", min_span=1),
+    "s2d2-ucb": dict(method="s2d2", block_size=8, policy="contextual_bandit_ucb"),
+    "pipelined": dict(method="s2d2", block_size=4, threshold=0.3, block_add_threshold=0.5),
+}
+FORWARD_COUNTERS = {"draft": "draft_forwards", "verify": "verify_forwards", "finalize": "prefill_or_commit",
+                    "commit": "prefill_or_commit"}
+
+
+def check_trace(trace: list[dict], token_ids: list[int], stats, prompt_len: int, method: str) -> None:
+    """The invariants a trace must satisfy against its generation."""
+    header, steps, done = trace[0], trace[1:-1], trace[-1]
+    assert header["type"] == "header" and header["schema"] == SCHEMA and header["prompt_tokens"] == prompt_len
+    assert done["type"] == "done" and done["token_ids"] == token_ids and done["stats"]["nfe"] == stats.nfe
+    assert [s["step"] for s in steps] == list(range(stats.steps)) and all(s["type"] == "step" for s in steps)
+    forwards = [f for s in steps for f in s["forwards"]] + done["forwards"]
+    kinds = [f["kind"] for f in forwards]
+    assert kinds.count("draft") == stats.draft_forwards and kinds.count("verify") == stats.verify_forwards
+    assert kinds.count("fused_draft") + kinds.count("fused_token") == stats.fused_drafts
+    assert kinds.count("finalize") + kinds.count("commit") == stats.prefill_forwards + stats.commit_forwards
+    assert all((f["rows"] > 0) == (not f["kind"].startswith("fused")) for f in forwards)
+    assert sum(not f["kind"].startswith("fused") for f in forwards) == stats.nfe
+    # commits rebuild the output: every generated position once (edits replace), nothing outside it
+    final: dict[int, int] = {}
+    for s in [*steps, done]:
+        for c in s["commits"]:
+            assert c["how"] in COMMIT_KINDS
+            assert (c["pos"] in final) == (c["how"] == "edit"), c
+            final[c["pos"]] = c["token"]
+    got = [final.get(prompt_len + i) for i in range(len(token_ids))]
+    assert got == token_ids
+    # routing and verification
+    for s in steps:
+        route, verify = s["route"], s["verify"]
+        assert (route is not None) == (method == "s2d2" and s["draft"] is not None and route is not None)
+        assert (verify is not None) == (route is not None and route["verify"])
+        if verify is not None:
+            hows = [c["how"] for c in s["commits"] if route["span"][0] <= c["pos"] < route["span"][1]]
+            assert hows.count("accepted") == verify["accepted"]
+            assert hows.count("corrected") == (verify["correction"] is not None)
+        if route is not None and route["policy"].startswith("score"):
+            assert route["expected_accepted"] == pytest.approx(
+                sum(__import__("math").prod(route["alphas"][:k + 1]) for k in range(len(route["alphas"]))), abs=1e-4)
+    verifies = [s["verify"] for s in steps if s["verify"] is not None]
+    assert sum(v["accepted"] for v in verifies) == stats.accepted_tokens
+    assert sum(v["proposed"] for v in verifies) == stats.proposed_tokens
+    assert sum(c["how"] == "fallback" for s in steps for c in s["commits"]) == stats.fallback_tokens
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_traces_account_for_every_step_forward_and_commit(model, name):
+    cfg = DecodeConfig(**CONFIGS[name], max_new_tokens=20, stop_token_ids=(), generation_config="none")
+    for prompt in PROMPTS:
+        plain = model.generate(prompt, cfg, batch_size=1)[0]
+        traced = model.generate(prompt, cfg, batch_size=1, trace=True)[0]
+        assert plain.trace is None  # off unless asked for, and asking changes nothing
+        assert (traced.token_ids, traced.stats.nfe, traced.stats.steps) == (plain.token_ids, plain.stats.nfe,
+                                                                            plain.stats.steps)
+        check_trace(traced.trace, traced.token_ids, traced.stats, len(prompt), cfg.method)
+
+
+@pytest.mark.parametrize("family, cfg", [
+    ("fast_dllm_v2", dict(method="s2d2", block_size=4)),  # each block opens with an AR token
+    ("llada2", dict(method="s2d2", block_size=4, editing_threshold=0.3, max_post_steps=2)),  # edits
+    ("d2f_dream", dict(method="s2d2", block_size=4, block_add_threshold=0.5, threshold=0.3)),  # pipelined, shifted
+])
+def test_traces_of_family_quirks(family_model, family, cfg):
+    model = family_model(family)
+    config = DecodeConfig(**cfg, max_new_tokens=16, stop_token_ids=(), generation_config="none")
+    hows = set()
+    for prompt in PROMPTS:
+        out = model.generate(prompt, config, batch_size=1, trace=True)[0]
+        check_trace(out.trace, out.token_ids, out.stats, len(prompt), config.method)
+        hows |= {c["how"] for e in out.trace[1:-1] for c in e["commits"]}
+    assert ("edit" in hows) == (family == "llada2") and ("ar" in hows) == (family != "llada2")
+
+
+def _untimed(trace: list[dict]) -> list[dict]:
+    """A trace without its times (a batched forward's time is the batch's), probabilities to 3 decimals (batched
+    forwards round differently in the last float bits)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "time" not in k and k != "tokens_per_s"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return round(value, 3) if isinstance(value, float) else value
+    return strip(trace)
+
+
+def test_batched_traces_equal_batch_1(model):
+    cfg = DecodeConfig(**CONFIGS["s2d2"], max_new_tokens=20, stop_token_ids=(), generation_config="none")
+    batched = model.generate(PROMPTS, cfg, batch_size=3, trace=True)
+    for prompt, out in zip(PROMPTS, batched):
+        alone = model.generate(prompt, cfg, batch_size=1, trace=True)[0]
+        assert _untimed(out.trace) == _untimed(alone.trace)
+
+
+def test_cli_writes_traces_and_draws_them(random_model_dir, tmp_path, capsys):
+    files = []
+    for method in ("dynamic", "s2d2"):
+        path = tmp_path / f"{method}.jsonl"
+        assert main(["generate", "ab", "cd", "--model", str(random_model_dir), "--method", method, "--block-size", "4",
+                     "--max-new-tokens", "12", "--trace", str(path)]) == 0
+        events = [json.loads(line) for line in path.read_text().splitlines()]
+        assert {e["row"] for e in events} == {0, 1}
+        header = next(e for e in events if e["row"] == 1 and e["type"] == "header")
+        assert header["text"] == "cd" and header["schema"] == SCHEMA and isinstance(header["tokens"], dict)
+        files.append(str(path))
+    capsys.readouterr()
+    for args in ([files[1]], files, [files[0], "--row", "1"]):
+        out = tmp_path / "trace.png"
+        out.unlink(missing_ok=True)
+        assert main(["trace", "plot", *args, "-o", str(out)]) == 0
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"row": 0, "type": "header", "schema": "other/9"}\n')
+    assert main(["trace", "plot", str(bad), "-o", str(tmp_path / "x.png")]) == 2
+    assert "has schema 'other/9'; this s2d2 reads 's2d2.trace/1'." in capsys.readouterr().err
