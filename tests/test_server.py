@@ -123,7 +123,7 @@ def test_s2d2_fields_as_extra_body_and_several_prompts(server, bundled):
 
 def test_a_request_may_ask_for_step_traces(server, bundled):
     """"trace": true returns each choice's step trace, the same events as Model.generate(trace=True) records (times
-    aside); a streamed request may not ask for one."""
+    aside); streamed, the events come with the chunks as the steps happen."""
     prompts = [p.prompt for p in PROBLEMS[:2]]
     want = bundled.generate(prompts, DecodeConfig(max_new_tokens=MAX_NEW), batch_size=1, trace=True)
     out = server.client.completions.create(model="bundled", prompt=prompts, extra_body={"trace": True})
@@ -133,8 +133,14 @@ def test_a_request_may_ask_for_step_traces(server, bundled):
         assert [e.get("commits") for e in trace] == [e.get("commits") for e in w.trace]
     plain = server.client.completions.create(model="bundled", prompt=prompts[0])
     assert "s2d2_trace" not in plain.choices[0].model_extra
-    with pytest.raises(openai.BadRequestError, match="ask for it with stream=false"):
-        server.client.completions.create(model="bundled", prompt=prompts[0], stream=True, extra_body={"trace": True})
+    # streamed: the trace arrives step by step, in order, and adds up to the whole one
+    chunks = list(server.client.completions.create(model="bundled", prompt=prompts[0], stream=True,
+                                                   extra_body={"trace": True}))
+    parts = [c.model_extra["s2d2_trace"] for c in chunks if c.model_extra.get("s2d2_trace")]
+    streamed = [event for part in parts for event in part]
+    assert len(parts) >= 3 and streamed[0]["type"] == "header" and streamed[-1]["type"] == "done"
+    assert [e.get("commits") for e in streamed] == [e.get("commits") for e in want[0].trace]
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want[0].text
 
 
 def test_chat_uses_the_chat_template(server, bundled):

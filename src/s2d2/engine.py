@@ -52,6 +52,7 @@ class Event:
     finish_reason: str | None = None  # "stop", "length" or "cancelled"
     stats: DecodeStats | None = None
     trace: list[dict] | None = None  # the request's step trace (s2d2.trace), when finished and traced
+    trace_events: list[dict] | None = None  # streaming a traced request: the trace events recorded since the last
 
 
 @dataclass
@@ -91,6 +92,7 @@ class _Row:
     state: RowState
     pending: ForwardRequest | None = None
     reported: int = 0  # generated tokens already sent in events (streaming)
+    trace_reported: int = 0  # trace events already sent in events (streaming a traced request)
 
 
 @dataclass
@@ -232,9 +234,11 @@ class Engine:
         if not self.stream:
             return
         generated = row.state.seq.generated()
-        if len(generated) > row.reported:
-            events.append(Event(row.request_id, generated[row.reported:]))
-            row.reported = len(generated)
+        trace = row.state.trace.events if row.state.trace is not None else []
+        if len(generated) > row.reported or len(trace) > row.trace_reported:
+            events.append(Event(row.request_id, generated[row.reported:],
+                                trace_events=trace[row.trace_reported:] if row.state.trace is not None else None))
+            row.reported, row.trace_reported = len(generated), len(trace)
 
     def _spec(self, row: _Row) -> ForwardSpec:
         return request_spec(self.adapter, row.pending, self.cache.lengths[row.slot])

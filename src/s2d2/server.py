@@ -111,7 +111,8 @@ class _Request(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: bool | int | None = None
-    # s2d2's own: return each choice's step trace (schema s2d2.trace/1) as choices[k].s2d2_trace
+    # s2d2's own: return each choice's step trace (schema s2d2.trace/1) as choices[k].s2d2_trace; streamed, each
+    # chunk carries the trace events recorded since the last one (s2d2_trace at the chunk's top level)
     trace: bool = False
 
 
@@ -411,9 +412,6 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
         loop = asyncio.get_running_loop()
         stop_check = model.stop_check(decode_cfg)
         rows = [x for x in prompt_ids for _ in range(body.n)]  # choice k of prompt i is row i * n + k
-        if body.trace and body.stream:
-            raise APIError(400, "trace is returned with the whole response; ask for it with stream=false.",
-                           param="trace")
         tickets = [Ticket(loop, ids, decode_cfg, generator, stop_check, start + cfg.timeout_s, body.trace)
                    for ids, generator in zip(rows, model.row_generators(decode_cfg, len(rows)))]
         worker.submit(tickets)  # 429 when the queue is full
@@ -515,6 +513,7 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
         try:
             for k, ticket in enumerate(tickets):
                 text_stream = TextStream(model, decode_cfg.stop)
+                traced = 0  # trace events of this choice already sent
                 if chat:
                     yield chunk(k, "")
                 elif echo:
@@ -534,13 +533,17 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
                     if not event.finished:
                         if delta:
                             yield text_chunk(k, delta)
+                        if event.trace_events:  # a traced request: the steps as they happen
+                            yield chunk(k, None, s2d2_trace=event.trace_events)
+                            traced += len(event.trace_events)
                         continue
                     g = _generation(model, event, decode_cfg, stopped=text_stream.stopped)
                     finished.append(g)
                     delta += text_stream.rest(g.text)
                     if delta:
                         yield text_chunk(k, delta)
-                    yield chunk(k, None, g.finish_reason, s2d2=g.stats.to_dict())
+                    rest = {"s2d2_trace": g.trace[traced:]} if g.trace is not None else {}
+                    yield chunk(k, None, g.finish_reason, s2d2=g.stats.to_dict(), **rest)
                     break
             if (body.stream_options or {}).get("include_usage"):
                 payload = {"id": rid, "object": kind, "created": created, "model": cfg.model_name, "choices": [],
