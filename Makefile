@@ -9,7 +9,7 @@ TORCH  ?= torch==2.13.0
 # A problem in the bundled model's format (see src/s2d2/bundled/README.md); the answer is 36.
 PROBLEM := Q: Emma has 91 pounds. She buys 5 mugs that cost 11 pounds each. How many pounds does she have left?\nA:
 
-.PHONY: run test setup clean
+.PHONY: run test setup clean browser
 
 setup: $(VENV)/.installed
 
@@ -23,8 +23,16 @@ $(VENV)/.installed: pyproject.toml
 run: $(VENV)/.installed
 	$(BIN)/s2d2 generate "$$(printf '$(PROBLEM)')"
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest -q
+
+# Chromium from the system packages, for the playground's browser test (tests/test_playground.py); where it cannot
+# be installed (not root, no apt-get), that one test is skipped with a message and the rest runs.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+	echo "note: Chromium could not be installed; the playground's browser test will be skipped"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

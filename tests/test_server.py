@@ -130,7 +130,9 @@ def test_a_request_may_ask_for_step_traces(server, bundled):
     for choice, w in zip(out.choices, want):
         trace = choice.model_extra["s2d2_trace"]
         assert trace[0]["schema"] == "s2d2.trace/1" and trace[-1]["token_ids"] == w.token_ids
-        assert [e.get("commits") for e in trace] == [e.get("commits") for e in w.trace]
+        assert [[(c["pos"], c["token"], c["how"]) for c in e.get("commits", [])] for e in trace] == \
+            [[(c["pos"], c["token"], c["how"]) for c in e.get("commits", [])] for e in w.trace]
+        assert all(c["text"] == bundled.decode([c["token"]]) for e in trace for c in e.get("commits", []))
     plain = server.client.completions.create(model="bundled", prompt=prompts[0])
     assert "s2d2_trace" not in plain.choices[0].model_extra
     # streamed: the trace arrives step by step, in order, and adds up to the whole one
@@ -139,7 +141,8 @@ def test_a_request_may_ask_for_step_traces(server, bundled):
     parts = [c.model_extra["s2d2_trace"] for c in chunks if c.model_extra.get("s2d2_trace")]
     streamed = [event for part in parts for event in part]
     assert len(parts) >= 3 and streamed[0]["type"] == "header" and streamed[-1]["type"] == "done"
-    assert [e.get("commits") for e in streamed] == [e.get("commits") for e in want[0].trace]
+    assert [[(c["pos"], c["token"], c["how"]) for c in e.get("commits", [])] for e in streamed] == \
+        [[(c["pos"], c["token"], c["how"]) for c in e.get("commits", [])] for e in want[0].trace]
     assert "".join(c.choices[0].text for c in chunks if c.choices) == want[0].text
 
 

@@ -32,12 +32,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from typing import Any, Literal
 
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -367,6 +368,16 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
         return await _api_error(request, APIError(500, f"internal error ({type(exc).__name__}).",
                                                   error_type="internal_error"))
 
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        """The playground page: two methods side by side on one prompt, tokens coloured as they are committed."""
+        return HTMLResponse((resources.files("s2d2") / "playground" / "index.html").read_text(encoding="utf-8"))
+
+    def with_texts(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Trace events with each commit's token text (for the playground and any client that shows them)."""
+        return [{**e, "commits": [{**c, "text": model.decode([c["token"]])} for c in e["commits"]]}
+                if e.get("commits") else e for e in events]
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "running": worker.outstanding}
@@ -440,7 +451,7 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
             else:
                 choice.update(text=text, logprobs=None)
             if body.trace:
-                choice["s2d2_trace"] = g.trace
+                choice["s2d2_trace"] = with_texts(g.trace or [])
             choices.append(choice)
         metrics.requests.labels(endpoint, "200").inc()
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
@@ -534,7 +545,7 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
                         if delta:
                             yield text_chunk(k, delta)
                         if event.trace_events:  # a traced request: the steps as they happen
-                            yield chunk(k, None, s2d2_trace=event.trace_events)
+                            yield chunk(k, None, s2d2_trace=with_texts(event.trace_events))
                             traced += len(event.trace_events)
                         continue
                     g = _generation(model, event, decode_cfg, stopped=text_stream.stopped)
@@ -542,7 +553,7 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
                     delta += text_stream.rest(g.text)
                     if delta:
                         yield text_chunk(k, delta)
-                    rest = {"s2d2_trace": g.trace[traced:]} if g.trace is not None else {}
+                    rest = {"s2d2_trace": with_texts(g.trace[traced:])} if g.trace is not None else {}
                     yield chunk(k, None, g.finish_reason, s2d2=g.stats.to_dict(), **rest)
                     break
             if (body.stream_options or {}).get("include_usage"):
