@@ -361,6 +361,20 @@ MUTATIONS: list[Mutation] = [
         'r["within_budget"] = r["accuracy"] >= ar_accuracy - max_drop / 100 - 1e-12',
         'r["within_budget"] = True',
     ),
+    Mutation(
+        "trace_correction_labelled_accepted",
+        "traces label the verifier's correction as an accepted draft",
+        "decode.py",
+        "span.start <= offset < span.start + verdict.num_accepted:",
+        "span.start <= offset <= span.start + verdict.num_accepted:",
+    ),
+    Mutation(
+        "trace_fused_forwards_counted",
+        "traces record a draft that rode along a verification as a forward of its own",
+        "decode.py",
+        'self._trace_forward("fused_draft")',
+        'self._trace_forward("draft")',
+    ),
 ]
 
 
