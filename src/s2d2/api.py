@@ -177,6 +177,9 @@ class Model:
         if self.adapter.default_sub_block_size is not None and cfg.sub_block_size is None and cfg.method != "ar":
             family["sub_block_size"] = self.adapter.default_sub_block_size
         cfg = cfg.replace(**family) if family else cfg
+        if cfg.greedy and cfg.ratio_tempering != 1.0:
+            raise ConfigError("ratio_tempering applies to sampled decoding (temperature > 0); greedy acceptance is "
+                              "deterministic: use relax or ratio_threshold.")
         if cfg.editing_threshold is not None and not getattr(self.adapter, "supports_editing", False):
             raise ConfigError(f"editing_threshold applies to models trained for token editing (LLaDA2.x); "
                               f"{self.name} is a {self.adapter.family} model.")

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_origin
 
 from s2d2.errors import ConfigError
+from s2d2.verify import Relaxation
 
 Method = Literal["ar", "static", "dynamic", "s2d2"]
 Policy = Literal["mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb"]
@@ -52,6 +53,8 @@ GENERATION_CONFIG_MODES: tuple[str, ...] = get_args(GenerationConfigMode)
 # defaults otherwise.
 SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "top_k": 0, "top_p": 1.0}
 UCB_ENTROPY_SOURCES: tuple[str, ...] = get_args(UcbEntropySource)
+# relax = 1 means typical acceptance with epsilon 0.3 (Medusa's reported range is 0.01-0.3; delta = sqrt(epsilon))
+RELAX_MAX_EPSILON = 0.3
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,14 @@ class DecodeConfig:
     ucb_progress_bins: int = 2
     ucb_entropy_bins: int = 2
     ucb_entropy_source: UcbEntropySource = "span"
+    # --- relaxed acceptance (s2d2 only; off by default, exact acceptance keeps every invariant). One dial: relax in
+    # [0, 1], 0 = exact; it sets typical acceptance's epsilon = RELAX_MAX_EPSILON * relax and delta = sqrt(epsilon)
+    # (Medusa's choice). The expert fields, when set, win over the dial (docs/decoding.md "Relaxed acceptance").
+    relax: float = 0.0
+    typical_epsilon: float | None = None
+    typical_delta: float | None = None
+    ratio_tempering: float = 1.0  # gamma in min(1, (q/p) ** gamma); sampled decoding only
+    ratio_threshold: float | None = None  # commit later span drafts whose ratio reaches it (after a rejection)
     # --- cache modes
     cache_ver: bool = True  # write the cache with causal (AR-mode) attention
     draft_ver: bool = True  # committed prefix of the block attends causally in drafts
@@ -156,6 +167,13 @@ class DecodeConfig:
             _check_float("editing_threshold", self.editing_threshold, 0.0, 1.0)
         _check_int("max_post_steps", self.max_post_steps, 0)
         _check_float("decoded_token_threshold", self.decoded_token_threshold, 0.0, 1.0)
+        _check_float("relax", self.relax, 0.0, 1.0)
+        for name in ("typical_epsilon", "typical_delta"):
+            if getattr(self, name) is not None:
+                _check_float(name, getattr(self, name), 0.0, 1.0)
+        _check_float("ratio_tempering", self.ratio_tempering, 0.0, 1.0, low_open=True)
+        if self.ratio_threshold is not None:
+            _check_float("ratio_threshold", self.ratio_threshold, 0.0, 1.0, low_open=True)
         if self.block_add_threshold is not None:
             _check_float("block_add_threshold", self.block_add_threshold, 0.0, 1.0, low_open=True)
             if self.method not in ("dynamic", "s2d2"):
@@ -201,6 +219,12 @@ class DecodeConfig:
     def greedy(self) -> bool:
         """Temperature 0: argmax drafts and deterministic acceptance."""
         return self.temperature == 0.0
+
+    def relaxation(self) -> Relaxation:
+        """The relaxed-acceptance parameters this config asks for (exact acceptance when neutral)."""
+        epsilon = self.typical_epsilon if self.typical_epsilon is not None else RELAX_MAX_EPSILON * self.relax
+        delta = self.typical_delta if self.typical_delta is not None else math.sqrt(epsilon)
+        return Relaxation(epsilon, delta, self.ratio_tempering, self.ratio_threshold)
 
     def replace(self, **changes: Any) -> DecodeConfig:
         """A copy with some fields changed (validated again); fields that were derived (``block_size`` from the

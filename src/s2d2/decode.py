@@ -177,6 +177,7 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
                     edited_block = block.with_tokens(edits) if edits else block
                     verdict = yield from forwards.verify(seq, edited_block, unit, span, draft, generator)
                     commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
+                    commits.update((span.start + j, token) for j, token in verdict.extra)
             need = min(quota, unit.num_masked) - (len(commits) - len(edits))
             if need > 0:
                 candidates = [i for i in unit.masked_offsets() if i not in commits]
@@ -208,7 +209,9 @@ def _trace_commits(tracer: Tracer, start: int, commits: dict[int, int], edits: d
         how = "fallback"
         if offset in edits:
             how = "edit"
-        elif verdict is not None and span is not None and span.start <= offset < span.start + verdict.num_accepted:
+        elif verdict is not None and span is not None and (
+                span.start <= offset < span.start + verdict.num_accepted
+                or any(span.start + j == offset for j, _ in verdict.extra)):
             how = "accepted"
         elif verdict is not None and span is not None and offset == span.start + verdict.num_accepted:
             how = "corrected"
@@ -276,6 +279,7 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
             if verify_now:
                 verdict = yield from forwards.verify(seq, region, region, span, draft, generator)
                 commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
+                commits.update((span.start + j, token) for j, token in verdict.extra)
         # a verified step commits what the verification decided and nothing else (at least one token of the front
         # block, the span's first); a step that does not verify is D2F's
         for j in range(count) if verdict is None else ():
@@ -383,6 +387,8 @@ class _Forwards:
     def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False,
                  tracer: Tracer | None = None) -> None:
         self.cache, self.cfg, self.stats, self.shifted, self.tracer = cache, cfg, stats, shifted_logits, tracer
+        relax = cfg.relaxation()
+        self.relax = None if relax.neutral else relax
         # a block's K/V may enter the cache early only if no edit can change it afterwards
         self._fuse_draft = (cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
                             and cfg.block_add_threshold is None)
@@ -476,11 +482,14 @@ class _Forwards:
         logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         logits, next_logits = logits[:span.length], logits[span.length:]
         self.stats.verify_forwards += 1
+        relax = self.relax  # None for exact acceptance: the exact functions, called exactly as before
         if cfg.greedy:
-            verdict = accept_greedy(drafted, logits)
+            verdict = accept_greedy(drafted, logits) if relax is None else accept_greedy(drafted, logits, relax)
         else:
             q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-            verdict = accept_sampled(drafted, draft.probs[span.start:span.end], q, generator)
+            p = draft.probs[span.start:span.end]
+            verdict = (accept_sampled(drafted, p, q, generator) if relax is None
+                       else accept_sampled(drafted, p, q, generator, relax))
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
