@@ -130,6 +130,8 @@ def test_cli_writes_traces_and_draws_them(random_model_dir, tmp_path, capsys):
         out.unlink(missing_ok=True)
         assert main(["trace", "plot", *args, "-o", str(out)]) == 0
         assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["trace", "plot", files[0], "-o", str(tmp_path / "no-such-dir" / "x.png")]) == 2
+    assert "cannot write" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"row": 0, "type": "header", "schema": "other/9"}\n')
     assert main(["trace", "plot", str(bad), "-o", str(tmp_path / "x.png")]) == 2

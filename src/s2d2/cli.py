@@ -379,7 +379,10 @@ def _trace(ns: argparse.Namespace) -> int:
     from s2d2.trace_plot import plot_traces, read_trace
 
     traces = [read_trace(path, ns.row) for path in ns.traces]
-    plot_traces(traces, ns.out, titles=[Path(p).stem for p in ns.traces])
+    try:
+        plot_traces(traces, ns.out, titles=[Path(p).stem for p in ns.traces])
+    except (OSError, ValueError) as e:  # an unwritable path, or a suffix matplotlib has no format for
+        raise S2D2Error(f"cannot write {ns.out} ({getattr(e, 'strerror', None) or e}).") from None
     print(f"wrote {ns.out}")
     return 0
 
