@@ -291,16 +291,11 @@ def _eval(ns: argparse.Namespace) -> int:
     if ns.n < 1:
         raise S2D2Error(f"--n must be >= 1, got {ns.n}.")
     batch_size = _batch_size(ns.batch_size)
-    dp = DataParallel.from_env(ns.device)  # torchrun: this process's rank; else a single process
-    # a bad path fails before any work (rank 0 writes the results)
-    samples = _open_output(ns.samples, "--samples") if ns.samples and dp.is_main else None
-    try:
+    with DataParallel.from_env(ns.device) as dp:  # torchrun: this process's rank; else a single process
+        # a bad path fails before any work (rank 0 writes the results)
+        samples = _open_output(ns.samples, "--samples") if ns.samples and dp.is_main else None
         model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
         result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size, dp=dp)
-    except BaseException:
-        dp.close(failed=True)
-        raise
-    dp.close()
     if not dp.is_main:
         return 0
     if samples is not None:
@@ -332,17 +327,10 @@ def _bench(ns: argparse.Namespace) -> int:
     grid = bench.load_grid(ns.grid) if ns.grid else bench.default_grid(quick=ns.quick)
     tuned = [bench.Setting(f"config {ns.config}", DecodeConfig.file_fields(ns.config))] if ns.config else []
     grid += tuned
-    dp = DataParallel.from_env(ns.device)
-    if dp.world_size > 1 and batch_sizes:
-        dp.close(failed=True)
-        raise S2D2Error("--batch-sizes measures one process's batched engine; run it without torchrun.")
-    try:
-        code = _run_bench(ns, bench, grid, n, repeats, batch_sizes, dp, tuned)
-    except BaseException:
-        dp.close(failed=True)
-        raise
-    dp.close()
-    return code
+    with DataParallel.from_env(ns.device) as dp:
+        if dp.world_size > 1 and batch_sizes:
+            raise S2D2Error("--batch-sizes measures one process's batched engine; run it without torchrun.")
+        return _run_bench(ns, bench, grid, n, repeats, batch_sizes, dp, tuned)
 
 
 def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repeats: int, batch_sizes: list[int],
@@ -403,14 +391,12 @@ def _tune(ns: argparse.Namespace) -> int:
     if lm_task is not None and ns.objective != "tokens_per_forward":
         raise S2D2Error("with an lm-eval task, tune chooses by tokens per forward (--objective tokens_per_forward).")
     batch_size = _batch_size(ns.batch_size)
-    dp = DataParallel.from_env(ns.device)
-    if lm_task is not None and dp.world_size > 1:
-        dp.close(failed=True)
-        raise S2D2Error("tune on an lm-eval task runs in one process; launch it without torchrun.")
-    # a bad path fails before any work (rank 0 writes the results)
-    out = _open_output(ns.out, "--out") if dp.is_main else None
-    report = _open_output(ns.report, "--report") if ns.report and dp.is_main else None
-    try:
+    with DataParallel.from_env(ns.device) as dp:
+        if lm_task is not None and dp.world_size > 1:
+            raise S2D2Error("tune on an lm-eval task runs in one process; launch it without torchrun.")
+        # a bad path fails before any work (rank 0 writes the results)
+        out = _open_output(ns.out, "--out") if dp.is_main else None
+        report = _open_output(ns.report, "--report") if ns.report and dp.is_main else None
         model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
         if lm_task is not None:
             from s2d2.tune import lm_eval_exact, search
@@ -422,10 +408,6 @@ def _tune(ns: argparse.Namespace) -> int:
             result = tune(model, [p.prompt for p in problems], lambda i, text: arith.is_correct(problems[i], text),
                           search_space(ns.quick), ns.max_accuracy_drop, ns.objective, ns.timed, ns.repeats,
                           batch_size, dp, progress=dp.is_main)
-    except BaseException:
-        dp.close(failed=True)
-        raise
-    dp.close()
     if out is None:
         return 0
     with out:

@@ -169,15 +169,10 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
             commits: dict[int, int] = dict(edits)
             verdict = None
             if cfg.method == "s2d2" and span is not None:
-                verify_now, router = routing.route(router, unit, span, draft, cfg)
-                if tracer is not None:
-                    tracer.route(verify_now, (block.start + span.start, block.start + span.end),
-                                 routing.explain(router, unit, span, draft, cfg))
-                if verify_now:  # the verifier reads the edited prefix
-                    edited_block = block.with_tokens(edits) if edits else block
-                    verdict = yield from forwards.verify(seq, edited_block, unit, span, draft, generator)
-                    commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
-                    commits.update((span.start + j, token) for j, token in verdict.extra)
+                # the verifier reads the edited prefix
+                router, verdict, verified = yield from forwards.route_and_verify(
+                    router, seq, block.with_tokens(edits) if edits else block, unit, span, draft, generator)
+                commits.update(verified)
             need = min(quota, unit.num_masked) - (len(commits) - len(edits))
             if need > 0:
                 candidates = [i for i in unit.masked_offsets() if i not in commits]
@@ -272,14 +267,8 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
         commits: dict[int, int] = {}
         verdict = None
         if cfg.method == "s2d2" and span is not None:
-            verify_now, router = routing.route(router, region, span, draft, cfg)
-            if tracer is not None:
-                tracer.route(verify_now, (region.start + span.start, region.start + span.end),
-                             routing.explain(router, region, span, draft, cfg))
-            if verify_now:
-                verdict = yield from forwards.verify(seq, region, region, span, draft, generator)
-                commits.update(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
-                commits.update((span.start + j, token) for j, token in verdict.extra)
+            router, verdict, commits = yield from forwards.route_and_verify(router, seq, region, region, span, draft,
+                                                                           generator)
         # a verified step commits what the verification decided and nothing else (at least one token of the front
         # block, the span's first); a step that does not verify is D2F's
         for j in range(count) if verdict is None else ():
@@ -455,6 +444,23 @@ class _Forwards:
         tokens = choose_tokens(probs, cfg.greedy, generator)
         confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
         return Draft(tuple(tokens.tolist()), tuple(confidence.tolist()), probs)
+
+    def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
+                         span: Span, draft: Draft, generator: torch.Generator | None
+                         ) -> Generator[ForwardRequest, torch.Tensor | None,
+                                        tuple[routing.RouterState, Verdict | None, dict[int, int]]]:
+        """One S2D2 routing decision on the span of ``unit`` and, if it says so, the verification: returns the next
+        router state, the verdict (None when not verified) and the commits it decides (``offset: token``)."""
+        verify_now, router = routing.route(router, unit, span, draft, self.cfg)
+        if self.tracer is not None:
+            self.tracer.route(verify_now, (block.start + span.start, block.start + span.end),
+                              routing.explain(router, unit, span, draft, self.cfg))
+        if not verify_now:
+            return router, None, {}
+        verdict = yield from self.verify(seq, block, unit, span, draft, generator)
+        commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
+        commits.update((span.start + j, token) for j, token in verdict.extra)
+        return router, verdict, commits
 
     def verify(self, seq: Sequence, block: BlockState, unit: BlockState, span: Span, draft: Draft,
                generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Verdict]:

@@ -100,6 +100,13 @@ class DataParallel:
 
             dist.barrier()
 
+    def __enter__(self) -> DataParallel:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """Leave the job at the end of a ``with`` block, without waiting for the others after a failure."""
+        self.close(failed=exc_type is not None)
+
     def close(self, failed: bool = False) -> None:
         """Leave the job: wait for every rank, then tear the group down. After a failure (``failed``) nothing
         waits: this process exits with an error and the launcher stops the other ranks."""

@@ -36,6 +36,7 @@ from s2d2.decode import (
     decode_steps,
     request_spec,
 )
+from s2d2.state import sequence_length
 from s2d2.stats import DecodeStats
 from s2d2.trace import Tracer
 
@@ -137,9 +138,9 @@ class Engine:
         ``trace`` records its step trace (:mod:`s2d2.trace`), returned with its final event."""
         rid = self._next_id
         self._next_id += 1
-        b = config.block_size
         # positions of prompt + max_new_tokens in whole blocks, plus the scratch rows a forward writes after them
-        capacity = -(-(len(prompt_ids) + config.max_new_tokens) // b) * b + 3 * b
+        capacity = (sequence_length(len(prompt_ids), config.block_size, config.max_new_tokens,
+                                    self.adapter.blocks_from_prompt_end) + 3 * config.block_size)
         self._waiting.append(_Waiting(rid, list(prompt_ids), config, generator, stop_check, capacity, trace))
         return rid
 
