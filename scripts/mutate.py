@@ -87,9 +87,9 @@ MUTATIONS: list[Mutation] = [
         "draft_p_distorted",
         "sampled acceptance gets p ** 0.9 (renormalised) instead of the draft's own distribution",
         "decode.py",
-        "            verdict = accept_sampled(drafted, draft.probs[span.start:span.end], q, generator)\n",
+        "            p = draft.probs[span.start:span.end]\n",
         "            p = draft.probs[span.start:span.end] ** 0.9\n"
-        "            verdict = accept_sampled(drafted, p / p.sum(dim=-1, keepdim=True), q, generator)\n",
+        "            p = p / p.sum(dim=-1, keepdim=True)\n",
     ),
     Mutation(
         "rmsnorm_rounding_order",
@@ -116,8 +116,8 @@ MUTATIONS: list[Mutation] = [
         "sampled_ratio_inverted",
         "sampled acceptance tests u against min(1, p/q) instead of min(1, q/p)",
         "verify.py",
-        "rejected = (u >= torch.clamp(q_d / p_d, max=1.0)).tolist()",
-        "rejected = (u >= torch.clamp(p_d / q_d.clamp_min(1e-12), max=1.0)).tolist()",
+        "ratio = torch.clamp(q_d / p_d, max=1.0)",
+        "ratio = torch.clamp(p_d / q_d.clamp_min(1e-12), max=1.0)",
     ),
     Mutation(
         "stop_string_not_cut",
@@ -365,8 +365,8 @@ MUTATIONS: list[Mutation] = [
         "trace_correction_labelled_accepted",
         "traces label the verifier's correction as an accepted draft",
         "decode.py",
-        "span.start <= offset < span.start + verdict.num_accepted:",
-        "span.start <= offset <= span.start + verdict.num_accepted:",
+        "span.start <= offset < span.start + verdict.num_accepted\n",
+        "span.start <= offset <= span.start + verdict.num_accepted\n",
     ),
     Mutation(
         "trace_fused_forwards_counted",
