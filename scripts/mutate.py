@@ -84,6 +84,13 @@ MUTATIONS: list[Mutation] = [
         "        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)",
     ),
     Mutation(
+        "commit_confident_reaches_into_the_verdict",
+        "commit_confident also overwrites the verified positions with confident drafts",
+        "decode.py",
+        "    candidates = [i for i in masked if i not in commits]\n",
+        "    candidates = list(masked)\n",
+    ),
+    Mutation(
         "draft_p_distorted",
         "sampled acceptance gets p ** 0.9 (renormalised) instead of the draft's own distribution",
         "decode.py",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import s2d2
-from s2d2.bench import Setting, default_grid, run_bench
+from s2d2.bench import Setting, default_grid, dominating, run_bench
 from s2d2.cli import main
 from s2d2.tasks import arith
 
@@ -48,15 +48,22 @@ def test_bench_quick_writes_table_records_and_plot(random_model_dir, tmp_path, c
         assert 0.0 <= r["loop_share"] < 1.0 and r["loop_share"] == 1.0 - st["forward_time_s"] / st["time_s"]
     assert ar["speedup_vs_ar"] == 1.0 and ar["nfe_per_token"] == 1.0 and ar["verify_rate"] == 0.0
     assert records[2]["stats"]["verify_forwards"] > 0  # the s2d2 setting verifies: verify_rate is really exercised
-    assert (out / "pareto.png").stat().st_size > 1000
+    assert (out / "pareto.png").stat().st_size > 1000 and (out / "pareto_tpf.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     rows = [f"| {r['name']} | {r['accuracy']:.1%} | {r['nfe_per_token']:.3f} | {r['tokens_per_forward']:.2f} | "
             f"{r['tokens_per_s']:.0f} | {r['speedup_vs_ar']:.2f}x | {r['verify_rate']:.2f} | "
             f"{r['mean_accepted_length']:.2f} | {r['loop_share']:.1%} |" for r in records]
-    assert table.splitlines() == [
-        f"# {random_model_dir} on arith (3 test problems, 1 rounds)", "",
-        "| setting | accuracy | NFE / token | tokens / forward | tokens / s | speedup vs AR | verify rate | "
-        "mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|", *rows]
+    head = [f"# {random_model_dir} on arith (3 test problems, 1 rounds)", "",
+            "| setting | accuracy | NFE / token | tokens / forward | tokens / s | speedup vs AR | verify rate | "
+            "mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|", *rows]
+    lines = table.splitlines()
+    assert lines[:len(head)] == head
+    # then the dominance section: one row for the grid's one dynamic setting
+    assert lines[len(head) + 1] == "## Dynamic settings and the S2D2 setting that dominates each"
+    dyn, ours = records[1], records[2]
+    dominated = ours["accuracy"] >= dyn["accuracy"] and ours["tokens_per_forward"] >= dyn["tokens_per_forward"]
+    assert lines[-1].startswith(f"| {dyn['name']} | {dyn['accuracy']:.1%} | {dyn['tokens_per_forward']:.2f} | "
+                                f"{ours['name'] if dominated else 'none'} |")
     assert capsys.readouterr().out == table + "\n"  # print() adds a newline after the file's own
 
 
@@ -91,3 +98,15 @@ def test_bench_grid_errors(random_model_dir, tmp_path, capsys):
         assert main(["bench", "--model", str(random_model_dir), "--grid", str(grid), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("s2d2: error:") for line in err)
+
+
+def test_dominating_picks_the_fastest_s2d2_setting_with_at_least_both_figures():
+    def rec(name, method, acc, tpf):
+        return {"name": name, "method": method, "accuracy": acc, "tokens_per_forward": tpf}
+
+    records = [rec("ar", "ar", 0.95, 1.0), rec("dyn fast", "dynamic", 0.45, 5.8), rec("dyn exact tie", "dynamic", 0.9, 4.0),
+               rec("dyn slow", "dynamic", 0.93, 3.0), rec("s slow", "s2d2", 0.95, 3.5), rec("s tie", "s2d2", 0.9, 4.0),
+               rec("s fast wrong", "s2d2", 0.40, 6.0), rec("s tie fast", "s2d2", 0.92, 4.0)]
+    got = {d["name"]: None if r is None else r["name"] for d, r in dominating(records)}
+    # equal figures dominate (at least both); of two at 4.0 the more accurate; 5.8 at 45% has no S2D2 counterpart
+    assert got == {"dyn fast": None, "dyn exact tie": "s tie fast", "dyn slow": "s slow"}

@@ -118,3 +118,31 @@ def test_relaxation_changes_what_a_random_model_commits(model):
     relaxed = sum(o.stats.accepted_tokens for o in model.generate(prompts, DecodeConfig(**base, relax=1.0,
                                                                                           ratio_threshold=0.05)))
     assert relaxed > exact
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_commit_confident_commits_exactly_the_confident_rest_of_a_verified_step(model, pipelined):
+    """The reference's always_check_high_confidence: a verified step also commits every other mask whose draft
+    clears the threshold (its draft token, labelled fallback); without the knob a verified step (B = S) commits the
+    verdict alone. Read off the step traces; the threshold sits at the random model's median confidence."""
+    base = dict(method="s2d2", block_size=8, policy="mask_span_length", min_span=1, max_new_tokens=32,
+                stop_token_ids=(), generation_config="none",
+                block_add_threshold=0.25 if pipelined else None)
+    prompts = [[72, 101, 108, 108, 111], list(range(40, 56)), [3, 250, 9]]
+    plain = model.generate(prompts[0], DecodeConfig(**base), trace=True)[0].trace
+    confidences = sorted(c for e in plain[1:-1] if "draft" in e for c in e["draft"]["confidence"])
+    threshold = confidences[len(confidences) // 2]
+    checked = 0
+    for knob in (False, True):
+        cfg = DecodeConfig(**base, threshold=threshold, commit_confident=knob)
+        for out in model.generate(prompts, cfg, trace=True):
+            for step in (e for e in out.trace[1:-1] if e.get("route", {}).get("verify")):
+                draft = dict(zip(step["draft"]["positions"], zip(step["draft"]["tokens"], step["draft"]["confidence"])))
+                verdict = {c["pos"] for c in step["commits"] if c["how"] in ("accepted", "corrected")}
+                rest = {c["pos"]: c["token"] for c in step["commits"] if c["how"] == "fallback"}
+                expected = {p: t for p, (t, conf) in draft.items() if p not in verdict and conf > threshold}
+                assert rest == (expected if knob else {})
+                corrected = [c["token"] for c in step["commits"] if c["how"] == "corrected"]
+                assert corrected == ([] if step["verify"]["correction"] is None else [step["verify"]["correction"]])
+                checked += len(expected)
+    assert checked > 0  # confident drafts beside verifications occurred, so the rule was exercised

@@ -53,6 +53,7 @@ def test_the_default_search_space_covers_policies_estimators_blocks_and_the_gate
         "score_threshold", "mask_span_length", "score_hysteresis", "contextual_bandit_ucb"}
     assert {f.get("estimator") for f in fields} >= {None, "hard_margin_threshold"}
     assert {f["block_size"] for f in fields} == {4, 8, 16} and {f.get("skip_confident") for f in fields} >= {True}
+    assert {f.get("relax") for f in fields} >= {1.0} and {f.get("commit_confident") for f in fields} >= {True}
     for f in fields:
         DecodeConfig(**f)  # every setting is valid
 

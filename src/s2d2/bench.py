@@ -6,8 +6,9 @@ time figures are medians over rounds. Accuracy, NFE and tokens per forward are e
 itself). Speedups are ratios against the ``ar`` setting of the same run: AR time over the setting's time for the
 same prompts.
 
-Outputs in ``--out``: ``results.jsonl`` (one record per setting), ``results.md`` (the table) and ``pareto.png``
-(accuracy against speedup, one curve per method).
+Outputs in ``--out``: ``results.jsonl`` (one record per setting), ``results.md`` (the table, and for each dynamic
+setting the S2D2 setting that dominates it), ``pareto.png`` (accuracy against speedup, one curve per method) and
+``pareto_tpf.png`` (accuracy against tokens per forward).
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ def default_grid(quick: bool = False) -> list[Setting]:
         Setting(f"s2d2 config-A skip-confident B={b} t={t}", dict(method="s2d2", block_size=b, threshold=t,
                                                                   skip_confident=True))
         for b, t in ((4, 0.9), (8, 0.9), (8, 0.95), (16, 0.9), (16, 0.95))
+    ]
+    # beyond exact acceptance (docs/decoding.md "Relaxed acceptance"): the relax dial, confident drafts committed
+    # beside a verification, and with pipelined blocks the fast end of S2D2's front
+    gated = dict(method="s2d2", block_size=16, threshold=0.9, skip_confident=True)
+    grid += [
+        Setting("s2d2 config-A skip-confident B=16 t=0.9 relax=1", dict(gated, relax=1.0)),
+        Setting("s2d2 always-verify B=16 relax=1", dict(method="s2d2", block_size=16, penalty=0.0, relax=1.0)),
+        Setting("s2d2 config-A skip-confident commit-confident B=16 t=0.9", dict(gated, commit_confident=True)),
+        Setting("s2d2 config-A skip-confident commit-confident pipelined B=16 t=0.7",
+                dict(gated, threshold=0.7, commit_confident=True, block_add_threshold=0.5)),
     ]
     return grid
 
@@ -279,8 +290,38 @@ def write_throughput(records: list[dict[str, Any]], out: Path, title: str) -> No
     plt.close(fig)
 
 
+def dominating(records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """For every ``dynamic`` record, the ``s2d2`` record that dominates it: at least its accuracy and at least its
+    tokens per forward (both exact), the fastest such by tokens per forward (ties: the more accurate), or None."""
+    s2d2 = [r for r in records if r["method"] == "s2d2"]
+    pairs = []
+    for d in (r for r in records if r["method"] == "dynamic"):
+        better = [r for r in s2d2 if r["accuracy"] >= d["accuracy"] and r["tokens_per_forward"] >= d["tokens_per_forward"]]
+        pairs.append((d, max(better, key=lambda r: (r["tokens_per_forward"], r["accuracy"]), default=None)))
+    return pairs
+
+
+def _coverage_lines(records: list[dict[str, Any]]) -> list[str]:
+    """results.md's section: each dynamic setting and the S2D2 setting that dominates it (empty if either is absent)."""
+    pairs = dominating(records)
+    if not pairs or not any(r["method"] == "s2d2" for r in records):
+        return []
+    lines = ["", "## Dynamic settings and the S2D2 setting that dominates each", "",
+             "At least the dynamic setting's accuracy and at least its tokens per forward (exact figures); of those, "
+             "the fastest per forward.", "",
+             "| dynamic setting | accuracy | tokens / forward | S2D2 setting | accuracy | tokens / forward | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for d, r in sorted(pairs, key=lambda p: -p[0]["tokens_per_forward"]):
+        ours = ("none", "–", "–", "–") if r is None else (
+            r["name"], f"{r['accuracy']:.1%}", f"{r['tokens_per_forward']:.2f}",
+            f"{r['tokens_per_forward'] / d['tokens_per_forward']:.2f}x")
+        lines.append(f"| {d['name']} | {d['accuracy']:.1%} | {d['tokens_per_forward']:.2f} | " + " | ".join(ours) + " |")
+    return lines
+
+
 def write_outputs(records: list[dict[str, Any]], out: Path, title: str) -> None:
-    """results.jsonl, results.md and pareto.png in ``out``."""
+    """results.jsonl, results.md (with the dominance table) and the Pareto plots in ``out``: ``pareto.png``
+    (accuracy against wall-clock speedup) and ``pareto_tpf.png`` (against tokens per forward, exact)."""
     _write_records(records, out, "results", title, [
         ("setting", lambda r: r["name"]), ("accuracy", lambda r: f"{r['accuracy']:.1%}"),
         ("NFE / token", lambda r: f"{r['nfe_per_token']:.3f}"),
@@ -289,17 +330,27 @@ def write_outputs(records: list[dict[str, Any]], out: Path, title: str) -> None:
         ("speedup vs AR", lambda r: f"{r['speedup_vs_ar']:.2f}x"), ("verify rate", lambda r: f"{r['verify_rate']:.2f}"),
         ("mean accepted", lambda r: f"{r['mean_accepted_length']:.2f}"),
         ("loop share", lambda r: f"{r['loop_share']:.1%}")])
+    coverage = _coverage_lines(records)
+    if coverage:
+        with (out / "results.md").open("a") as f:
+            f.write("\n".join(coverage) + "\n")
     plot_pareto(records, out / "pareto.png", title)
+    plot_pareto(records, out / "pareto_tpf.png", title, axis="tokens_per_forward")
 
 
-def plot_pareto(records: list[dict[str, Any]], path: Path, title: str) -> bool:
-    """Accuracy against wall-clock speedup, one marker set and Pareto curve per method; False if no matplotlib."""
+# x axes of the Pareto plots: record key -> axis label
+PARETO_AXES = {"speedup_vs_ar": "wall-clock speedup vs AR (x)", "tokens_per_forward": "tokens per forward (exact)"}
+
+
+def plot_pareto(records: list[dict[str, Any]], path: Path, title: str, axis: str = "speedup_vs_ar") -> bool:
+    """Accuracy against ``axis`` (a key of :data:`PARETO_AXES`), one marker set and Pareto curve per method; False if
+    no matplotlib."""
     plt = _pyplot()
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 5))
     for method in dict.fromkeys(r["method"] for r in records):
-        pts = sorted((r["speedup_vs_ar"], r["accuracy"] * 100) for r in records if r["method"] == method)
+        pts = sorted((r[axis], r["accuracy"] * 100) for r in records if r["method"] == method)
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], label=method, s=18)
         front, best = [], -1.0
         for x, y in sorted(pts, key=lambda p: -p[0]):  # from the fastest: keep points more accurate than all faster
@@ -308,7 +359,7 @@ def plot_pareto(records: list[dict[str, Any]], path: Path, title: str) -> bool:
                 best = y
         front.sort()
         ax.plot([p[0] for p in front], [p[1] for p in front], linewidth=1)
-    ax.set_xlabel("wall-clock speedup vs AR (x)")
+    ax.set_xlabel(PARETO_AXES[axis])
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -42,6 +42,15 @@ _HELP = {
     "generation_config": "auto: unset sampling flags take the checkpoint's generation_config.json values "
                          "(generate; eval and bench decode greedily unless this is given); none: ignore that file",
     "stop_token_ids": "token ids that end generation (default: the model's end-of-sequence ids)",
+    "skip_confident": "s2d2: do not verify a span whose drafts all clear --threshold (the fallback commits it)",
+    "commit_confident": "s2d2: after a verification also commit every other draft above --threshold (the "
+                        "reference's always_check_high_confidence; not exact)",
+    "relax": "s2d2 relaxed acceptance, 0 = exact .. 1 = typical acceptance with epsilon 0.3 (not exact above 0)",
+    "typical_epsilon": "typical acceptance's epsilon (expert; wins over --relax)",
+    "typical_delta": "typical acceptance's delta (expert; default sqrt(epsilon))",
+    "ratio_tempering": "sampled acceptance ratio (q/p) ** this (the reference's ssd_ratio_tempering_factor)",
+    "ratio_threshold": "after a rejection also commit later span drafts whose ratio reaches this (the reference's "
+                       "ssd_ratio_threshold)",
 }
 
 

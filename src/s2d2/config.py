@@ -80,6 +80,9 @@ class DecodeConfig:
     # before any policy: never verify a span whose drafts all clear `threshold` (a dynamic fallback commits them
     # all in this step anyway, so verifying could only catch a confidently wrong draft, at one more forward)
     skip_confident: bool = False
+    # after a verification, also commit every remaining mask of the unit whose draft clears `threshold`, as a step
+    # that does not verify would (the reference's always_check_high_confidence). Not exact: a speed knob
+    commit_confident: bool = False
     estimator: Estimator = "soft_entropy_negexp"
     score_type: ScoreType = "difference_static"
     penalty: float = 1.0  # c in s = E[K] - c (static) or E[K] - c * N_high (dynamic)
@@ -199,7 +202,8 @@ class DecodeConfig:
             _check_float(name, getattr(self, name), -1e9, 1e9)
         if self.tau_on <= self.tau_off:
             raise ConfigError(f"tau_on ({self.tau_on}) must be greater than tau_off ({self.tau_off}) for score_hysteresis.")
-        for name in ("cache_ver", "draft_ver", "fuse_commit", "fuse_draft", "skip_confident"):
+        for name in ("cache_ver", "draft_ver", "fuse_commit", "fuse_draft", "skip_confident",
+                     "commit_confident"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.stop_token_ids is not None:

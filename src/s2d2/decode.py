@@ -173,6 +173,10 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
                 router, verdict, verified = yield from forwards.route_and_verify(
                     router, seq, block.with_tokens(edits) if edits else block, unit, span, draft, generator)
                 commits.update(verified)
+                if verdict is not None and cfg.commit_confident:
+                    confident = _confident_rest(unit.masked_offsets(), commits, draft, cfg.threshold)
+                    commits.update(confident)
+                    stats.fallback_tokens += len(confident)
             need = min(quota, unit.num_masked) - (len(commits) - len(edits))
             if need > 0:
                 candidates = [i for i in unit.masked_offsets() if i not in commits]
@@ -211,6 +215,13 @@ def _trace_commits(tracer: Tracer, start: int, commits: dict[int, int], edits: d
         elif verdict is not None and span is not None and offset == span.start + verdict.num_accepted:
             how = "corrected"
         tracer.commit(start + offset, token, how)
+
+
+def _confident_rest(masked: Iterable[int], commits: dict[int, int], draft: Draft, threshold: float) -> dict[int, int]:
+    """``commit_confident``: the masks a verification left whose drafts clear ``threshold`` (the dynamic rule's
+    commits, without its quota), to commit beside the verdict."""
+    candidates = [i for i in masked if i not in commits]
+    return {i: draft.tokens[i] for i in strategies.select_dynamic(candidates, draft.confidence, 0, threshold)}
 
 
 def _edits(block: BlockState, draft: Draft, threshold: float) -> dict[int, int]:
@@ -270,7 +281,12 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
             router, verdict, commits = yield from forwards.route_and_verify(router, seq, region, region, span, draft,
                                                                            generator)
         # a verified step commits what the verification decided and nothing else (at least one token of the front
-        # block, the span's first); a step that does not verify is D2F's
+        # block, the span's first), or with commit_confident also every other draft above the threshold; a step
+        # that does not verify is D2F's
+        if verdict is not None and cfg.commit_confident:
+            confident = _confident_rest(region.masked_offsets(), commits, draft, cfg.threshold)
+            commits.update(confident)
+            stats.fallback_tokens += len(confident)
         for j in range(count) if verdict is None else ():
             lo, hi = j * size, min((j + 1) * size, region.end)
             candidates = [i for i in range(lo, hi) if region.masked[i]]

@@ -40,8 +40,9 @@ POLICIES: dict[str, dict[str, Any]] = {
 
 
 def search_space(quick: bool = False) -> list[Setting]:
-    """S2D2 settings: block size x threshold x policy (and estimator) x the skip_confident gate; dynamic baselines
-    too, so that the table shows what verification buys. ``quick``: a handful, for tests."""
+    """S2D2 settings: block size x threshold x policy (and estimator) x the skip_confident gate, and the relaxed
+    knobs (``relax``, ``commit_confident``) on the gated configuration A; dynamic baselines too, so that the table
+    shows what verification buys. ``quick``: a handful, for tests."""
     if quick:
         return [Setting("dynamic B=4 t=0.9", dict(method="dynamic", block_size=4, threshold=0.9)),
                 Setting("s2d2 config-A B=4 t=0.9", dict(method="s2d2", block_size=4, threshold=0.9)),
@@ -56,6 +57,12 @@ def search_space(quick: bool = False) -> list[Setting]:
                     label = f"s2d2 {name}{' skip-confident' if skip else ''} B={b} t={t}"
                     space.append(Setting(label, dict(method="s2d2", block_size=b, threshold=t, skip_confident=skip,
                                                      **fields)))
+            # the speed knobs beyond exact acceptance (docs/decoding.md "Relaxed acceptance"): the relax dial at its
+            # top, and confident drafts committed beside a verification; chosen only under a wider accuracy budget
+            gated = dict(method="s2d2", block_size=b, threshold=t, skip_confident=True)
+            space += [Setting(f"s2d2 config-A skip-confident relax=1 B={b} t={t}", dict(gated, relax=1.0)),
+                      Setting(f"s2d2 config-A skip-confident commit-confident B={b} t={t}",
+                              dict(gated, commit_confident=True))]
     return space
 
 
