@@ -91,6 +91,21 @@ MUTATIONS: list[Mutation] = [
         "    candidates = list(masked)\n",
     ),
     Mutation(
+        "prefix_cache_commits_the_correction_row",
+        "a verification's prefix commit also keeps the row of the rejected draft (the correction's position)",
+        "decode.py",
+        "            self.cache.commit(block.start + span.start + verdict.num_accepted - self.cache.length)\n",
+        "            self.cache.commit(min(block.start + span.start + verdict.num_accepted + 1,\n"
+        "                                  block.start + span.end) - self.cache.length)\n",
+    ),
+    Mutation(
+        "prefix_cache_stores_the_first_mask_row",
+        "a prefix-caching draft stores one row past the committed prefix (a mask's K/V)",
+        "adapters/sdar.py",
+        "            store = block_start + first_mask - cache_len\n",
+        "            store = min(block_start + first_mask + 1, end) - cache_len\n",
+    ),
+    Mutation(
         "draft_p_distorted",
         "sampled acceptance gets p ** 0.9 (renormalised) instead of the draft's own distribution",
         "decode.py",

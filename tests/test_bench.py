@@ -11,7 +11,8 @@ from s2d2.tasks import arith
 
 
 _COUNTERS = ("num_tokens", "prompt_tokens", "prefill_forwards", "draft_forwards", "verify_forwards", "commit_forwards",
-             "fused_drafts", "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens")
+             "fused_drafts", "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens",
+             "query_rows")
 
 
 def test_bench_quick_writes_table_records_and_plot(random_model_dir, tmp_path, capsys):
@@ -38,6 +39,7 @@ def test_bench_quick_writes_table_records_and_plot(random_model_dir, tmp_path, c
         assert st["nfe"] == sum(o.stats.nfe for o in outs) > 0 and st["num_tokens"] > 0 and st["steps"] > 0
         assert r["nfe_per_token"] == st["nfe"] / st["num_tokens"]
         assert r["tokens_per_forward"] == st["num_tokens"] / st["nfe"]
+        assert r["rows_per_forward"] == st["query_rows"] / st["nfe"] and st["query_rows"] >= st["nfe"]
         assert r["verify_rate"] == st["verify_forwards"] / st["steps"]
         assert r["mean_accepted_length"] == ((st["accepted_tokens"] + st["corrected_tokens"]) / st["verify_forwards"]
                                              if st["verify_forwards"] else 0.0)
@@ -51,11 +53,11 @@ def test_bench_quick_writes_table_records_and_plot(random_model_dir, tmp_path, c
     assert (out / "pareto.png").stat().st_size > 1000 and (out / "pareto_tpf.png").stat().st_size > 1000
     table = (out / "results.md").read_text()
     rows = [f"| {r['name']} | {r['accuracy']:.1%} | {r['nfe_per_token']:.3f} | {r['tokens_per_forward']:.2f} | "
-            f"{r['tokens_per_s']:.0f} | {r['speedup_vs_ar']:.2f}x | {r['verify_rate']:.2f} | "
+            f"{r['rows_per_forward']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_ar']:.2f}x | {r['verify_rate']:.2f} | "
             f"{r['mean_accepted_length']:.2f} | {r['loop_share']:.1%} |" for r in records]
     head = [f"# {random_model_dir} on arith (3 test problems, 1 rounds)", "",
-            "| setting | accuracy | NFE / token | tokens / forward | tokens / s | speedup vs AR | verify rate | "
-            "mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|", *rows]
+            "| setting | accuracy | NFE / token | tokens / forward | rows / forward | tokens / s | speedup vs AR | "
+            "verify rate | mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
     lines = table.splitlines()
     assert lines[:len(head)] == head
     # then the dominance section: one row for the grid's one dynamic setting

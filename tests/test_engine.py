@@ -52,8 +52,8 @@ def reference(model: s2d2.Model, ids: list[int], cfg: DecodeConfig) -> tuple[lis
     gaps = []
     real = s2d2.decode.run_request
 
-    def spy(adapter, request, cache):
-        out = real(adapter, request, cache)
+    def spy(adapter, request, cache, spec=None):
+        out = real(adapter, request, cache, spec)
         if out is not None:
             top2 = out.topk(2, dim=-1).values
             gaps.append(float((top2[:, 0] - top2[:, 1]).min()))

@@ -13,6 +13,9 @@ real model with N = 1500 does not see; the last test shows that it does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import pytest
 import torch
 from scipy.stats import chi2
@@ -66,16 +69,18 @@ class TableAdapter:
     def _draft_rows(self, last: int, first: int, size: int) -> torch.Tensor:
         return torch.stack([_row(P_LOGITS.roll(last + j)) for j in range(first, first + size)])
 
-    def draft(self, ids, cache, block_start, block_size, first_mask, *, cache_ver, draft_ver, num_blocks=1):
+    def draft(self, ids, cache, block_start, block_size, first_mask, *, cache_ver, draft_ver, num_blocks=1,
+              cache_prefix=False):
         assert num_blocks == 1
         self.ids = ids
-        cache.commit(block_start - cache.length)  # the pending tokens are now "cached"
+        # the pending tokens (with prefix caching, the block's committed prefix too) are now "cached"
+        cache.commit(block_start + (first_mask if cache_prefix else 0) - cache.length)
         last = int(ids[block_start + first_mask - 1])
         rows = self._draft_rows(last, 0, block_size)
         return rows
 
     def verify(self, filled, cache, block_start, span_start, next_block=0):
-        assert self.ids is not None and cache.length == block_start
+        assert self.ids is not None and block_start <= cache.length <= span_start
         prefix = self.ids[:block_start].tolist() + list(filled)
         rows = [_row(Q_LOGITS.roll(prefix[p - 1])) for p in range(span_start, block_start + len(filled))]
         if next_block:
@@ -84,6 +89,27 @@ class TableAdapter:
 
     def commit(self, ids, cache, end, block_size, *, cache_ver):
         cache.commit(end - cache.length)
+
+    # The loop runs forwards as specs (rows, then adapter.run); here a spec just defers to the table forwards above.
+    def draft_spec(self, ids, cache_len, block_start, block_size, first_mask, **kw):
+        return _TableSpec(block_size, lambda cache: self.draft(ids, cache, block_start, block_size, first_mask, **kw))
+
+    def verify_spec(self, filled, cache_len, block_start, span_start, next_block=0):
+        return _TableSpec(len(filled), lambda cache: self.verify(filled, cache, block_start, span_start, next_block))
+
+    def commit_spec(self, ids, cache_len, end, block_size, *, cache_ver):
+        return _TableSpec(end - cache_len, lambda cache: self.commit(ids, cache, end, block_size, cache_ver=cache_ver))
+
+    def run(self, spec, cache):
+        return spec.compute(cache)
+
+
+@dataclass(frozen=True)
+class _TableSpec:
+    """A stand-in for :class:`s2d2.batching.ForwardSpec`: its row count, and the table forward to run."""
+
+    num_rows: int
+    compute: Callable[[KVCache], torch.Tensor | None]
 
 
 def target_row(prev: int) -> torch.Tensor:

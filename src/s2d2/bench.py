@@ -195,6 +195,7 @@ def run_bench(model: Model, prompts: list[str], checker: Callable[[int, str], bo
             "name": s.name, "method": s.fields.get("method", "s2d2"), "config": s.fields,
             "accuracy": sum(correct) / len(correct), "n": len(correct),
             "nfe_per_token": d["nfe"] / max(1, d["num_tokens"]), "tokens_per_forward": d["tokens_per_forward"],
+            "rows_per_forward": d["rows_per_forward"],
             "tokens_per_s": d["num_tokens"] / time_s if time_s else 0.0, "time_s": time_s,
             "speedup_vs_ar": ar_time / time_s if time_s else 0.0,
             "verify_rate": d["verify_forwards"] / max(1, d["steps"]),  # share of steps that verified
@@ -326,6 +327,7 @@ def write_outputs(records: list[dict[str, Any]], out: Path, title: str) -> None:
         ("setting", lambda r: r["name"]), ("accuracy", lambda r: f"{r['accuracy']:.1%}"),
         ("NFE / token", lambda r: f"{r['nfe_per_token']:.3f}"),
         ("tokens / forward", lambda r: f"{r['tokens_per_forward']:.2f}"),
+        ("rows / forward", lambda r: f"{r['rows_per_forward']:.1f}"),
         ("tokens / s", lambda r: f"{r['tokens_per_s']:.0f}"),
         ("speedup vs AR", lambda r: f"{r['speedup_vs_ar']:.2f}x"), ("verify rate", lambda r: f"{r['verify_rate']:.2f}"),
         ("mean accepted", lambda r: f"{r['mean_accepted_length']:.2f}"),

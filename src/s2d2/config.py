@@ -14,6 +14,9 @@ Defaults, and where they differ from the authors' code (``s2d2-reference.md`` §
   The reference has no deterministic greedy acceptance (its bug 7.1).
 - ``fuse_commit=True``: the K/V of a finished block (and of the prompt) are written by the next forward instead of
   a forward of their own, saving one forward per block and making AR one forward per token.
+- ``prefix_cache=True`` (not in the reference): with the AR-consistent cache the causal K/V of a block's committed
+  prefix are final, so the forward that computes them anyway writes them to the cache, and later drafts and
+  verifications of the block carry only the rows after it. Same tokens, fewer rows per forward.
 - ``fuse_draft=True`` (s2d2 only; not in the reference): a verify whose span runs to the block's end also drafts
   the next block; when every draft is accepted that draft is used and the next block's first draft forward is
   saved. The result is the same tokens (the rows are the same computation), with fewer forwards.
@@ -113,6 +116,10 @@ class DecodeConfig:
     draft_ver: bool = True  # committed prefix of the block attends causally in drafts
     fuse_commit: bool = True  # write a finished block's K/V in the next forward, not a forward of its own
     fuse_draft: bool = True  # a verify that may finish the block also drafts the next one (needs cache_ver, fuse_commit)
+    # write the K/V of the block's committed prefix into the cache as it grows (in the forward running anyway), so
+    # that drafts and verifications carry only the rows after it; needs cache_ver, draft_ver and fuse_commit (then those K/V are
+    # final), off with editing; the same tokens either way (docs/decoding.md "What a forward carries")
+    prefix_cache: bool = True
     # --- sampling. Left at None, these three come from the checkpoint's generation_config.json when
     # generation_config is "auto" (the serving convention, as vLLM), else from the built-in defaults:
     temperature: float | None = None  # 0 = greedy (deterministic); built-in default 0
@@ -203,7 +210,7 @@ class DecodeConfig:
         if self.tau_on <= self.tau_off:
             raise ConfigError(f"tau_on ({self.tau_on}) must be greater than tau_off ({self.tau_off}) for score_hysteresis.")
         for name in ("cache_ver", "draft_ver", "fuse_commit", "fuse_draft", "skip_confident",
-                     "commit_confident"):
+                     "commit_confident", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.stop_token_ids is not None:

@@ -60,6 +60,8 @@ class DraftRequest:
     cache_ver: bool
     draft_ver: bool
     num_blocks: int = 1  # pipelined decoding: the blocks in flight, from block_start
+    # also write the K/V of the block's committed prefix (offsets before first_mask): the rows after it only remain
+    cache_prefix: bool = False
 
 
 @dataclass(frozen=True)
@@ -331,12 +333,13 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
             request = steps.send(logits)
         except StopIteration as done:
             return done.value
-        rows = request_spec(adapter, request, cache.length).num_rows if tracer is not None else 0
+        spec = request_spec(adapter, request, cache.length)
         with timer:
-            logits = run_request(adapter, request, cache)
+            logits = run_request(adapter, request, cache, spec)
         state.stats.forward_time_s += timer.elapsed
+        state.stats.query_rows += spec.num_rows
         if tracer is not None:
-            tracer.forward_done(rows, timer.elapsed)
+            tracer.forward_done(spec.num_rows, timer.elapsed)
 
 
 def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int) -> ForwardSpec:
@@ -344,7 +347,8 @@ def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int
     form of every forward)."""
     if isinstance(request, DraftRequest):
         return adapter.draft_spec(request.ids, cache_len, request.block_start, request.block_size, request.first_mask,
-                                  cache_ver=request.cache_ver, draft_ver=request.draft_ver, num_blocks=request.num_blocks)
+                                  cache_ver=request.cache_ver, draft_ver=request.draft_ver, num_blocks=request.num_blocks,
+                                  cache_prefix=request.cache_prefix)
     if isinstance(request, VerifyRequest):
         return adapter.verify_spec(request.filled, cache_len, request.block_start, request.span_start,
                                    request.next_block)
@@ -354,17 +358,12 @@ def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int
     return adapter.commit_spec(request.ids, cache_len, request.end, request.block_size, cache_ver=request.cache_ver)
 
 
-def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache) -> torch.Tensor | None:
-    """Execute one row's request with the adapter's single-row forwards."""
-    if isinstance(request, DraftRequest):
-        return adapter.draft(request.ids, cache, request.block_start, request.block_size, request.first_mask,
-                             cache_ver=request.cache_ver, draft_ver=request.draft_ver, num_blocks=request.num_blocks)
-    if isinstance(request, VerifyRequest):
-        return adapter.verify(request.filled, cache, request.block_start, request.span_start, request.next_block)
-    if isinstance(request, FinalizeRequest):
-        return adapter.finalize(request.ids, cache, request.end, request.block_size, cache_ver=request.cache_ver)
-    adapter.commit(request.ids, cache, request.end, request.block_size, cache_ver=request.cache_ver)
-    return None
+def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache,
+                spec: ForwardSpec | None = None) -> torch.Tensor | None:
+    """Execute one row's request (its ``spec``, if already built) with the adapter's single-row forward; returns
+    its logits (None for a commit)."""
+    logits = adapter.run(spec if spec is not None else request_spec(adapter, request, cache.length), cache)
+    return None if isinstance(request, CommitRequest) else logits
 
 
 class ForwardTimer:
@@ -397,6 +396,13 @@ class _Forwards:
         # a block's K/V may enter the cache early only if no edit can change it afterwards
         self._fuse_draft = (cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
                             and cfg.block_add_threshold is None)
+        # Prefix caching: with the AR-consistent cache a committed token's causal K/V depend only on the tokens to
+        # its left, so once the block's left-most committed run grows they are final. Drafts (draft_ver: those rows
+        # are causal) and verifications (their first half is causal) compute them anyway and keep them.
+        # (Like fuse_commit, whose cost model it extends: without it, as in the reference, K/V get forwards of their own.)
+        self._cache_prefix = (cfg.prefix_cache and cfg.cache_ver and cfg.draft_ver and cfg.fuse_commit
+                              and cfg.editing_threshold is None and cfg.block_add_threshold is None
+                              and not shifted_logits)
         # A draft made by the verify forward that finished the previous block (aligned logits) or the current
         # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
         self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None
@@ -454,7 +460,7 @@ class _Forwards:
                 yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
             self._trace_forward("draft")
             logits = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
-                                        cfg.cache_ver, cfg.draft_ver, num_blocks)
+                                        cfg.cache_ver, cfg.draft_ver, num_blocks, self._cache_prefix)
             self.stats.draft_forwards += 1
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         tokens = choose_tokens(probs, cfg.greedy, generator)
@@ -515,9 +521,12 @@ class _Forwards:
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
+        if self._cache_prefix:  # the accepted drafts' first-half rows are their final causal K/V
+            self.cache.commit(block.start + span.start + verdict.num_accepted - self.cache.length)
         if verdict.num_accepted == span.length:
             if finishes_block:
-                self.cache.commit(block.size)  # the causal K/V of the finished block, as fuse_commit writes them
+                # the causal K/V of the finished block, as fuse_commit writes them
+                self.cache.commit(block.start + block.size - self.cache.length)
                 if self.shifted:
                     self._next_token = (block.start + block.size, next_logits)
                 else:

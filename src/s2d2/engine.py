@@ -200,6 +200,7 @@ class Engine:
             t1 = time.perf_counter()
             for row, spec, out in zip(rows, specs, logits):
                 row.state.stats.forward_time_s += elapsed
+                row.state.stats.query_rows += spec.num_rows
                 if row.state.trace is not None:
                     row.state.trace.forward_done(spec.num_rows, elapsed)
                 self._advance(row, None if isinstance(row.pending, CommitRequest) else out, events)

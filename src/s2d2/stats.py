@@ -38,6 +38,8 @@ class DecodeStats:
     corrected_tokens: int = 0
     fallback_tokens: int = 0
     edits: int = 0  # committed tokens replaced by LLaDA2.1-style editing (editing_threshold)
+    # query rows the forwards carried (a forward's cost grows with them; batched padding not included)
+    query_rows: int = 0
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: drafts accepted at span offset i
     proposed_per_position: list[int] = field(default_factory=list)  # [i]: drafts verified at span offset i
     # a prompt's wall time from its start to its end: its latency, which in a batch overlaps the other prompts'
@@ -92,6 +94,7 @@ class DecodeStats:
         d.update(
             nfe=nfe,
             tokens_per_forward=self.num_tokens / nfe if nfe else 0.0,
+            rows_per_forward=self.query_rows / nfe if nfe else 0.0,
             tokens_per_s=self.num_tokens / self.time_s if self.time_s > 0 else 0.0,
             mean_accepted_length=(self.accepted_tokens + self.corrected_tokens) / self.verify_forwards
             if self.verify_forwards else 0.0,

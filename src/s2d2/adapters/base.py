@@ -39,12 +39,14 @@ class FamilyAdapter(Protocol):
         ...
 
     def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
-              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> torch.Tensor:
+              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> torch.Tensor:
         """Diffusion-mode pass over ``ids[block_start : block_start + num_blocks * block_size]`` (the block, or the
         blocks in flight of pipelined decoding, each seeing itself and those before); returns logits ``[R, V]``.
 
         First writes the pending tokens ``ids[cache.length : block_start]`` into the cache (causally if
-        ``cache_ver``). With ``draft_ver`` the rows of the first block before ``first_mask`` attend causally.
+        ``cache_ver``). With ``draft_ver`` the rows of the first block before ``first_mask`` attend causally; with
+        ``cache_prefix`` too (prefix caching) they are pending as well, written to the cache, and the cache may
+        already hold part of them.
         """
         ...
 
@@ -56,9 +58,9 @@ class FamilyAdapter(Protocol):
 
         ``filled`` holds the block's tokens from ``block_start`` to the span's end, with drafts in the span. Row i
         of the result is the AR conditional of span position i given the cache and ``filled`` before it. The
-        cache's committed part is left unchanged and must hold everything before ``block_start``; the K/V of
-        ``filled`` are left in the scratch slots right after it, computed causally, so that the caller may
-        commit them (``cache.commit(len(filled))``) when every draft is accepted.
+        cache's committed part is left unchanged and must hold everything before ``block_start`` (and with prefix
+        caching may hold ``filled``'s committed tokens up to the span); the K/V of the rest of ``filled`` are left
+        in the scratch slots right after it, computed causally, so that the caller may commit the accepted ones.
         """
         ...
 
@@ -75,7 +77,7 @@ class FamilyAdapter(Protocol):
     # The batched engine builds the same three forwards as specs (``cache_len`` is the row's committed length) and
     # runs the rows of many requests in one forward.
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
-                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> ForwardSpec:
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
         """The rows and mask of :meth:`draft`."""
         ...
 

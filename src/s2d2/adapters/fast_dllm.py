@@ -53,9 +53,10 @@ class FastDLLMAdapter(SDARAdapter):
         self.default_sub_block_size = min(8, bd_size)  # the reference's small_block_size
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
-                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> ForwardSpec:
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
         """Pending rows ``ids[cache_len : block_start]`` (written to the cache), then the block (or the ``num_blocks``
-        blocks in flight); logits shifted."""
+        blocks in flight); logits shifted. (Prefix caching is not asked of shifted-logit families yet.)"""
+        assert not cache_prefix, "prefix caching is not implemented for shifted-logit families"
         size = block_size * num_blocks
         end = block_start + size
         pending = block_start - cache_len

@@ -54,6 +54,16 @@ def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bo
 
 
 @lru_cache(maxsize=1024)
+def prefix_draft_mask(num_pending: int, num_cached: int, block_size: int, first_mask: int, device: torch.device,
+                      num_blocks: int = 1) -> torch.Tensor:
+    """:func:`draft_mask` with the AR-consistent cache and ``draft_ver`` for a block whose first ``num_cached``
+    offsets are already in the cache (their rows dropped; every query row sees the whole cache, as each of them saw
+    those causal rows). ``num_pending`` > 0 only with ``num_cached`` 0."""
+    mask = draft_mask(num_pending, block_size, first_mask, True, True, device, 0, num_blocks)
+    return mask[num_cached:, num_cached:].contiguous()
+
+
+@lru_cache(maxsize=1024)
 def verify_mask(num_first: int, span_offset: int, device: torch.device, num_next: int = 0) -> torch.Tensor:
     """Local 2L mask: ``num_first`` causal rows, then one mask row per span position (span starts at ``span_offset``),
     then ``num_next`` rows drafting the next block.
@@ -134,10 +144,25 @@ class SDARAdapter:
         return out
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
-                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> ForwardSpec:
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
         """The draft forward: pending rows ``ids[cache_len : block_start]`` (committed here), then the block (or the
-        ``num_blocks`` blocks in flight)."""
+        ``num_blocks`` blocks in flight).
+
+        ``cache_prefix`` (needs ``cache_ver`` and ``draft_ver``): the block's committed prefix (offsets before
+        ``first_mask``) is pending too, from wherever the cache ends, and written by this forward; the rows from
+        ``first_mask`` on get logits, and the prefix offsets get copies of the first of them (committed offsets,
+        never read), so the result keeps one row per offset.
+        """
         end = block_start + block_size * num_blocks
+        if cache_prefix:
+            assert cache_ver and draft_ver, "prefix caching needs the AR-consistent cache (cache_ver, draft_ver)"
+            cached = max(0, cache_len - block_start)  # prefix offsets already in the cache
+            assert cached <= first_mask, "the cache holds committed tokens only"
+            mask = prefix_draft_mask(max(0, block_start - cache_len), cached, block_size, first_mask, self.device,
+                                     num_blocks)
+            store = block_start + first_mask - cache_len
+            return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+                               num_store=store, logits_from=store, pad_front=first_mask)
         pending = block_start - cache_len
         mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
                           self._prompt_rows(cache_len, pending), num_blocks)
@@ -151,8 +176,11 @@ class SDARAdapter:
 
     def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
                     next_block: int = 0) -> ForwardSpec:
-        """The 2L verify forward (module docstring); commits nothing."""
-        assert cache_len == block_start, "verify expects the cache to hold everything before the block"
+        """The 2L verify forward (module docstring); commits nothing. The cache holds everything before the block
+        and, with prefix caching, possibly a committed prefix of it: those rows of ``filled`` are dropped."""
+        cached = cache_len - block_start
+        assert 0 <= cached <= span_start - block_start, "verify expects the cache to end between block and span"
+        filled, block_start = filled[cached:], cache_len
         num_first = len(filled)
         offset = span_start - block_start
         end = block_start + num_first
@@ -172,9 +200,9 @@ class SDARAdapter:
                            num_store=n, logits_from=n)
 
     def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
-              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1) -> torch.Tensor:
-        return self.run(self.draft_spec(ids, cache.length, block_start, block_size, first_mask,
-                                        cache_ver=cache_ver, draft_ver=draft_ver, num_blocks=num_blocks), cache)
+              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> torch.Tensor:
+        return self.run(self.draft_spec(ids, cache.length, block_start, block_size, first_mask, cache_ver=cache_ver,
+                                        draft_ver=draft_ver, num_blocks=num_blocks, cache_prefix=cache_prefix), cache)
 
     def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
                next_block: int = 0) -> torch.Tensor:

@@ -1,0 +1,117 @@
+"""Prefix caching (``prefix_cache``, on by default): the K/V of a block's committed prefix enter the cache as it
+grows, in the forward that computes them anyway, and later forwards carry only the rows after it. Same tokens and
+forwards as without it, fewer rows, and the cache always equals one fresh causal forward over the tokens it holds."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import s2d2
+from s2d2 import DecodeConfig
+from s2d2.decode import DraftRequest, RowState, VerifyRequest, decode_steps, request_spec, run_request
+from s2d2.errors import ConfigError
+
+CONFIGS = [
+    dict(method="ar"),
+    dict(method="static", block_size=8, steps=4),
+    dict(method="dynamic", block_size=8, threshold=0.3),
+    dict(method="s2d2", block_size=8, policy="mask_span_length", min_span=1),  # verifies every step
+    dict(method="s2d2", block_size=16, threshold=0.3),  # configuration A
+    dict(method="s2d2", block_size=8, threshold=0.2, skip_confident=True, commit_confident=True),
+    dict(method="s2d2", block_size=8, sub_block_size=4, policy="mask_span_length", min_span=1),
+    dict(method="s2d2", block_size=8, fuse_draft=False, policy="mask_span_length", min_span=1),
+    dict(method="s2d2", block_size=8, temperature=0.9, seed=3),  # sampled: the same draws
+    dict(method="dynamic", block_size=8, temperature=0.9, seed=3, threshold=0.2),
+]
+COUNTERS = ("num_tokens", "draft_forwards", "verify_forwards", "fused_drafts", "prefill_forwards", "commit_forwards",
+            "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens")
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(7)
+    return [[rng.randrange(256) for _ in range(n)] for n in (1, 5, 10, 19)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
+def test_prefix_caching_changes_no_token_and_no_forward_and_carries_fewer_rows(random_models, cfg):
+    for m in random_models[:2]:
+        runs = {}
+        for on in (False, True):
+            config = DecodeConfig(**cfg, max_new_tokens=40, stop_token_ids=(), generation_config="none", prefix_cache=on)
+            runs[on] = m.generate(_prompts(), config, batch_size=1)
+        for off, on in zip(runs[False], runs[True]):
+            assert on.token_ids == off.token_ids
+            assert [getattr(on.stats, k) for k in COUNTERS] == [getattr(off.stats, k) for k in COUNTERS]
+            assert on.stats.query_rows <= off.stats.query_rows
+        rows = [sum(o.stats.query_rows for o in runs[on]) for on in (False, True)]
+        if cfg["method"] == "ar":
+            assert rows[1] == rows[0]  # a block of one token has no prefix
+        else:
+            assert rows[1] < rows[0]
+
+
+def _fresh_kv(model: s2d2.Model, tokens: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The K/V of one causal forward over ``tokens`` from an empty cache."""
+    n = len(tokens)
+    cache = model.adapter.new_cache(n)
+    model.adapter.model(tokens, torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril(), num_store=n)
+    return [k[:, :n] for k in cache.keys], [v[:, :n] for v in cache.values]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS[1:6], ids=lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
+def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, cfg):
+    """After every forward: the cache holds only committed tokens, their K/V equal one fresh causal forward over
+    them (cache purity, cached == uncached), and a draft or verification carried only the rows after it."""
+    config = DecodeConfig(**cfg, max_new_tokens=30, stop_token_ids=(), generation_config="none")
+    adapter = model.adapter
+    mid_block = 0
+    for ids in _prompts():
+        state, cache = RowState(), adapter.new_cache(128)
+        steps = decode_steps(ids, config, cache, adapter.mask_id, (), adapter.device, None, None, state)
+        logits = None
+        while True:
+            try:
+                request = steps.send(logits)
+            except StopIteration:
+                break
+            before = cache.length
+            spec = request_spec(adapter, request, before)
+            if isinstance(request, DraftRequest):
+                assert spec.num_rows == request.block_start + request.block_size - before
+            if isinstance(request, VerifyRequest):
+                assert spec.num_rows == 2 * (request.block_start + len(request.filled)) - before - request.span_start \
+                    + request.next_block
+            logits = run_request(adapter, request, cache, spec)
+            seq = state.seq
+            committed = seq.ids[:cache.length]
+            assert not (committed == adapter.mask_id).any()
+            keys, values = _fresh_kv(model, committed)
+            for a, b in zip(keys + values, cache.keys + cache.values):
+                assert torch.allclose(a, b[:, :cache.length], atol=1e-5)
+            mid_block += cache.length % config.block_size != 0 and cache.length > len(ids)
+    assert mid_block > 0  # the cache did end inside blocks: prefixes were cached
+
+
+def test_verify_rows_are_the_same_when_the_cache_holds_part_of_the_block(model):
+    """The 2L verification of a span after a cached prefix equals the one that recomputes the prefix."""
+    adapter = model.adapter
+    prefix = [random.Random(5).randrange(256) for _ in range(8)]
+    filled = [40, 41, 42, 43, 44, 45, 46, 47]  # block at 8: committed 40-42, drafts 43-47
+    ids = torch.tensor(prefix + filled[:3] + [adapter.mask_id] * 5)
+    whole, part = adapter.new_cache(32), adapter.new_cache(32)
+    adapter.draft(ids, whole, 8, 8, 0, cache_ver=True, draft_ver=True)
+    adapter.draft(ids, part, 8, 8, 3, cache_ver=True, draft_ver=True, cache_prefix=True)
+    assert (whole.length, part.length) == (8, 11)
+    for next_block in (0, 8):
+        want = adapter.verify(filled, whole, 8, 11, next_block)
+        got = adapter.verify(filled, part, 8, 11, next_block)
+        assert got.shape == want.shape == (5 + next_block, adapter.vocab_size)
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_prefix_cache_must_be_a_boolean():
+    with pytest.raises(ConfigError, match="prefix_cache must be true or false"):
+        DecodeConfig(prefix_cache="yes")
