@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import functools
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -126,6 +127,16 @@ class Model:
                 if token is not None:
                     raise InputError(f"chat message {i} contains the special token {token!r}; chat messages are user "
                                      "text and may not hold special tokens.")
+
+    def warm_up(self) -> float:
+        """Run the forwards a decoding needs once (one row, a block's draft, a 2L verification, with and without a
+        cache) so that a compiled model (``load(..., compile=True)``) compiles now rather than inside the first
+        request; returns the seconds it took."""
+        t0 = time.perf_counter()
+        ids = [self.adapter.mask_id - 1 if self.adapter.mask_id > 0 else 1] * 5
+        for cfg in (DecodeConfig(method="ar", max_new_tokens=3), DecodeConfig(method="s2d2", max_new_tokens=12)):
+            self.generate([ids], cfg.replace(stop_token_ids=(), generation_config="none"), batch_size=1)
+        return time.perf_counter() - t0
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], config: DecodeConfig | None = None,
                  *, batch_size: int = DEFAULT_BATCH_SIZE, trace: bool = False, **overrides: Any) -> list[Generation]:
@@ -358,12 +369,14 @@ def bundled_model_dir() -> Path:
 
 
 def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto",
-         adapter: str | None = None) -> Model:
+         adapter: str | None = None, compile: bool = False) -> Model:
     """Load a model: ``"bundled"``, a local Hugging Face-format directory, or a hub id.
 
     ``dtype="auto"`` computes in float32 on CPU (bfloat16 is several times slower there) and in the checkpoint's
     ``torch_dtype`` on GPU. ``adapter``: a peft LoRA adapter (directory or hub id) merged into the weights at load
-    (no peft needed: the merge is ``W += alpha / r * B @ A``).
+    (no peft needed: the merge is ``W += alpha / r * B @ A``). ``compile``: compile the single-row forward with
+    ``torch.compile`` (the first forwards compile it; :meth:`Model.warm_up` does that up front), falling back to
+    eager with one warning where compilation is not available (docs/decoding.md "Compiled forwards").
     """
     dev = _resolve_device(device)
     if name_or_path == BUNDLED:
@@ -378,6 +391,8 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
     special = read_special_ids(model_dir, config, tokenizer)
     lora_dir = resolve_model_dir(adapter) if adapter is not None else None
     family = build_adapter(model_dir, config, special, tokenizer, dev, _resolve_dtype(dtype, config, dev), lora_dir)
+    if compile:
+        family.model.compile()
     return Model(family, tokenizer, name=name_or_path, chat_template=read_chat_template(model_dir),
                  generation_defaults=read_generation_defaults(model_dir),
                  template_tokens=read_template_tokens(model_dir))

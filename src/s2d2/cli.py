@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
     gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    gen.add_argument("--compile", action="store_true",
+                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                      help='a JSON object of extra chat template variables, e.g. \'{"enable_thinking": false}\' '
@@ -133,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--compile", action="store_true",
+                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
     ev.add_argument("--batch-size", type=int, default=None,
                     help=f"problems decoded together (default: {DEFAULT_BATCH_SIZE})")
@@ -152,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quick", action="store_true", help="a 3-setting grid, few problems, one round (for CI)")
     be.add_argument("--device", default="cpu")
     be.add_argument("--dtype", default="auto")
+    be.add_argument("--compile", action="store_true",
+                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
     be.add_argument("--no-progress", action="store_true")
     be.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
                     help="add a throughput section: AR, dynamic and S2D2 at these batch sizes (e.g. 1 4 16 64)")
@@ -190,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--report", default=None, metavar="FILE", help="also write every setting's record (JSON lines)")
     tu.add_argument("--device", default="cpu")
     tu.add_argument("--dtype", default="auto")
+    tu.add_argument("--compile", action="store_true",
+                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
     sv.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
@@ -205,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds after which an unfinished request is cancelled, 504 (default: 600)")
     sv.add_argument("--device", default="cpu")
     sv.add_argument("--dtype", default="auto")
+    sv.add_argument("--compile", action="store_true",
+                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_config_flags(sv)  # the server's defaults for every request
 
@@ -224,8 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _generate(ns: argparse.Namespace) -> int:
-    import s2d2
-
     cfg = config_from_args(ns)  # validate flags before the (slow) model load
     batch_size = _batch_size(ns.batch_size)
     template_kwargs = _json_object_flag("--chat-template-kwargs", ns.chat_template_kwargs)
@@ -237,7 +245,7 @@ def _generate(ns: argparse.Namespace) -> int:
     if not texts:
         raise S2D2Error("give a prompt (or several, or --prompts-file FILE).")
     trace_file = _open_output(ns.trace, "--trace") if ns.trace else None  # a bad path fails before any work
-    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
+    model = _load_model(ns, ns.device)
     if ns.chat:
         texts = [model.apply_chat_template([{"role": "user", "content": t}], **template_kwargs) for t in texts]
     outs = model.generate(texts, cfg, batch_size=batch_size, trace=trace_file is not None)
@@ -253,6 +261,20 @@ def _generate(ns: argparse.Namespace) -> int:
         total = model.summed_stats(outs)
         print(f"[{cfg.method}] {total.summary()}", file=sys.stderr)
     return 0
+
+
+def _load_model(ns: argparse.Namespace, device: str) -> typing.Any:
+    """The :class:`s2d2.Model` a command names (``--model``, ``--adapter``, ``--dtype`` on ``device``); with
+    ``--compile`` its forward is compiled now, and the one-time warm-up is reported on stderr."""
+    import s2d2
+
+    model = s2d2.load(ns.model, device=device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile)
+    if ns.compile:
+        print("[s2d2] compiling the forward (torch.compile, one-time warm-up) ...", file=sys.stderr, flush=True)
+        seconds = model.warm_up()
+        state = "compiled" if model.adapter.model.compiled else "not compiled (eager; see the warning above)"
+        print(f"[s2d2] forward {state}, warm-up {seconds:.1f} s", file=sys.stderr, flush=True)
+    return model
 
 
 def _batch_size(value: int | None) -> int:
@@ -291,7 +313,6 @@ def _json_object_flag(flag: str, text: str | None) -> dict[str, Any]:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    import s2d2
     from s2d2.evaluate import evaluate
 
     cfg = config_from_args(ns)
@@ -303,7 +324,7 @@ def _eval(ns: argparse.Namespace) -> int:
     with DataParallel.from_env(ns.device) as dp:  # torchrun: this process's rank; else a single process
         # a bad path fails before any work (rank 0 writes the results)
         samples = _open_output(ns.samples, "--samples") if ns.samples and dp.is_main else None
-        model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
+        model = _load_model(ns, dp.device(ns.device))
         result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size, dp=dp)
     if not dp.is_main:
         return 0
@@ -344,9 +365,7 @@ def _bench(ns: argparse.Namespace) -> int:
 
 def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repeats: int, batch_sizes: list[int],
                dp: DataParallel, tuned: list[Any]) -> int:
-    import s2d2
-
-    model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
+    model = _load_model(ns, dp.device(ns.device))
     from s2d2.tasks import arith
 
     problems = arith.generate("test", n, seed=0)
@@ -385,7 +404,6 @@ def _trace(ns: argparse.Namespace) -> int:
 
 
 def _tune(ns: argparse.Namespace) -> int:
-    import s2d2
     from s2d2.evaluate import TASKS
     from s2d2.tasks import arith
     from s2d2.tune import search_space, tune, winner_config
@@ -406,7 +424,7 @@ def _tune(ns: argparse.Namespace) -> int:
         # a bad path fails before any work (rank 0 writes the results)
         out = _open_output(ns.out, "--out") if dp.is_main else None
         report = _open_output(ns.report, "--report") if ns.report and dp.is_main else None
-        model = s2d2.load(ns.model, device=dp.device(ns.device), dtype=ns.dtype, adapter=ns.adapter)
+        model = _load_model(ns, dp.device(ns.device))
         if lm_task is not None:
             from s2d2.tune import lm_eval_exact, search
 
@@ -461,8 +479,6 @@ def _init_random(ns: argparse.Namespace) -> int:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    import s2d2
-
     try:
         from s2d2.server import ServerConfig, serve
     except ImportError as e:
@@ -471,7 +487,7 @@ def _serve(ns: argparse.Namespace) -> int:
         raise S2D2Error(f"--port must be between 0 and 65535, got {ns.port}.")
     cfg = ServerConfig(model_name=ns.served_model_name or ns.model, max_batch=ns.max_batch, max_queue=ns.max_queue,
                        timeout_s=ns.timeout, defaults=config_from_args(ns))
-    model = s2d2.load(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter)
+    model = _load_model(ns, ns.device)
     model.resolve_config(cfg.defaults)  # the defaults must suit this model before any request arrives
     serve(model, cfg, host=ns.host, port=ns.port, log_level=ns.log_level)
     return 0

@@ -14,11 +14,13 @@ import torch
 
 from s2d2.batching import ForwardSpec, PackedBatch
 from s2d2.cache import BatchKVCache, KVCache, SlotCache
+from s2d2.models.qwen3 import Qwen3Decoder
 
 
 class FamilyAdapter(Protocol):
     """What the decoding loop needs from a model family."""
 
+    model: Qwen3Decoder  # the network (compiled by load(..., compile=True))
     mask_id: int
     stop_ids: tuple[int, ...]
     max_positions: int

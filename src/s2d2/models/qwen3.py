@@ -12,6 +12,7 @@ on small models the per-kernel overhead, not the arithmetic, dominates a forward
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -253,15 +254,51 @@ class Qwen3Decoder(nn.Module):
         With ``cache=None`` (training) the input may be a batch ``[b, L]`` whose rows attend only to each other
         through ``attn_mask`` ``[b, 1, L, L]``; logits are then ``[b, L - logits_from, V]``.
         """
-        c = self.config
         batched = input_ids.dim() == 2
         ids = input_ids if batched else input_ids[None]
-        b, n = ids.shape
+        n = ids.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None and (batched or start + n > cache.capacity):
             raise RuntimeError(f"cached forwards take one row of tokens that fits the cache ({start} + {n} > {cache.capacity})")
         cos, sin = self._rope(position_ids if batched else position_ids[None])  # [b, L, 1, head_dim]
         mask = attn_mask if batched else attn_mask[None, None]
+        keys, values = (None, None) if cache is None else (cache.keys, cache.values)
+        logits = self._layers(ids, cos, sin, mask, keys, values, start, logits_from, logits_to)
+        if cache is not None:
+            cache.commit(num_store)
+        return logits if batched else logits[0]
+
+    def compile(self) -> None:  # type: ignore[override]  # (nn.Module.compile compiles __call__; this, the layers)
+        """Compile the single-row forward's layers with ``torch.compile`` (inductor; dynamic shapes, so rows and
+        cache lengths do not each recompile). Compilation happens at the first forwards; if it fails there (no C++
+        compiler, an unsupported backend), one warning says so and the model runs eager from then on."""
+        eager = self._layers
+        compiled = torch.compile(eager, dynamic=True)
+
+        def layers(*args: Any) -> torch.Tensor:
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, the eager run re-raises real errors
+                warnings.warn(f"torch.compile is not available here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "running the eager forward", RuntimeWarning, stacklevel=2)
+                del self._layers  # the class's eager method again
+                return eager(*args)
+
+        self._layers = layers  # type: ignore[method-assign]
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` was called and has not fallen back to the eager forward."""
+        return "_layers" in self.__dict__
+
+    def _layers(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                keys: list[torch.Tensor] | None, values: list[torch.Tensor] | None, start: int, logits_from: int,
+                logits_to: int | None) -> torch.Tensor:
+        """The layers of :meth:`forward` over ``ids`` ``[b, L]`` (K/V written into ``keys`` / ``values`` from slot
+        ``start`` when given) and the LM head over rows ``logits_from .. logits_to``: the part that
+        :meth:`compile` compiles, free of Python-side state (the cache's length, the RoPE table's growth)."""
+        c = self.config
+        b, n = ids.shape
         x = self.embed(ids)  # [b, L, H]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
@@ -273,19 +310,16 @@ class Qwen3Decoder(nn.Module):
                 q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
                 k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
             q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)  # [b, heads, L, hd]
-            if cache is not None:  # write this forward's K/V after the committed ones, attend over both
-                cache.keys[i][:, start:start + n] = k[0]
-                cache.values[i][:, start:start + n] = v[0]
-                k, v = cache.keys[i][None, :, :start + n], cache.values[i][None, :, :start + n]
+            if keys is not None and values is not None:  # write this forward's K/V after the committed ones
+                keys[i][:, start:start + n] = k[0]
+                values[i][:, start:start + n] = v[0]
+                k, v = keys[i][None, :, :start + n], values[i][None, :, :start + n]
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [b, heads, L, hd]
             x = x + layer.o_proj(attn.transpose(1, 2).reshape(b, n, layer.q_size))
             x = x + layer.mlp(_rms_norm(x, layer.post_norm, c.rms_norm_eps))
-        if cache is not None:
-            cache.commit(num_store)
         x = _rms_norm(x[:, logits_from:logits_to], self.norm, c.rms_norm_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head).float()
-        return logits if batched else logits[0]
+        return F.linear(x, head).float()
 
     def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
         """A cache of ``num_slots`` independent rows of ``capacity`` token slots each (the engine's batch)."""

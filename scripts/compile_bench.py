@@ -1,0 +1,149 @@
+"""Eager against compiled forwards (``--compile``) on one model, side by side in one process.
+
+1. **Cost of one forward** through the single-row path (one request, n query rows over ``--cache`` cached tokens),
+   eager and compiled, and a least-squares fit ``ms = fixed + per_row * rows`` over 1-64 rows: the cost model.
+2. **Decoding**, batch 1, the first ``--n`` test problems of the arith task, AR and the given settings, eager and
+   compiled, in ``--repeats`` rounds whose order is shuffled (seeded); tokens/s are medians over rounds. Each row
+   also gets the cost model's prediction, ``nfe * fixed + query_rows * per_row`` from its exact counters, against
+   the measured forward time and total time.
+
+    python scripts/compile_bench.py --out benchmarks/compile       # run alone on the CPU (a few minutes)
+
+Writes ``compile.json`` and ``compile.md`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import s2d2
+from s2d2 import DecodeConfig
+from s2d2.batching import ForwardSpec
+from s2d2.decode import ForwardTimer
+from s2d2.tasks import arith
+
+SETTINGS = {
+    "ar": dict(method="ar"),
+    "dynamic B=4 t=0.9": dict(method="dynamic", block_size=4, threshold=0.9),
+    "s2d2 config-A skip-confident B=16 t=0.9": dict(method="s2d2", block_size=16, threshold=0.9, skip_confident=True),
+}
+ROWS = [1, 2, 4, 8, 16, 24, 32, 48, 64]
+
+
+def forward_ms(model: s2d2.Model, rows: int, cache_len: int, repeats: int) -> float:
+    """Median milliseconds of one single-row-path forward with ``rows`` query rows after ``cache_len`` tokens."""
+    adapter = model.adapter
+    cache = adapter.new_cache(cache_len + rows + 8)
+    cache.length = cache_len  # K/V values do not change the cost; only the shapes matter
+    device = adapter.device
+    spec = ForwardSpec(torch.full((rows,), 5, dtype=torch.long, device=device),
+                       torch.arange(cache_len, cache_len + rows, device=device),
+                       torch.ones(rows, rows, dtype=torch.bool, device=device), num_store=0, logits_from=0)
+    times, timer = [], ForwardTimer(device)
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            with timer:
+                adapter.run(spec, cache)
+            if i >= 3:
+                times.append(timer.elapsed * 1000)
+    return statistics.median(times)
+
+
+def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Least-squares ``(fixed, per_row)`` of ``ms = fixed + per_row * rows``."""
+    n = len(points)
+    mx = sum(r for r, _ in points) / n
+    my = sum(t for _, t in points) / n
+    slope = sum((r - mx) * (t - my) for r, t in points) / sum((r - mx) ** 2 for r, _ in points)
+    return my - slope * mx, slope
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="bundled")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    models = {"eager": s2d2.load(args.model, device=args.device),
+              "compiled": s2d2.load(args.model, device=args.device, compile=True)}
+    warm_up = models["compiled"].warm_up()
+    print(f"compile warm-up {warm_up:.1f} s (compiled: {models['compiled'].adapter.model.compiled})", flush=True)
+
+    cost = {}
+    for mode, model in models.items():
+        points = [(r, forward_ms(model, r, args.cache, 30)) for r in ROWS]
+        fixed, per_row = fit(points)
+        cost[mode] = {"points": points, "fixed_ms": fixed, "per_row_ms": per_row}
+        print(f"{mode}: fixed {fixed:.3f} ms + {per_row:.4f} ms/row; " +
+              ", ".join(f"{r} rows {t:.2f}" for r, t in points), flush=True)
+
+    prompts = [p.prompt for p in arith.generate("test", args.n, seed=0)]
+    cells = [(name, mode) for name in SETTINGS for mode in models]
+    runs: dict[tuple[str, str], list] = {c: [] for c in cells}
+    rng = random.Random(0)
+    for mode, model in models.items():  # warm-up pass
+        model.generate(prompts[:4], DecodeConfig(method="ar", generation_config="none"), batch_size=1)
+    for _ in range(args.repeats):
+        rng.shuffle(cells)
+        for name, mode in cells:
+            cfg = DecodeConfig(**SETTINGS[name], generation_config="none")
+            t0 = time.perf_counter()
+            outs = models[mode].generate(prompts, cfg, batch_size=1)
+            elapsed = time.perf_counter() - t0
+            stats = s2d2.DecodeStats.total([o.stats for o in outs])
+            runs[(name, mode)].append((elapsed, stats))
+    rows = []
+    for name in SETTINGS:
+        for mode in models:
+            elapsed = statistics.median(e for e, _ in runs[(name, mode)])
+            forward_s = statistics.median(st.forward_time_s for _, st in runs[(name, mode)])
+            st = runs[(name, mode)][0][1]
+            predicted_s = (st.nfe * cost[mode]["fixed_ms"] + st.query_rows * cost[mode]["per_row_ms"]) / 1000
+            rows.append({"setting": name, "mode": mode, "tokens": st.num_tokens, "nfe": st.nfe,
+                         "rows_per_forward": st.query_rows / st.nfe, "tokens_per_forward": st.num_tokens / st.nfe,
+                         "time_s": elapsed, "forward_time_s": forward_s, "tokens_per_s": st.num_tokens / elapsed,
+                         "predicted_forward_s": predicted_s, "predicted_tokens_per_s": st.num_tokens / predicted_s})
+    ar = {r["mode"]: r for r in rows if r["setting"] == "ar"}
+    lines = [f"# Eager and compiled forwards: {args.model}, batch 1, {args.n} test problems, {args.repeats} rounds", "",
+             f"Compile warm-up (one-time, in process): {warm_up:.1f} s.", "",
+             "| forward | fixed ms | ms per row | " + " | ".join(f"{r} rows" for r in ROWS) + " |",
+             "|---|---|---|" + "---|" * len(ROWS)]
+    for mode, c in cost.items():
+        lines.append(f"| {mode} | {c['fixed_ms']:.3f} | {c['per_row_ms']:.4f} | " +
+                     " | ".join(f"{t:.2f}" for _, t in c["points"]) + " |")
+    lines += ["", "| setting | forward | tokens / forward | rows / forward | tokens / s | speedup vs AR (same forward) | "
+              "forward time s | predicted forward time s (error) | predicted tokens / s (error) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err_f = r["predicted_forward_s"] / r["forward_time_s"] - 1
+        err_t = r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1
+        lines.append(f"| {r['setting']} | {r['mode']} | {r['tokens_per_forward']:.2f} | {r['rows_per_forward']:.1f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ar[r['mode']]['tokens_per_s']:.2f}x | "
+                     f"{r['forward_time_s']:.2f} | {r['predicted_forward_s']:.2f} ({err_f:+.0%}) | "
+                     f"{r['predicted_tokens_per_s']:.0f} ({err_t:+.0%}) |")
+    for name in SETTINGS:
+        e, c = (next(r for r in rows if r["setting"] == name and r["mode"] == m) for m in ("eager", "compiled"))
+        lines.append(f"\n{name}: compiled / eager tokens/s {c['tokens_per_s'] / e['tokens_per_s']:.2f}x")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compile.json").write_text(json.dumps({"model": args.model, "n": args.n, "repeats": args.repeats,
+                                                     "threads": torch.get_num_threads(), "warm_up_s": warm_up,
+                                                     "cost": cost, "rows": rows}, indent=1))
+        (out / "compile.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

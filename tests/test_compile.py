@@ -1,0 +1,84 @@
+"""Compiled forwards (``load(..., compile=True)``, ``--compile``): torch.compile's forward equals the eager one, every
+method decodes the same tokens with it, and where compilation fails the model warns once and runs eager."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import s2d2
+from s2d2 import DecodeConfig
+from s2d2.cli import main
+
+CONFIGS = [dict(method="ar"), dict(method="dynamic", block_size=8, threshold=0.3),
+           dict(method="s2d2", block_size=8, policy="mask_span_length", min_span=1), dict(method="s2d2", block_size=4)]
+PROMPTS = [[5, 17, 99, 3], list(range(40, 61)), [200]]
+
+
+@pytest.fixture(scope="module")
+def models(random_model_dir):
+    eager, compiled = s2d2.load(str(random_model_dir)), s2d2.load(str(random_model_dir), compile=True)
+    seconds = compiled.warm_up()
+    assert compiled.adapter.model.compiled and seconds > 0
+    return eager, compiled
+
+
+def test_compiled_and_eager_forwards_agree(models):
+    eager, compiled = models
+    adapter_e, adapter_c = eager.adapter, compiled.adapter
+    ids = torch.tensor(PROMPTS[1] + [adapter_e.mask_id] * 8)
+    caches = adapter_e.new_cache(64), adapter_c.new_cache(64)
+    # a draft writing 16 pending rows (cache empty, then 16 cached), and a 2L verification with next-block rows
+    for adapter, cache in zip((adapter_e, adapter_c), caches):
+        adapter.draft(ids, cache, 16, 8, 5, cache_ver=True, draft_ver=True)
+    for adapter, cache in zip((adapter_e, adapter_c), caches):
+        assert cache.length == 16
+    draft_e = adapter_e.draft(ids, caches[0], 16, 8, 5, cache_ver=True, draft_ver=True, cache_prefix=True)
+    draft_c = adapter_c.draft(ids, caches[1], 16, 8, 5, cache_ver=True, draft_ver=True, cache_prefix=True)
+    assert torch.allclose(draft_c, draft_e, atol=1e-4)
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        assert torch.allclose(a[:, :21], b[:, :21], atol=1e-5)
+    filled = PROMPTS[1][16:21] + [7, 8, 9]
+    verify_e = adapter_e.verify(filled, caches[0], 16, 21, 8)
+    verify_c = adapter_c.verify(filled, caches[1], 16, 21, 8)
+    assert verify_c.shape == verify_e.shape == (3 + 8, adapter_e.vocab_size)
+    assert torch.allclose(verify_c, verify_e, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
+def test_every_method_decodes_the_same_tokens_compiled(models, cfg):
+    eager, compiled = models
+    config = DecodeConfig(**cfg, max_new_tokens=24, stop_token_ids=(), generation_config="none")
+    want = eager.generate(PROMPTS, config, batch_size=1)
+    got = compiled.generate(PROMPTS, config, batch_size=1)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.stats.nfe for o in got] == [o.stats.nfe for o in want]
+
+
+def test_a_failing_compiler_warns_once_and_runs_eager(random_model_dir, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    model = s2d2.load(str(random_model_dir), compile=True)
+    eager = s2d2.load(str(random_model_dir))
+    config = DecodeConfig(method="s2d2", block_size=4, max_new_tokens=12, stop_token_ids=(), generation_config="none")
+    with pytest.warns(RuntimeWarning, match="torch.compile is not available here .*InvalidCxxCompiler"):
+        got = model.generate(PROMPTS, config, batch_size=1)
+    assert not model.adapter.model.compiled
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later forwards run eager without warning again
+        again = model.generate(PROMPTS, config, batch_size=1)
+    want = eager.generate(PROMPTS, config, batch_size=1)
+    assert [o.token_ids for o in got] == [o.token_ids for o in again] == [o.token_ids for o in want]
+
+
+def test_cli_reports_the_warm_up(random_model_dir, capsys):
+    assert main(["generate", "ab", "--model", str(random_model_dir), "--max-new-tokens", "4", "--compile"]) == 0
+    err = capsys.readouterr().err
+    assert "[s2d2] compiling the forward (torch.compile, one-time warm-up) ..." in err
+    assert "[s2d2] forward compiled, warm-up " in err
