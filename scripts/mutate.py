@@ -94,9 +94,8 @@ MUTATIONS: list[Mutation] = [
         "prefix_cache_commits_the_correction_row",
         "a verification's prefix commit also keeps the row of the rejected draft (the correction's position)",
         "decode.py",
-        "            self.cache.commit(block.start + span.start + verdict.num_accepted - self.cache.length)\n",
-        "            self.cache.commit(min(block.start + span.start + verdict.num_accepted + 1,\n"
-        "                                  block.start + span.end) - self.cache.length)\n",
+        "            end = span.start + verdict.num_accepted\n",
+        "            end = min(span.start + verdict.num_accepted + 1, span.end)\n",
     ),
     Mutation(
         "prefix_cache_stores_the_first_mask_row",
@@ -104,6 +103,20 @@ MUTATIONS: list[Mutation] = [
         "adapters/sdar.py",
         "            store = block_start + first_mask - cache_len\n",
         "            store = min(block_start + first_mask + 1, end) - cache_len\n",
+    ),
+    Mutation(
+        "fuse_draft_threshold_ignored",
+        "every verification that may finish the block carries the next block's draft rows, whatever the threshold",
+        "decode.py",
+        "        fuse = self._fuse_draft and _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold\n",
+        "        fuse = self._fuse_draft\n",
+    ),
+    Mutation(
+        "shifted_prefix_cache_swallows_the_query_row",
+        "a shifted-logit family caches a fully accepted span to its end, so no row predicts the next mask",
+        "decode.py",
+        "            if self.shifted:  # ... but the last token before the first mask stays a query row: it predicts the mask\n",
+        "            if False:\n",
     ),
     Mutation(
         "draft_p_distorted",

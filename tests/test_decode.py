@@ -169,6 +169,24 @@ def test_fused_draft_gives_the_same_tokens_with_fewer_forwards(random_models, bl
             assert plain.stats.fused_drafts == 0
 
 
+def test_fuse_draft_threshold_changes_no_token_only_which_verifications_carry_the_next_draft():
+    """The next block's rows ride along only when the span's draft confidences multiply to the threshold; tokens are
+    the same whatever it is, and a higher threshold trades fused drafts for fewer rows."""
+    from s2d2.tasks import arith
+
+    m = s2d2.load("bundled")
+    prompts = [p.prompt for p in arith.generate("test", 20, seed=0)]
+    runs = [m.generate(prompts, DecodeConfig(method="s2d2", block_size=8, penalty=0.0, fuse_draft_threshold=t))
+            for t in (0.0, 0.5, 1.0)]
+    assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]] == [o.token_ids for o in runs[2]]
+    fused = [sum(o.stats.fused_drafts for o in r) for r in runs]
+    rows = [sum(o.stats.query_rows for o in r) for r in runs]
+    assert fused[0] > fused[1] > 0 and rows[0] > rows[1]  # some spans were confident enough, some not
+    assert fused[2] <= fused[1] and rows[2] <= rows[1]
+    with pytest.raises(s2d2.ConfigError, match="fuse_draft_threshold must be a number in"):
+        DecodeConfig(fuse_draft_threshold=1.5)
+
+
 def test_fused_draft_saves_forwards_on_a_trained_model_and_needs_cache_ver():
     m = s2d2.load("bundled")
     p = "Q: Tom has 5 apples and gets 7 more. How many apples does he have?\nA:"

@@ -26,8 +26,11 @@ CONFIGS = [
     dict(method="s2d2", block_size=8, temperature=0.9, seed=3),  # sampled: the same draws
     dict(method="dynamic", block_size=8, temperature=0.9, seed=3, threshold=0.2),
 ]
-COUNTERS = ("num_tokens", "draft_forwards", "verify_forwards", "fused_drafts", "prefill_forwards", "commit_forwards",
-            "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens")
+FAMILIES = ["fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream"]
+# (a shifted-logit family's forward that writes a finished block may count as the prompt's prefill without prefix
+# caching and as a block commit with it, when the draft already cached the prompt's part of the block: their sum)
+COUNTERS = ("num_tokens", "nfe", "draft_forwards", "verify_forwards", "fused_drafts", "steps", "proposed_tokens",
+            "accepted_tokens", "corrected_tokens", "fallback_tokens")
 
 
 def _prompts() -> list[list[int]]:
@@ -35,9 +38,13 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(256) for _ in range(n)] for n in (1, 5, 10, 19)]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
-def test_prefix_caching_changes_no_token_and_no_forward_and_carries_fewer_rows(random_models, cfg):
-    for m in random_models[:2]:
+def _ids(cfg: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cfg.items())
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+def test_prefix_caching_changes_no_token_and_no_forward_and_carries_fewer_rows(random_models, family_model, cfg):
+    for m in [*random_models[:2], *(family_model(f) for f in FAMILIES)]:
         runs = {}
         for on in (False, True):
             config = DecodeConfig(**cfg, max_new_tokens=40, stop_token_ids=(), generation_config="none", prefix_cache=on)
@@ -61,16 +68,19 @@ def _fresh_kv(model: s2d2.Model, tokens: torch.Tensor) -> tuple[list[torch.Tenso
     return [k[:, :n] for k in cache.keys], [v[:, :n] for v in cache.values]
 
 
-@pytest.mark.parametrize("cfg", CONFIGS[1:6], ids=lambda c: " ".join(f"{k}={v}" for k, v in c.items()))
-def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, cfg):
+@pytest.mark.parametrize("family", ["sdar", *FAMILIES])
+@pytest.mark.parametrize("cfg", CONFIGS[1:7], ids=_ids)
+def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, family_model, family, cfg):
     """After every forward: the cache holds only committed tokens, their K/V equal one fresh causal forward over
     them (cache purity, cached == uncached), and a draft or verification carried only the rows after it."""
+    model = model if family == "sdar" else family_model(family)
     config = DecodeConfig(**cfg, max_new_tokens=30, stop_token_ids=(), generation_config="none")
     adapter = model.adapter
     mid_block = 0
     for ids in _prompts():
         state, cache = RowState(), adapter.new_cache(128)
-        steps = decode_steps(ids, config, cache, adapter.mask_id, (), adapter.device, None, None, state)
+        steps = decode_steps(ids, config, cache, adapter.mask_id, (), adapter.device, None, None, state,
+                             adapter.shifted_logits, adapter.blocks_from_prompt_end)
         logits = None
         while True:
             try:
@@ -81,17 +91,20 @@ def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, cfg
             spec = request_spec(adapter, request, before)
             if isinstance(request, DraftRequest):
                 assert spec.num_rows == request.block_start + request.block_size - before
-            if isinstance(request, VerifyRequest):
-                assert spec.num_rows == 2 * (request.block_start + len(request.filled)) - before - request.span_start \
-                    + request.next_block
+            if isinstance(request, VerifyRequest):  # 2L rows (aligned), or one causal row per token (shifted)
+                end = request.block_start + len(request.filled)
+                first_half = end - before
+                assert spec.num_rows == first_half + request.next_block + (
+                    0 if adapter.shifted_logits else end - request.span_start)
             logits = run_request(adapter, request, cache, spec)
             seq = state.seq
             committed = seq.ids[:cache.length]
             assert not (committed == adapter.mask_id).any()
-            keys, values = _fresh_kv(model, committed)
-            for a, b in zip(keys + values, cache.keys + cache.values):
-                assert torch.allclose(a, b[:, :cache.length], atol=1e-5)
-            mid_block += cache.length % config.block_size != 0 and cache.length > len(ids)
+            if cache.length:
+                keys, values = _fresh_kv(model, committed)
+                for a, b in zip(keys + values, cache.keys + cache.values):
+                    assert torch.allclose(a, b[:, :cache.length], atol=1e-5)
+            mid_block += cache.length > len(ids) and (cache.length - seq.first_block_start) % config.block_size != 0
     assert mid_block > 0  # the cache did end inside blocks: prefixes were cached
 
 

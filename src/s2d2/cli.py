@@ -45,6 +45,10 @@ _HELP = {
     "skip_confident": "s2d2: do not verify a span whose drafts all clear --threshold (the fallback commits it)",
     "commit_confident": "s2d2: after a verification also commit every other draft above --threshold (the "
                         "reference's always_check_high_confidence; not exact)",
+    "prefix_cache": "write the block's committed prefix to the KV cache as it grows, so that forwards carry only "
+                    "the rows after it (same tokens)",
+    "fuse_draft_threshold": "s2d2: a verification carries the next block's draft rows only when its span's draft "
+                            "confidences multiply to at least this (0 = always; ~0.3 on a CPU)",
     "relax": "s2d2 relaxed acceptance, 0 = exact .. 1 = typical acceptance with epsilon 0.3 (not exact above 0)",
     "typical_epsilon": "typical acceptance's epsilon (expert; wins over --relax)",
     "typical_delta": "typical acceptance's delta (expert; default sqrt(epsilon))",

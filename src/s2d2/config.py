@@ -116,6 +116,10 @@ class DecodeConfig:
     draft_ver: bool = True  # committed prefix of the block attends causally in drafts
     fuse_commit: bool = True  # write a finished block's K/V in the next forward, not a forward of its own
     fuse_draft: bool = True  # a verify that may finish the block also drafts the next one (needs cache_ver, fuse_commit)
+    # ... only when the product of the span's draft confidences (the drafter's estimate that every draft is accepted,
+    # the one case the next block's rows are used) reaches this: 0 = always, the fewest forwards; where rows cost
+    # time (a CPU) about B * per_row / (fixed + B * per_row) of the forward's cost model (docs/decoding.md)
+    fuse_draft_threshold: float = 0.0
     # write the K/V of the block's committed prefix into the cache as it grows (in the forward running anyway), so
     # that drafts and verifications carry only the rows after it; needs cache_ver, draft_ver and fuse_commit (then those K/V are
     # final), off with editing; the same tokens either way (docs/decoding.md "What a forward carries")
@@ -178,6 +182,7 @@ class DecodeConfig:
         _check_int("max_post_steps", self.max_post_steps, 0)
         _check_float("decoded_token_threshold", self.decoded_token_threshold, 0.0, 1.0)
         _check_float("relax", self.relax, 0.0, 1.0)
+        _check_float("fuse_draft_threshold", self.fuse_draft_threshold, 0.0, 1.0)
         for name in ("typical_epsilon", "typical_delta"):
             if getattr(self, name) is not None:
                 _check_float(name, getattr(self, name), 0.0, 1.0)

@@ -18,6 +18,7 @@ or as one row of the batched engine (:mod:`s2d2.engine`), which schedules and ne
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -226,6 +227,12 @@ def _confident_rest(masked: Iterable[int], commits: dict[int, int], draft: Draft
     return {i: draft.tokens[i] for i in strategies.select_dynamic(candidates, draft.confidence, 0, threshold)}
 
 
+def _all_accepted_estimate(draft: Draft, span: Span) -> float:
+    """The drafter's own estimate that verification accepts every draft of ``span``: the product of their
+    confidences (``fuse_draft_threshold`` compares it)."""
+    return math.prod(draft.confidence[span.start:span.end])
+
+
 def _edits(block: BlockState, draft: Draft, threshold: float) -> dict[int, int]:
     """LLaDA2.1's self-correction: committed generated tokens of the block (never the prompt, never past a stop) whose
     draft now differs with confidence above ``threshold``, and the token to put there."""
@@ -401,8 +408,7 @@ class _Forwards:
         # are causal) and verifications (their first half is causal) compute them anyway and keep them.
         # (Like fuse_commit, whose cost model it extends: without it, as in the reference, K/V get forwards of their own.)
         self._cache_prefix = (cfg.prefix_cache and cfg.cache_ver and cfg.draft_ver and cfg.fuse_commit
-                              and cfg.editing_threshold is None and cfg.block_add_threshold is None
-                              and not shifted_logits)
+                              and cfg.editing_threshold is None and cfg.block_add_threshold is None)
         # A draft made by the verify forward that finished the previous block (aligned logits) or the current
         # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
         self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None
@@ -497,11 +503,12 @@ class _Forwards:
         cfg = self.cfg
         drafted = list(draft.tokens[span.start:span.end])
         filled = list(block.tokens[:span.start]) + drafted
-        finishes_block = (self._fuse_draft and span.end == block.end == block.size
-                          and block.start + block.size < seq.limit)
+        # the next draft's rows are used only if every draft is accepted: carry them when that is likely enough
+        fuse = self._fuse_draft and _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold
+        finishes_block = fuse and span.end == block.end == block.size and block.start + block.size < seq.limit
         # Shifted logits, draft_ver: the rows of a draft before its first mask are causal, exactly this forward's
         # rows, so the later sub-blocks (all masks) can be drafted here; the next draft starts at the span's end.
-        finishes_unit = (self.shifted and self._fuse_draft and cfg.draft_ver and span.end == unit.end < block.end)
+        finishes_unit = self.shifted and fuse and cfg.draft_ver and span.end == unit.end < block.end
         if self.shifted:
             ahead = block.size - span.end if finishes_unit else 0
         else:
@@ -521,8 +528,11 @@ class _Forwards:
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
-        if self._cache_prefix:  # the accepted drafts' first-half rows are their final causal K/V
-            self.cache.commit(block.start + span.start + verdict.num_accepted - self.cache.length)
+        if self._cache_prefix:  # the accepted drafts' (first-half) rows are their final causal K/V
+            end = span.start + verdict.num_accepted
+            if self.shifted:  # ... but the last token before the first mask stays a query row: it predicts the mask
+                end = min(end, span.end - 1)
+            self.cache.commit(block.start + end - self.cache.length)
         if verdict.num_accepted == span.length:
             if finishes_block:
                 # the causal K/V of the finished block, as fuse_commit writes them

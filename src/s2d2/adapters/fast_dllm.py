@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import torch
 
-from s2d2.adapters.sdar import SDARAdapter, draft_mask
+from s2d2.adapters.sdar import SDARAdapter, draft_mask, prefix_draft_mask
 from s2d2.batching import ForwardSpec
 from s2d2.cache import KVCache
 from s2d2.models.qwen3 import Qwen3Decoder
@@ -55,10 +55,24 @@ class FastDLLMAdapter(SDARAdapter):
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
         """Pending rows ``ids[cache_len : block_start]`` (written to the cache), then the block (or the ``num_blocks``
-        blocks in flight); logits shifted. (Prefix caching is not asked of shifted-logit families yet.)"""
-        assert not cache_prefix, "prefix caching is not implemented for shifted-logit families"
+        blocks in flight); logits shifted.
+
+        ``cache_prefix``: the block's committed prefix is written too, except its last token, whose row predicts the
+        first mask (so it stays a query row, and the cache never reaches it); the rows from there on get logits, and
+        the prefix offsets copies of the first of them (never read).
+        """
         size = block_size * num_blocks
         end = block_start + size
+        if cache_prefix:
+            assert cache_ver and draft_ver and first_mask > 0, "prefix caching needs the AR-consistent cache"
+            last = block_start + first_mask - 1  # the row that predicts the first mask
+            assert cache_len <= last, "the row before the first mask must be a query row"
+            mask = prefix_draft_mask(max(0, block_start - cache_len), max(0, cache_len - block_start), block_size,
+                                     first_mask, self.device, num_blocks)
+            store = last - cache_len
+            return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+                               num_store=store, logits_from=store, logits_to=end - 1 - cache_len,
+                               pad_front=first_mask)
         pending = block_start - cache_len
         mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
                           self._prompt_rows(cache_len, pending), num_blocks)
@@ -75,14 +89,17 @@ class FastDLLMAdapter(SDARAdapter):
         """A causal forward over ``filled`` (the block up to the span's end, drafts in the span); logits for the span
         and for the position after it (``[n + 1, V]``), then for ``next_block`` mask rows that follow (the rest of the
         block), which see every row of ``filled`` and each other: the block's next draft with ``draft_ver`` if
-        every draft is accepted. Commits nothing."""
-        assert cache_len == block_start, "verify expects the cache to hold everything before the block"
+        every draft is accepted. Commits nothing. With prefix caching the cache may hold ``filled``'s committed tokens
+        up to, not including, the one before the span (its row predicts the span's first token)."""
         offset = span_start - block_start
         assert offset > 0, "offset 0 of a block is always committed in a shifted-logit family"
+        cached = cache_len - block_start
+        assert 0 <= cached <= offset - 1, "verify expects the cache to end between the block and the span"
+        filled = filled[cached:]
         n = len(filled)
         tokens = torch.tensor(filled + [self.mask_id] * next_block, dtype=torch.long, device=self.device)
-        return ForwardSpec(tokens, torch.arange(block_start, block_start + n + next_block, device=self.device),
-                           _verify_mask(n, next_block, self.device), num_store=0, logits_from=offset - 1)
+        return ForwardSpec(tokens, torch.arange(cache_len, cache_len + n + next_block, device=self.device),
+                           _verify_mask(n, next_block, self.device), num_store=0, logits_from=offset - 1 - cached)
 
     def finalize_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
                       cache_ver: bool) -> ForwardSpec:
