@@ -2,10 +2,11 @@
 
 1. **Cost of one forward** through the single-row path (one request, n query rows over ``--cache`` cached tokens),
    eager and compiled, and a least-squares fit ``ms = fixed + per_row * rows`` over 1-64 rows: the cost model.
-2. **Decoding**, batch 1, the first ``--n`` test problems of the arith task, AR and the given settings, eager and
-   compiled, in ``--repeats`` rounds whose order is shuffled (seeded); tokens/s are medians over rounds. Each row
-   also gets the cost model's prediction, ``nfe * fixed + query_rows * per_row`` from its exact counters, against
-   the measured forward time and total time.
+2. **Decoding** at each of ``--batch-sizes`` (default 1 and 16), the first ``--n`` test problems of the arith task,
+   AR and the given settings, eager and compiled, in ``--repeats`` rounds whose order is shuffled (seeded); tokens/s
+   are medians over rounds. Each batch-1 row also gets the cost model's prediction, ``nfe * fixed + query_rows *
+   per_row`` from its exact counters, against the measured forward time and total time. (Batches larger than one
+   run the engine's packed forward, which ``--compile`` does not compile yet: those rows show what that leaves.)
 
     python scripts/compile_bench.py --out benchmarks/compile       # run alone on the CPU (a few minutes)
 
@@ -33,6 +34,8 @@ SETTINGS = {
     "ar": dict(method="ar"),
     "dynamic B=4 t=0.9": dict(method="dynamic", block_size=4, threshold=0.9),
     "s2d2 config-A skip-confident B=16 t=0.9": dict(method="s2d2", block_size=16, threshold=0.9, skip_confident=True),
+    "s2d2 config-A skip-confident B=16 t=0.9 fuse_draft_threshold=0.3": dict(
+        method="s2d2", block_size=16, threshold=0.9, skip_confident=True, fuse_draft_threshold=0.3),
 }
 ROWS = [1, 2, 4, 8, 16, 24, 32, 48, 64]
 
@@ -65,6 +68,19 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def _row(name: str, mode: str, batch_size: int, runs: list, cost: dict) -> dict:
+    """One setting's figures over its rounds (medians of times; counters are exact), with the cost model's
+    prediction from its counters."""
+    elapsed = statistics.median(e for e, _ in runs)
+    forward_s = statistics.median(st.forward_time_s for _, st in runs)
+    st = runs[0][1]
+    predicted_s = (st.nfe * cost["fixed_ms"] + st.query_rows * cost["per_row_ms"]) / 1000
+    return {"setting": name, "mode": mode, "batch_size": batch_size, "tokens": st.num_tokens, "nfe": st.nfe,
+            "rows_per_forward": st.query_rows / st.nfe, "tokens_per_forward": st.num_tokens / st.nfe,
+            "time_s": elapsed, "forward_time_s": forward_s, "tokens_per_s": st.num_tokens / elapsed,
+            "predicted_forward_s": predicted_s, "predicted_tokens_per_s": st.num_tokens / predicted_s}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="bundled")
@@ -72,6 +88,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", type=int, default=64)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     models = {"eager": s2d2.load(args.model, device=args.device),
@@ -88,52 +105,55 @@ def main() -> None:
               ", ".join(f"{r} rows {t:.2f}" for r, t in points), flush=True)
 
     prompts = [p.prompt for p in arith.generate("test", args.n, seed=0)]
-    cells = [(name, mode) for name in SETTINGS for mode in models]
-    runs: dict[tuple[str, str], list] = {c: [] for c in cells}
+    cells = [(name, mode, b) for name in SETTINGS for mode in models for b in args.batch_sizes]
+    runs: dict[tuple[str, str, int], list] = {c: [] for c in cells}
     rng = random.Random(0)
     for mode, model in models.items():  # warm-up pass
         model.generate(prompts[:4], DecodeConfig(method="ar", generation_config="none"), batch_size=1)
     for _ in range(args.repeats):
         rng.shuffle(cells)
-        for name, mode in cells:
+        for name, mode, b in cells:
             cfg = DecodeConfig(**SETTINGS[name], generation_config="none")
             t0 = time.perf_counter()
-            outs = models[mode].generate(prompts, cfg, batch_size=1)
+            outs = models[mode].generate(prompts, cfg, batch_size=b)
             elapsed = time.perf_counter() - t0
             stats = s2d2.DecodeStats.total([o.stats for o in outs])
-            runs[(name, mode)].append((elapsed, stats))
+            runs[(name, mode, b)].append((elapsed, stats))
     rows = []
-    for name in SETTINGS:
-        for mode in models:
-            elapsed = statistics.median(e for e, _ in runs[(name, mode)])
-            forward_s = statistics.median(st.forward_time_s for _, st in runs[(name, mode)])
-            st = runs[(name, mode)][0][1]
-            predicted_s = (st.nfe * cost[mode]["fixed_ms"] + st.query_rows * cost[mode]["per_row_ms"]) / 1000
-            rows.append({"setting": name, "mode": mode, "tokens": st.num_tokens, "nfe": st.nfe,
-                         "rows_per_forward": st.query_rows / st.nfe, "tokens_per_forward": st.num_tokens / st.nfe,
-                         "time_s": elapsed, "forward_time_s": forward_s, "tokens_per_s": st.num_tokens / elapsed,
-                         "predicted_forward_s": predicted_s, "predicted_tokens_per_s": st.num_tokens / predicted_s})
-    ar = {r["mode"]: r for r in rows if r["setting"] == "ar"}
-    lines = [f"# Eager and compiled forwards: {args.model}, batch 1, {args.n} test problems, {args.repeats} rounds", "",
+    for b in args.batch_sizes:
+        for name in SETTINGS:
+            for mode in models:
+                rows.append(_row(name, mode, b, runs[(name, mode, b)], cost[mode]))
+    ar = {(r["mode"], r["batch_size"]): r for r in rows if r["setting"] == "ar"}
+    sizes = ", ".join(map(str, args.batch_sizes))
+    lines = [f"# Eager and compiled forwards: {args.model}, batch {sizes}, {args.n} test problems, {args.repeats} rounds",
+             "",
              f"Compile warm-up (one-time, in process): {warm_up:.1f} s.", "",
              "| forward | fixed ms | ms per row | " + " | ".join(f"{r} rows" for r in ROWS) + " |",
              "|---|---|---|" + "---|" * len(ROWS)]
     for mode, c in cost.items():
         lines.append(f"| {mode} | {c['fixed_ms']:.3f} | {c['per_row_ms']:.4f} | " +
                      " | ".join(f"{t:.2f}" for _, t in c["points"]) + " |")
-    lines += ["", "| setting | forward | tokens / forward | rows / forward | tokens / s | speedup vs AR (same forward) | "
-              "forward time s | predicted forward time s (error) | predicted tokens / s (error) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| batch | setting | forward | tokens / forward | rows / forward | tokens / s | speedup vs AR (same "
+              "forward) | forward time s | predicted forward time s (error) | predicted tokens / s (error) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        err_f = r["predicted_forward_s"] / r["forward_time_s"] - 1
-        err_t = r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1
-        lines.append(f"| {r['setting']} | {r['mode']} | {r['tokens_per_forward']:.2f} | {r['rows_per_forward']:.1f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ar[r['mode']]['tokens_per_s']:.2f}x | "
-                     f"{r['forward_time_s']:.2f} | {r['predicted_forward_s']:.2f} ({err_f:+.0%}) | "
-                     f"{r['predicted_tokens_per_s']:.0f} ({err_t:+.0%}) |")
-    for name in SETTINGS:
-        e, c = (next(r for r in rows if r["setting"] == name and r["mode"] == m) for m in ("eager", "compiled"))
-        lines.append(f"\n{name}: compiled / eager tokens/s {c['tokens_per_s'] / e['tokens_per_s']:.2f}x")
+        prediction, forward = "– | –", "–"  # batched: each row's forward time is the batch's, and the model one row's
+        if r["batch_size"] == 1:  # the cost model is the single-row path's
+            forward = f"{r['forward_time_s']:.2f}"
+            err_f = r["predicted_forward_s"] / r["forward_time_s"] - 1
+            err_t = r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1
+            prediction = (f"{r['predicted_forward_s']:.2f} ({err_f:+.0%}) | "
+                          f"{r['predicted_tokens_per_s']:.0f} ({err_t:+.0%})")
+        vs_ar = r["tokens_per_s"] / ar[(r["mode"], r["batch_size"])]["tokens_per_s"]
+        lines.append(f"| {r['batch_size']} | {r['setting']} | {r['mode']} | {r['tokens_per_forward']:.2f} | "
+                     f"{r['rows_per_forward']:.1f} | {r['tokens_per_s']:.0f} | {vs_ar:.2f}x | "
+                     f"{forward} | {prediction} |")
+    for b in args.batch_sizes:
+        for name in SETTINGS:
+            e, c = (next(r for r in rows if r["setting"] == name and r["mode"] == m and r["batch_size"] == b)
+                    for m in ("eager", "compiled"))
+            lines.append(f"\nbatch {b}, {name}: compiled / eager tokens/s {c['tokens_per_s'] / e['tokens_per_s']:.2f}x")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

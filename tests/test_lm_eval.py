@@ -153,7 +153,8 @@ def test_cuda_default_falls_back_to_cpu_without_cuda(random_model_dir, monkeypat
     for available, expected in ((True, "cuda:0"), (False, "cpu")):
         asked = []
         monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
-        monkeypatch.setattr(s2d2, "load", lambda pretrained, device, dtype, adapter=None: asked.append(device) or lm.model)
+        monkeypatch.setattr(s2d2, "load",
+                            lambda pretrained, device, dtype, adapter=None, compile=False: asked.append(device) or lm.model)
         S2D2LM(pretrained=str(random_model_dir), device="cuda:0")
         assert asked == [expected]
 
@@ -214,6 +215,19 @@ def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Pat
     # s2d2 eval on the same problems with the same decoding scores the same
     assert seen[0][2] == pytest.approx(evaluate(model, DecodeConfig(method="s2d2", block_size=8, max_new_tokens=64),
                                                 n=5).accuracy)
+
+
+def test_compile_model_arg_compiles_and_warms_up(random_model_dir, monkeypatch):
+    loaded, warmed = [], []
+    real = s2d2.load(str(random_model_dir))
+    monkeypatch.setattr(real, "warm_up", lambda: warmed.append(True) or 0.5)
+    monkeypatch.setattr(s2d2, "load", lambda pretrained, device, dtype, adapter=None, compile=False:
+                        loaded.append(compile) or real)
+    S2D2LM(pretrained=str(random_model_dir), compile=True)
+    S2D2LM(pretrained=str(random_model_dir))
+    assert loaded == [True, False] and warmed == [True]  # warmed up only when compiled
+    with pytest.raises(ConfigError, match="compile must be true or false"):
+        S2D2LM(pretrained=str(random_model_dir), compile="yes")
 
 
 def test_bad_model_args_end_in_one_sentence_and_exit_2(capsys):

@@ -76,7 +76,7 @@ class S2D2LM(LM):
 
     def __init__(self, pretrained: str = "bundled", device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_batch_size: int | None = None, adapter: str | None = None,
-                 **decode_args: Any) -> None:
+                 compile: bool = False, **decode_args: Any) -> None:
         # lm-eval passes batch_size (an int, or "auto"/"auto:N", which has no memory search to do here: it means
         # max_batch_size if given, else s2d2's default) and max_batch_size
         super().__init__()
@@ -98,7 +98,12 @@ class S2D2LM(LM):
         # evaluator gives each rank its share of the documents and gathers the results through the primitives below.
         self._dp = DataParallel.from_env(device)
         self._rank, self._world_size = self._dp.rank, self._dp.world_size
-        self.model = s2d2.load(str(pretrained), device=self._dp.device(device), dtype=dtype, adapter=adapter or None)
+        if not isinstance(compile, bool):
+            raise ConfigError(f"compile must be true or false, got {compile!r}.")
+        self.model = s2d2.load(str(pretrained), device=self._dp.device(device), dtype=dtype, adapter=adapter or None,
+                               compile=compile)
+        if compile:  # the one-time warm-up, reported, before lm-eval's own timing starts
+            log.info("s2d2: compiled the forward, warm-up %.1f s", self.model.warm_up())
         self.stats = DecodeStats()  # summed over every request served
 
     @classmethod
