@@ -76,10 +76,31 @@ def test_eval_scores_what_the_model_wrote(model, monkeypatch):
     assert evaluate(model, s2d2.DecodeConfig(), n=4).accuracy == 0.0
 
 
+@pytest.mark.parametrize("split", ["test", "generalisation"])
+def test_eval_scores_the_wordy_task_on_its_own_problems(model, monkeypatch, split):
+    """``--task wordy`` decodes the grammar task's problems of the split (its generalisation split included) and
+    scores them with its checker: right answers score 100%."""
+    from s2d2.tasks import wordy
+
+    problems = wordy.generate(split, 6, seed=0)
+    seen = []
+
+    def fake_generate(prompts, cfg, batch_size=1):
+        seen.extend(prompts)
+        return [s2d2.Generation(f" x. #### {p.answer}", [], "stop", s2d2.DecodeStats()) for p in problems]
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    result = evaluate(model, s2d2.DecodeConfig(), task="wordy", n=6, split=split)
+    assert seen == [p.prompt for p in problems] and result.accuracy == 1.0
+    assert set(result.accuracy_by_level) == {p.level for p in problems}
+
+
 def test_eval_rejects_bad_input(random_model_dir, capsys):
     assert main(["eval", "--task", "nope", "--n", "2", "--model", str(random_model_dir)]) == 2
     assert main(["eval", "--n", "0", "--model", str(random_model_dir)]) == 2
     assert main(["eval", "--n", "2", "--model", str(random_model_dir), "--samples", "/nonexistent/dir/s.jsonl"]) == 2
+    assert main(["eval", "--n", "2", "--split", "generalisation", "--model", str(random_model_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 3 and all(line.startswith("s2d2: error:") for line in err)
+    assert len(err) == 4 and all(line.startswith("s2d2: error:") for line in err)
     assert "--samples" in err[2]
+    assert err[3] == ("s2d2: error: task arith has the splits train, validation, test; got 'generalisation'.")

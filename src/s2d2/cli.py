@@ -130,10 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="accuracy and decoding stats on a task with checkable answers")
-    ev.add_argument("--task", default="arith", help="arith (synthetic grade-school math, test split)")
+    ev.add_argument("--task", default="arith",
+                    help="arith (synthetic grade-school math) or wordy (the same from a grammar, with a "
+                         "generalisation split of held-out sentence frames)")
     # --limit (lm-eval's name) also serves under torchrun, whose own parser takes --n for an abbreviation of its flags
     ev.add_argument("--n", "--limit", dest="n", type=int, default=500, help="number of problems")
-    ev.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    ev.add_argument("--split", default="test", help="train, validation, test (wordy: also generalisation)")
     ev.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
     ev.add_argument("--adapter", default=None, metavar="DIR",
                     help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
@@ -369,14 +371,15 @@ def _bench(ns: argparse.Namespace) -> int:
 
 def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repeats: int, batch_sizes: list[int],
                dp: DataParallel, tuned: list[Any]) -> int:
-    model = _load_model(ns, dp.device(ns.device))
-    from s2d2.tasks import arith
+    from s2d2.tasks import task_module
 
-    problems = arith.generate("test", n, seed=0)
+    task = task_module(ns.task, "test")
+    model = _load_model(ns, dp.device(ns.device))
+    problems = task.generate("test", n, seed=0)
     prompts = [p.prompt for p in problems]
 
     def checker(i: int, text: str) -> bool:
-        return arith.is_correct(problems[i], text)
+        return task.is_correct(problems[i], text)
 
     out = Path(ns.out)
     ranks = f", {dp.world_size} processes" if dp.world_size > 1 else ""
@@ -408,15 +411,15 @@ def _trace(ns: argparse.Namespace) -> int:
 
 
 def _tune(ns: argparse.Namespace) -> int:
-    from s2d2.evaluate import TASKS
-    from s2d2.tasks import arith
+    from s2d2.tasks import TASKS, task_module
     from s2d2.tune import search_space, tune, winner_config
 
     lm_task = ns.task[len("lm-eval:"):] if ns.task.startswith("lm-eval:") else None
     if lm_task is None and ns.task not in TASKS:
         raise S2D2Error(f"--task must be one of {', '.join(TASKS)} or lm-eval:NAME; got {ns.task!r}.")
-    if ns.split not in arith.SPLITS:
-        raise S2D2Error(f"--split must be one of {', '.join(arith.SPLITS)}; got {ns.split!r}.")
+    task = task_module(ns.task, ns.split) if lm_task is None else None
+    if lm_task is not None and ns.split not in ("train", "validation", "test"):
+        raise S2D2Error(f"--split must be one of train, validation, test; got {ns.split!r}.")
     if ns.n < 1 or ns.timed < 1 or ns.repeats < 1:
         raise S2D2Error("--n, --timed and --repeats must be >= 1.")
     if lm_task is not None and ns.objective != "tokens_per_forward":
@@ -435,8 +438,8 @@ def _tune(ns: argparse.Namespace) -> int:
             exact = lm_eval_exact(model, lm_task, ns.split, ns.n, batch_size, ns.metric)
             result = search(exact, search_space(ns.quick), ns.max_accuracy_drop)
         else:
-            problems = arith.generate(ns.split, ns.n, seed=0)
-            result = tune(model, [p.prompt for p in problems], lambda i, text: arith.is_correct(problems[i], text),
+            problems = task.generate(ns.split, ns.n, seed=0)
+            result = tune(model, [p.prompt for p in problems], lambda i, text: task.is_correct(problems[i], text),
                           search_space(ns.quick), ns.max_accuracy_drop, ns.objective, ns.timed, ns.repeats,
                           batch_size, dp, progress=dp.is_main)
     if out is None:

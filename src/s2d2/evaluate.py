@@ -11,7 +11,9 @@ from s2d2.distributed import DataParallel
 from s2d2.errors import ConfigError
 from s2d2.stats import DecodeStats
 
-TASKS = ("arith",)
+from s2d2.tasks import TASKS, task_module
+
+__all__ = ["TASKS", "EvalResult", "evaluate"]
 
 
 @dataclass
@@ -38,15 +40,12 @@ def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500,
     """Decode the first ``n`` problems of ``split`` with ``cfg`` (``batch_size`` at a time) and score the answers;
     with ``dp`` each rank of a data-parallel job decodes its shard and every rank gets the whole result."""
     dp = dp or DataParallel()
-    if task not in TASKS:
-        raise ConfigError(f"task must be one of {', '.join(TASKS)}; got {task!r}.")
+    module = task_module(task, split)
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}.")
-    from s2d2.tasks import arith
-
-    problems = arith.generate(split, n, seed=0)
+    problems = module.generate(split, n, seed=0)
     outs = dp.generate(model, [p.prompt for p in problems], cfg, batch_size)
-    correct = [arith.is_correct(p, o.text) for p, o in zip(problems, outs)]
+    correct = [module.is_correct(p, o.text) for p, o in zip(problems, outs)]
     levels: dict[int, list[bool]] = {}
     for p, ok in zip(problems, correct):
         levels.setdefault(p.level, []).append(ok)

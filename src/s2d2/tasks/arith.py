@@ -47,7 +47,7 @@ import hashlib
 import random
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 __all__ = [
     "Problem",
@@ -79,8 +79,8 @@ MAX_FACTOR = 12
 MAX_QUOTIENT = 12
 MAX_RESULT = 999
 
-_TEST_BUCKETS = 5  # sha256(key) mod 100 < 5 -> test
-_VALIDATION_BUCKETS = 10  # < 10 -> validation, otherwise train
+# sha256(key) mod 100 below each bound -> that split (the first that holds); otherwise train
+SPLIT_BOUNDS: tuple[tuple[str, int], ...] = (("test", 5), ("validation", 10))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -128,14 +128,11 @@ def _make_key(template: str, entities: Sequence[str], numbers: Sequence[int]) ->
     return f"{template}|{'|'.join(entities)}|{','.join(map(str, numbers))}"
 
 
-def split_of(key: str) -> str:
-    """The split (``"train"``, ``"validation"`` or ``"test"``) that a problem key belongs to."""
+def split_of(key: str, bounds: Sequence[tuple[str, int]] = SPLIT_BOUNDS) -> str:
+    """The split that a problem key belongs to: the first of ``bounds`` (``(split, bound)`` pairs, bounds rising)
+    whose bound exceeds the key's hash bucket (``sha256(key)`` mod 100), else ``"train"``."""
     bucket = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % 100
-    if bucket < _TEST_BUCKETS:
-        return "test"
-    if bucket < _VALIDATION_BUCKETS:
-        return "validation"
-    return "train"
+    return next((split for split, bound in bounds if bucket < bound), "train")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -703,9 +700,45 @@ def template_names(level: int | None = None) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _stream_seed(split: str, seed: int) -> int:
-    digest = hashlib.sha256(f"s2d2.tasks.arith|{split}|{seed}".encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big")
+def generate_distinct(split: str, n: int, seed: int, levels: Iterable[int], *, namespace: str,
+                      splits: Sequence[str], all_levels: Sequence[int], split_of: Callable[[str], str],
+                      draw: Callable[[random.Random, int], tuple[str, Callable[[], Any]]]) -> list[Any]:
+    """The sampling loop of a problem generator: ``n`` problems of ``split`` with distinct keys, levels balanced
+    exactly (consecutive groups hold one problem of each requested level in a random order, a last partial group
+    excepted), deterministic for the arguments, and ``generate(split, m)`` a prefix of ``generate(split, n)``.
+
+    ``draw(rng, level)`` returns a candidate's key and a function that builds the problem (called only when the
+    key is new and ``split_of(key) == split``, so rejected candidates cost no wording). ``namespace`` seeds the
+    generator's own random stream.
+    """
+    if split not in splits:
+        raise ValueError(f"split must be one of {tuple(splits)}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    lv = tuple(dict.fromkeys(int(x) for x in levels))
+    if not lv or any(x not in all_levels for x in lv):
+        raise ValueError(f"levels must be a non-empty subset of {tuple(all_levels)}, got {tuple(levels)!r}")
+    digest = hashlib.sha256(f"{namespace}|{split}|{seed}".encode("utf-8")).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    out: list[Any] = []
+    seen: set[str] = set()
+    order: list[int] = []
+    attempts, max_attempts = 0, 10_000 + 200 * n
+    while len(out) < n:
+        if not order:
+            order = list(lv)
+            rng.shuffle(order)
+        attempts += 1
+        if attempts > max_attempts:
+            raise RuntimeError(f"could not find {n} distinct {split} problems at levels {lv} "
+                               f"(found {len(out)} in {attempts - 1} draws)")
+        key, build = draw(rng, order[-1])
+        if key in seen or split_of(key) != split:
+            continue
+        seen.add(key)
+        order.pop()
+        out.append(build())
+    return out
 
 
 def generate(split: str, n: int, seed: int = 0, levels: Iterable[int] = LEVELS) -> list[Problem]:
@@ -718,43 +751,21 @@ def generate(split: str, n: int, seed: int = 0, levels: Iterable[int] = LEVELS) 
     share no problem for any seeds. ``generate(split, m, seed)`` is a prefix of ``generate(split, n, seed)``
     for ``m < n``.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    lv = tuple(dict.fromkeys(int(x) for x in levels))
-    if not lv or any(x not in LEVELS for x in lv):
-        raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {tuple(levels)!r}")
-    by_level = {x: [t for t in TEMPLATES if t.level == x] for x in lv}
+    by_level = {x: [t for t in TEMPLATES if t.level == x] for x in LEVELS}
 
-    rng = random.Random(_stream_seed(split, seed))
-    out: list[Problem] = []
-    seen: set[str] = set()
-    order: list[int] = []
-    attempts, max_attempts = 0, 10_000 + 200 * n
-    while len(out) < n:
-        if not order:
-            order = list(lv)
-            rng.shuffle(order)
-        level = order[-1]
+    def draw(rng: random.Random, level: int) -> tuple[str, Callable[[], Problem]]:
         tmpl = rng.choice(by_level[level])
-        attempts += 1
-        if attempts > max_attempts:
-            raise RuntimeError(f"could not find {n} distinct {split} problems at levels {lv} "
-                               f"(found {len(out)} in {attempts - 1} draws)")
         while True:  # redraw numbers within the template, so templates stay uniform within a level
             try:
                 question, entities, numbers, steps, answer = tmpl.sample(rng)
                 break
             except _Reject:
                 pass
-        key = _make_key(tmpl.name, entities, numbers)
-        if key in seen or split_of(key) != split:
-            continue
-        seen.add(key)
-        order.pop()
-        out.append(Problem(question, tuple(steps), answer, tmpl.name, tmpl.level, numbers, entities))
-    return out
+        return (_make_key(tmpl.name, entities, numbers),
+                lambda: Problem(question, tuple(steps), answer, tmpl.name, tmpl.level, numbers, entities))
+
+    return generate_distinct(split, n, seed, levels, namespace="s2d2.tasks.arith", splits=SPLITS, all_levels=LEVELS,
+                             split_of=split_of, draw=draw)
 
 
 # (operation, share of drills): + and - carry the most errors of word-problem solutions (a wrong carry or borrow)
