@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import s2d2
+from s2d2.errors import ConfigError
 from s2d2.train import Example, TrainConfig, make_batch, train, two_stream_mask
 
 
@@ -105,3 +106,21 @@ def test_drill_steps_and_precision_are_validated_and_deterministic():
         assert a == b  # a function of (seed, step), so resumed runs draw the same batches
         kinds.add(len(a))
     assert kinds == {4, 8}  # word-problem steps take batch_size examples, drill steps twice as many
+
+
+def test_training_problems_mix_tasks_by_weight_and_keep_the_single_task_order():
+    from s2d2.tasks import arith, wordy
+    from s2d2.train import training_problems
+
+    single = training_problems(TrainConfig(out="x", num_train=50))
+    assert [p.prompt for p in single] == [p.prompt for p in arith.generate("train", 50, seed=0)]
+    mixed = training_problems(TrainConfig(out="x", num_train=100, tasks=("wordy", "arith"), task_weights=(3.0, 1.0)))
+    kinds = [isinstance(p, wordy.WordyProblem) for p in mixed]
+    assert len(mixed) == 100 and sum(kinds) == 75
+    assert kinds[:75] != [True] * 75  # interleaved, not one task after the other
+    assert mixed == training_problems(TrainConfig(out="x", num_train=100, tasks=("wordy", "arith"),
+                                                  task_weights=(3.0, 1.0)))  # seeded
+    for bad in (dict(tasks=("wordy",), task_weights=(1.0, 1.0)), dict(tasks=("nope",), task_weights=(1.0,)),
+                dict(tasks=("wordy", "wordy"), task_weights=(1.0, 1.0)), dict(task_weights=(0.0,))):
+        with pytest.raises(ConfigError):
+            TrainConfig(out="x", **bad)

@@ -67,6 +67,9 @@ class TrainConfig:
     block_sizes: tuple[int, ...] = (1, 2, 4, 8, 16)
     block_weights: tuple[float, ...] = (0.4, 0.15, 0.15, 0.15, 0.15)
     num_train: int = 200_000
+    # the word-problem tasks (s2d2.tasks) the num_train training problems come from, and their shares
+    tasks: tuple[str, ...] = ("arith",)
+    task_weights: tuple[float, ...] = (1.0,)
     vocab_size: int = 1024
     hidden_size: int = 256
     num_layers: int = 4
@@ -89,6 +92,14 @@ class TrainConfig:
             raise ConfigError(f"precision must be fp32 or bf16, got {self.precision!r}.")
         if len(self.block_sizes) != len(self.block_weights) or 1 not in self.block_sizes:
             raise ConfigError("block_sizes must include 1 and match block_weights in length.")
+        if not self.tasks or len(self.tasks) != len(self.task_weights) or len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError("tasks must be distinct, at least one, and match task_weights in length.")
+        from s2d2.tasks import task_module
+
+        for task in self.tasks:
+            task_module(task, "train")
+        if any(not w > 0 for w in self.task_weights):
+            raise ConfigError(f"task_weights must be positive, got {self.task_weights!r}.")
         for name in ("steps", "batch_size", "num_train", "vocab_size", "hidden_size", "num_layers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1.")
@@ -175,6 +186,19 @@ def batch_loss(model: Qwen3Decoder, batch: dict[str, torch.Tensor], precision: s
                            ignore_index=-100)
 
 
+def training_problems(cfg: TrainConfig) -> list[Any]:
+    """The ``num_train`` training problems: each task's share of its ``train`` split (seeded), interleaved by a
+    seeded shuffle when there are several tasks (one task: its problems in order, as before tasks existed)."""
+    from s2d2.tasks import task_module
+
+    total = sum(cfg.task_weights)
+    counts = [round(cfg.num_train * w / total) for w in cfg.task_weights]
+    problems = [p for task, n in zip(cfg.tasks, counts) for p in task_module(task).generate("train", n, seed=cfg.seed)]
+    if len(cfg.tasks) > 1:
+        random.Random(cfg.seed).shuffle(problems)
+    return problems
+
+
 def draw_examples(step_rng: np.random.Generator, examples: list[Example], cfg: TrainConfig,
                   encode: Callable[[list[str]], list[list[int]]], eos_id: int) -> list[Example]:
     """The examples of one step: with probability ``drill_fraction`` a batch of bare-equation drills, twice
@@ -256,11 +280,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
 def _train(cfg: TrainConfig, progress: bool) -> Path:
     from s2d2.random_init import init_weights  # one initialiser for random and trained models
-    from s2d2.tasks import arith
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    problems = arith.generate("train", cfg.num_train, seed=cfg.seed)
+    problems = training_problems(cfg)
     tok_path = out / "tokenizer.json"
     if tok_path.exists():
         from tokenizers import Tokenizer
@@ -316,7 +339,9 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
             model.eval()
             _save(model, opt, step + 1, cfg, out)
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
-                record["val_accuracy_ar"] = evaluate_dir(out, n=cfg.eval_n, split="validation")
+                for i, task in enumerate(cfg.tasks):  # the first task's under the name of single-task runs
+                    key = "val_accuracy_ar" if i == 0 else f"val_accuracy_ar_{task}"
+                    record[key] = evaluate_dir(out, n=cfg.eval_n, split="validation", task=task)
             model.train()
         log.write(json.dumps(record) + "\n")
         log.flush()
@@ -329,9 +354,10 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     return out
 
 
-def evaluate_dir(model_dir: Path, n: int, split: str = "validation") -> float:
-    """AR greedy accuracy of the checkpoint in ``model_dir`` on ``n`` problems of ``split``."""
+def evaluate_dir(model_dir: Path, n: int, split: str = "validation", task: str = "arith") -> float:
+    """AR greedy accuracy of the checkpoint in ``model_dir`` on ``n`` problems of ``task``'s ``split``."""
     import s2d2
     from s2d2.evaluate import evaluate
 
-    return evaluate(s2d2.load(str(model_dir)), s2d2.DecodeConfig(method="ar", max_new_tokens=64), n=n, split=split).accuracy
+    return evaluate(s2d2.load(str(model_dir)), s2d2.DecodeConfig(method="ar", max_new_tokens=64), task=task, n=n,
+                    split=split).accuracy
