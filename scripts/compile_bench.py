@@ -4,8 +4,9 @@
    eager and compiled, and a least-squares fit ``ms = fixed + per_row * rows`` over 1-64 rows: the cost model.
 2. **Decoding** at each of ``--batch-sizes`` (default 1 and 16), the first ``--n`` test problems of the arith task,
    AR and the given settings, eager and compiled, in ``--repeats`` rounds whose order is shuffled (seeded); tokens/s
-   are medians over rounds. Each batch-1 row also gets the cost model's prediction, ``nfe * fixed + query_rows *
-   per_row`` from its exact counters, against the measured forward time and total time. (Batches larger than one
+   are medians over rounds. Each batch-1 row also gets the cost model's predictions from its exact counters: forward
+   time ``nfe * fixed + query_rows * per_row`` against the measured forward time, and tokens/s with the loop's own
+   time added (``nfe * loop``, ``loop`` per forward calibrated on AR alone) against the measured tokens/s. (Batches larger than one
    run the engine's packed forward, which ``--compile`` does not compile yet: those rows show what that leaves.)
 
     python scripts/compile_bench.py --out benchmarks/compile       # run alone on the CPU (a few minutes)
@@ -68,17 +69,19 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
-def _row(name: str, mode: str, batch_size: int, runs: list, cost: dict) -> dict:
+def _row(name: str, mode: str, batch_size: int, runs: list, cost: dict, loop_ms: float) -> dict:
     """One setting's figures over its rounds (medians of times; counters are exact), with the cost model's
-    prediction from its counters."""
+    predictions from its counters: forward time ``nfe * fixed + query_rows * per_row``, and total time adding the
+    loop's own ``loop_ms`` per forward (calibrated on AR alone, so every other row is a prediction)."""
     elapsed = statistics.median(e for e, _ in runs)
     forward_s = statistics.median(st.forward_time_s for _, st in runs)
     st = runs[0][1]
     predicted_s = (st.nfe * cost["fixed_ms"] + st.query_rows * cost["per_row_ms"]) / 1000
+    total_s = predicted_s + st.nfe * loop_ms / 1000
     return {"setting": name, "mode": mode, "batch_size": batch_size, "tokens": st.num_tokens, "nfe": st.nfe,
             "rows_per_forward": st.query_rows / st.nfe, "tokens_per_forward": st.num_tokens / st.nfe,
             "time_s": elapsed, "forward_time_s": forward_s, "tokens_per_s": st.num_tokens / elapsed,
-            "predicted_forward_s": predicted_s, "predicted_tokens_per_s": st.num_tokens / predicted_s}
+            "predicted_forward_s": predicted_s, "predicted_tokens_per_s": st.num_tokens / total_s}
 
 
 def main() -> None:
@@ -91,6 +94,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if 1 not in args.batch_sizes:
+        parser.error("--batch-sizes must include 1: the cost model is calibrated at batch 1")
     models = {"eager": s2d2.load(args.model, device=args.device),
               "compiled": s2d2.load(args.model, device=args.device, compile=True)}
     warm_up = models["compiled"].warm_up()
@@ -119,20 +124,26 @@ def main() -> None:
             elapsed = time.perf_counter() - t0
             stats = s2d2.DecodeStats.total([o.stats for o in outs])
             runs[(name, mode, b)].append((elapsed, stats))
+    for mode in models:  # the loop's own time per forward, from AR at batch 1 (a row's time outside its forwards)
+        ar_runs = runs[("ar", mode, 1)]
+        loop_s = statistics.median(e - st.forward_time_s for e, st in ar_runs)
+        cost[mode]["loop_ms_per_forward"] = loop_s / ar_runs[0][1].nfe * 1000
     rows = []
     for b in args.batch_sizes:
         for name in SETTINGS:
             for mode in models:
-                rows.append(_row(name, mode, b, runs[(name, mode, b)], cost[mode]))
+                rows.append(_row(name, mode, b, runs[(name, mode, b)], cost[mode],
+                                 cost[mode]["loop_ms_per_forward"]))
     ar = {(r["mode"], r["batch_size"]): r for r in rows if r["setting"] == "ar"}
     sizes = ", ".join(map(str, args.batch_sizes))
     lines = [f"# Eager and compiled forwards: {args.model}, batch {sizes}, {args.n} test problems, {args.repeats} rounds",
              "",
              f"Compile warm-up (one-time, in process): {warm_up:.1f} s.", "",
-             "| forward | fixed ms | ms per row | " + " | ".join(f"{r} rows" for r in ROWS) + " |",
-             "|---|---|---|" + "---|" * len(ROWS)]
+             "| forward | fixed ms | ms per row | loop ms per forward (AR) | " +
+             " | ".join(f"{r} rows" for r in ROWS) + " |",
+             "|---|---|---|---|" + "---|" * len(ROWS)]
     for mode, c in cost.items():
-        lines.append(f"| {mode} | {c['fixed_ms']:.3f} | {c['per_row_ms']:.4f} | " +
+        lines.append(f"| {mode} | {c['fixed_ms']:.3f} | {c['per_row_ms']:.4f} | {c['loop_ms_per_forward']:.3f} | " +
                      " | ".join(f"{t:.2f}" for _, t in c["points"]) + " |")
     lines += ["", "| batch | setting | forward | tokens / forward | rows / forward | tokens / s | speedup vs AR (same "
               "forward) | forward time s | predicted forward time s (error) | predicted tokens / s (error) |",

@@ -118,7 +118,7 @@ class DecodeConfig:
     fuse_draft: bool = True  # a verify that may finish the block also drafts the next one (needs cache_ver, fuse_commit)
     # ... only when the product of the span's draft confidences (the drafter's estimate that every draft is accepted,
     # the one case the next block's rows are used) reaches this: 0 = always, the fewest forwards; where rows cost
-    # time (a CPU) about B * per_row / (fixed + B * per_row) of the forward's cost model (docs/decoding.md)
+    # time (a CPU) the break-even of the forward's cost model, about 0.35 for the bundled model (docs/decoding.md)
     fuse_draft_threshold: float = 0.0
     # write the K/V of the block's committed prefix into the cache as it grows (in the forward running anyway), so
     # that drafts and verifications carry only the rows after it; needs cache_ver, draft_ver and fuse_commit (then those K/V are

@@ -408,7 +408,7 @@ class _Forwards:
         # are causal) and verifications (their first half is causal) compute them anyway and keep them.
         # (Like fuse_commit, whose cost model it extends: without it, as in the reference, K/V get forwards of their own.)
         self._cache_prefix = (cfg.prefix_cache and cfg.cache_ver and cfg.draft_ver and cfg.fuse_commit
-                              and cfg.editing_threshold is None and cfg.block_add_threshold is None)
+                              and cfg.editing_threshold is None)
         # A draft made by the verify forward that finished the previous block (aligned logits) or the current
         # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
         self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None

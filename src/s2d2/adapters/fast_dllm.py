@@ -64,14 +64,16 @@ class FastDLLMAdapter(SDARAdapter):
         size = block_size * num_blocks
         end = block_start + size
         if cache_prefix:
-            assert cache_ver and draft_ver and first_mask > 0, "prefix caching needs the AR-consistent cache"
+            assert cache_ver and draft_ver, "prefix caching needs the AR-consistent cache"
             last = block_start + first_mask - 1  # the row that predicts the first mask
             assert cache_len <= last, "the row before the first mask must be a query row"
             mask = prefix_draft_mask(max(0, block_start - cache_len), max(0, cache_len - block_start), block_size,
                                      first_mask, self.device, num_blocks)
-            store = last - cache_len
+            # the row before the first mask stays out of the cache (a later forward reads it again), except the
+            # previous block's last row when offset 0 is masked (pipelined blocks: offset 0 is committed from it now)
+            store = max(last, block_start) - cache_len
             return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
-                               num_store=store, logits_from=store, logits_to=end - 1 - cache_len,
+                               num_store=store, logits_from=last - cache_len, logits_to=end - 1 - cache_len,
                                pad_front=first_mask)
         pending = block_start - cache_len
         mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
