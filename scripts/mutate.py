@@ -187,8 +187,8 @@ MUTATIONS: list[Mutation] = [
         "cache_commit_extra",
         "a verify that finishes a block (fuse_draft) commits one cache slot more than the block",
         "decode.py",
-        "self.cache.commit(block.size)  #",
-        "self.cache.commit(block.size + 1)  #",
+        "self.cache.commit(block.start + block.size - self.cache.length)\n",
+        "self.cache.commit(block.start + block.size + 1 - self.cache.length)\n",
     ),
     Mutation(
         "commit_mask_ignores_cache_ver",
