@@ -108,8 +108,8 @@ MUTATIONS: list[Mutation] = [
         "fuse_draft_threshold_ignored",
         "every verification that may finish the block carries the next block's draft rows, whatever the threshold",
         "decode.py",
-        "        fuse = self._fuse_draft and _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold\n",
-        "        fuse = self._fuse_draft\n",
+        "                                     or _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold)\n",
+        "                                     or True)\n",
     ),
     Mutation(
         "shifted_prefix_cache_swallows_the_query_row",

@@ -329,7 +329,8 @@ def test_stats_add_up(model, monkeypatch):
         monkeypatch.setattr(adapter, f"{kind}_spec", counted)
     real_accept = s2d2.decode.accept_greedy
     monkeypatch.setattr(s2d2.decode, "accept_greedy",
-                        lambda drafted, logits: verdicts.append((len(drafted), real_accept(drafted, logits)))
+                        lambda drafted, logits, relax=None: verdicts.append((len(drafted),
+                                                                             real_accept(drafted, logits, relax)))
                         or verdicts[-1][1])
     out = run(model, prompt(6, seed=6), method="s2d2", policy="mask_span_length", min_span=2, block_size=8,
               threshold=0.2, max_new_tokens=40)

@@ -166,9 +166,9 @@ def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeyp
         drawn.append(probs.clone())
         return real_choose(probs, greedy, generator)
 
-    def accept(drafted, p, q, generator):
+    def accept(drafted, p, q, generator, relax=None):
         handed.append(p.clone())
-        return real_accept(drafted, p, q, generator)
+        return real_accept(drafted, p, q, generator, relax)
 
     monkeypatch.setattr(s2d2.decode, "choose_tokens", choose)
     monkeypatch.setattr(s2d2.decode, "accept_sampled", accept)
@@ -184,9 +184,9 @@ def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeyp
 def test_the_test_rejects_a_draft_distribution_distorted_as_p_to_the_0_9(monkeypatch):
     real = s2d2.decode.accept_sampled
 
-    def distorted(drafted, p, q, generator):
+    def distorted(drafted, p, q, generator, relax=None):
         warped = p ** 0.9
-        return real(drafted, warped / warped.sum(dim=-1, keepdim=True), q, generator)
+        return real(drafted, warped / warped.sum(dim=-1, keepdim=True), q, generator, relax)
 
     monkeypatch.setattr(s2d2.decode, "accept_sampled", distorted)
     assert transition_pvalue(transition_counts(2)) < 1e-4

@@ -176,10 +176,6 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, mas
                 router, verdict, verified = yield from forwards.route_and_verify(
                     router, seq, block.with_tokens(edits) if edits else block, unit, span, draft, generator)
                 commits.update(verified)
-                if verdict is not None and cfg.commit_confident:
-                    confident = _confident_rest(unit.masked_offsets(), commits, draft, cfg.threshold)
-                    commits.update(confident)
-                    stats.fallback_tokens += len(confident)
             need = min(quota, unit.num_masked) - (len(commits) - len(edits))
             if need > 0:
                 candidates = [i for i in unit.masked_offsets() if i not in commits]
@@ -290,12 +286,8 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: _Forwards, gen
             router, verdict, commits = yield from forwards.route_and_verify(router, seq, region, region, span, draft,
                                                                            generator)
         # a verified step commits what the verification decided and nothing else (at least one token of the front
-        # block, the span's first), or with commit_confident also every other draft above the threshold; a step
-        # that does not verify is D2F's
-        if verdict is not None and cfg.commit_confident:
-            confident = _confident_rest(region.masked_offsets(), commits, draft, cfg.threshold)
-            commits.update(confident)
-            stats.fallback_tokens += len(confident)
+        # block, the span's first; with commit_confident also every other draft above the threshold); a step that
+        # does not verify is D2F's
         for j in range(count) if verdict is None else ():
             lo, hi = j * size, min((j + 1) * size, region.end)
             candidates = [i for i in range(lo, hi) if region.masked[i]]
@@ -398,8 +390,7 @@ class _Forwards:
     def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False,
                  tracer: Tracer | None = None) -> None:
         self.cache, self.cfg, self.stats, self.shifted, self.tracer = cache, cfg, stats, shifted_logits, tracer
-        relax = cfg.relaxation()
-        self.relax = None if relax.neutral else relax
+        self.relax = cfg.relaxation()  # neutral: the acceptance functions run their exact rule
         # a block's K/V may enter the cache early only if no edit can change it afterwards
         self._fuse_draft = (cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
                             and cfg.block_add_threshold is None)
@@ -478,7 +469,8 @@ class _Forwards:
                          ) -> Generator[ForwardRequest, torch.Tensor | None,
                                         tuple[routing.RouterState, Verdict | None, dict[int, int]]]:
         """One S2D2 routing decision on the span of ``unit`` and, if it says so, the verification: returns the next
-        router state, the verdict (None when not verified) and the commits it decides (``offset: token``)."""
+        router state, the verdict (None when not verified) and the commits it decides (``offset: token``): the
+        verifier's, and with ``commit_confident`` the unit's other masks whose drafts clear the threshold."""
         verify_now, router = routing.route(router, unit, span, draft, self.cfg)
         if self.tracer is not None:
             self.tracer.route(verify_now, (block.start + span.start, block.start + span.end),
@@ -488,6 +480,10 @@ class _Forwards:
         verdict = yield from self.verify(seq, block, unit, span, draft, generator)
         commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
         commits.update((span.start + j, token) for j, token in verdict.extra)
+        if self.cfg.commit_confident:
+            confident = _confident_rest(unit.masked_offsets(), commits, draft, self.cfg.threshold)
+            commits.update(confident)
+            self.stats.fallback_tokens += len(confident)
         return router, verdict, commits
 
     def verify(self, seq: Sequence, block: BlockState, unit: BlockState, span: Span, draft: Draft,
@@ -504,7 +500,8 @@ class _Forwards:
         drafted = list(draft.tokens[span.start:span.end])
         filled = list(block.tokens[:span.start]) + drafted
         # the next draft's rows are used only if every draft is accepted: carry them when that is likely enough
-        fuse = self._fuse_draft and _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold
+        fuse = self._fuse_draft and (cfg.fuse_draft_threshold <= 0.0
+                                     or _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold)
         finishes_block = fuse and span.end == block.end == block.size and block.start + block.size < seq.limit
         # Shifted logits, draft_ver: the rows of a draft before its first mask are causal, exactly this forward's
         # rows, so the later sub-blocks (all masks) can be drafted here; the next draft starts at the span's end.
@@ -517,14 +514,12 @@ class _Forwards:
         logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         logits, next_logits = logits[:span.length], logits[span.length:]
         self.stats.verify_forwards += 1
-        relax = self.relax  # None for exact acceptance: the exact functions, called exactly as before
         if cfg.greedy:
-            verdict = accept_greedy(drafted, logits) if relax is None else accept_greedy(drafted, logits, relax)
+            verdict = accept_greedy(drafted, logits, self.relax)
         else:
             q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
             p = draft.probs[span.start:span.end]
-            verdict = (accept_sampled(drafted, p, q, generator) if relax is None
-                       else accept_sampled(drafted, p, q, generator, relax))
+            verdict = accept_sampled(drafted, p, q, generator, self.relax)
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
