@@ -112,3 +112,24 @@ def test_dominating_picks_the_fastest_s2d2_setting_with_at_least_both_figures():
     got = {d["name"]: None if r is None else r["name"] for d, r in dominating(records)}
     # equal figures dominate (at least both); of two at 4.0 the more accurate; 5.8 at 45% has no S2D2 counterpart
     assert got == {"dyn fast": None, "dyn exact tie": "s tie fast", "dyn slow": "s slow"}
+
+
+def test_bench_decodes_the_asked_task_and_split(random_model_dir, tmp_path, capsys):
+    """`--task wordy --split generalisation` benchmarks that split's problems (the AR record's accuracy is the
+    checker's verdict on them); a split the task lacks is one sentence and exit code 2."""
+    from s2d2.tasks import wordy
+
+    out = tmp_path / "bench"
+    assert main(["bench", "--quick", "--n", "2", "--repeats", "1", "--task", "wordy", "--split", "generalisation",
+                 "--model", str(random_model_dir), "--out", str(out), "--no-progress"]) == 0
+    ar = json.loads((out / "results.jsonl").read_text().splitlines()[0])
+    problems = wordy.generate("generalisation", 2, seed=0)
+    outs = s2d2.load(str(random_model_dir)).generate([p.prompt for p in problems], s2d2.DecodeConfig(method="ar"))
+    assert ar["method"] == "ar" and ar["stats"]["num_tokens"] == sum(o.stats.num_tokens for o in outs)
+    assert ar["accuracy"] == sum(wordy.is_correct(p, o.text) for p, o in zip(problems, outs)) / 2
+    assert "2 generalisation problems" in (out / "results.md").read_text()
+    capsys.readouterr()
+    assert main(["bench", "--quick", "--split", "generalisation", "--model", str(random_model_dir),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == ("s2d2: error: task arith has the splits train, validation, test; "
+                                              "got 'generalisation'.")

@@ -160,7 +160,32 @@ def test_cuda_default_falls_back_to_cpu_without_cuda(random_model_dir, monkeypat
 
 
 def test_task_files_ship_in_the_package():
-    assert {p.name for p in TASKS_DIR.iterdir()} >= {"s2d2_arith.yaml", "s2d2_arith.py"}
+    assert {p.name for p in TASKS_DIR.iterdir()} >= {"s2d2_arith.yaml", "s2d2_arith.py", "s2d2_wordy.yaml",
+                                                      "s2d2_wordy_generalisation.yaml"}
+
+
+@pytest.mark.parametrize("name, task, split", [("s2d2_arith", "arith", "test"), ("s2d2_wordy", "wordy", "test"),
+                                               ("s2d2_wordy_generalisation", "wordy", "generalisation")])
+def test_generation_tasks_hold_the_splits_s2d2_eval_decodes(name, task, split):
+    """Each task's data, built from its yaml's metadata as lm-eval does, is the first problems of the task's split
+    in `s2d2 eval`'s order (test) and of its validation split (validation)."""
+    import yaml
+
+    from s2d2.lm_eval_tasks.s2d2_arith import load
+    from s2d2.tasks import task_module
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, suffix, node: None)  # the !function tag: not needed here
+    config = yaml.load((TASKS_DIR / f"{name}.yaml").read_text(), Loader=_Loader)
+    assert config["task"] == name
+    data = load(**{**config["metadata"], "num_problems": 4})
+    module = task_module(task)
+    for ds_split, want in (("test", split), ("validation", "validation")):
+        problems = module.generate(want, 4, seed=0)
+        assert [r["prompt"] for r in data[ds_split]] == [p.prompt for p in problems]
+        assert [r["answer"] for r in data[ds_split]] == [str(p.answer) for p in problems]
 
 
 _STATS_LINE = re.compile(r"s2d2 decoding so far: (\d+) tokens, NFE (\d+),")

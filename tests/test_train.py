@@ -108,6 +108,39 @@ def test_drill_steps_and_precision_are_validated_and_deterministic():
     assert kinds == {4, 8}  # word-problem steps take batch_size examples, drill steps twice as many
 
 
+def test_length_buckets_split_a_sorted_pool_between_consecutive_steps():
+    """With length_buckets = k, steps g*k .. g*k+k-1 take the k slices of one length-sorted pool (each example of
+    the pool once, every batch's lengths a contiguous range of the sort), in a seeded order; a function of (seed,
+    step) like unbucketed draws; k = 1 draws as before."""
+    from s2d2.train import draw_examples
+
+    examples = [Example([1] * (3 + i % 17), [2] * (1 + i % 5) + [0]) for i in range(500)]
+    cfg = TrainConfig(out="x", batch_size=8, drill_fraction=0.0, length_buckets=4)
+    with pytest.raises(ConfigError, match="length_buckets"):
+        TrainConfig(out="x", length_buckets=0)
+
+    def draw(step, c=cfg):
+        return draw_examples(np.random.default_rng([0, step]), examples, c, lambda t: [], eos_id=0, step=step)
+
+    def length(e):
+        return len(e.prompt) + len(e.response)
+
+    orders = []
+    for group in range(3):
+        batches = [draw(step) for step in range(4 * group, 4 * group + 4)]
+        assert batches == [draw(step) for step in range(4 * group, 4 * group + 4)]  # resumable
+        ranges = sorted((min(map(length, b)), max(map(length, b))) for b in batches)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))  # disjoint length ranges
+        orders.append([min(map(length, b)) for b in batches])
+        pool_rng = np.random.default_rng([0, group, 1])
+        assert sorted(map(id, sum(batches, []))) == sorted(id(examples[i]) for i in pool_rng.integers(0, 500, 32))
+    assert len({tuple(np.argsort(o)) for o in orders}) > 1  # short and long batches in no fixed order
+    unbucketed = TrainConfig(out="x", batch_size=8, drill_fraction=0.0)
+    rng = np.random.default_rng([0, 5])
+    rng.random()  # the drill draw
+    assert draw(5, unbucketed) == [examples[i] for i in rng.integers(0, 500, 8)]
+
+
 def test_training_problems_mix_tasks_by_weight_and_keep_the_single_task_order():
     from s2d2.tasks import arith, wordy
     from s2d2.train import training_problems
@@ -124,3 +157,13 @@ def test_training_problems_mix_tasks_by_weight_and_keep_the_single_task_order():
                 dict(tasks=("wordy", "wordy"), task_weights=(1.0, 1.0)), dict(task_weights=(0.0,))):
         with pytest.raises(ConfigError):
             TrainConfig(out="x", **bad)
+
+
+def test_train_flags_describe_training_fields(capsys):
+    """`s2d2 train --help` explains TrainConfig's fields in training terms (its `steps` is not DecodeConfig's)."""
+    from s2d2.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--steps STEPS optimizer steps (default: 4000)" in text and "denoising" not in text

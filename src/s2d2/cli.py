@@ -56,6 +56,21 @@ _HELP = {
     "ratio_threshold": "after a rejection also commit later span drafts whose ratio reaches this (the reference's "
                        "ssd_ratio_threshold)",
 }
+# The same for `s2d2 train` (TrainConfig's field names overlap DecodeConfig's with other meanings: steps).
+_TRAIN_HELP = {
+    "steps": "optimizer steps",
+    "batch_size": "training sequences per step",
+    "lr": "peak learning rate (linear warm-up, cosine decay to min_lr_ratio of it)",
+    "block_sizes": "block sizes drawn per step (must include 1, the AR mode S2D2 verifies with)",
+    "block_weights": "probabilities of block_sizes",
+    "num_train": "distinct training problems generated",
+    "tasks": "word-problem tasks the training problems come from (s2d2.tasks: arith, wordy)",
+    "task_weights": "shares of tasks",
+    "eval_every": "steps between validation evaluations (AR greedy, eval_n problems per task)",
+    "checkpoint_every": "steps between resumable checkpoints",
+    "drill_fraction": "share of steps on bare-equation drills",
+    "precision": "bf16: forwards under bfloat16 autocast (weights and optimizer float32); fp32",
+}
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig, skip: tuple[str, ...] = ()) -> None:
@@ -71,7 +86,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig,
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not MISSING else None
-        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        helps = _HELP if cls is DecodeConfig else _TRAIN_HELP
+        help_text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         args = [a for a in get_args(tp) if a is not type(None)]
         if tp is bool:
@@ -154,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
     be.add_argument("--adapter", default=None, metavar="DIR",
                     help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
-    be.add_argument("--task", default="arith")
+    be.add_argument("--task", default="arith", help="arith or wordy (default arith)")
+    be.add_argument("--split", default="test", help="test (default), validation; wordy: also generalisation")
     be.add_argument("--n", "--limit", dest="n", type=int, default=None, help="problems (default 200; 10 with --quick)")
     be.add_argument("--grid", default=None, help='JSON list of {"name": ..., "config": {DecodeConfig fields}}')
     be.add_argument("--out", default="bench-out", help="directory for results.jsonl, results.md, pareto.png")
@@ -373,9 +390,9 @@ def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repe
                dp: DataParallel, tuned: list[Any]) -> int:
     from s2d2.tasks import task_module
 
-    task = task_module(ns.task, "test")
+    task = task_module(ns.task, ns.split)
     model = _load_model(ns, dp.device(ns.device))
-    problems = task.generate("test", n, seed=0)
+    problems = task.generate(ns.split, n, seed=0)
     prompts = [p.prompt for p in problems]
 
     def checker(i: int, text: str) -> bool:
@@ -383,7 +400,7 @@ def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repe
 
     out = Path(ns.out)
     ranks = f", {dp.world_size} processes" if dp.world_size > 1 else ""
-    title = f"{ns.model} on {ns.task} ({n} test problems, {repeats} rounds{ranks})"
+    title = f"{ns.model} on {ns.task} ({n} {ns.split} problems, {repeats} rounds{ranks})"
     if not ns.no_grid:
         records = bench.run_bench(model, prompts, checker, grid, repeats=repeats, progress=not ns.no_progress, dp=dp)
         if not dp.is_main:

@@ -84,6 +84,11 @@ class TrainConfig:
     threads: int = 2
     drill_fraction: float = 0.2
     precision: str = "bf16"
+    # word-problem batches of similar length: each run of length_buckets steps shares a pool of that many batches,
+    # sorted by length (1 = off: every step draws its own batch). A batch is padded to its longest example and its
+    # noisy stream starts at its shortest prompt, so mixed lengths waste rows (measured on the v3 mix: 2.1x the
+    # useful rows; 1.13x with 16 buckets)
+    length_buckets: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drill_fraction < 1.0:
@@ -100,7 +105,7 @@ class TrainConfig:
             task_module(task, "train")
         if any(not w > 0 for w in self.task_weights):
             raise ConfigError(f"task_weights must be positive, got {self.task_weights!r}.")
-        for name in ("steps", "batch_size", "num_train", "vocab_size", "hidden_size", "num_layers"):
+        for name in ("steps", "batch_size", "num_train", "vocab_size", "hidden_size", "num_layers", "length_buckets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1.")
 
@@ -200,10 +205,11 @@ def training_problems(cfg: TrainConfig) -> list[Any]:
 
 
 def draw_examples(step_rng: np.random.Generator, examples: list[Example], cfg: TrainConfig,
-                  encode: Callable[[list[str]], list[list[int]]], eos_id: int) -> list[Example]:
+                  encode: Callable[[list[str]], list[list[int]]], eos_id: int, step: int = 0) -> list[Example]:
     """The examples of one step: with probability ``drill_fraction`` a batch of bare-equation drills, twice
     ``batch_size`` of them since they are about a third as long (similar tokens per step); otherwise
-    ``batch_size`` word problems drawn from the training set."""
+    ``batch_size`` word problems drawn from the training set (with ``length_buckets`` > 1, this step's share of
+    its group's length-sorted pool). A function of (seed, step), so a resumed run draws the same batches."""
     from s2d2.tasks import arith
 
     if step_rng.random() < cfg.drill_fraction:
@@ -212,7 +218,14 @@ def draw_examples(step_rng: np.random.Generator, examples: list[Example], cfg: T
         prompts = encode([p.prompt for p in problems])
         targets = encode([p.target for p in problems])
         return [Example(a, b + [eos_id]) for a, b in zip(prompts, targets)]
-    return [examples[i] for i in step_rng.integers(0, len(examples), cfg.batch_size)]
+    k = cfg.length_buckets
+    if k == 1:
+        return [examples[i] for i in step_rng.integers(0, len(examples), cfg.batch_size)]
+    pool_rng = np.random.default_rng([cfg.seed, step // k, 1])  # the group's own stream (steps use [seed, step])
+    pool = pool_rng.integers(0, len(examples), k * cfg.batch_size)
+    pool = sorted(pool, key=lambda i: (len(examples[i].prompt) + len(examples[i].response), i))
+    slot = int(pool_rng.permutation(k)[step % k])  # long and short batches in no fixed order within the group
+    return [examples[i] for i in pool[slot * cfg.batch_size:(slot + 1) * cfg.batch_size]]
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -325,7 +338,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     for step in range(start, cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         block_size = int(rng.choice(cfg.block_sizes, p=weights))
-        batch = make_batch(draw_examples(rng, examples, cfg, encode, eos_id), block_size, eos_id, mask_id, rng)
+        batch = make_batch(draw_examples(rng, examples, cfg, encode, eos_id, step), block_size, eos_id, mask_id, rng)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         loss = batch_loss(model, batch, cfg.precision)

@@ -1,23 +1,28 @@
-"""Data of the ``s2d2_arith`` lm-eval task: the arith test split, generated (no download, no files)."""
+"""Data of the s2d2 lm-eval tasks (``s2d2_arith``, ``s2d2_arith_mc``, ``s2d2_wordy``,
+``s2d2_wordy_generalisation``): splits of the package's word-problem tasks, generated (no download, no files)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 
-def load(num_problems: int = 500, **_: Any) -> Any:  # -> datasets.DatasetDict
-    """The first ``num_problems`` test and validation problems of ``s2d2.tasks.arith`` (seed 0) as a DatasetDict
-    (lm-eval scores the test split; ``s2d2 tune --lm-eval-task`` the validation one); extra keyword arguments (lm-eval
-    passes the task's metadata) are ignored."""
+def load(num_problems: int = 500, task: str = "arith", split: str = "test", **_: Any) -> Any:  # -> DatasetDict
+    """The first ``num_problems`` problems (seed 0) of ``split`` of ``s2d2.tasks.<task>`` as the DatasetDict's
+    ``test`` split (what lm-eval scores; ``s2d2 eval --task <task> --split <split>`` decodes the same problems in the
+    same order) and of the task's validation split as ``validation`` (``s2d2 tune --task lm-eval:NAME``); the task's
+    yaml sets ``task`` and ``split`` in its metadata, which lm-eval passes here with its other fields (ignored)."""
     import datasets
 
-    from s2d2.tasks import arith
+    from s2d2.tasks import task_module
 
-    def rows(split: str) -> list[dict[str, Any]]:
+    module = task_module(task, split)
+
+    def rows(name: str) -> list[dict[str, Any]]:
         return [{"prompt": p.prompt, "target": p.target, "answer": str(p.answer), "level": p.level,
-                 "template": p.template} for p in arith.generate(split, int(num_problems), seed=0)]
+                 "template": p.template} for p in module.generate(name, int(num_problems), seed=0)]
 
-    return datasets.DatasetDict({split: datasets.Dataset.from_list(rows(split)) for split in ("test", "validation")})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows(split)),
+                                 "validation": datasets.Dataset.from_list(rows("validation"))})
 
 
 def load_choices(num_problems: int = 500, num_choices: int = 4, **_: Any) -> Any:  # -> datasets.DatasetDict

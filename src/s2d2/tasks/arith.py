@@ -66,6 +66,14 @@ __all__ = [
     "is_correct",
     "parse_step",
     "split_of",
+    "make_key",
+    "Chain",
+    "Reject",
+    "MALE_NAMES",
+    "FEMALE_NAMES",
+    "ITEMS",
+    "CURRENCIES",
+    "THINGS",
     "template_names",
     "corpus_text",
 ]
@@ -117,14 +125,14 @@ class Problem:
     @property
     def key(self) -> str:
         """Canonical identity: template name, entity choices and numbers (not the phrasing)."""
-        return _make_key(self.template, self.entities, self.numbers)
+        return make_key(self.template, self.entities, self.numbers)
 
 
 def _target(steps: Sequence[str], answer: int) -> str:
     return " " + ". ".join(steps) + f". #### {answer}"
 
 
-def _make_key(template: str, entities: Sequence[str], numbers: Sequence[int]) -> str:
+def make_key(template: str, entities: Sequence[str], numbers: Sequence[int]) -> str:
     return f"{template}|{'|'.join(entities)}|{','.join(map(str, numbers))}"
 
 
@@ -177,11 +185,11 @@ def parse_step(step: str) -> tuple[int, str, int, int]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class _Reject(Exception):
+class Reject(Exception):
     """A sampled number set breaks a rule; the caller draws again."""
 
 
-class _Chain:
+class Chain:
     """Records solution steps, enforcing the number rules of the module docstring."""
 
     __slots__ = ("steps",)
@@ -191,31 +199,31 @@ class _Chain:
 
     def add(self, a: int, b: int) -> int:
         if not (0 <= a <= MAX_ADD_OPERAND and 0 <= b <= MAX_ADD_OPERAND):
-            raise _Reject
+            raise Reject
         c = a + b
         self.steps.append(f"{a}+{b}={c}")
         return c
 
     def sub(self, a: int, b: int) -> int:
         if not (0 <= b <= a <= MAX_ADD_OPERAND):
-            raise _Reject
+            raise Reject
         c = a - b
         self.steps.append(f"{a}-{b}={c}")
         return c
 
     def mul(self, a: int, b: int) -> int:
         if not (MIN_FACTOR <= a <= MAX_FACTOR and MIN_FACTOR <= b <= MAX_FACTOR):
-            raise _Reject
+            raise Reject
         c = a * b
         self.steps.append(f"{a}*{b}={c}")
         return c
 
     def div(self, a: int, b: int) -> int:
         if not (MIN_FACTOR <= b <= MAX_FACTOR) or a % b:
-            raise _Reject
+            raise Reject
         c = a // b
         if not 1 <= c <= MAX_QUOTIENT:
-            raise _Reject
+            raise Reject
         self.steps.append(f"{a}/{b}={c}")
         return c
 
@@ -224,25 +232,25 @@ class _Chain:
 # Entities
 # --------------------------------------------------------------------------------------------------------------
 
-_MALE = ("Tom", "Ben", "Sam", "Leo", "Max", "Omar", "Ravi", "Jack", "Noah", "Luis", "Ken", "Yusuf", "Eli",
-         "Finn", "Hugo", "Ivan", "Jonas", "Kofi", "Marco", "Pablo")
-_FEMALE = ("Anna", "Sara", "Mia", "Lily", "Emma", "Zoe", "Nina", "Priya", "Lucy", "Maya", "Aiko", "Chloe",
-           "Ella", "Fatima", "Grace", "Hana", "Ines", "Julia", "Lena", "Rosa")
+MALE_NAMES = ("Tom", "Ben", "Sam", "Leo", "Max", "Omar", "Ravi", "Jack", "Noah", "Luis", "Ken", "Yusuf", "Eli",
+              "Finn", "Hugo", "Ivan", "Jonas", "Kofi", "Marco", "Pablo")
+FEMALE_NAMES = ("Anna", "Sara", "Mia", "Lily", "Emma", "Zoe", "Nina", "Priya", "Lucy", "Maya", "Aiko", "Chloe",
+                "Ella", "Fatima", "Grace", "Hana", "Ines", "Julia", "Lena", "Rosa")
 # name -> (subject, possessive, object) pronouns
 _PRONOUNS: dict[str, tuple[str, str, str]] = {
-    **{n: ("he", "his", "him") for n in _MALE},
-    **{n: ("she", "her", "her") for n in _FEMALE},
+    **{n: ("he", "his", "him") for n in MALE_NAMES},
+    **{n: ("she", "her", "her") for n in FEMALE_NAMES},
 }
-_NAMES: tuple[str, ...] = _MALE + _FEMALE
+_NAMES: tuple[str, ...] = MALE_NAMES + FEMALE_NAMES
 
 _OBJECTS = ("apples", "coins", "marbles", "stickers", "pencils", "cards", "stamps", "shells", "cookies",
             "balloons", "beads", "buttons", "eggs", "oranges", "crayons", "candies")
 _CONTAINERS = (("bag", "bags"), ("box", "boxes"), ("pack", "packs"), ("jar", "jars"), ("basket", "baskets"),
                ("tin", "tins"))
-_ITEMS = (("notebook", "notebooks"), ("pen", "pens"), ("sandwich", "sandwiches"), ("ticket", "tickets"),
-          ("toy", "toys"), ("mug", "mugs"), ("cake", "cakes"), ("book", "books"), ("plant", "plants"),
-          ("ball", "balls"), ("kite", "kites"), ("hat", "hats"))
-_CURRENCIES = ("dollars", "euros", "pounds")
+ITEMS = (("notebook", "notebooks"), ("pen", "pens"), ("sandwich", "sandwiches"), ("ticket", "tickets"),
+         ("toy", "toys"), ("mug", "mugs"), ("cake", "cakes"), ("book", "books"), ("plant", "plants"),
+         ("ball", "balls"), ("kite", "kites"), ("hat", "hats"))
+CURRENCIES = ("dollars", "euros", "pounds")
 _GROUPS = ("friends", "cousins", "classmates", "teammates", "neighbours")
 _TRAVEL = ("drives", "cycles", "rides", "sails", "travels", "skates")
 _DISTANCE = ("km", "miles")
@@ -257,7 +265,7 @@ _ACTS = (("reads", "pages"), ("runs", "km"), ("writes", "lines"), ("swims", "lap
 _WORKS = (("book", "pages", "reads", "reading"), ("report", "pages", "writes", "writing"),
           ("puzzle", "pieces", "places", "placing"), ("comic", "pages", "colours", "colouring"))
 _CLUBS = ("class", "club", "camp", "choir")
-_THINGS = ("bike", "game", "jacket", "radio", "watch", "lamp")
+THINGS = ("bike", "game", "jacket", "radio", "watch", "lamp")
 
 
 def _cap(s: str) -> str:
@@ -282,7 +290,7 @@ def _t_add_more(rng: random.Random) -> _Sample:
     obj = rng.choice(_OBJECTS)
     a, b = rng.randint(2, 99), rng.randint(2, 99)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.add(a, b)
     q = rng.choice((
         f"{n1} has {a} {obj}. {n2} gives {o} {b} more {obj}. How many {obj} does {n1} have now?",
@@ -299,7 +307,7 @@ def _t_take_away(rng: random.Random) -> _Sample:
     a = rng.randint(10, 99)
     b = rng.randint(2, a - 1)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.sub(a, b)
     q = rng.choice((
         f"{n1} has {a} {obj}. {_cap(s)} gives {b} of them to {n2}. How many {obj} does {n1} have left?",
@@ -314,7 +322,7 @@ def _t_compare_more(rng: random.Random) -> _Sample:
     obj = rng.choice(_OBJECTS)
     a = rng.randint(10, 99)
     b = rng.randint(2, a - 1)
-    ch = _Chain()
+    ch = Chain()
     r = ch.sub(a, b)
     q = rng.choice((
         f"{n1} has {a} {obj} and {n2} has {b} {obj}. How many more {obj} does {n1} have than {n2}?",
@@ -329,7 +337,7 @@ def _t_rate_distance(rng: random.Random) -> _Sample:
     verb, unit = rng.choice(_TRAVEL), rng.choice(_DISTANCE)
     speed, hours = rng.randint(2, 12), rng.randint(2, 12)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.mul(speed, hours)
     q = rng.choice((
         f"{n1} {verb} at {speed} {unit} per hour for {hours} hours. How many {unit} does {s} travel?",
@@ -342,10 +350,10 @@ def _t_rate_distance(rng: random.Random) -> _Sample:
 
 def _t_unit_price(rng: random.Random) -> _Sample:
     n1 = rng.choice(_NAMES)
-    (item, items), cur = rng.choice(_ITEMS), rng.choice(_CURRENCIES)
+    (item, items), cur = rng.choice(ITEMS), rng.choice(CURRENCIES)
     count, price = rng.randint(2, 12), rng.randint(2, 12)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.mul(count, price)
     q = rng.choice((
         f"One {item} costs {price} {cur}. {n1} buys {count} {items}. How many {cur} does {s} pay?",
@@ -361,7 +369,7 @@ def _t_share_equally(rng: random.Random) -> _Sample:
     d, k = rng.randint(2, 12), rng.randint(1, 12)
     total = d * k
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.div(total, d)
     q = rng.choice((
         f"{n1} has {total} {obj} and shares them equally among {p} {d} {group}. "
@@ -379,7 +387,7 @@ def _t_per_period(rng: random.Random) -> _Sample:
     d, k = rng.randint(2, 12), rng.randint(1, 12)
     total = d * k
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.div(total, d)
     q = rng.choice((
         f"{n1} {did} {total} {unit} in {d} {period}s, the same amount each {period}. "
@@ -397,7 +405,7 @@ def _t_buy_groups(rng: random.Random) -> _Sample:
     obj, (box, boxes) = rng.choice(_OBJECTS), rng.choice(_CONTAINERS)
     a, count, each = rng.randint(2, 99), rng.randint(2, 12), rng.randint(2, 12)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.add(a, ch.mul(count, each))
     q = rng.choice((
         f"{n1} has {a} {obj}. {_cap(s)} buys {count} {boxes} with {each} {obj} each. "
@@ -412,13 +420,13 @@ def _t_buy_groups(rng: random.Random) -> _Sample:
 
 def _t_money_left(rng: random.Random) -> _Sample:
     n1 = rng.choice(_NAMES)
-    (item, items), cur = rng.choice(_ITEMS), rng.choice(_CURRENCIES)
+    (item, items), cur = rng.choice(ITEMS), rng.choice(CURRENCIES)
     count, price = rng.randint(2, 12), rng.randint(2, 12)
     if count * price >= MAX_ADD_OPERAND:
-        raise _Reject
+        raise Reject
     money = rng.randint(count * price + 1, MAX_ADD_OPERAND)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.sub(money, ch.mul(count, price))
     q = rng.choice((
         f"{n1} has {money} {cur}. {_cap(s)} buys {count} {items} that cost {price} {cur} each. "
@@ -436,7 +444,7 @@ def _t_trip_extra(rng: random.Random) -> _Sample:
     verb, unit = rng.choice(_TRAVEL), rng.choice(_DISTANCE)
     speed, hours, extra = rng.randint(2, 12), rng.randint(2, 12), rng.randint(2, 99)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.add(ch.mul(speed, hours), extra)
     q = rng.choice((
         f"{n1} {verb} at {speed} {unit} per hour for {hours} hours and then another {extra} {unit}. "
@@ -453,7 +461,7 @@ def _t_times_as_many(rng: random.Random) -> _Sample:
     n1, n2 = _two_names(rng)
     obj = rng.choice(_OBJECTS)
     a, k = rng.randint(2, 12), rng.randint(2, 12)
-    ch = _Chain()
+    ch = Chain()
     r = ch.add(a, ch.mul(a, k))
     q = rng.choice((
         f"{n1} has {a} {obj}. {n2} has {k} times as many {obj} as {n1}. "
@@ -471,10 +479,10 @@ def _t_work_left(rng: random.Random) -> _Sample:
     thing, unit, verb, gerund = rng.choice(_WORKS)
     rate, days = rng.randint(2, 12), rng.randint(2, 12)
     if rate * days >= MAX_ADD_OPERAND:
-        raise _Reject
+        raise Reject
     total = rng.randint(rate * days + 1, MAX_ADD_OPERAND)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.sub(total, ch.mul(rate, days))
     q = rng.choice((
         f"{n1}'s {thing} has {total} {unit}. {_cap(s)} {verb} {rate} {unit} a day for {days} days. "
@@ -493,9 +501,9 @@ def _t_compare_product(rng: random.Random) -> _Sample:
     count, each = rng.randint(2, 12), rng.randint(2, 12)
     prod = count * each
     if prod > MAX_ADD_OPERAND:
-        raise _Reject
+        raise Reject
     other = rng.randint(2, prod - 1)
-    ch = _Chain()
+    ch = Chain()
     r = ch.sub(ch.mul(count, each), other)
     q = rng.choice((
         f"{n1} buys {count} {boxes} with {each} {obj} in each. {n2} has {other} {obj}. "
@@ -516,7 +524,7 @@ def _t_share_after_gain(rng: random.Random) -> _Sample:
     a = rng.randint(2, total - 2)
     b = total - a
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.div(ch.add(a, b), d)
     q = rng.choice((
         f"{n1} has {a} {obj} and gets {b} more. {_cap(s)} shares all of them equally among {p} {d} {group}. "
@@ -531,11 +539,11 @@ def _t_share_after_gain(rng: random.Random) -> _Sample:
 
 def _t_shop_total(rng: random.Random) -> _Sample:
     n1 = rng.choice(_NAMES)
-    (_, items1), (_, items2) = rng.sample(_ITEMS, 2)
-    cur = rng.choice(_CURRENCIES)
+    (_, items1), (_, items2) = rng.sample(ITEMS, 2)
+    cur = rng.choice(CURRENCIES)
     c1, p1, c2, p2 = (rng.randint(2, 12) for _ in range(4))
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.add(ch.mul(c1, p1), ch.mul(c2, p2))
     q = rng.choice((
         f"{n1} buys {c1} {items1} at {p1} {cur} each and {c2} {items2} at {p2} {cur} each. "
@@ -553,8 +561,8 @@ def _t_compare_rates(rng: random.Random) -> _Sample:
     verb, unit = rng.choice(_ACTS)
     r1, d1, r2, d2 = (rng.randint(2, 12) for _ in range(4))
     if not r2 * d2 < r1 * d1 <= MAX_ADD_OPERAND:
-        raise _Reject
-    ch = _Chain()
+        raise Reject
+    ch = Chain()
     r = ch.sub(ch.mul(r1, d1), ch.mul(r2, d2))
     q = rng.choice((
         f"{n1} {verb} {r1} {unit} a day for {d1} days. {n2} {verb} {r2} {unit} a day for {d2} days. "
@@ -574,9 +582,9 @@ def _t_collect_share(rng: random.Random) -> _Sample:
     count, each = rng.randint(2, 12), rng.randint(2, 12)
     a = d * k - count * each
     if a < 2:
-        raise _Reject
+        raise Reject
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.div(ch.add(a, ch.mul(count, each)), d)
     q = rng.choice((
         f"{n1} has {a} {obj}. {_cap(s)} buys {count} {boxes} with {each} {obj} in each. Then {s} shares all "
@@ -595,11 +603,11 @@ def _t_trip_remaining(rng: random.Random) -> _Sample:
     speed, hours = rng.randint(2, 12), rng.randint(2, 12)
     done = speed * hours
     if done > MAX_ADD_OPERAND - 4:
-        raise _Reject
+        raise Reject
     extra = rng.randint(2, MAX_ADD_OPERAND - 2 - done)
     total = rng.randint(done + extra + 1, MAX_ADD_OPERAND)
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.sub(total, ch.add(ch.mul(speed, hours), extra))
     q = rng.choice((
         f"A trip is {total} {unit} long. {n1} {verb} at {speed} {unit} per hour for {hours} hours, and then "
@@ -614,16 +622,16 @@ def _t_trip_remaining(rng: random.Random) -> _Sample:
 
 def _t_savings_split(rng: random.Random) -> _Sample:
     n1 = rng.choice(_NAMES)
-    cur, thing, group = rng.choice(_CURRENCIES), rng.choice(_THINGS), rng.choice(_GROUPS)
+    cur, thing, group = rng.choice(CURRENCIES), rng.choice(THINGS), rng.choice(_GROUPS)
     weekly, weeks = rng.randint(2, 12), rng.randint(2, 12)
     saved = weekly * weeks
     d, k = rng.randint(2, 12), rng.randint(1, 12)
     rest = d * k
     spent = saved - rest
     if spent < 2 or saved > MAX_ADD_OPERAND:
-        raise _Reject
+        raise Reject
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.div(ch.sub(ch.mul(weekly, weeks), spent), d)
     q = rng.choice((
         f"{n1} saves {weekly} {cur} every week for {weeks} weeks. {_cap(s)} spends {spent} {cur} on a {thing} "
@@ -644,7 +652,7 @@ def _t_team_supplies(rng: random.Random) -> _Sample:
     boys = rng.randint(max(2, people - MAX_ADD_OPERAND), min(people - 2, MAX_ADD_OPERAND))  # people >= 4
     girls = people - boys
     s, p, o = _PRONOUNS[n1]
-    ch = _Chain()
+    ch = Chain()
     r = ch.mul(ch.div(ch.add(boys, girls), size), each)
     q = rng.choice((
         f"A {club} has {boys} boys and {girls} girls. {n1} puts them into groups of {size}. Each group gets "
@@ -759,9 +767,9 @@ def generate(split: str, n: int, seed: int = 0, levels: Iterable[int] = LEVELS) 
             try:
                 question, entities, numbers, steps, answer = tmpl.sample(rng)
                 break
-            except _Reject:
+            except Reject:
                 pass
-        return (_make_key(tmpl.name, entities, numbers),
+        return (make_key(tmpl.name, entities, numbers),
                 lambda: Problem(question, tuple(steps), answer, tmpl.name, tmpl.level, numbers, entities))
 
     return generate_distinct(split, n, seed, levels, namespace="s2d2.tasks.arith", splits=SPLITS, all_levels=LEVELS,
@@ -777,7 +785,7 @@ def drill(rng: random.Random) -> Problem:
     ``Q: What is 37+93?`` / `` 37+93=130. #### 130``. Word problems exercise each arithmetic fact only a few
     times per epoch; drills let a small model learn carries and borrows directly."""
     op = rng.choices([o for o, _ in _DRILL_OPS], weights=[w for _, w in _DRILL_OPS])[0]
-    chain = _Chain()
+    chain = Chain()
     if op == "+":
         a, b = rng.randint(0, MAX_ADD_OPERAND), rng.randint(0, MAX_ADD_OPERAND)
         c = chain.add(a, b)

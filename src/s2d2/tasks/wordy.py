@@ -29,7 +29,7 @@ the meaning's key fell there (a key belongs to exactly one split)::
     Q: Work out how many apples Tom has now. There are 23 apples in his basket. Before giving 5 apples to
        Ann, he buys 4 bags of 6 apples. Ann is 9 years old.
 
-Numbers (the rules of :mod:`~s2d2.tasks.arith`, enforced by its step recorder ``_Chain``)
+Numbers (the rules of :mod:`~s2d2.tasks.arith`, enforced by its step recorder ``Chain``)
 ------------------------------------------------------------------------------------------
 * ``+`` and ``-``: both operands 0..99, intermediate results included; never a negative difference;
 * ``*``: both factors 2..12;
@@ -187,17 +187,17 @@ from typing import Callable, Iterable, Sequence
 
 from s2d2.tasks import arith
 from s2d2.tasks.arith import (
-    _CURRENCIES,
-    _FEMALE,
-    _ITEMS,
-    _MALE,
-    _THINGS,
+    CURRENCIES,
+    FEMALE_NAMES,
+    ITEMS,
+    MALE_NAMES,
     MAX_ADD_OPERAND,
+    THINGS,
+    Chain,
     Problem,
-    _Chain,
-    _make_key,
-    _Reject,
+    Reject,
     is_correct,
+    make_key,
 )
 
 __all__ = [
@@ -311,9 +311,9 @@ _V: dict[str, _Verb] = {
     "set aside": _verb("set aside", "set", "set", "setting"),
 }
 
-_MALES: tuple[str, ...] = _MALE + ("Adam", "Dev", "Felix", "Oscar", "Theo", "Kai", "Raj", "Tariq", "Wei", "Arjun")
-_FEMALES: tuple[str, ...] = _FEMALE + ("Amira", "Bea", "Clara", "Dina", "Eva", "Freya", "Keiko", "Mei", "Olga",
-                                       "Tara")
+_MALES: tuple[str, ...] = MALE_NAMES + ("Adam", "Dev", "Felix", "Oscar", "Theo", "Kai", "Raj", "Tariq", "Wei", "Arjun")
+_FEMALES: tuple[str, ...] = FEMALE_NAMES + ("Amira", "Bea", "Clara", "Dina", "Eva", "Freya", "Keiko", "Mei", "Olga",
+                                            "Tara")
 _HE, _SHE = ("he", "his", "him"), ("she", "her", "her")
 
 _PLURAL = {"bag": "bags", "box": "boxes", "basket": "baskets", "crate": "crates", "bowl": "bowls", "jar": "jars",
@@ -431,8 +431,8 @@ _MEMBERS: tuple[tuple[str, str], ...] = (("friend", "friends"), ("cousin", "cous
                                          ("neighbour", "neighbours"), ("teammate", "teammates"))
 _JOBS = ("washing cars", "walking dogs", "selling lemonade", "helping in the garden", "mowing lawns",
          "delivering newspapers")
-_MONEY_ITEMS = _ITEMS + (("comic", "comics"), ("pencil case", "pencil cases"), ("puzzle", "puzzles"))
-_GOAL_THINGS = _THINGS + ("skateboard", "guitar", "tent", "camera", "scooter")
+_MONEY_ITEMS = ITEMS + (("comic", "comics"), ("pencil case", "pencil cases"), ("puzzle", "puzzles"))
+_GOAL_THINGS = THINGS + ("skateboard", "guitar", "tent", "camera", "scooter")
 _OTHER_PEOPLE = ("sister", "brother", "cousin")
 _PETS = ("dog", "cat", "rabbit", "parrot")
 _PLACES = ("shop", "library", "market", "museum", "pool")
@@ -532,7 +532,7 @@ class _Meaning:
 
     @property
     def key(self) -> str:
-        return _make_key(self.template, self.entities, self.numbers)
+        return make_key(self.template, self.entities, self.numbers)
 
 
 def _kinds(domain: str, lex: object, shape: str) -> tuple[str, ...]:
@@ -569,7 +569,7 @@ class _Pool:
     def take(self):  # noqa: ANN201 - the type of the items
         if len(self.taken) >= len(self.items):
             if self.strict:
-                raise _Reject
+                raise Reject
             return self.rng.choice(self.items)
         while True:
             x = self.rng.choice(self.items)
@@ -584,7 +584,7 @@ def _draw_meaning(rng: random.Random, level: int) -> _Meaning:
     for _ in range(1000):
         try:
             return _build_meaning(rng, level, domain, shape)
-        except _Reject:
+        except Reject:
             pass
     raise RuntimeError(f"no numbers found for {domain} {shape}")  # pragma: no cover - every shape is feasible
 
@@ -601,7 +601,7 @@ def _build_meaning(rng: random.Random, level: int, domain: str,
         unit = lex.plural
         conts = _Pool(rng, lex.containers, strict=True)
     elif domain == "money":
-        lex = rng.choice(_CURRENCIES)
+        lex = rng.choice(CURRENCIES)
         unit = lex
         conts = _Pool(rng, ("envelope", "jar", "tin"), strict=True)
     elif domain == "mass":
@@ -679,7 +679,7 @@ def _build_meaning(rng: random.Random, level: int, domain: str,
 
 
 def _sample_numbers(rng: random.Random, m: _Meaning) -> None:
-    """Draws the numbers front to back within the rules (raising _Reject to redraw) and records the steps."""
+    """Draws the numbers front to back within the rules (raising Reject to redraw) and records the steps."""
     els = m.elements
     fin = m.final.shape
 
@@ -710,20 +710,20 @@ def _sample_numbers(rng: random.Random, m: _Meaning) -> None:
             if nd == "div":
                 cands = [x for x in _NICE if s + 2 <= x <= s + hi]
                 if not cands:
-                    raise _Reject
+                    raise Reject
                 ev.n = rng.choice(cands) - s
             else:
                 if hi < 2:
-                    raise _Reject
+                    raise Reject
                 ev.n = ri(2, hi)
             s += ev.n
         elif ev.shape == "sub":
             if s < 4:
-                raise _Reject
+                raise Reject
             if nd == "div":
                 cands = [x for x in _NICE if 2 <= x <= s - 2]
                 if not cands:
-                    raise _Reject
+                    raise Reject
                 ev.n = s - rng.choice(cands)
             else:
                 ev.n = ri(2, s - 2)
@@ -733,18 +733,18 @@ def _sample_numbers(rng: random.Random, m: _Meaning) -> None:
             emax = min(12, (limit - s) // ev.c, MAX_ADD_OPERAND // ev.c)
             es = [e for e in range(2, emax + 1) if nd != "div" or s + ev.c * e in _NICE_SET]
             if not es:
-                raise _Reject
+                raise Reject
             ev.e = rng.choice(es)
             s += ev.c * ev.e
         else:  # sub_prod
             cmax = min(12, (s - 2) // 2)
             if cmax < 2:
-                raise _Reject
+                raise Reject
             ev.c = ri(2, cmax)
             emax = min(12, (s - 2) // ev.c)
             es = [e for e in range(2, emax + 1) if nd != "div" or s - ev.c * e in _NICE_SET]
             if not es:
-                raise _Reject
+                raise Reject
             ev.e = rng.choice(es)
             s -= ev.c * ev.e
     f = m.final
@@ -752,7 +752,7 @@ def _sample_numbers(rng: random.Random, m: _Meaning) -> None:
     if fin in ("share", "groups"):
         ds = [d for d in range(2, 13) if s % d == 0 and 2 <= s // d <= 12]
         if not ds:
-            raise _Reject
+            raise Reject
         f.c = rng.choice(ds)
     elif fin == "compare":
         f.n = ri(2, MAX_ADD_OPERAND - 1)
@@ -762,13 +762,13 @@ def _sample_numbers(rng: random.Random, m: _Meaning) -> None:
         f.c = ri(2, 12)
         f.e = ri(2, min(12, MAX_ADD_OPERAND // f.c))
         if f.c * f.e == s:
-            raise _Reject
+            raise Reject
     elif fin == "goal":
         if s > MAX_ADD_OPERAND - 2:
-            raise _Reject
+            raise Reject
         f.n = ri(s + 2, MAX_ADD_OPERAND)
 
-    ch = _Chain()
+    ch = Chain()
     if st.shape == "have":
         s = st.n
     elif st.shape == "prod":
