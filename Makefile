@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 # A problem in the bundled model's format (see src/s2d2/bundled/README.md); the answer is 36.
-PROBLEM := Q: Emma has 91 pounds. She buys 5 mugs that cost 11 pounds each. How many pounds does she have left?\nA:
+PROBLEM := Q: Anna had 40 stickers. She gave 12 to her brother and then bought 3 packs of 5 stickers. How many stickers does she have now?\nA:
 
 .PHONY: run test setup clean browser
 

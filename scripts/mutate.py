@@ -410,6 +410,27 @@ MUTATIONS: list[Mutation] = [
         'self._trace_forward("fused_draft")',
         'self._trace_forward("draft")',
     ),
+    Mutation(
+        "length_buckets_unsorted",
+        "length-bucketed training batches are cut from the pool without sorting it by length",
+        "train.py",
+        "pool = sorted(pool, key=lambda i: (len(examples[i].prompt) + len(examples[i].response), i))",
+        "pool = list(pool)",
+    ),
+    Mutation(
+        "length_buckets_pool_per_step",
+        "every step of a bucket group draws its own pool (examples repeat and others are skipped)",
+        "train.py",
+        "pool_rng = np.random.default_rng([cfg.seed, step // k, 1])",
+        "pool_rng = np.random.default_rng([cfg.seed, step, 1])",
+    ),
+    Mutation(
+        "lm_eval_task_split_ignored",
+        "the lm-eval generation tasks serve the test split whatever split their yaml names",
+        "lm_eval_tasks/s2d2_arith.py",
+        'return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows(split)),',
+        'return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows("test")),',
+    ),
 ]
 
 

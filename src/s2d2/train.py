@@ -282,7 +282,7 @@ def _restore(model: Qwen3Decoder, opt: torch.optim.Optimizer, out: Path) -> int:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Train (or resume) the arith model in ``cfg.out``; returns the directory, a loadable HF-format model."""
+    """Train (or resume) a word-problem model in ``cfg.out``; returns the directory, a loadable HF-format model."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
