@@ -46,16 +46,18 @@ def main() -> None:
     rows = []
     for pair in args.splits:
         task, _, split = pair.partition(":")
-        print(f"\n**{task} {split or 'test'}** ({args.n} problems)\n")
+        split = split or "test"
+        print(f"\n**{task} {split}** ({args.n} problems)\n")
         print("| decoding | accuracy | by level | tokens / forward | NFE / problem |")
         print("|---|---|---|---|---|")
         for name, fields in SETTINGS:
-            r = evaluate(model, s2d2.DecodeConfig(**fields), task=task, n=args.n, split=split or "test",
+            r = evaluate(model, s2d2.DecodeConfig(**fields), task=task, n=args.n, split=split,
                          batch_size=args.batch_size)
             d = r.stats.to_dict()
             levels = " / ".join(f"{v:.0%}" for v in r.accuracy_by_level.values())
-            print(f"| {name} | {r.accuracy:.1%} | {levels} | {d['tokens_per_forward']:.2f} | {d['nfe'] / r.n:.1f} |", flush=True)
-            rows.append({"name": name, "task": task, "split": split or "test", "config": fields, **r.to_dict()})
+            print(f"| {name} | {r.accuracy:.1%} | {levels} | {d['tokens_per_forward']:.2f} | {d['nfe'] / r.n:.1f} |",
+                  flush=True)
+            rows.append({"name": name, "task": task, "split": split, "config": fields, **r.to_dict()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
 

@@ -101,8 +101,8 @@ def test_drill_steps_and_precision_are_validated_and_deterministic():
 
     kinds = set()
     for step in range(20):
-        a = draw_examples(np.random.default_rng([0, step]), pool, cfg, encode, eos_id=0)
-        b = draw_examples(np.random.default_rng([0, step]), pool, cfg, encode, eos_id=0)
+        a = draw_examples(np.random.default_rng([0, step]), pool, cfg, encode, eos_id=0, step=step)
+        b = draw_examples(np.random.default_rng([0, step]), pool, cfg, encode, eos_id=0, step=step)
         assert a == b  # a function of (seed, step), so resumed runs draw the same batches
         kinds.add(len(a))
     assert kinds == {4, 8}  # word-problem steps take batch_size examples, drill steps twice as many

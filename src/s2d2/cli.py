@@ -70,6 +70,8 @@ _TRAIN_HELP = {
     "checkpoint_every": "steps between resumable checkpoints",
     "drill_fraction": "share of steps on bare-equation drills",
     "precision": "bf16: forwards under bfloat16 autocast (weights and optimizer float32); fp32",
+    "length_buckets": "word-problem batches of similar length: consecutive steps share a length-sorted pool of this "
+                      "many batches (1 = off)",
 }
 
 
@@ -77,6 +79,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig,
     """One flag per dataclass field of ``cls`` (kebab-case), defaulting to None so unset flags keep the defaults."""
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} fields")
+    helps = _HELP if cls is DecodeConfig else _TRAIN_HELP
     if cls is DecodeConfig:
         group.add_argument("--config", metavar="FILE", default=None,
                            help="decoding options from a JSON file (`s2d2 tune` writes one); flags given here win")
@@ -86,7 +89,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig,
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not MISSING else None
-        helps = _HELP if cls is DecodeConfig else _TRAIN_HELP
         help_text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         args = [a for a in get_args(tp) if a is not type(None)]

@@ -205,7 +205,7 @@ def training_problems(cfg: TrainConfig) -> list[Any]:
 
 
 def draw_examples(step_rng: np.random.Generator, examples: list[Example], cfg: TrainConfig,
-                  encode: Callable[[list[str]], list[list[int]]], eos_id: int, step: int = 0) -> list[Example]:
+                  encode: Callable[[list[str]], list[list[int]]], eos_id: int, step: int) -> list[Example]:
     """The examples of one step: with probability ``drill_fraction`` a batch of bare-equation drills, twice
     ``batch_size`` of them since they are about a third as long (similar tokens per step); otherwise
     ``batch_size`` word problems drawn from the training set (with ``length_buckets`` > 1, this step's share of
