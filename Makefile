@@ -6,8 +6,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The CPU build of torch; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
-# A problem in the bundled model's format (see src/s2d2/bundled/README.md); the answer is 36.
-PROBLEM := Q: Anna had 40 stickers. She gave 12 to her brother and then bought 3 packs of 5 stickers. How many stickers does she have now?\nA:
+# A problem in the bundled model's format (see src/s2d2/bundled/README.md); the answer is 33.
+PROBLEM := Q: Lily wants to read 60 pages. She reads 12 pages on Monday and 15 pages on Tuesday. How many more pages does she need to read?\nA:
 
 .PHONY: run test setup clean browser
 

@@ -1,11 +1,12 @@
 """Accuracy and cost of each decoding method on the bundled model (the tables in its model card).
 
 Usage: python scripts/model_card_eval.py [--model bundled] [--n 500] [--splits wordy:test wordy:generalisation arith:test]
-                                         [--out runs/model_card.json]
+                                         [--settings ar ...] [--out runs/model_card.json]
 
 Every setting decodes the same first N problems of each task:split, greedily, batched (batched decoding gives each
 row the tokens and counters of batch 1, so every figure here is exact and hardware-free; wall clock is in
-BENCHMARKS.md).
+BENCHMARKS.md). For wordy's generalisation split a second table gives AR greedy's accuracy per held-out production
+(over every problem that uses it) and by how many held-out productions a problem uses.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import json
 from pathlib import Path
 
 import s2d2
-from s2d2.evaluate import evaluate
+from s2d2.evaluate import EvalResult, evaluate
+from s2d2.tasks import wordy
 
 SETTINGS: list[tuple[str, dict]] = [("ar", dict(method="ar"))]
 SETTINGS += [(f"static B={b} S={s}", dict(method="static", block_size=b, steps=s)) for b, s in ((4, 4), (8, 4), (16, 8))]
@@ -33,15 +35,32 @@ SETTINGS += [
 ]
 
 
+def held_out_table(result: EvalResult) -> dict[str, tuple[float, int]]:
+    """Accuracy and problem count per held-out production, and for problems using one or several of them."""
+    problems = wordy.generate("generalisation", result.n, seed=0)
+    groups: dict[str, list[bool]] = {}
+    for sample in result.samples:
+        held = sorted(set(problems[sample["index"]].productions) & wordy.HELD_OUT.keys())
+        for name in held + ["one held-out production" if len(held) == 1 else "several held-out productions"]:
+            groups.setdefault(name, []).append(bool(sample["correct"]))
+    order = list(wordy.HELD_OUT) + ["one held-out production", "several held-out productions"]
+    return {k: (sum(groups[k]) / len(groups[k]), len(groups[k])) for k in order if k in groups}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bundled")
     ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--splits", nargs="+", default=["wordy:test", "wordy:generalisation", "arith:test"],
                     help="task:split pairs, one table each")
+    ap.add_argument("--settings", nargs="+", default=None, metavar="NAME",
+                    help="only these rows of the table (default: all), e.g. ar 's2d2 config-A B=16'")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default="runs/model_card.json")
     args = ap.parse_args()
+    settings = [(name, fields) for name, fields in SETTINGS if args.settings is None or name in args.settings]
+    if not settings or (args.settings and len(settings) != len(set(args.settings))):
+        ap.error(f"--settings names rows of the table: {', '.join(name for name, _ in SETTINGS)}")
     model = s2d2.load(args.model)
     rows = []
     for pair in args.splits:
@@ -50,7 +69,8 @@ def main() -> None:
         print(f"\n**{task} {split}** ({args.n} problems)\n")
         print("| decoding | accuracy | by level | tokens / forward | NFE / problem |")
         print("|---|---|---|---|---|")
-        for name, fields in SETTINGS:
+        ar_generalisation = None
+        for name, fields in settings:
             r = evaluate(model, s2d2.DecodeConfig(**fields), task=task, n=args.n, split=split,
                          batch_size=args.batch_size)
             d = r.stats.to_dict()
@@ -58,6 +78,15 @@ def main() -> None:
             print(f"| {name} | {r.accuracy:.1%} | {levels} | {d['tokens_per_forward']:.2f} | {d['nfe'] / r.n:.1f} |",
                   flush=True)
             rows.append({"name": name, "task": task, "split": split, "config": fields, **r.to_dict()})
+            if name == "ar" and (task, split) == ("wordy", "generalisation"):
+                ar_generalisation = r
+        if ar_generalisation is not None:
+            table = held_out_table(ar_generalisation)
+            print("\n| held-out production (AR greedy) | accuracy | problems |\n|---|---|---|")
+            for k, (acc, count) in table.items():
+                print(f"| {k} | {acc:.1%} | {count} |", flush=True)
+            rows.append({"name": "ar by held-out production", "task": task, "split": split,
+                         "accuracy_by_held_out": {k: {"accuracy": a, "n": c} for k, (a, c) in table.items()}})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(rows, indent=1))
 

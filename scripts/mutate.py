@@ -431,6 +431,20 @@ MUTATIONS: list[Mutation] = [
         'return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows(split)),',
         'return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows("test")),',
     ),
+    Mutation(
+        "train_compile_ignored",
+        "s2d2 train --compile runs eager steps",
+        "train.py",
+        "    if cfg.compile:\n        model.compile()",
+        "    if False:\n        model.compile()",
+    ),
+    Mutation(
+        "wordy_reversed_pair_anywhere",
+        "an against-time-order pair told in main clauses may be followed by more events ('Then ...' is ambiguous)",
+        "tasks/wordy.py",
+        "rev_ok = sub_ok and i + 2 == len(cls)",
+        "rev_ok = sub_ok",
+    ),
 ]
 
 

@@ -29,7 +29,8 @@ def test_eval_on_twenty_problems(capsys, task):
     import json
 
     result = json.loads(capsys.readouterr().out)
-    assert result["n"] == 20 and result["accuracy"] >= 0.8  # the 500-problem figures per split are in the model card
+    # the first 20 test problems (AR, exact): arith 18 of 20, wordy 14 of 20 (500-problem figures: the model card)
+    assert result["n"] == 20 and result["accuracy"] >= {"arith": 0.85, "wordy": 0.65}[task]
     stats = result["stats"]  # AR: one forward per token, plus one for each end-of-sequence token
     assert stats["num_tokens"] <= stats["nfe"] <= stats["num_tokens"] + 20
 
@@ -38,8 +39,8 @@ def test_a_newcomers_question_in_its_own_words(bundled):
     """The question of issue 18 (not written by either generator), and `make run`'s prompt, answered right by AR
     and by S2D2."""
     for question, answer in (("Tom has 5 apples and buys 7 more. How many apples does he have?", " 5+7=12. #### 12"),
-                             ("Anna had 40 stickers. She gave 12 to her brother and then bought 3 packs of 5 "
-                              "stickers. How many stickers does she have now?", " 40-12=28. 3*5=15. 28+15=43. #### 43")):
+                             ("Lily wants to read 60 pages. She reads 12 pages on Monday and 15 pages on Tuesday. "
+                              "How many more pages does she need to read?", " 12+15=27. 60-27=33. #### 33")):
         for cfg in (s2d2.DecodeConfig(method="ar"), s2d2.DecodeConfig(method="s2d2", block_size=8)):
             assert bundled.generate(f"Q: {question}\nA:", cfg)[0].text == answer
 
@@ -54,10 +55,10 @@ def test_greedy_s2d2_verifying_every_step_equals_ar_on_bundled_prompts(bundled):
     prompts = _mixed_prompts(seed=1)
     ar = bundled.generate(prompts, s2d2.DecodeConfig(method="ar"))
     # Exact figures of the bundled model (greedy decoding is deterministic): 308 tokens; AR takes 320 forwards (one
-    # per token plus one per end-of-sequence), S2D2 B=4 takes 115 (21 drafts + 94 verifies, 0.36x AR) and B=16 takes
-    # 101 (42 + 59, 0.32x AR). Re-pin these numbers if the bundled model is retrained.
+    # per token plus one per end-of-sequence), S2D2 B=4 takes 107 (16 drafts + 91 verifies, 0.33x AR) and B=16 takes
+    # 105 (43 + 62, 0.33x AR). Re-pin these numbers if the bundled model is retrained.
     assert sum(o.stats.num_tokens for o in ar) == 308 and sum(o.stats.nfe for o in ar) == 320
-    expected = {4: (115, 21, 94), 16: (101, 42, 59)}  # block size -> (NFE, draft forwards, verify forwards)
+    expected = {4: (107, 16, 91), 16: (105, 43, 62)}  # block size -> (NFE, draft forwards, verify forwards)
     for block_size in (4, 16):
         sd = bundled.generate(prompts, s2d2.DecodeConfig(method="s2d2", block_size=block_size,
                                                          policy="mask_span_length", min_span=1))

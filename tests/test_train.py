@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -167,3 +168,29 @@ def test_train_flags_describe_training_fields(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--steps STEPS optimizer steps (default: 4000)" in text and "denoising" not in text
+
+
+def test_a_compiled_run_takes_the_same_steps_as_an_eager_one(tmp_path, monkeypatch):
+    from s2d2.models.qwen3 import Qwen3Decoder
+
+    small = dict(SMALL, precision="fp32", checkpoint_every=3)
+    eager = train(TrainConfig(out=str(tmp_path / "eager"), steps=3, **small), progress=False)
+    compiled_models = []
+    real_compile = Qwen3Decoder.compile
+
+    def spy(self):
+        compiled_models.append(self)
+        real_compile(self)
+
+    monkeypatch.setattr(Qwen3Decoder, "compile", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = train(TrainConfig(out=str(tmp_path / "compiled"), steps=3, compile=True, **small), progress=False)
+    # the training model was compiled and stayed compiled (no fallback to eager)
+    assert len(compiled_models) == 1 and compiled_models[0].compiled
+    assert not [w for w in caught if "torch.compile is not available" in str(w.message)]
+    losses = [[json.loads(line)["loss"] for line in (d / "train_log.jsonl").read_text().splitlines()]
+              for d in (eager, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-3, abs=1e-4)
+    a, b = load_file(str(eager / "model.safetensors")), load_file(str(compiled / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)

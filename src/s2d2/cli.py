@@ -72,6 +72,7 @@ _TRAIN_HELP = {
     "precision": "bf16: forwards under bfloat16 autocast (weights and optimizer float32); fp32",
     "length_buckets": "word-problem batches of similar length: consecutive steps share a length-sorted pool of this "
                       "many batches (1 = off)",
+    "compile": "torch.compile the training steps (minutes of compiling first; eager where unavailable)",
 }
 
 

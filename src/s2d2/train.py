@@ -11,7 +11,7 @@ the AR mode the S2D2 verifier runs, so the same objective trains drafter and ver
 A share of the steps (``drill_fraction``) trains on bare equations instead of word problems (``arith.drill``):
 a small model's remaining errors are carries and borrows, and word problems repeat each fact only a few times.
 Forwards run under bfloat16 autocast by default (``precision``), about 1.5x faster on CPUs with AVX-512 BF16;
-weights, optimizer state and the loss stay float32.
+weights, optimizer state and the loss stay float32. ``compile`` runs the steps through torch.compile.
 
 Only the prompt is never masked; the response is followed by end-of-sequence tokens up to the end of the block
 holding the first one (what a decoder sees after the answer). Data order is a pure function of (seed, step), so a
@@ -89,6 +89,10 @@ class TrainConfig:
     # noisy stream starts at its shortest prompt, so mixed lengths waste rows (measured on the v3 mix: 2.1x the
     # useful rows; 1.13x with 16 buckets)
     length_buckets: int = 1
+    # torch.compile the model's layers for the steps (forward and backward; where compilation fails, one warning
+    # and eager steps). Measured on the 2-core CPU, the v4 recipe's steps 100-270 (the same batches, seeded): mean
+    # 1.26 s eager, 0.81 s compiled (1.57x), after about two minutes of compiling
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.drill_fraction < 1.0:
@@ -327,6 +331,8 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start = _restore(model, opt, out)
+    if cfg.compile:
+        model.compile()
     log = (out / "train_log.jsonl").open("a")
     weights = np.array(cfg.block_weights) / sum(cfg.block_weights)
     bar = None
