@@ -6,13 +6,16 @@ Usage: python scripts/model_card_eval.py [--model bundled] [--n 500] [--splits w
 Every setting decodes the same first N problems of each task:split, greedily, batched (batched decoding gives each
 row the tokens and counters of batch 1, so every figure here is exact and hardware-free; wall clock is in
 BENCHMARKS.md). For wordy's generalisation split a second table gives AR greedy's accuracy per held-out production
-(over every problem that uses it) and by how many held-out productions a problem uses.
+(over every problem that uses it) and by how many held-out productions a problem uses. For each wordy split, AR's
+wrong answers are counted by what went wrong at their first step that differs from the worked solution.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import s2d2
@@ -45,6 +48,39 @@ def held_out_table(result: EvalResult) -> dict[str, tuple[float, int]]:
             groups.setdefault(name, []).append(bool(sample["correct"]))
     order = list(wordy.HELD_OUT) + ["one held-out production", "several held-out productions"]
     return {k: (sum(groups[k]) / len(groups[k]), len(groups[k])) for k in order if k in groups}
+
+
+_STEP = re.compile(r"(\d+)([-+*/])(\d+)=(\d+)")
+ERROR_KINDS = ("wrong plan (an operand from the question, the wrong one)", "a number mis-copied (an operand found "
+               "nowhere in the question or the steps before)", "wrong operator (right operands)",
+               "arithmetic (right expression, wrong result)", "too few or too many steps",
+               "malformed (not the solution's format)")
+
+
+def error_kind(problem: wordy.WordyProblem, text: str) -> str:
+    """Why a wrong answer is wrong, judged at its first step that differs from the worked solution."""
+    gold = list(problem.steps)
+    pred = [s.rstrip(".") for s in text.split("####")[0].split()]
+    k = next((i for i, (g, p) in enumerate(zip(gold, pred)) if g != p), None)
+    if k is None:
+        return ERROR_KINDS[4] if len(gold) != len(pred) else ERROR_KINDS[5]
+    g, p = _STEP.fullmatch(gold[k]), _STEP.fullmatch(pred[k])
+    if p is None:
+        return ERROR_KINDS[5]
+    if g.group(1, 2, 3) == p.group(1, 2, 3):
+        return ERROR_KINDS[3]
+    known = set(re.findall(r"\d+", problem.question)) | {s.split("=")[-1] for s in gold[:k]}
+    if not {p.group(1), p.group(3)} <= known:
+        return ERROR_KINDS[1]
+    if g.group(2) != p.group(2) and sorted(g.group(1, 3)) == sorted(p.group(1, 3)):
+        return ERROR_KINDS[2]
+    return ERROR_KINDS[0]
+
+
+def error_table(result: EvalResult, split: str) -> Counter:
+    """How many of AR's wrong answers fall in each of :data:`ERROR_KINDS`."""
+    problems = wordy.generate(split, result.n, seed=0)
+    return Counter(error_kind(problems[s["index"]], s["text"]) for s in result.samples if not s["correct"])
 
 
 def main() -> None:
@@ -80,6 +116,13 @@ def main() -> None:
             rows.append({"name": name, "task": task, "split": split, "config": fields, **r.to_dict()})
             if name == "ar" and (task, split) == ("wordy", "generalisation"):
                 ar_generalisation = r
+            if name == "ar" and task == "wordy":
+                kinds = error_table(r, split)
+                print("\n| AR's wrong answers, by their first wrong step | answers |\n|---|---|")
+                for kind in ERROR_KINDS:
+                    print(f"| {kind} | {kinds[kind]} |")
+                rows.append({"name": "ar errors by kind", "task": task, "split": split, "errors": dict(kinds)})
+                print()
         if ar_generalisation is not None:
             table = held_out_table(ar_generalisation)
             print("\n| held-out production (AR greedy) | accuracy | problems |\n|---|---|---|")
