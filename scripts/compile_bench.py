@@ -27,9 +27,9 @@ import torch
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.batching import ForwardSpec
-from s2d2.decode import ForwardTimer
-from s2d2.tasks import arith
+from s2d2.engine.runner import ForwardTimer
+from s2d2.evaluation.tasks import arith
+from s2d2.models.batching import ForwardSpec
 
 SETTINGS = {
     "ar": dict(method="ar"),

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 import s2d2
-from s2d2.batching import ForwardSpec
-from s2d2.decode import ForwardTimer
+from s2d2.engine.runner import ForwardTimer
+from s2d2.models.batching import ForwardSpec
 
 
 def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats: int) -> list[float]:

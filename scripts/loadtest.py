@@ -31,7 +31,7 @@ from typing import Any
 
 import openai
 
-from s2d2.tasks import arith
+from s2d2.evaluation.tasks import arith
 
 
 def free_port() -> int:

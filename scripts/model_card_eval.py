@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 
 import s2d2
-from s2d2.evaluate import EvalResult, evaluate
-from s2d2.tasks import wordy
+from s2d2.evaluation.evaluate import EvalResult, evaluate
+from s2d2.evaluation.tasks import wordy
 
 SETTINGS: list[tuple[str, dict]] = [("ar", dict(method="ar"))]
 SETTINGS += [(f"static B={b} S={s}", dict(method="static", block_size=b, steps=s)) for b, s in ((4, 4), (8, 4), (16, 8))]

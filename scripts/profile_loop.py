@@ -16,7 +16,7 @@ import pstats
 import tempfile
 
 import s2d2
-from s2d2.random_init import write_random_model
+from s2d2.training.random_init import write_random_model
 
 METHODS = {
     "ar": dict(method="ar"),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Reproduce the bundled model (v4): train on the compositional word problems (s2d2.tasks.wordy, 85%) and the templated
-# ones (s2d2.tasks.arith, 15%), TrainConfig's default model size, 6000 compiled steps on length-bucketed batches
+# Reproduce the bundled model (v4): train on the compositional word problems (s2d2.evaluation.tasks.wordy, 85%) and the templated
+# ones (s2d2.evaluation.tasks.arith, 15%), TrainConfig's default model size, 6000 compiled steps on length-bucketed batches
 # (about 90 minutes on 2 CPU cores), then copy the files a model needs into the package. Resumable: re-running continues from
 # the last checkpoint in $OUT.
 set -euo pipefail

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 import pytest
 
 import s2d2
-from s2d2.random_init import write_random_model
+from s2d2.training.random_init import write_random_model
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Acceptance estimators (s2d2.acceptance) on hand-built probability rows, and the expected accepted length.
+"""Acceptance estimators (s2d2.core.acceptance) on hand-built probability rows, and the expected accepted length.
 
 Reference §2.1: entropies are normalised by ln V of the full vocabulary; E[K] = sum_k prod_{i<=k} alpha_i with alpha
 clipped to [0, 1].
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from s2d2.acceptance import ESTIMATORS, expected_accepted_length, normalized_entropy
 from s2d2.config import DecodeConfig
+from s2d2.core.acceptance import ESTIMATORS, expected_accepted_length, normalized_entropy
 
 V = 4
 ONE_HOT = [0.0, 0.0, 1.0, 0.0]

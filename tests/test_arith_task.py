@@ -1,4 +1,4 @@
-"""Tests for the synthetic GSM8K-style arithmetic task (s2d2.tasks.arith)."""
+"""Tests for the synthetic GSM8K-style arithmetic task (s2d2.evaluation.tasks.arith)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from s2d2.tasks import arith
-from s2d2.tasks.arith import Problem, extract_answer, generate, is_correct, parse_step
+from s2d2.evaluation.tasks import arith
+from s2d2.evaluation.tasks.arith import Problem, extract_answer, generate, is_correct, parse_step
 
 _NUM = r"\d+"
 _STEP = rf"{_NUM}[-+*/]{_NUM}={_NUM}"

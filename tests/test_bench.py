@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import s2d2
-from s2d2.bench import Setting, default_grid, dominating, run_bench
 from s2d2.cli import main
-from s2d2.tasks import arith
-
+from s2d2.evaluation.bench import Setting, default_grid, dominating, run_bench
+from s2d2.evaluation.tasks import arith
 
 _COUNTERS = ("num_tokens", "prompt_tokens", "prefill_forwards", "draft_forwards", "verify_forwards", "commit_forwards",
              "fused_drafts", "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens",
@@ -117,7 +116,7 @@ def test_dominating_picks_the_fastest_s2d2_setting_with_at_least_both_figures():
 def test_bench_decodes_the_asked_task_and_split(random_model_dir, tmp_path, capsys):
     """`--task wordy --split generalisation` benchmarks that split's problems (the AR record's accuracy is the
     checker's verdict on them); a split the task lacks is one sentence and exit code 2."""
-    from s2d2.tasks import wordy
+    from s2d2.evaluation.tasks import wordy
 
     out = tmp_path / "bench"
     assert main(["bench", "--quick", "--n", "2", "--repeats", "1", "--task", "wordy", "--split", "generalisation",

@@ -117,8 +117,8 @@ def test_bundled_chat_template_renders_the_task_format_as_transformers_does():
     from transformers import PreTrainedTokenizerFast
 
     from s2d2.api import bundled_model_dir
-    from s2d2.tasks import arith
-    from s2d2.train import CHAT_TEMPLATE
+    from s2d2.evaluation.tasks import arith
+    from s2d2.training.train import CHAT_TEMPLATE
 
     model = s2d2.load("bundled")
     assert model.chat_template == CHAT_TEMPLATE  # the committed file is what scripts/train_bundled.sh writes

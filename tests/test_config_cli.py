@@ -23,7 +23,7 @@ import torch
 from s2d2.cli import build_parser, config_from_args, main
 from s2d2.config import DecodeConfig
 from s2d2.errors import ConfigError, S2D2Error
-from s2d2.random_init import write_random_model
+from s2d2.training.random_init import write_random_model
 
 # ---------------------------------------------------------------------------------------------- DecodeConfig
 

@@ -12,12 +12,6 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-
-import s2d2
-from s2d2 import DecodeConfig
-from s2d2.adapters.sdar import draft_mask
-from s2d2.errors import ModelLoadError
-from s2d2.random_init import LORA_ADAPTER_DIR, LORA_TARGETS, write_random_model
 from test_distribution import chi_square_pvalue, exact_ar_distribution, sample_counts
 from test_engine import (
     assert_batch_independent,
@@ -26,6 +20,12 @@ from test_engine import (
     prompts,
 )
 from test_fast_dllm import causal_greedy, exact_causal_distribution
+
+import s2d2
+from s2d2 import DecodeConfig
+from s2d2.errors import ModelLoadError
+from s2d2.families.sdar import draft_mask
+from s2d2.training.random_init import LORA_ADAPTER_DIR, LORA_TARGETS, write_random_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ("d2f_llada", "d2f_dream")
@@ -146,9 +146,8 @@ def test_base_logits_equal_the_published_modeling_code(family_dir, family, fixtu
 
 
 def test_dream_causal_logits_equal_transformers_qwen2(family_dir):
-    from transformers import Qwen2ForCausalLM
-
     from hf_reference import qwen2_config
+    from transformers import Qwen2ForCausalLM
 
     path = family_dir("d2f_dream")
     hf_config = qwen2_config(json.loads((path / "config.json").read_text()))
@@ -274,14 +273,15 @@ def test_cli_generate_with_the_adapter(tmp_path, capsys, family, flags):
 def test_blocks_start_at_the_prompt_end_and_the_prompt_is_one_bidirectional_chunk(d2f):
     """D2F's layout: a 5-token prompt with blocks of 4 opens its first block at position 5 (not 4), and without
     the AR-consistent cache the prompt rows see each other whole, later rows see the prompt and earlier blocks."""
-    from s2d2.decode import DraftRequest, decode_steps, run_request
+    from s2d2.core.loop import decode_steps
+    from s2d2.core.requests import DraftRequest
+    from s2d2.engine.runner import run_request
 
     adapter = d2f["d2f_llada"].adapter
     cfg = DecodeConfig(method="dynamic", block_size=4, threshold=0.9, max_new_tokens=6, stop_token_ids=(),
                        cache_ver=False, draft_ver=False, generation_config="none")
     cache = adapter.new_cache(64)
-    steps = decode_steps([72, 101, 108, 108, 111], cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device,
-                         blocks_from_prompt_end=True)
+    steps = decode_steps([72, 101, 108, 108, 111], cfg, cache, adapter.traits)
     starts, logits = [], None
     try:
         while True:
@@ -312,12 +312,13 @@ PIPE = dict(block_add_threshold=0.5, decoded_token_threshold=0.8)
 def trace_requests(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
     """Decode one prompt with the single-row forwards, checking before every forward that the cache holds only
     committed tokens; returns (token ids, stats, [(request, ids before it, its logits)], cache, final ids)."""
-    from s2d2.decode import RowState, decode_steps, run_request
+    from s2d2.core.loop import decode_steps
+    from s2d2.core.requests import RowState
+    from s2d2.engine.runner import run_request
 
     adapter = model.adapter
     cache, state = adapter.new_cache(256), RowState()
-    steps = decode_steps(prompt, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device, state=state,
-                         shifted_logits=adapter.shifted_logits, blocks_from_prompt_end=adapter.blocks_from_prompt_end)
+    steps = decode_steps(prompt, cfg, cache, adapter.traits, state=state)
     trace, logits = [], None
     try:
         while True:

@@ -9,7 +9,7 @@ import torch
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.decode import decode
+from s2d2.engine.runner import decode
 
 ALWAYS_VERIFY = dict(method="s2d2", policy="mask_span_length", min_span=1, cache_ver=True, temperature=0.0)
 
@@ -172,7 +172,7 @@ def test_fused_draft_gives_the_same_tokens_with_fewer_forwards(random_models, bl
 def test_fuse_draft_threshold_changes_no_token_only_which_verifications_carry_the_next_draft():
     """The next block's rows ride along only when the span's draft confidences multiply to the threshold; tokens are
     the same whatever it is, and a higher threshold trades fused drafts for fewer rows."""
-    from s2d2.tasks import arith
+    from s2d2.evaluation.tasks import arith
 
     m = s2d2.load("bundled")
     prompts = [p.prompt for p in arith.generate("test", 20, seed=0)]
@@ -314,7 +314,7 @@ def test_never_emits_mask_or_vocabulary_padding(model):
 
 def test_stats_add_up(model, monkeypatch):
     """Every counter equals what an independent trace of the forwards and verdicts counts, exactly."""
-    import s2d2.decode
+    import s2d2.core.forwards
 
     adapter = model.adapter
     calls = {"draft": 0, "verify": 0}
@@ -327,8 +327,8 @@ def test_stats_add_up(model, monkeypatch):
             return _real(*args, **kwargs)
 
         monkeypatch.setattr(adapter, f"{kind}_spec", counted)
-    real_accept = s2d2.decode.accept_greedy
-    monkeypatch.setattr(s2d2.decode, "accept_greedy",
+    real_accept = s2d2.core.forwards.accept_greedy
+    monkeypatch.setattr(s2d2.core.forwards, "accept_greedy",
                         lambda drafted, logits, relax=None: verdicts.append((len(drafted),
                                                                              real_accept(drafted, logits, relax)))
                         or verdicts[-1][1])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from s2d2.distributed import shard_bounds
+from s2d2.evaluation.distributed import shard_bounds
 
 EXACT = ("num_prompts", "num_tokens", "prompt_tokens", "nfe", "draft_forwards", "verify_forwards", "fused_drafts",
          "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens",

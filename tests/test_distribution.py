@@ -9,7 +9,6 @@ shows the test has the power to fail.
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter
 
 import pytest
@@ -18,7 +17,7 @@ from scipy.stats import chisquare
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.sampling import token_probs
+from s2d2.core.sampling import token_probs
 
 PROMPT = [72, 101, 108, 108, 111]  # 5 tokens: the block at position 4 holds one prompt token and three masks
 NUM_NEW, TOP_K, TEMPERATURE, N = 3, 3, 1.0, 1500

@@ -1,6 +1,6 @@
 """The batched engine (design invariant 7): a prompt's result does not depend on its batch.
 
-Greedy output and per-row stats of every method equal batch-1 decoding (``s2d2.decode.decode`` with a single-row
+Greedy output and per-row stats of every method equal batch-1 decoding (``s2d2.engine.runner.decode`` with a single-row
 cache, the reference path); sampled rows draw from their own generator; each row's committed cache is untouched by
 the other rows' and its own draft and verify forwards; cancelled rows free their slot; requests join mid-run.
 
@@ -19,10 +19,10 @@ import pytest
 import torch
 
 import s2d2
-import s2d2.decode
+import s2d2.engine.runner
 from s2d2 import DecodeConfig
-from s2d2.decode import decode
-from s2d2.engine import Engine
+from s2d2.engine.engine import Engine
+from s2d2.engine.runner import decode
 
 NEAR_TIE = 1e-4
 
@@ -50,7 +50,7 @@ def prompts(n: int, seed: int) -> list[list[int]]:
 def reference(model: s2d2.Model, ids: list[int], cfg: DecodeConfig) -> tuple[list[int], s2d2.DecodeStats, float]:
     """Batch-1 decoding, and the smallest top-2 logit gap of any forward it ran (for near-tie reports)."""
     gaps = []
-    real = s2d2.decode.run_request
+    real = s2d2.engine.runner.run_request
 
     def spy(adapter, request, cache, spec=None):
         out = real(adapter, request, cache, spec)
@@ -59,11 +59,11 @@ def reference(model: s2d2.Model, ids: list[int], cfg: DecodeConfig) -> tuple[lis
             gaps.append(float((top2[:, 0] - top2[:, 1]).min()))
         return out
 
-    s2d2.decode.run_request = spy
+    s2d2.engine.runner.run_request = spy
     try:
         tokens, _, stats = decode(model.adapter, ids, cfg, model.adapter.new_cache(512))
     finally:
-        s2d2.decode.run_request = real
+        s2d2.engine.runner.run_request = real
     return tokens, stats, min(gaps)
 
 
@@ -100,7 +100,7 @@ def assert_never_verifying_is_dynamic(model: s2d2.Model, batch: list[list[int]],
 def assert_draft_and_verify_leave_the_cache_unchanged(adapter) -> None:
     """Only committed tokens enter the cache (a draft and a verification leave its committed part as it was), and a
     cached draft equals one uncached forward with the draft mask (an aligned-logit adapter)."""
-    from s2d2.adapters.sdar import draft_mask
+    from s2d2.families.sdar import draft_mask
 
     ids = torch.tensor(list(range(30, 46)) + [adapter.mask_id] * 4)  # 16 committed, then a block of 4 masks
     cache = adapter.new_cache(64)
@@ -319,7 +319,7 @@ def test_lm_eval_model_honours_batch_size(random_model_dir, monkeypatch):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
-    from s2d2.lm_eval import S2D2LM
+    from s2d2.evaluation.lm_eval import S2D2LM
 
     lm = S2D2LM(pretrained=str(random_model_dir), device="cpu", batch_size=3, method="dynamic", block_size=4,
                 max_new_tokens=12, stop_token_ids="")

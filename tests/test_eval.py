@@ -9,8 +9,8 @@ import pytest
 import s2d2
 from s2d2.cli import main
 from s2d2.config import DecodeConfig
-from s2d2.evaluate import evaluate
-from s2d2.tasks import arith
+from s2d2.evaluation.evaluate import evaluate
+from s2d2.evaluation.tasks import arith
 
 
 def test_eval_json_reports_accuracy_and_summed_stats(random_model_dir, capsys):
@@ -80,7 +80,7 @@ def test_eval_scores_what_the_model_wrote(model, monkeypatch):
 def test_eval_scores_the_wordy_task_on_its_own_problems(model, monkeypatch, split):
     """``--task wordy`` decodes the grammar task's problems of the split (its generalisation split included) and
     scores them with its checker: right answers score 100%."""
-    from s2d2.tasks import wordy
+    from s2d2.evaluation.tasks import wordy
 
     problems = wordy.generate(split, 6, seed=0)
     seen = []

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import qwen2_config
 from safetensors.torch import load_file
+from test_distribution import NUM_NEW, PROMPT, TEMPERATURE, TOP_K, N, chi_square_pvalue, sample_counts
+from test_engine import NEAR_TIE, assert_batch_independent, assert_never_verifying_is_dynamic, prompts
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.sampling import token_probs
-from hf_reference import qwen2_config
-from test_distribution import N, NUM_NEW, PROMPT, TEMPERATURE, TOP_K, chi_square_pvalue, sample_counts
-from test_engine import NEAR_TIE, assert_batch_independent, assert_never_verifying_is_dynamic, prompts
+from s2d2.core.sampling import token_probs
 
 # config.json keys of Efficient-Large-Model/Fast_dLLM_v2_1.5B as published (../shared/checkpoints)
 PUBLISHED_CONFIG_KEYS = {

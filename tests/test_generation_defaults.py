@@ -10,9 +10,9 @@ import pytest
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.bench import Setting
 from s2d2.checkpoint import read_generation_defaults
 from s2d2.cli import main
+from s2d2.evaluation.bench import Setting
 
 PROMPT = [72, 101, 108, 108, 111, 32]
 SAMPLING = {"do_sample": True, "temperature": 0.7, "top_k": 5, "top_p": 0.9}
@@ -91,11 +91,11 @@ def test_cli_generate_follows_the_file_and_eval_measures_greedily(sampling_dir, 
 
 
 def test_cli_eval_measures_greedily_unless_told(sampling_dir, monkeypatch, capsys):
-    import s2d2.evaluate
+    import s2d2.evaluation.evaluate
 
     seen = []
-    real = s2d2.evaluate.evaluate
-    monkeypatch.setattr(s2d2.evaluate, "evaluate", lambda m, cfg, *a, **k: seen.append(cfg) or real(m, cfg, *a, **k))
+    real = s2d2.evaluation.evaluate.evaluate
+    monkeypatch.setattr(s2d2.evaluation.evaluate, "evaluate", lambda m, cfg, *a, **k: seen.append(cfg) or real(m, cfg, *a, **k))
     args = ["eval", "--n", "1", "--model", str(sampling_dir), "--max-new-tokens", "4", "--json"]
     assert main(args) == 0 and main(args + ["--generation-config", "auto"]) == 0
     capsys.readouterr()

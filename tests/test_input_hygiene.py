@@ -24,10 +24,10 @@ from safetensors.torch import load_file, save_file
 
 import s2d2
 from s2d2 import api
-from s2d2.bench import load_grid
 from s2d2.cli import main
 from s2d2.errors import ConfigError, InputError, ModelLoadError
-from s2d2.random_init import write_random_model
+from s2d2.evaluation.bench import load_grid
+from s2d2.training.random_init import write_random_model
 
 MASK, IM_START, IM_END, EOT = "<|MASK|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"  # the random model's
 

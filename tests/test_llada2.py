@@ -10,12 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import s2d2
-from s2d2 import DecodeConfig
-from s2d2.adapters.sdar import draft_mask
-from s2d2.errors import ModelLoadError
-from s2d2.random_init import write_random_model
 from test_distribution import chi_square_pvalue, exact_ar_distribution, sample_counts
 from test_engine import (
     assert_batch_independent,
@@ -23,6 +17,12 @@ from test_engine import (
     assert_never_verifying_is_dynamic,
     prompts,
 )
+
+import s2d2
+from s2d2 import DecodeConfig
+from s2d2.errors import ModelLoadError
+from s2d2.families.sdar import draft_mask
+from s2d2.training.random_init import write_random_model
 
 # config.json keys of inclusionAI/LLaDA2.0-mini as published (../shared/checkpoints)
 PUBLISHED_CONFIG_KEYS = {
@@ -193,11 +193,13 @@ EDIT = dict(editing_threshold=0.3, max_post_steps=4)
 def run_traced(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
     """Decode one prompt, recording each draft's view of everything before its block; returns (tokens, stats,
     snapshots, cache)."""
-    from s2d2.decode import DraftRequest, decode_steps, run_request
+    from s2d2.core.loop import decode_steps
+    from s2d2.core.requests import DraftRequest
+    from s2d2.engine.runner import run_request
 
     adapter = model.adapter
     cache = adapter.new_cache(256)
-    steps = decode_steps(prompt, cfg, cache, adapter.mask_id, adapter.stop_ids, adapter.device)
+    steps = decode_steps(prompt, cfg, cache, adapter.traits)
     logits, snapshots = None, []
     with torch.inference_mode():
         while True:

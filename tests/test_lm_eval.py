@@ -19,7 +19,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 import s2d2  # noqa: E402
 from s2d2.config import DecodeConfig  # noqa: E402
 from s2d2.errors import ConfigError  # noqa: E402
-from s2d2.lm_eval import S2D2LM, TASKS_DIR, decode_config_from_model_args  # noqa: E402
+from s2d2.evaluation.lm_eval import S2D2LM, TASKS_DIR, decode_config_from_model_args  # noqa: E402
 
 
 def test_model_args_reach_every_decode_config_field():
@@ -122,7 +122,7 @@ def test_loglikelihood_rolling_scores_every_token_once(lm, monkeypatch):
 def test_multiple_choice_task_offline_on_the_bundled_model(tmp_path: Path):
     """``--tasks s2d2_arith_mc``: lm-eval's accuracy equals the share of problems whose true solution gets the
     highest Model.loglikelihoods score, computed here; the bundled model picks the true final answer."""
-    from s2d2.lm_eval_tasks.s2d2_arith import load_choices
+    from s2d2.evaluation.lm_eval_tasks.s2d2_arith import load_choices
 
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     cmd = [sys.executable, "-m", "s2d2.lm_eval", "--model", "s2d2", "--batch_size", "8", "--tasks",
@@ -171,8 +171,8 @@ def test_generation_tasks_hold_the_splits_s2d2_eval_decodes(name, task, split):
     in `s2d2 eval`'s order (test) and of its validation split (validation)."""
     import yaml
 
-    from s2d2.lm_eval_tasks.s2d2_arith import load
-    from s2d2.tasks import task_module
+    from s2d2.evaluation.lm_eval_tasks.s2d2_arith import load
+    from s2d2.evaluation.tasks import task_module
 
     class _Loader(yaml.SafeLoader):
         pass
@@ -212,8 +212,8 @@ def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Pat
     """``python -m s2d2.lm_eval --model s2d2 --tasks s2d2_arith --limit 5 --log_samples``: every raw response is
     ``Model.generate``'s text for that problem with ``--model_args`` plus the task's generation settings, the logged
     stats are their sums, the score agrees with ``s2d2 eval``, and other ``--model_args`` give other outputs."""
-    from s2d2.evaluate import evaluate
-    from s2d2.tasks import arith
+    from s2d2.evaluation.evaluate import evaluate
+    from s2d2.evaluation.tasks import arith
 
     problems = arith.generate("test", 5, seed=0)
     model = s2d2.load("bundled")
@@ -256,7 +256,7 @@ def test_compile_model_arg_compiles_and_warms_up(random_model_dir, monkeypatch):
 
 
 def test_bad_model_args_end_in_one_sentence_and_exit_2(capsys):
-    from s2d2.lm_eval import main
+    from s2d2.evaluation.lm_eval import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", "s2d2", "--model_args", "blocksize=8", "--tasks", "s2d2_arith", "--limit", "1",

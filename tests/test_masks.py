@@ -11,9 +11,8 @@ import random
 import pytest
 import torch
 
-import s2d2
 from s2d2 import DecodeConfig
-from s2d2.adapters.sdar import draft_mask, verify_mask
+from s2d2.families.sdar import draft_mask, verify_mask
 
 CPU = torch.device("cpu")
 

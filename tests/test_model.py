@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import qwen3_config
 from safetensors.torch import load_file, save_file
 
 from s2d2.checkpoint import (
@@ -23,9 +24,8 @@ from s2d2.checkpoint import (
     resolve_model_dir,
 )
 from s2d2.errors import ConfigError, ModelLoadError
-from s2d2.models.qwen3 import DecoderConfig, Qwen3Decoder
-from s2d2.random_init import CHAT_TEMPLATE, FAMILIES, write_random_model
-from hf_reference import qwen3_config
+from s2d2.models.decoder import DecoderConfig, Qwen3Decoder
+from s2d2.training.random_init import CHAT_TEMPLATE, FAMILIES, write_random_model
 
 SEQ_LEN = 20
 BLOCK = 4

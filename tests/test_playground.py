@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_server import MAX_NEW, bundled, start_server, stop_server  # noqa: F401  (bundled: a fixture)
 
 from s2d2 import DecodeConfig
-from s2d2.trace import COMMIT_KINDS
-from test_server import MAX_NEW, bundled, start_server, stop_server  # noqa: F401  (bundled: a fixture)
+from s2d2.core.trace import COMMIT_KINDS
 
 CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))),
                 None)

@@ -2,7 +2,7 @@
 
 The parity tests in test_model.py run in float32, where the order of RMSNorm's cast and weight multiply makes no
 difference; here the same checks run in the precisions models are served in. Figures quoted below were measured
-on CPU (torch 2.13, transformers 5.24) with the tiny random SDAR models of ``s2d2.random_init``; run with
+on CPU (torch 2.13, transformers 5.24) with the tiny random SDAR models of ``s2d2.training.random_init``; run with
 ``pytest -s`` to see the greedy comparison's report.
 """
 
@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hf_reference import qwen3_config
 from safetensors.torch import load_file
 
 import s2d2
 from s2d2 import DecodeConfig
 from s2d2.checkpoint import read_config
-from s2d2.models.qwen3 import _rms_norm
-from s2d2.random_init import write_random_model
-from hf_reference import qwen3_config
+from s2d2.models.decoder import _rms_norm
+from s2d2.training.random_init import write_random_model
 
 REDUCED = [torch.bfloat16, torch.float16]
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}

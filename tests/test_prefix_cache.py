@@ -4,6 +4,7 @@ forwards as without it, fewer rows, and the cache always equals one fresh causal
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -11,7 +12,9 @@ import torch
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.decode import DraftRequest, RowState, VerifyRequest, decode_steps, request_spec, run_request
+from s2d2.core.loop import decode_steps
+from s2d2.core.requests import DraftRequest, RowState, VerifyRequest
+from s2d2.engine.runner import request_spec, run_request
 from s2d2.errors import ConfigError
 
 CONFIGS = [
@@ -88,8 +91,7 @@ def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, fam
     mid_block = 0
     for ids in _prompts():
         state, cache = RowState(), adapter.new_cache(128)
-        steps = decode_steps(ids, config, cache, adapter.mask_id, (), adapter.device, None, None, state,
-                             adapter.shifted_logits, adapter.blocks_from_prompt_end)
+        steps = decode_steps(ids, config, cache, dataclasses.replace(adapter.traits, stop_ids=()), state=state)
         logits = None
         while True:
             try:

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from s2d2 import DecodeConfig
-from s2d2.config import RELAX_MAX_EPSILON
+from s2d2.config import RELAX_MAX_EPSILON, Relaxation
+from s2d2.core.verify import Verdict, accept_greedy, accept_sampled
 from s2d2.errors import ConfigError
-from s2d2.verify import Relaxation, Verdict, accept_greedy, accept_sampled
 
 
 def _logits(rows: list[list[float]]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Routing policies (s2d2.routing): table-driven pure policies, UCB arithmetic, and ``route`` end to end.
+"""Routing policies (s2d2.core.routing): table-driven pure policies, UCB arithmetic, and ``route`` end to end.
 
 Expected values are worked out by hand from reference §2 (scores, hysteresis, UCB buckets and exploration term).
 """
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from s2d2.config import DecodeConfig
-from s2d2.routing import (
+from s2d2.core.routing import (
     RouterState,
     linear_bin,
     mask_span_length,
@@ -24,7 +24,7 @@ from s2d2.routing import (
     ucb_choose,
     verification_score,
 )
-from s2d2.state import BlockState, Draft, Span
+from s2d2.core.state import BlockState, Draft, Span
 
 # ---------------------------------------------------------------------------------------------- pure policies
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-import s2d2.decode
-from s2d2.cache import KVCache
+import s2d2.core.forwards
 from s2d2.config import DecodeConfig
-from s2d2.decode import decode
-from s2d2.sampling import token_probs
+from s2d2.core.sampling import token_probs
+from s2d2.engine.runner import decode
+from s2d2.models.cache import KVCache
 
 V = 5  # real tokens 0..4
 MASK = V  # the mask id; the vocabulary is V + 1
@@ -106,7 +106,7 @@ class TableAdapter:
 
 @dataclass(frozen=True)
 class _TableSpec:
-    """A stand-in for :class:`s2d2.batching.ForwardSpec`: its row count, and the table forward to run."""
+    """A stand-in for :class:`s2d2.models.batching.ForwardSpec`: its row count, and the table forward to run."""
 
     num_rows: int
     compute: Callable[[KVCache], torch.Tensor | None]
@@ -160,7 +160,7 @@ def test_sampled_s2d2_draws_the_transformed_ar_chain(block_size):
 def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeypatch):
     """Reference §8.4: p handed to acceptance must be exactly the distribution each draft token was sampled from."""
     drawn, handed = [], []
-    real_choose, real_accept = s2d2.decode.choose_tokens, s2d2.decode.accept_sampled
+    real_choose, real_accept = s2d2.core.forwards.choose_tokens, s2d2.core.forwards.accept_sampled
 
     def choose(probs, greedy, generator):
         drawn.append(probs.clone())
@@ -170,8 +170,8 @@ def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeyp
         handed.append(p.clone())
         return real_accept(drafted, p, q, generator, relax)
 
-    monkeypatch.setattr(s2d2.decode, "choose_tokens", choose)
-    monkeypatch.setattr(s2d2.decode, "accept_sampled", accept)
+    monkeypatch.setattr(s2d2.core.forwards, "choose_tokens", choose)
+    monkeypatch.setattr(s2d2.core.forwards, "accept_sampled", accept)
     cfg = DecodeConfig(method="s2d2", policy="mask_span_length", min_span=1, block_size=4, temperature=TEMPERATURE,
                        top_k=TOP_K, top_p=TOP_P, max_new_tokens=NUM_NEW, stop_token_ids=(), fuse_draft=False)
     adapter = TableAdapter()
@@ -182,17 +182,17 @@ def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeyp
 
 
 def test_the_test_rejects_a_draft_distribution_distorted_as_p_to_the_0_9(monkeypatch):
-    real = s2d2.decode.accept_sampled
+    real = s2d2.core.forwards.accept_sampled
 
     def distorted(drafted, p, q, generator, relax=None):
         warped = p ** 0.9
         return real(drafted, warped / warped.sum(dim=-1, keepdim=True), q, generator, relax)
 
-    monkeypatch.setattr(s2d2.decode, "accept_sampled", distorted)
+    monkeypatch.setattr(s2d2.core.forwards, "accept_sampled", distorted)
     assert transition_pvalue(transition_counts(2)) < 1e-4
 
 
 def test_the_test_rejects_a_verifier_that_ignores_top_p(monkeypatch):
-    real = s2d2.decode.token_probs
-    monkeypatch.setattr(s2d2.decode, "token_probs", lambda logits, t, k, p: real(logits, t, k, 1.0))
+    real = s2d2.core.forwards.token_probs
+    monkeypatch.setattr(s2d2.core.forwards, "token_probs", lambda logits, t, k, p: real(logits, t, k, 1.0))
     assert transition_pvalue(transition_counts(2)) == 0.0

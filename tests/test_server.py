@@ -25,8 +25,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import s2d2  # noqa: E402
 from s2d2 import DecodeConfig  # noqa: E402
-from s2d2.server import ServerConfig, TextStream, create_app  # noqa: E402
-from s2d2.tasks import arith  # noqa: E402
+from s2d2.evaluation.tasks import arith  # noqa: E402
+from s2d2.serve.app import ServerConfig, TextStream, create_app  # noqa: E402
 
 PROBLEMS = arith.generate("test", 8, seed=0)
 MAX_NEW = 40

@@ -1,4 +1,4 @@
-"""Base unmasking strategies (s2d2.strategies) and the logits -> distribution -> token path (s2d2.sampling)."""
+"""Base unmasking strategies (s2d2.core.strategies) and the logits -> distribution -> token path (s2d2.core.sampling)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from s2d2.sampling import choose_tokens, token_probs, transform_logits
-from s2d2.strategies import most_confident, select, select_dynamic, select_static, step_quotas
+from s2d2.core.sampling import choose_tokens, token_probs, transform_logits
+from s2d2.core.strategies import most_confident, select, select_dynamic, select_static, step_quotas
 
 NEG_INF = float("-inf")
 

@@ -10,7 +10,7 @@ import pytest
 
 from s2d2 import DecodeConfig
 from s2d2.cli import main
-from s2d2.trace import COMMIT_KINDS, SCHEMA
+from s2d2.core.trace import COMMIT_KINDS, SCHEMA
 
 PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 56)), [3, 250, 9]]
 CONFIGS = {

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import s2d2
 from s2d2.errors import ConfigError
-from s2d2.train import Example, TrainConfig, make_batch, train, two_stream_mask
+from s2d2.training.train import Example, TrainConfig, make_batch, train, two_stream_mask
 
 
 def test_two_stream_mask_by_hand():
@@ -66,7 +66,7 @@ def test_resume_continues_from_the_checkpoint(tmp_path, monkeypatch):
     small = dict(SMALL, checkpoint_every=2)
     straight = train(TrainConfig(out=str(tmp_path / "straight"), steps=4, **small), progress=False)
     # a run killed right after its step-2 checkpoint, then started again with the same command
-    import s2d2.train as tr
+    import s2d2.training.train as tr
 
     calls = {"n": 0}
     real_save = tr._save
@@ -92,7 +92,7 @@ def test_drill_steps_and_precision_are_validated_and_deterministic():
         TrainConfig(out="x", drill_fraction=1.0)
     with pytest.raises(s2d2.ConfigError, match="precision"):
         TrainConfig(out="x", precision="fp16")
-    from s2d2.train import draw_examples
+    from s2d2.training.train import draw_examples
 
     cfg = TrainConfig(out="x", batch_size=4, drill_fraction=0.5)
     pool = [Example([1, 2], [3, 0])] * 10
@@ -113,7 +113,7 @@ def test_length_buckets_split_a_sorted_pool_between_consecutive_steps():
     """With length_buckets = k, steps g*k .. g*k+k-1 take the k slices of one length-sorted pool (each example of
     the pool once, every batch's lengths a contiguous range of the sort), in a seeded order; a function of (seed,
     step) like unbucketed draws; k = 1 draws as before."""
-    from s2d2.train import draw_examples
+    from s2d2.training.train import draw_examples
 
     examples = [Example([1] * (3 + i % 17), [2] * (1 + i % 5) + [0]) for i in range(500)]
     cfg = TrainConfig(out="x", batch_size=8, drill_fraction=0.0, length_buckets=4)
@@ -143,8 +143,8 @@ def test_length_buckets_split_a_sorted_pool_between_consecutive_steps():
 
 
 def test_training_problems_mix_tasks_by_weight_and_keep_the_single_task_order():
-    from s2d2.tasks import arith, wordy
-    from s2d2.train import training_problems
+    from s2d2.evaluation.tasks import arith, wordy
+    from s2d2.training.train import training_problems
 
     single = training_problems(TrainConfig(out="x", num_train=50))
     assert [p.prompt for p in single] == [p.prompt for p in arith.generate("train", 50, seed=0)]
@@ -171,7 +171,7 @@ def test_train_flags_describe_training_fields(capsys):
 
 
 def test_a_compiled_run_takes_the_same_steps_as_an_eager_one(tmp_path, monkeypatch):
-    from s2d2.models.qwen3 import Qwen3Decoder
+    from s2d2.models.decoder import Qwen3Decoder
 
     small = dict(SMALL, precision="fp32", checkpoint_every=3)
     eager = train(TrainConfig(out=str(tmp_path / "eager"), steps=3, **small), progress=False)

@@ -4,14 +4,15 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.bench import Setting
 from s2d2.cli import build_parser, config_from_args, main
 from s2d2.errors import ConfigError
-from s2d2.tune import search_space, tune
+from s2d2.evaluation.bench import Setting
+from s2d2.evaluation.tune import search_space, tune
 
 
 def test_the_choice_follows_the_budget_and_the_objective(model, monkeypatch):
@@ -80,7 +81,7 @@ def test_tune_writes_a_config_that_every_command_loads(random_model_dir, tmp_pat
     assert f"config {out}" in names
     # lm-eval's config= model argument
     pytest.importorskip("lm_eval")
-    from s2d2.lm_eval import S2D2LM
+    from s2d2.evaluation.lm_eval import S2D2LM
 
     lm = S2D2LM(pretrained=str(random_model_dir), config=str(out), threshold=0.3)
     assert lm.config == DecodeConfig(**{**fields, "threshold": 0.3, "generation_config": "none"})
@@ -107,7 +108,7 @@ def test_tune_on_an_lm_eval_task_scores_its_validation_split(tmp_path, capsys):
     its accuracy is what ``s2d2 eval --split validation`` gives for the same setting with the task's generation
     settings (until newline / "Q:", 64 tokens)."""
     pytest.importorskip("lm_eval")
-    from s2d2.evaluate import evaluate
+    from s2d2.evaluation.evaluate import evaluate
 
     report = tmp_path / "records.jsonl"
     assert main(["tune", "--task", "lm-eval:s2d2_arith", "--quick", "--limit", "8", "--out", str(tmp_path / "t.json"),

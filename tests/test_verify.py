@@ -1,4 +1,4 @@
-"""Speculative acceptance (s2d2.verify) on hand-built logit and probability tables.
+"""Speculative acceptance (s2d2.core.verify) on hand-built logit and probability tables.
 
 Greedy acceptance is deterministic (accept while draft == argmax q, then commit argmax q); sampled acceptance keeps
 a draft with probability min(1, q/p), resamples the first rejection from normalize((q - p)+), and so commits exact
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from s2d2 import verify
-from s2d2.verify import Verdict, accept_greedy, accept_sampled
+from s2d2.core import verify
+from s2d2.core.verify import Verdict, accept_greedy, accept_sampled
 
 V = 5  # vocabulary of the hand-built tables
 
@@ -31,7 +31,7 @@ def _seeded(seed: int) -> torch.Generator:
 
 
 class _FixedUniforms:
-    """Stands in for the ``torch`` module inside s2d2.verify, with ``rand`` returning chosen uniforms."""
+    """Stands in for the ``torch`` module inside s2d2.core.verify, with ``rand`` returning chosen uniforms."""
 
     def __init__(self, values: list[float]) -> None:
         self.values = values

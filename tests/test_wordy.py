@@ -1,4 +1,4 @@
-"""Tests for the grammar-generated word problems with held-out productions (s2d2.tasks.wordy)."""
+"""Tests for the grammar-generated word problems with held-out productions (s2d2.evaluation.tasks.wordy)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from s2d2.tasks import arith, wordy
-from s2d2.tasks.arith import Problem, extract_answer, parse_step
-from s2d2.tasks.wordy import HELD_OUT, LEVELS, SPLITS, WordyProblem, generate, split_of
+from s2d2.evaluation.tasks import arith, wordy
+from s2d2.evaluation.tasks.arith import Problem, extract_answer, parse_step
+from s2d2.evaluation.tasks.wordy import HELD_OUT, LEVELS, SPLITS, WordyProblem, generate, split_of
 
 _NUM = r"\d+"
 _STEP = rf"{_NUM}[-+*/]{_NUM}={_NUM}"

@@ -12,8 +12,8 @@ The AR, static and confidence-threshold (dynamic) baselines run through the same
 
 from s2d2.api import Generation, Model, load
 from s2d2.config import DecodeConfig
+from s2d2.core.stats import DecodeStats
 from s2d2.errors import ConfigError, InputError, ModelLoadError, S2D2Error
-from s2d2.stats import DecodeStats
 
 __all__ = [
     "ConfigError",

@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 
-from s2d2.adapters import build_adapter
-from s2d2.adapters.base import FamilyAdapter
 from s2d2.checkpoint import (
     load_tokenizer,
     read_chat_template,
@@ -26,10 +24,12 @@ from s2d2.checkpoint import (
     resolve_model_dir,
 )
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size
-from s2d2.engine import BatchStats, Engine
+from s2d2.core.state import sequence_length
+from s2d2.core.stats import DecodeStats
+from s2d2.engine.engine import BatchStats, Engine
 from s2d2.errors import ConfigError, InputError, ModelLoadError
-from s2d2.state import sequence_length
-from s2d2.stats import DecodeStats
+from s2d2.families import build_adapter
+from s2d2.families.base import FamilyAdapter
 
 BUNDLED = "bundled"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,7 +43,7 @@ class Generation:
     token_ids: list[int]  # generated ids, stop token excluded (with stop strings: up to the token completing one)
     finish_reason: str  # "stop" (a stop token or stop string was generated) or "length" (max_new_tokens reached)
     stats: DecodeStats
-    trace: list[dict[str, Any]] | None = None  # the step trace (s2d2.trace, schema s2d2.trace/1) with trace=True
+    trace: list[dict[str, Any]] | None = None  # the step trace (s2d2.core.trace, schema s2d2.trace/1) with trace=True
 
     def to_dict(self) -> dict[str, Any]:
         """The ``s2d2 generate --json`` object."""
@@ -146,12 +146,12 @@ class Model:
         generation_config.json values (:attr:`generation_defaults`) unless ``generation_config="none"``.
 
         Up to ``batch_size`` prompts decode together, one batched forward per step, each at its own pace; a
-        finished prompt's place goes to the next (continuous batching, :class:`s2d2.engine.Engine`). Results do not
+        finished prompt's place goes to the next (continuous batching, :class:`s2d2.engine.engine.Engine`). Results do not
         depend on the batch: greedy output and per-prompt stats equal batch 1's (up to float rounding at exact
         logit ties), and sampling is reproducible per prompt: prompt ``i`` draws from a generator seeded with
         ``seed + i`` (a seed is drawn from torch's global RNG if none is set), whatever shares its batch. Every
         prompt is checked before any is decoded. :attr:`last_batch_stats` holds the batch-level figures.
-        ``trace=True`` records each prompt's step trace in :attr:`Generation.trace` (:mod:`s2d2.trace`).
+        ``trace=True`` records each prompt's step trace in :attr:`Generation.trace` (:mod:`s2d2.core.trace`).
         """
         cfg = self.resolve_config(config, **overrides)
         check_batch_size(batch_size)

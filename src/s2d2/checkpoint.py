@@ -8,7 +8,6 @@ with a one-sentence message.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,14 +19,14 @@ import torch
 from tokenizers import Tokenizer
 
 from s2d2.config import SAMPLING_DEFAULTS, DecodeConfig
-from s2d2.errors import ConfigError, ModelLoadError, S2D2Error
+from s2d2.errors import ConfigError, ModelLoadError
+from s2d2.files import parse_json_file
 
 __all__ = [
     "SpecialIds",
     "load_tokenizer",
     "load_weights",
     "merge_lora",
-    "parse_json_file",
     "read_chat_template",
     "read_config",
     "read_generation_defaults",
@@ -90,24 +89,6 @@ def resolve_model_dir(name_or_path: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------- json
-
-
-def parse_json_file(path: str | os.PathLike[str], error: type[S2D2Error] = ModelLoadError,
-                    label: str | None = None) -> Any:
-    """The JSON value in a file, of any shape; a missing, unreadable or invalid file is ``error``, one sentence that
-    calls the file ``label`` (default: its path)."""
-    path = Path(path)
-    name = label or str(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise error(f"{name} does not exist.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise error(f"{name} cannot be read ({type(e).__name__}).") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise error(f"{name} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
 
 
 def read_json(path: str | os.PathLike[str]) -> dict[str, Any]:

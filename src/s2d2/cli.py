@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size, list_item_type
-from s2d2.distributed import DataParallel
 from s2d2.errors import S2D2Error
+from s2d2.evaluation.distributed import DataParallel
 
 # Help for the flags users reach for first; every other field documents itself in s2d2/config.py.
 _HELP = {
@@ -64,7 +64,7 @@ _TRAIN_HELP = {
     "block_sizes": "block sizes drawn per step (must include 1, the AR mode S2D2 verifies with)",
     "block_weights": "probabilities of block_sizes",
     "num_train": "distinct training problems generated",
-    "tasks": "word-problem tasks the training problems come from (s2d2.tasks: arith, wordy)",
+    "tasks": "word-problem tasks the training problems come from (s2d2.evaluation.tasks: arith, wordy)",
     "task_weights": "shares of tasks",
     "eval_every": "steps between validation evaluations (AR greedy, eval_n problems per task)",
     "checkpoint_every": "steps between resumable checkpoints",
@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_config_flags(sv)  # the server's defaults for every request
 
-    from s2d2.train import TrainConfig
+    from s2d2.training.train import TrainConfig
 
     tr = sub.add_parser("train", help="train a small SDAR-architecture model on the arith task")
     tr.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
@@ -339,7 +339,7 @@ def _json_object_flag(flag: str, text: str | None) -> dict[str, Any]:
 
 
 def _eval(ns: argparse.Namespace) -> int:
-    from s2d2.evaluate import evaluate
+    from s2d2.evaluation.evaluate import evaluate
 
     cfg = config_from_args(ns)
     if ns.generation_config is None:  # accuracy is measured greedily unless sampling is asked for explicitly
@@ -368,8 +368,8 @@ def _eval(ns: argparse.Namespace) -> int:
 
 
 def _bench(ns: argparse.Namespace) -> int:
-    from s2d2 import bench
-    from s2d2.evaluate import TASKS
+    from s2d2.evaluation import bench
+    from s2d2.evaluation.evaluate import TASKS
 
     if ns.task not in TASKS:
         raise S2D2Error(f"--task must be one of {', '.join(TASKS)}; got {ns.task!r}.")
@@ -391,7 +391,7 @@ def _bench(ns: argparse.Namespace) -> int:
 
 def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repeats: int, batch_sizes: list[int],
                dp: DataParallel, tuned: list[Any]) -> int:
-    from s2d2.tasks import task_module
+    from s2d2.evaluation.tasks import task_module
 
     task = task_module(ns.task, ns.split)
     model = _load_model(ns, dp.device(ns.device))
@@ -419,7 +419,7 @@ def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repe
 
 
 def _trace(ns: argparse.Namespace) -> int:
-    from s2d2.trace_plot import plot_traces, read_trace
+    from s2d2.evaluation.trace_plot import plot_traces, read_trace
 
     traces = [read_trace(path, ns.row) for path in ns.traces]
     try:
@@ -431,8 +431,8 @@ def _trace(ns: argparse.Namespace) -> int:
 
 
 def _tune(ns: argparse.Namespace) -> int:
-    from s2d2.tasks import TASKS, task_module
-    from s2d2.tune import search_space, tune, winner_config
+    from s2d2.evaluation.tasks import TASKS, task_module
+    from s2d2.evaluation.tune import search_space, tune, winner_config
 
     lm_task = ns.task[len("lm-eval:"):] if ns.task.startswith("lm-eval:") else None
     if lm_task is None and ns.task not in TASKS:
@@ -453,7 +453,7 @@ def _tune(ns: argparse.Namespace) -> int:
         report = _open_output(ns.report, "--report") if ns.report and dp.is_main else None
         model = _load_model(ns, dp.device(ns.device))
         if lm_task is not None:
-            from s2d2.tune import lm_eval_exact, search
+            from s2d2.evaluation.tune import lm_eval_exact, search
 
             exact = lm_eval_exact(model, lm_task, ns.split, ns.n, batch_size, ns.metric)
             result = search(exact, search_space(ns.quick), ns.max_accuracy_drop)
@@ -477,7 +477,7 @@ def _tune(ns: argparse.Namespace) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from s2d2.train import TrainConfig, train
+    from s2d2.training.train import TrainConfig, train
 
     ns.out = str(ns.out)
     cfg = config_from_args(ns, TrainConfig)
@@ -487,7 +487,7 @@ def _train(ns: argparse.Namespace) -> int:
 
 
 def _init_random(ns: argparse.Namespace) -> int:
-    from s2d2.random_init import LORA_ADAPTER_DIR, write_random_model
+    from s2d2.training.random_init import LORA_ADAPTER_DIR, write_random_model
 
     if ns.seed < 0:
         raise S2D2Error(f"--seed must be a non-negative integer, got {ns.seed}.")
@@ -507,7 +507,7 @@ def _init_random(ns: argparse.Namespace) -> int:
 
 def _serve(ns: argparse.Namespace) -> int:
     try:
-        from s2d2.server import ServerConfig, serve
+        from s2d2.serve.app import ServerConfig, serve
     except ImportError as e:
         raise S2D2Error(f"s2d2 serve needs the serve extra (pip install 's2d2[serve]'): {e}.") from None
     if not 0 <= ns.port <= 65535:

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_origin
 
 from s2d2.errors import ConfigError
-from s2d2.verify import Relaxation
+from s2d2.files import parse_json_file
 
 Method = Literal["ar", "static", "dynamic", "s2d2"]
 Policy = Literal["mask_span_length", "score_threshold", "score_hysteresis", "contextual_bandit_ucb"]
@@ -58,6 +58,20 @@ SAMPLING_DEFAULTS: dict[str, Any] = {"temperature": 0.0, "top_k": 0, "top_p": 1.
 UCB_ENTROPY_SOURCES: tuple[str, ...] = get_args(UcbEntropySource)
 # relax = 1 means typical acceptance with epsilon 0.3 (Medusa's reported range is 0.01-0.3; delta = sqrt(epsilon))
 RELAX_MAX_EPSILON = 0.3
+
+
+@dataclass(frozen=True)
+class Relaxation:
+    """Relaxed acceptance parameters; the defaults are exact acceptance."""
+
+    typical_epsilon: float = 0.0  # typical acceptance's epsilon (0: off)
+    typical_delta: float = 0.0  # and its delta (Medusa suggests sqrt(epsilon))
+    ratio_tempering: float = 1.0  # gamma (sampled only)
+    ratio_threshold: float | None = None
+
+    @property
+    def neutral(self) -> bool:
+        return self.typical_epsilon <= 0.0 and self.ratio_tempering == 1.0 and self.ratio_threshold is None
 
 
 @dataclass(frozen=True)
@@ -282,8 +296,6 @@ class DecodeConfig:
         """The fields a config file sets (``--config FILE``, lm-eval ``config=FILE``; ``s2d2 tune`` writes them): a
         JSON object of DecodeConfig fields, lists for the list-valued ones. Checked here, so a bad file is one
         sentence before any work; callers lay their own settings over the result."""
-        from s2d2.checkpoint import parse_json_file  # lazily: checkpoint imports this module
-
         data = parse_json_file(path, ConfigError, label=f"config file {path}")
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a JSON object of decoding options.")

@@ -1,1 +1,2 @@
-"""Native PyTorch model modules, one per architecture."""
+"""The native network: one decoder for every family's architecture (dense and MoE), its KV caches, and the packed
+layout of many rows in one forward."""

@@ -1,0 +1,191 @@
+"""A row's forwards as requests: each method builds one request, counts it, and turns its logits into a draft or a
+verdict (:mod:`s2d2.core.loop` decides which to ask for and what to commit)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Iterable
+
+import torch
+
+from s2d2.config import DecodeConfig
+from s2d2.core import routing, strategies
+from s2d2.core.requests import CacheView, CommitRequest, DraftRequest, FinalizeRequest, ForwardRequest, VerifyRequest
+from s2d2.core.sampling import choose_tokens, token_probs
+from s2d2.core.state import BlockState, Draft, Sequence, Span
+from s2d2.core.stats import DecodeStats
+from s2d2.core.trace import Tracer
+from s2d2.core.verify import Verdict, accept_greedy, accept_sampled
+
+
+def _confident_rest(masked: Iterable[int], commits: dict[int, int], draft: Draft, threshold: float) -> dict[int, int]:
+    """``commit_confident``: the masks a verification left whose drafts clear ``threshold`` (the dynamic rule's
+    commits, without its quota), to commit beside the verdict."""
+    candidates = [i for i in masked if i not in commits]
+    return {i: draft.tokens[i] for i in strategies.select_dynamic(candidates, draft.confidence, 0, threshold)}
+
+
+def _all_accepted_estimate(draft: Draft, span: Span) -> float:
+    """The drafter's own estimate that verification accepts every draft of ``span``: the product of their
+    confidences (``fuse_draft_threshold`` compares it)."""
+    return math.prod(draft.confidence[span.start:span.end])
+
+
+class Forwards:
+    """The row's forwards as requests: builds each one, counts it, and turns its logits into a draft or a verdict."""
+
+    def __init__(self, cache: CacheView, cfg: DecodeConfig, stats: DecodeStats, shifted_logits: bool = False,
+                 tracer: Tracer | None = None) -> None:
+        self.cache, self.cfg, self.stats, self.shifted, self.tracer = cache, cfg, stats, shifted_logits, tracer
+        self.relax = cfg.relaxation()  # neutral: the acceptance functions run their exact rule
+        # a block's K/V may enter the cache early only if no edit can change it afterwards
+        self._fuse_draft = (cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
+                            and cfg.block_add_threshold is None)
+        # Prefix caching: with the AR-consistent cache a committed token's causal K/V depend only on the tokens to
+        # its left, so once the block's left-most committed run grows they are final. Drafts (draft_ver: those rows
+        # are causal) and verifications (their first half is causal) compute them anyway and keep them.
+        # (Like fuse_commit, whose cost model it extends: without it, as in the reference, K/V get forwards of their own.)
+        self._cache_prefix = (cfg.prefix_cache and cfg.cache_ver and cfg.draft_ver and cfg.fuse_commit
+                              and cfg.editing_threshold is None)
+        # A draft made by the verify forward that finished the previous block (aligned logits) or the current
+        # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
+        self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None
+        # Shifted logits: (block start, row) from the verify forward that finished the previous block, the row that
+        # predicts the block's first token
+        self._next_token: tuple[int, torch.Tensor] | None = None
+
+    def _trace_forward(self, kind: str) -> None:
+        if self.tracer is not None:
+            self.tracer.forward(kind)
+
+    def _count_cache_write(self) -> None:
+        """Count a forward of its own that writes committed K/V: the prompt's (prefill) or a finished block's."""
+        if self.cache.length == 0:
+            self.stats.prefill_forwards += 1
+        else:
+            self.stats.commit_forwards += 1
+
+    def open_block(self, seq: Sequence, block: BlockState,
+                   generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, int]:
+        """Shifted logits: the block's first token, decoded in AR mode from the row before it (drawn with the
+        decoding temperature). That row comes from the verification that finished the previous block, or from a
+        forward writing the previous block (or the prompt) to the cache and predicting from its last row."""
+        cfg = self.cfg
+        fused, self._next_token = self._next_token, None
+        if fused is not None and fused[0] == block.start:
+            logits = fused[1]
+            self.stats.fused_drafts += 1
+            self._trace_forward("fused_token")
+        else:
+            self._count_cache_write()
+            self._trace_forward("finalize")
+            logits = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+        probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        return int(choose_tokens(probs, cfg.greedy, generator)[0])
+
+    def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None,
+              num_blocks: int = 1) -> Generator[ForwardRequest, torch.Tensor | None, Draft]:
+        """One diffusion-mode forward over the block (or the ``num_blocks`` blocks in flight that ``block`` spans);
+        tokens drawn at every offset.
+
+        The forward first writes the pending K/V (prompt or previous blocks); without ``fuse_commit`` they get a
+        forward of their own instead, as in the reference code.
+        """
+        cfg = self.cfg
+        fused, self._next_draft = self._next_draft, None
+        if fused is not None and fused[0] == (block.start, block.first_mask):
+            logits = fused[1]  # drafted by the verify forward that finished the previous block or sub-block
+            self.stats.fused_drafts += 1
+            self._trace_forward("fused_draft")
+        else:
+            if not cfg.fuse_commit and self.cache.length < block.start:
+                self._count_cache_write()
+                self._trace_forward("commit")
+                yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+            self._trace_forward("draft")
+            logits = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
+                                        cfg.cache_ver, cfg.draft_ver, num_blocks, self._cache_prefix)
+            self.stats.draft_forwards += 1
+        probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        tokens = choose_tokens(probs, cfg.greedy, generator)
+        confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
+        return Draft(tuple(tokens.tolist()), tuple(confidence.tolist()), probs)
+
+    def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
+                         span: Span, draft: Draft, generator: torch.Generator | None
+                         ) -> Generator[ForwardRequest, torch.Tensor | None,
+                                        tuple[routing.RouterState, Verdict | None, dict[int, int]]]:
+        """One S2D2 routing decision on the span of ``unit`` and, if it says so, the verification: returns the next
+        router state, the verdict (None when not verified) and the commits it decides (``offset: token``): the
+        verifier's, and with ``commit_confident`` the unit's other masks whose drafts clear the threshold."""
+        verify_now, router = routing.route(router, unit, span, draft, self.cfg)
+        if self.tracer is not None:
+            self.tracer.route(verify_now, (block.start + span.start, block.start + span.end),
+                              routing.explain(router, unit, span, draft, self.cfg))
+        if not verify_now:
+            return router, None, {}
+        verdict = yield from self.verify(seq, block, unit, span, draft, generator)
+        commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
+        commits.update((span.start + j, token) for j, token in verdict.extra)
+        if self.cfg.commit_confident:
+            confident = _confident_rest(unit.masked_offsets(), commits, draft, self.cfg.threshold)
+            commits.update(confident)
+            self.stats.fallback_tokens += len(confident)
+        return router, verdict, commits
+
+    def verify(self, seq: Sequence, block: BlockState, unit: BlockState, span: Span, draft: Draft,
+               generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Verdict]:
+        """One AR-mode forward scoring the span's drafts, then speculative acceptance.
+
+        With ``fuse_draft``, a span that runs to the end of a full block (so acceptance may finish it) also gets
+        the next block's draft rows; if every draft is accepted, the block's K/V written by this forward are
+        committed to the cache and the next draft is kept, so the next block starts without a forward. Shifted
+        logits: the span's last row predicts the next block's first token instead, and (with ``draft_ver``) a span
+        that ends its sub-block inside the block brings the rest of the block as draft rows, the next draft.
+        """
+        cfg = self.cfg
+        drafted = list(draft.tokens[span.start:span.end])
+        filled = list(block.tokens[:span.start]) + drafted
+        # the next draft's rows are used only if every draft is accepted: carry them when that is likely enough
+        fuse = self._fuse_draft and (cfg.fuse_draft_threshold <= 0.0
+                                     or _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold)
+        finishes_block = fuse and span.end == block.end == block.size and block.start + block.size < seq.limit
+        # Shifted logits, draft_ver: the rows of a draft before its first mask are causal, exactly this forward's
+        # rows, so the later sub-blocks (all masks) can be drafted here; the next draft starts at the span's end.
+        finishes_unit = self.shifted and fuse and cfg.draft_ver and span.end == unit.end < block.end
+        if self.shifted:
+            ahead = block.size - span.end if finishes_unit else 0
+        else:
+            ahead = block.size if finishes_block else 0
+        self._trace_forward("verify")
+        logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
+        logits, next_logits = logits[:span.length], logits[span.length:]
+        self.stats.verify_forwards += 1
+        if cfg.greedy:
+            verdict = accept_greedy(drafted, logits, self.relax)
+        else:
+            q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+            p = draft.probs[span.start:span.end]
+            verdict = accept_sampled(drafted, p, q, generator, self.relax)
+        if self.tracer is not None:
+            self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
+        self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
+        if self._cache_prefix:  # the accepted drafts' (first-half) rows are their final causal K/V
+            end = span.start + verdict.num_accepted
+            if self.shifted:  # ... but the last token before the first mask stays a query row: it predicts the mask
+                end = min(end, span.end - 1)
+            self.cache.commit(block.start + end - self.cache.length)
+        if verdict.num_accepted == span.length:
+            if finishes_block:
+                # the causal K/V of the finished block, as fuse_commit writes them
+                self.cache.commit(block.start + block.size - self.cache.length)
+                if self.shifted:
+                    self._next_token = (block.start + block.size, next_logits)
+                else:
+                    self._next_draft = ((block.start + block.size, 0), next_logits)
+            elif finishes_unit:
+                # offsets span.end.. read from the span's last row and the draft rows but the last; the committed
+                # offsets before them get placeholder rows, as a draft's own are never read either
+                rows = next_logits[:-1]
+                self._next_draft = ((block.start, span.end), torch.cat([rows[:1].expand(span.end, -1), rows]))
+        return verdict

@@ -1,0 +1,107 @@
+"""The contract between the per-row algorithm and whoever executes its forwards.
+
+A row's decoding (:func:`s2d2.core.loop.decode_steps`) is a generator that *asks* for each forward by yielding one
+of the request types below and is sent back that forward's logits. The executor (:mod:`s2d2.engine.runner` for one
+row, :class:`s2d2.engine.engine.Engine` for a batch) turns a request into the family's rows and mask and runs it;
+the algorithm never sees a family or a model. What the algorithm needs of the family travels as one frozen value,
+:class:`FamilyTraits`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from s2d2.core.state import Sequence
+from s2d2.core.stats import DecodeStats
+from s2d2.core.trace import Tracer
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What the per-row algorithm needs to know of a model family, and nothing else."""
+
+    mask_id: int
+    stop_ids: tuple[int, ...]
+    device: torch.device
+    # row t-1 predicts token t (Fast-dLLM v2, Dream): every block opens with its first token decoded in AR mode
+    shifted_logits: bool = False
+    # D2F: blocks start at the prompt's end instead of at absolute multiples of the block size
+    blocks_from_prompt_end: bool = False
+
+
+class CacheView(Protocol):
+    """What a row's decoding needs of its cache: the committed length, and committing or forgetting tokens
+    (a :class:`~s2d2.models.cache.KVCache`, or one slot of the engine's batch cache)."""
+
+    @property
+    def length(self) -> int: ...
+
+    def commit(self, num_tokens: int) -> None: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """A row asks for a diffusion-mode forward over its block (first writing its pending committed tokens)."""
+
+    ids: torch.Tensor  # the row's whole sequence
+    block_start: int
+    block_size: int
+    first_mask: int
+    cache_ver: bool
+    draft_ver: bool
+    num_blocks: int = 1  # pipelined decoding: the blocks in flight, from block_start
+    # also write the K/V of the block's committed prefix (offsets before first_mask): the rows after it only remain
+    cache_prefix: bool = False
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """A row asks for an AR-mode (2L) forward scoring its span, optionally drafting the next block."""
+
+    filled: list[int]
+    block_start: int
+    span_start: int
+    next_block: int
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """A row asks for a forward of its own that writes its pending K/V (only without ``fuse_commit``)."""
+
+    ids: torch.Tensor
+    end: int
+    block_size: int
+    cache_ver: bool
+
+
+@dataclass(frozen=True)
+class FinalizeRequest:
+    """Shifted-logit families: a row asks for the forward that writes a finished block's (or the prompt's) K/V and
+    predicts the next block's first token from its last row."""
+
+    ids: torch.Tensor
+    end: int
+    block_size: int
+    cache_ver: bool
+
+
+ForwardRequest = DraftRequest | VerifyRequest | CommitRequest | FinalizeRequest
+# A row's decoding as a generator: it yields the forward it needs next, is sent that forward's logits (None for a
+# commit), and returns (generated ids, finish reason, stats) when done.
+RowSteps = Generator[ForwardRequest, "torch.Tensor | None", "tuple[list[int], str, DecodeStats]"]
+
+
+@dataclass
+class RowState:
+    """What the driver of :func:`decode_steps` may read while the row runs: its stats (the driver adds forward
+    time) and its sequence (committed tokens so far, for streaming)."""
+
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    seq: Sequence | None = None
+    trace: Tracer | None = None  # set by the driver to record a step trace (s2d2.core.trace); None: no tracing work

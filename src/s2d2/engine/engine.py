@@ -1,0 +1,238 @@
+"""The batched engine: many requests decoded together, one forward per engine step, each row at its own pace.
+
+Each request is a row running the per-row algorithm (:func:`s2d2.core.loop.decode_steps`) in its own slot of a
+:class:`~s2d2.models.cache.BatchKVCache`. A step collects the forward every active row needs next, whatever its kind (a
+draft, a 2L verification, a verification that also drafts the next block, a commit), runs them as one packed
+forward (:mod:`s2d2.models.batching`), and hands each row its logits. A step with a single active row runs that row's own
+forward unpacked (the adapter's single-row forward on its cache slot), so batch 1 costs what the plain loop costs.
+The engine only schedules: it never decides what a row does, so a row's tokens and forward counts are those of
+batch-1 decoding, whatever shares its batch (design invariant 7); sampled rows draw from their own generator.
+
+Continuous batching: requests wait in a queue; a finished or cancelled row frees its slot and the next waiting
+request takes it at the following step, while the others go on.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from s2d2.config import DecodeConfig, check_batch_size
+from s2d2.core.loop import decode_steps
+from s2d2.core.requests import CommitRequest, ForwardRequest, RowState, RowSteps
+from s2d2.core.state import sequence_length
+from s2d2.core.stats import DecodeStats
+from s2d2.core.trace import Tracer
+from s2d2.engine.runner import ForwardTimer, request_spec
+from s2d2.families.base import FamilyAdapter
+from s2d2.models.batching import ForwardSpec, pack
+from s2d2.models.cache import SlotCache
+
+
+@dataclass
+class Event:
+    """What one step did for one request: tokens newly committed at the left edge (every token before them is
+    committed, so they can be streamed), and, when ``finished``, the request's result."""
+
+    request_id: int
+    new_token_ids: list[int]
+    finished: bool = False
+    token_ids: list[int] | None = None  # the whole generation (stop token excluded), when finished
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    stats: DecodeStats | None = None
+    trace: list[dict] | None = None  # the request's step trace (s2d2.core.trace), when finished and traced
+    trace_events: list[dict] | None = None  # streaming a traced request: the trace events recorded since the last
+
+
+@dataclass
+class BatchStats:
+    """Engine-level counters: the batch's forwards, and how full they were."""
+
+    steps: int = 0  # engine steps, i.e. batched forwards
+    row_forwards: int = 0  # (row, forward) pairs: the sum of the rows' NFE
+    rows_computed: int = 0  # query rows the token-wise layers computed (valid rows only: rows are packed)
+    padded_rows: int = 0  # padding in the attention layout (rows x longest row)
+    forward_time_s: float = 0.0
+    row_time_s: float = 0.0  # the rows' own algorithm between forwards (what batch-1 decoding also spends)
+    time_s: float = 0.0  # wall time inside step()
+    num_tokens: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(
+            rows_per_forward=self.rows_computed / self.steps if self.steps else 0.0,
+            mean_batch=self.row_forwards / self.steps if self.steps else 0.0,
+            padding_share=self.padded_rows / (self.rows_computed + self.padded_rows) if self.rows_computed else 0.0,
+            host_share=1.0 - self.forward_time_s / self.time_s if self.time_s > 0 else 0.0,
+            # host time that is the engine's own: admitting, building and packing the forwards, bookkeeping
+            engine_share=((self.time_s - self.forward_time_s - self.row_time_s) / self.time_s
+                          if self.time_s > 0 else 0.0),
+            tokens_per_s=self.num_tokens / self.time_s if self.time_s > 0 else 0.0,
+        )
+        return d
+
+
+@dataclass
+class _Row:
+    request_id: int
+    slot: int
+    cache: SlotCache
+    steps: RowSteps
+    state: RowState
+    pending: ForwardRequest | None = None
+    reported: int = 0  # generated tokens already sent in events (streaming)
+    trace_reported: int = 0  # trace events already sent in events (streaming a traced request)
+
+
+@dataclass
+class _Waiting:
+    request_id: int
+    prompt_ids: list[int]
+    config: DecodeConfig
+    generator: torch.Generator | None
+    stop_check: Callable[[list[int]], bool] | None
+    capacity: int  # token slots the request needs in its cache slot
+    trace: bool = False
+
+
+class Engine:
+    """Continuous batching over one model: ``add`` requests, call ``step`` until ``idle``, ``cancel`` any time.
+
+    ``max_batch_size`` rows decode at once. Prompts must already be checked (``Model.generate`` does it). With
+    ``stream``, every step also reports each row's newly committed left-edge tokens (not only finished requests).
+    """
+
+    def __init__(self, adapter: FamilyAdapter, max_batch_size: int, capacity: int = 256, stream: bool = False) -> None:
+        check_batch_size(max_batch_size)
+        self.adapter = adapter
+        self.cache = adapter.new_batch_cache(max_batch_size, capacity)
+        self.stats = BatchStats()
+        self.stream = stream
+        self._free = list(range(max_batch_size))  # a heap: the lowest free slot first, so busy slots stay 0..n-1
+        self._rows: dict[int, _Row] = {}
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._next_id = 0
+        self._timer = ForwardTimer(adapter.device)
+
+    @property
+    def idle(self) -> bool:
+        """No request is running or waiting."""
+        return not self._rows and not self._waiting
+
+    def add(self, prompt_ids: list[int], config: DecodeConfig, generator: torch.Generator | None = None,
+            stop_check: Callable[[list[int]], bool] | None = None, trace: bool = False) -> int:
+        """Queue a request; returns its id. It starts at the next step with a free slot. ``generator`` draws its
+        samples; ``stop_check(generated_ids)`` ends it after a block (stop strings), as in ``decode_steps``;
+        ``trace`` records its step trace (:mod:`s2d2.core.trace`), returned with its final event."""
+        rid = self._next_id
+        self._next_id += 1
+        # positions of prompt + max_new_tokens in whole blocks, plus the scratch rows a forward writes after them
+        capacity = (sequence_length(len(prompt_ids), config.block_size, config.max_new_tokens,
+                                    self.adapter.blocks_from_prompt_end) + 3 * config.block_size)
+        self._waiting.append(_Waiting(rid, list(prompt_ids), config, generator, stop_check, capacity, trace))
+        return rid
+
+    @property
+    def num_running(self) -> int:
+        """Requests holding a slot."""
+        return len(self._rows)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._waiting)
+
+    def cancel(self, request_id: int) -> Event | None:
+        """Stop a request now (running or waiting) and free its slot. Returns its final event (finish reason
+        ``"cancelled"``, the tokens committed left of the first mask so far, its stats), or None if the request is
+        unknown or already finished."""
+        for w in self._waiting:
+            if w.request_id == request_id:
+                self._waiting.remove(w)
+                return Event(request_id, [], True, [], "cancelled", DecodeStats(prompt_tokens=len(w.prompt_ids)))
+        row = self._rows.pop(request_id, None)
+        if row is None:
+            return None
+        row.steps.close()
+        heapq.heappush(self._free, row.slot)
+        generated = row.state.seq.generated() if row.state.seq is not None else []
+        row.state.stats.num_tokens = len(generated)
+        return Event(request_id, generated[row.reported:], True, generated, "cancelled", row.state.stats)
+
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit waiting requests into free slots, run one batched forward for every active row, and return what
+        happened: newly committed tokens per row, and finished requests."""
+        t0 = time.perf_counter()
+        events: list[Event] = []
+        self._admit(events)
+        rows = sorted((r for r in self._rows.values() if r.pending is not None), key=lambda r: r.slot)
+        if rows:
+            specs = [self._spec(r) for r in rows]
+            if len(rows) == 1:  # one row: its own forward, unpacked, so batch 1 costs what the plain loop costs
+                with self._timer:
+                    logits = [self.adapter.run(specs[0], rows[0].cache)]
+                num_rows, num_padded = specs[0].num_rows, 0
+            else:
+                slots = [r.slot for r in rows]
+                batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device)
+                with self._timer:
+                    logits = self.adapter.run_packed(batch, specs, self.cache, slots)
+                num_rows, num_padded = batch.num_rows, batch.num_padded
+            elapsed = self._timer.elapsed
+            self.stats.steps += 1
+            self.stats.row_forwards += len(rows)
+            self.stats.rows_computed += num_rows
+            self.stats.padded_rows += num_padded
+            self.stats.forward_time_s += elapsed
+            t1 = time.perf_counter()
+            for row, spec, out in zip(rows, specs, logits):
+                row.state.stats.forward_time_s += elapsed
+                row.state.stats.query_rows += spec.num_rows
+                if row.state.trace is not None:
+                    row.state.trace.forward_done(spec.num_rows, elapsed)
+                self._advance(row, None if isinstance(row.pending, CommitRequest) else out, events)
+            self.stats.row_time_s += time.perf_counter() - t1
+        self.stats.time_s += time.perf_counter() - t0
+        return events
+
+    def _admit(self, events: list[Event]) -> None:
+        while self._waiting and self._free:
+            w = self._waiting.popleft()
+            slot = heapq.heappop(self._free)
+            self.cache.ensure_capacity(w.capacity)
+            state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
+            steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.traits, w.generator, w.stop_check, state)
+            row = _Row(w.request_id, slot, cache, steps, state)
+            self._rows[w.request_id] = row
+            self._advance(row, None, events, first=True)
+
+    def _advance(self, row: _Row, logits: torch.Tensor | None, events: list[Event], first: bool = False) -> None:
+        """Send a row its forward's logits and take its next request; report its progress or its end."""
+        try:
+            row.pending = next(row.steps) if first else row.steps.send(logits)
+        except StopIteration as done:
+            token_ids, finish_reason, stats = done.value
+            del self._rows[row.request_id]
+            heapq.heappush(self._free, row.slot)
+            self.stats.num_tokens += len(token_ids)
+            trace = row.state.trace.events if row.state.trace is not None else None
+            events.append(Event(row.request_id, token_ids[row.reported:], True, token_ids, finish_reason, stats, trace))
+            return
+        if not self.stream:
+            return
+        generated = row.state.seq.generated()
+        trace = row.state.trace.events if row.state.trace is not None else []
+        if len(generated) > row.reported or len(trace) > row.trace_reported:
+            events.append(Event(row.request_id, generated[row.reported:],
+                                trace_events=trace[row.trace_reported:] if row.state.trace is not None else None))
+            row.reported, row.trace_reported = len(generated), len(trace)
+
+    def _spec(self, row: _Row) -> ForwardSpec:
+        return request_spec(self.adapter, row.pending, self.cache.lengths[row.slot])

@@ -1,0 +1,218 @@
+"""SDAR family: Qwen3-architecture block-diffusion models with position-aligned logits (a mask predicts itself).
+
+Forwards (reference §1.5, §1.8, §1.13; ``cache_len`` is always a multiple of the block size here):
+
+- draft: pending rows (committed, not yet cached) then the block. Pending rows attend causally
+  (``cache_ver``) or block-causally; block rows see all pending rows and the whole block, except that with
+  ``draft_ver`` the committed prefix of the block (rows before the first mask) attends causally.
+- verify, the "2L" construction: the block up to the span's end with drafts filled in (first half, causal),
+  then one mask per span position (second half). The mask for span position i sees the first-half tokens before
+  i and itself, so its logits are the block-size-1 (AR) conditional of position i. Only the second half gets
+  logits, and the cache is not written. Unlike the reference we send only the tokens the span rows can see
+  (block start .. span end), not the whole block twice. When the span runs to the block's end, ``next_block``
+  mask rows may follow: they draft the next block from the first half, which is exactly the next draft forward
+  if every draft is accepted (the first half's causal K/V are then the finished block's cache entries).
+- commit: pending rows alone, same mask as in a draft.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import lru_cache
+
+import torch
+
+from s2d2.core.requests import FamilyTraits
+from s2d2.models.batching import ForwardSpec, PackedBatch, pack
+from s2d2.models.cache import BatchKVCache, KVCache, SlotCache
+from s2d2.models.decoder import Qwen3Decoder
+
+
+@lru_cache(maxsize=1024)
+def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bool, draft_ver: bool,
+               device: torch.device, prompt_rows: int = 0, num_blocks: int = 1) -> torch.Tensor:
+    """Local mask ``[P + R, P + R]`` (True = may attend) for ``num_pending`` pending rows, then ``R = num_blocks *
+    block_size`` rows: the block, or (pipelined decoding) the blocks in flight, each seeing itself and those before.
+
+    The pending rows start at a block boundary; without ``cache_ver`` they attend block-causally, the mask SDAR
+    was trained with, except that the first ``prompt_rows`` of them (a D2F prompt: one chunk, blocks counted from
+    its end) attend to each other bidirectionally and the blocks after them are counted from there.
+    """
+    n = num_pending + num_blocks * block_size
+    idx = torch.arange(n, device=device)
+    if cache_ver:
+        mask = idx[:, None] >= idx[None, :]
+    else:
+        block = (idx - prompt_rows).div(block_size, rounding_mode="floor")  # the prompt chunk is block -1
+        block[:prompt_rows] = -1
+        mask = block[:, None] >= block[None, :]
+    region = (idx[num_pending:] - num_pending) // block_size
+    mask[num_pending:, num_pending:] = region[:, None] >= region[None, :]  # each block is bidirectional ...
+    if draft_ver and first_mask > 0:  # ... except its committed prefix, which attends causally
+        rows = slice(num_pending, num_pending + first_mask)
+        mask[rows, num_pending:] = idx[None, num_pending:] <= idx[rows, None]
+    return mask
+
+
+@lru_cache(maxsize=1024)
+def prefix_draft_mask(num_pending: int, num_cached: int, block_size: int, first_mask: int, device: torch.device,
+                      num_blocks: int = 1) -> torch.Tensor:
+    """:func:`draft_mask` with the AR-consistent cache and ``draft_ver`` for a block whose first ``num_cached``
+    offsets are already in the cache (their rows dropped; every query row sees the whole cache, as each of them saw
+    those causal rows). ``num_pending`` > 0 only with ``num_cached`` 0."""
+    mask = draft_mask(num_pending, block_size, first_mask, True, True, device, 0, num_blocks)
+    return mask[num_cached:, num_cached:].contiguous()
+
+
+@lru_cache(maxsize=1024)
+def verify_mask(num_first: int, span_offset: int, device: torch.device, num_next: int = 0) -> torch.Tensor:
+    """Local 2L mask: ``num_first`` causal rows, then one mask row per span position (span starts at ``span_offset``),
+    then ``num_next`` rows drafting the next block.
+
+    Second-half row k (position ``span_offset + k``) sees first-half rows ``< span_offset + k`` and itself. The
+    next-block rows see every first-half row and each other: the next block's draft if every draft is accepted.
+    """
+    num_span = num_first - span_offset
+    n = num_first + num_span + num_next
+    mask = torch.zeros(n, n, dtype=torch.bool, device=device)
+    first = torch.arange(num_first, device=device)
+    mask[:num_first, :num_first] = first[:, None] >= first[None, :]
+    k = torch.arange(num_span, device=device)
+    mask[num_first:num_first + num_span, :num_first] = first[None, :] < (span_offset + k)[:, None]
+    mask[num_first + k, num_first + k] = True
+    if num_next:
+        nxt = slice(num_first + num_span, n)
+        mask[nxt, :num_first] = True
+        mask[nxt, nxt] = True
+    return mask
+
+
+class SDARAdapter:
+    """Draft / verify / commit forwards for SDAR checkpoints (and plain Qwen3 models trained the same way)."""
+
+    family = "sdar"
+    shifted_logits = False  # a mask's own row predicts it
+    default_block_size: int | None = None  # the block size a config that leaves it unset gets (None: DecodeConfig's)
+    default_sub_block_size: int | None = None  # likewise for sub_block_size (None: no sub-blocks)
+    supports_editing = False  # whether the family's models were trained for token editing (editing_threshold)
+    blocks_from_prompt_end = False  # D2F: blocks start at the prompt's end, the prompt one bidirectional chunk
+
+    def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
+        self.model = model
+        self.mask_id = mask_id
+        self.stop_ids = tuple(stop_ids)
+        self.max_positions = model.config.max_position_embeddings
+        self.vocab_size = model.config.vocab_size
+        self.device = model.embed.weight.device
+        # Never sample the mask token (an untrained model predicts it, and "fill masks" would never end) or the
+        # padding rows past the tokenizer's vocabulary.
+        self._banned = torch.tensor(sorted(set(banned_ids) | {mask_id}), dtype=torch.long, device=self.device)
+
+    @property
+    def traits(self) -> FamilyTraits:
+        """What the per-row algorithm needs of this family, as one frozen value."""
+        return FamilyTraits(self.mask_id, self.stop_ids, self.device, self.shifted_logits, self.blocks_from_prompt_end)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return self.model.new_cache(capacity)
+
+    def run(self, spec: ForwardSpec, cache: KVCache | SlotCache) -> torch.Tensor:
+        """Execute one row's forward against its own cache (single-row, or a slot of a batch cache); returns its
+        logits ``[L - logits_from, V]``."""
+        n = spec.num_rows
+        if cache.length:
+            mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=self.device)
+            mask[:, cache.length:] = spec.mask
+        else:
+            mask = spec.mask
+        logits = self.model(spec.tokens, spec.positions, cache, mask, num_store=spec.num_store,
+                            logits_from=spec.logits_from, logits_to=spec.logits_to)
+        return spec.finish_logits(logits.index_fill_(-1, self._banned, float("-inf")))
+
+    def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
+        return self.model.new_batch_cache(num_slots, capacity)
+
+    def run_batch(self, specs: list[ForwardSpec], cache: BatchKVCache, slots: list[int]) -> list[torch.Tensor]:
+        """Execute one forward for several rows, row ``i`` in cache slot ``slots[i]``; commits each row's
+        ``num_store`` rows and returns each row's logits (as :meth:`run` would, up to float rounding)."""
+        return self.run_packed(pack(specs, slots, [cache.lengths[s] for s in slots], self.device), specs, cache,
+                               slots)
+
+    def run_packed(self, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
+                   slots: list[int]) -> list[torch.Tensor]:
+        """:meth:`run_batch` once ``batch = pack(specs, slots, ...)`` is built (the engine times the two apart)."""
+        logits = self.model.forward_packed(batch, cache).index_fill_(-1, self._banned, float("-inf"))
+        for spec, slot in zip(specs, slots):
+            cache.slot(slot).commit(spec.num_store)
+        out: list[torch.Tensor] = [logits] * len(specs)
+        for k, part in zip(batch.order, logits.split(batch.logits_counts)):
+            out[k] = specs[k].finish_logits(part)
+        return out
+
+    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
+        """The draft forward: pending rows ``ids[cache_len : block_start]`` (committed here), then the block (or the
+        ``num_blocks`` blocks in flight).
+
+        ``cache_prefix`` (needs ``cache_ver`` and ``draft_ver``): the block's committed prefix (offsets before
+        ``first_mask``) is pending too, from wherever the cache ends, and written by this forward; the rows from
+        ``first_mask`` on get logits, and the prefix offsets get copies of the first of them (committed offsets,
+        never read), so the result keeps one row per offset.
+        """
+        end = block_start + block_size * num_blocks
+        if cache_prefix:
+            assert cache_ver and draft_ver, "prefix caching needs the AR-consistent cache (cache_ver, draft_ver)"
+            cached = max(0, cache_len - block_start)  # prefix offsets already in the cache
+            assert cached <= first_mask, "the cache holds committed tokens only"
+            mask = prefix_draft_mask(max(0, block_start - cache_len), cached, block_size, first_mask, self.device,
+                                     num_blocks)
+            store = block_start + first_mask - cache_len
+            return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+                               num_store=store, logits_from=store, pad_front=first_mask)
+        pending = block_start - cache_len
+        mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
+                          self._prompt_rows(cache_len, pending), num_blocks)
+        positions = torch.arange(cache_len, end, device=self.device)
+        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)
+
+    def _prompt_rows(self, cache_len: int, pending: int) -> int:
+        """How many of the pending rows form the prompt's bidirectional chunk: with ``blocks_from_prompt_end`` the
+        rows written when the cache is empty are exactly the prompt; otherwise none."""
+        return pending if self.blocks_from_prompt_end and cache_len == 0 else 0
+
+    def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
+                    next_block: int = 0) -> ForwardSpec:
+        """The 2L verify forward (module docstring); commits nothing. The cache holds everything before the block
+        and, with prefix caching, possibly a committed prefix of it: those rows of ``filled`` are dropped."""
+        cached = cache_len - block_start
+        assert 0 <= cached <= span_start - block_start, "verify expects the cache to end between block and span"
+        filled, block_start = filled[cached:], cache_len
+        num_first = len(filled)
+        offset = span_start - block_start
+        end = block_start + num_first
+        tokens = torch.tensor(filled + [self.mask_id] * (num_first - offset + next_block), dtype=torch.long,
+                              device=self.device)
+        positions = torch.cat((torch.arange(block_start, end, device=self.device),
+                               torch.arange(span_start, end + next_block, device=self.device)))
+        mask = verify_mask(num_first, offset, self.device, next_block)
+        return ForwardSpec(tokens, positions, mask, num_store=0, logits_from=num_first)
+
+    def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+                    cache_ver: bool) -> ForwardSpec:
+        """A forward of its own writing the K/V of ``ids[cache_len : end]``."""
+        n = end - cache_len
+        mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]
+        return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+                           num_store=n, logits_from=n)
+
+    def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
+              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> torch.Tensor:
+        return self.run(self.draft_spec(ids, cache.length, block_start, block_size, first_mask, cache_ver=cache_ver,
+                                        draft_ver=draft_ver, num_blocks=num_blocks, cache_prefix=cache_prefix), cache)
+
+    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
+               next_block: int = 0) -> torch.Tensor:
+        return self.run(self.verify_spec(filled, cache.length, block_start, span_start, next_block), cache)
+
+    def commit(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> None:
+        self.run(self.commit_spec(ids, cache.length, end, block_size, cache_ver=cache_ver), cache)

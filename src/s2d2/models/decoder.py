@@ -1,0 +1,497 @@
+"""A Qwen3-style dense decoder (SDAR's architecture) in plain PyTorch, with an arbitrary boolean attention mask.
+
+RMSNorm, rotary embeddings (NeoX half split), grouped-query attention through SDPA, SwiGLU MLP, optional per-head
+q/k RMSNorm (Qwen3, SDAR) and optional q/k/v bias (Qwen2, Fast-dLLM v2). The module knows nothing about block
+diffusion: callers pass the token rows, their positions and the mask; the family adapter decides what those are.
+
+Weights load from the Hugging Face layout (``model.layers.{i}.self_attn.q_proj.weight`` ...). At load time q/k/v
+are fused into one matrix and gate/up into another, so one forward runs two matmuls per sub-layer instead of five:
+on small models the per-kernel overhead, not the arithmetic, dominates a forward.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from s2d2.errors import ModelLoadError
+from s2d2.models.batching import AttentionGroup, PackedBatch
+from s2d2.models.cache import BatchKVCache, KVCache
+from s2d2.models.moe import MoEConfig, MoEMLP
+
+# Checkpoint tensors known to be unused, and ignored when loading (every other unused tensor is an error):
+# ``rotary_emb.inv_freq``, the RoPE frequency buffers older transformers versions saved with each layer (or the
+# model); they are a function of rope_theta and head_dim, which the model recomputes. transformers ignores them too.
+IGNORED_CHECKPOINT_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture hyper-parameters, read from a Hugging Face ``config.json``."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qk_norm: bool = True  # Qwen3 / SDAR: RMSNorm over head_dim on q and k, before RoPE
+    qkv_bias: bool = False  # Qwen2 / Fast-dLLM v2: bias on q/k/v projections
+    rope_float32: bool = False  # rotate q/k in float32 and cast back (LLaDA's rope_full_precision); else in the model dtype
+    partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head (LLaDA2: 0.5)
+    moe: MoEConfig | None = None  # routed-expert MLPs (LLaDA2), from layer first_k_dense_replace on
+    first_k_dense_replace: int = 0
+    # checkpoint weight names: "qwen" (Qwen2/3: SDAR, Fast-dLLM v2, Dream), "llada2" (BailingMoeV2) or "llada"
+    # (LLaDA-8B's OLMo-style ``model.transformer.blocks.*``)
+    layout: str = "qwen"
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if int(getattr(self, name)) <= 0:
+                raise ModelLoadError(f"config.json field {name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
+            raise ModelLoadError(f"partial_rotary_factor {self.partial_rotary_factor} gives a rotary dimension of "
+                                 f"{self.rotary_dim}, which must be even and within head_dim ({self.head_dim}).")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ModelLoadError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})."
+            )
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping[str, Any], *, qk_norm: bool, qkv_bias: bool) -> DecoderConfig:
+        """Build from a config.json dict; ``head_dim`` defaults to hidden_size / num_attention_heads (Qwen2)."""
+        try:
+            heads = int(cfg["num_attention_heads"])
+            scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+            rope_type = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else None
+            if rope_type not in (None, "default"):
+                raise ModelLoadError(f"rope_scaling of type {rope_type!r} is not supported yet.")
+            theta = cfg.get("rope_theta")
+            if theta is None and isinstance(scaling, dict):
+                theta = scaling.get("rope_theta")
+            return cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=int(cfg["hidden_size"]),
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(theta if theta is not None else 10000.0),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qk_norm=qk_norm,
+                qkv_bias=qkv_bias,
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}.") from None
+        except (TypeError, ValueError) as e:
+            raise ModelLoadError(f"config.json has a field of the wrong type ({e}).") from None
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    """A ModelLoadError if a floating-point checkpoint tensor holds NaN or Inf (a corrupt or diverged checkpoint)."""
+    if not tensor.is_floating_point():
+        return
+    # The sum is non-finite whenever an element is, and needs no tensor-sized temporary; a finite tensor whose
+    # sum overflows is told apart by the exact count below.
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ModelLoadError(f"weight {name!r} holds {bad} NaN or infinite value(s); the checkpoint is corrupt.")
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # Normalise in float32, cast back, then scale: the order transformers' Qwen RMSNorm uses, so reduced-precision
+    # runs round the same way.
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """NeoX-style RoPE on the first ``cos.shape[-1]`` dims of each head (all of them unless partial); the rest pass.
+    Tables in float32 for a lower-precision ``x`` rotate in float32 and cast back (LLaDA's ``rope_full_precision``)."""
+    if cos.dtype != x.dtype:
+        return _rotate(x.float(), cos, sin).to(x.dtype)
+    dim = cos.shape[-1]
+    if dim < x.shape[-1]:
+        return torch.cat((_rotate(x[..., :dim], cos, sin), x[..., dim:]), dim=-1)
+    half = dim // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class _Layer(nn.Module):
+    def __init__(self, c: DecoderConfig, index: int, device: Any, dtype: torch.dtype) -> None:
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.q_size = c.num_attention_heads * c.head_dim
+        self.kv_size = c.num_key_value_heads * c.head_dim
+        self.input_norm = nn.Parameter(torch.ones(c.hidden_size, **kw))
+        self.qkv = nn.Linear(c.hidden_size, self.q_size + 2 * self.kv_size, bias=c.qkv_bias, **kw)
+        self.q_norm = nn.Parameter(torch.ones(c.head_dim, **kw)) if c.qk_norm else None
+        self.k_norm = nn.Parameter(torch.ones(c.head_dim, **kw)) if c.qk_norm else None
+        self.o_proj = nn.Linear(self.q_size, c.hidden_size, bias=False, **kw)
+        self.post_norm = nn.Parameter(torch.ones(c.hidden_size, **kw))
+        self.moe = MoEMLP(c.moe, device, dtype) if c.moe is not None and index >= c.first_k_dense_replace else None
+        dense = self.moe is None
+        self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, **kw) if dense else None
+        self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, **kw) if dense else None
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU MLP, or the routed experts (over the rows of ``h``, whatever its leading dims)."""
+        if self.moe is not None:
+            return self.moe(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+# Per layout: the names of the embedding, the final norm and the LM head (the one tensor a tied model lacks).
+_TOP_LEVEL_NAMES = {
+    "qwen": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
+    "llada2": ("model.word_embeddings.weight", "model.norm.weight", "lm_head.weight"),
+    "llada": ("model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight"),
+}
+
+
+def _swiglu_layout(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, inter: int,
+                   expert: int | None = None) -> dict[str, tuple[torch.Tensor, Any]]:
+    """``gate_proj`` / ``up_proj`` / ``down_proj`` of one SwiGLU MLP (of ``expert`` in stacked expert weights)."""
+    at = () if expert is None else (expert,)
+    return {prefix + "gate_proj.weight": (gate_up, (*at, slice(0, inter))),
+            prefix + "up_proj.weight": (gate_up, (*at, slice(inter, 2 * inter))),
+            prefix + "down_proj.weight": (down, at[0] if at else None)}
+
+
+class Qwen3Decoder(nn.Module):
+    """Decoder-only transformer; ``forward`` runs one batch-1 pass against a :class:`KVCache`."""
+
+    def __init__(self, config: DecoderConfig, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(_Layer(c, i, device, dtype) for i in range(c.num_hidden_layers))
+        self.norm = nn.Parameter(torch.ones(c.hidden_size, device=device, dtype=dtype))
+        self.lm_head = None if c.tie_word_embeddings else nn.Linear(
+            c.hidden_size, c.vocab_size, bias=False, device=device, dtype=dtype)
+        self.register_buffer("inv_freq", self._inv_freq(device), persistent=False)
+
+    def _inv_freq(self, device: Any) -> torch.Tensor:
+        c = self.config
+        dim = c.rotary_dim
+        return 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+
+    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[L, 1, rotary_dim]`` for ``position_ids``, looked up in a table grown on demand."""
+        needed = int(position_ids.max()) + 1
+        table = getattr(self, "_rope_table", None)
+        if table is None or table[0].shape[0] < needed or table[0].device != position_ids.device:
+            size = max(needed, 2 * (table[0].shape[0] if table is not None else 0), 512)
+            freqs = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+            dtype = torch.float32 if self.config.rope_float32 else self.embed.weight.dtype
+            table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return table[0][position_ids], table[1][position_ids]
+
+    @classmethod
+    def from_hf_weights(cls, config: DecoderConfig, tensors: Mapping[str, torch.Tensor], device: Any = "cpu",
+                        dtype: torch.dtype = torch.float32) -> Qwen3Decoder:
+        """Build with no random initialisation (on the meta device) and fill from Hugging Face-named tensors."""
+        with torch.device("meta"):
+            model = cls(config, dtype=dtype, device="meta")
+        model = model.to_empty(device=device)
+        model.inv_freq = model._inv_freq(device)
+        model.load_hf_state_dict(tensors)
+        return model.eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ cache
+    def new_cache(self, capacity: int) -> KVCache:
+        """A cache for this model's shapes, device and dtype, able to hold ``capacity`` token slots."""
+        c = self.config
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, capacity,
+                       device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [L] int64 (or [b, L] without a cache)
+        position_ids: torch.Tensor,  # same shape as input_ids
+        cache: KVCache | None,
+        attn_mask: torch.Tensor,  # [L, cache.length + L] bool, True = may attend (or [b, 1, L, L] without a cache)
+        *,
+        num_store: int = 0,
+        logits_from: int = 0,
+        logits_to: int | None = None,
+    ) -> torch.Tensor:
+        """Run the rows ``input_ids`` after the committed cache; returns float32 logits for rows ``logits_from`` to
+        ``logits_to`` (exclusive; None: the last row), ``[logits_to - logits_from, V]``.
+
+        Keys are ``[committed cache | these rows]``. The K/V of the first ``num_store`` rows become committed
+        (their rows must not attend to later rows, which the mask guarantees); the others stay scratch.
+        Logits are computed only for those rows, since the LM head is a large share of a small
+        model's forward and most rows (pending commits, a verifier's first half) need none.
+
+        With ``cache=None`` (training) the input may be a batch ``[b, L]`` whose rows attend only to each other
+        through ``attn_mask`` ``[b, 1, L, L]``; logits are then ``[b, L - logits_from, V]``.
+        """
+        batched = input_ids.dim() == 2
+        ids = input_ids if batched else input_ids[None]
+        n = ids.shape[1]
+        start = 0 if cache is None else cache.length
+        if cache is not None and (batched or start + n > cache.capacity):
+            raise RuntimeError(f"cached forwards take one row of tokens that fits the cache ({start} + {n} > {cache.capacity})")
+        cos, sin = self._rope(position_ids if batched else position_ids[None])  # [b, L, 1, head_dim]
+        mask = attn_mask if batched else attn_mask[None, None]
+        keys, values = (None, None) if cache is None else (cache.keys, cache.values)
+        logits = self._layers(ids, cos, sin, mask, keys, values, start, logits_from, logits_to)
+        if cache is not None:
+            cache.commit(num_store)
+        return logits if batched else logits[0]
+
+    def compile(self) -> None:  # type: ignore[override]  # (nn.Module.compile compiles __call__; this, the layers)
+        """Compile the single-row forward's layers with ``torch.compile`` (inductor; dynamic shapes, so rows and
+        cache lengths do not each recompile). Compilation happens at the first forwards; if it fails there (no C++
+        compiler, an unsupported backend), one warning says so and the model runs eager from then on."""
+        eager = self._layers
+        compiled = torch.compile(eager, dynamic=True)
+
+        def layers(*args: Any) -> torch.Tensor:
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, the eager run re-raises real errors
+                warnings.warn(f"torch.compile is not available here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              "running the eager forward", RuntimeWarning, stacklevel=2)
+                del self._layers  # the class's eager method again
+                return eager(*args)
+
+        self._layers = layers  # type: ignore[method-assign]
+
+    @property
+    def compiled(self) -> bool:
+        """Whether :meth:`compile` was called and has not fallen back to the eager forward."""
+        return "_layers" in self.__dict__
+
+    def _layers(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                keys: list[torch.Tensor] | None, values: list[torch.Tensor] | None, start: int, logits_from: int,
+                logits_to: int | None) -> torch.Tensor:
+        """The layers of :meth:`forward` over ``ids`` ``[b, L]`` (K/V written into ``keys`` / ``values`` from slot
+        ``start`` when given) and the LM head over rows ``logits_from .. logits_to``: the part that
+        :meth:`compile` compiles, free of Python-side state (the cache's length, the RoPE table's growth)."""
+        c = self.config
+        b, n = ids.shape
+        x = self.embed(ids)  # [b, L, H]
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            q, k, v = layer.qkv(h).split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
+            q = q.view(b, n, c.num_attention_heads, c.head_dim)
+            k = k.view(b, n, c.num_key_value_heads, c.head_dim)
+            v = v.view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+            if layer.q_norm is not None:
+                q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
+                k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
+            q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)  # [b, heads, L, hd]
+            if keys is not None and values is not None:  # write this forward's K/V after the committed ones
+                keys[i][:, start:start + n] = k[0]
+                values[i][:, start:start + n] = v[0]
+                k, v = keys[i][None, :, :start + n], values[i][None, :, :start + n]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [b, heads, L, hd]
+            x = x + layer.o_proj(attn.transpose(1, 2).reshape(b, n, layer.q_size))
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm, c.rms_norm_eps))
+        x = _rms_norm(x[:, logits_from:logits_to], self.norm, c.rms_norm_eps)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
+        """A cache of ``num_slots`` independent rows of ``capacity`` token slots each (the engine's batch)."""
+        c = self.config
+        return BatchKVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, num_slots, capacity,
+                            device=self.embed.weight.device, dtype=self.embed.weight.dtype)
+
+    def forward_packed(self, batch: PackedBatch, cache: BatchKVCache) -> torch.Tensor:
+        """One forward over the packed rows of several requests; returns float32 logits ``[R, V]`` for
+        ``batch.logits_index``, batch row by batch row.
+
+        Token-wise layers run over the N valid rows only; attention runs per group of batch rows over their cache
+        slots (:class:`~s2d2.models.batching.AttentionGroup`), with the query rows scattered into a padded layout and
+        gathered back. Each row's K/V are written into its slot after its committed tokens (scratch until the
+        caller commits them), as :meth:`forward` does for one row.
+        """
+        c = self.config
+        n = batch.num_rows
+        cos, sin = self._rope(batch.positions)  # [N, 1, head_dim]
+        x = self.embed(batch.tokens)  # [N, H]
+        for i, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
+            q, k, v = layer.qkv(h).split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
+            q = q.view(n, c.num_attention_heads, c.head_dim)
+            k = k.view(n, c.num_key_value_heads, c.head_dim)
+            v = v.view(n, c.num_key_value_heads, c.head_dim)
+            if layer.q_norm is not None:
+                q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
+                k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k
+            cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v
+            if len(batch.groups) == 1:
+                attn = self._group_attention(q, cache.keys[i], cache.values[i], batch.groups[0])
+            else:
+                attn = q.new_empty(n, layer.q_size)
+                for g in batch.groups:
+                    attn[g.rows] = self._group_attention(q[g.rows], cache.keys[i], cache.values[i], g)
+            x = x + layer.o_proj(attn)
+            x = x + layer.mlp(_rms_norm(x, layer.post_norm, c.rms_norm_eps))
+        x = _rms_norm(x[batch.logits_index], self.norm, c.rms_norm_eps)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, head).float()
+
+    def _group_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         g: AttentionGroup) -> torch.Tensor:
+        """Attention of one group's query rows ``[n, heads, head_dim]`` over their slots; returns ``[n, q_size]``."""
+        c = self.config
+        b, width = int(g.attn_mask.shape[0]), g.width
+        if g.slot_range is not None:
+            keys = keys[g.slot_range[0]:g.slot_range[1], :, :g.key_len]
+            values = values[g.slot_range[0]:g.slot_range[1], :, :g.key_len]
+        else:
+            keys = keys[:, :, :g.key_len].index_select(0, g.key_slots)
+            values = values[:, :, :g.key_len].index_select(0, g.key_slots)
+        padded = q.new_zeros(b * width, c.num_attention_heads, c.head_dim)
+        padded[g.query_index] = q
+        padded = padded.view(b, width, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=g.attn_mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(b * width, -1)[g.query_index]
+
+    # ---------------------------------------------------------------- weights
+    def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up.
+
+        Each of these is a :class:`ModelLoadError` naming the tensor: a weight the model needs is missing or has
+        the wrong shape; a weight holds NaN or Inf; the checkpoint holds a tensor the model would not use (a sign
+        that config.json does not describe the checkpoint, e.g. q/k/v biases without ``attention_bias``), except
+        the names in :data:`IGNORED_CHECKPOINT_TENSORS`. With ``tie_word_embeddings`` an ``lm_head.weight`` equal
+        to the embedding is ignored, and a different one is used as an untied head, as transformers 5 does.
+        """
+        embed_name, _, head_name = _TOP_LEVEL_NAMES[self.config.layout]
+        if self.lm_head is None and head_name in tensors:
+            self._untie_if_different(tensors[head_name], tensors.get(embed_name))
+        own = self._hf_layout()
+        missing = [name for name in own if name not in tensors]
+        if self.lm_head is None:
+            missing = [m for m in missing if m != head_name]
+        if missing:
+            raise ModelLoadError(f"the checkpoint lacks {len(missing)} weight(s), first {missing[0]!r}.")
+        unexpected = sorted(n for n in tensors if n not in own and not IGNORED_CHECKPOINT_TENSORS.search(n))
+        if unexpected:
+            raise ModelLoadError(
+                f"the checkpoint holds {len(unexpected)} tensor(s) that this config.json does not use, first "
+                f"{unexpected[0]!r} (does config.json describe this checkpoint?).")
+        with torch.no_grad():
+            for name, (param, rows) in own.items():
+                if name not in tensors:
+                    continue
+                src = tensors[name]
+                target = param[rows] if rows is not None else param
+                if tuple(src.shape) != tuple(target.shape):
+                    raise ModelLoadError(
+                        f"weight {name!r} has shape {tuple(src.shape)}, but config.json implies {tuple(target.shape)}.")
+                _check_finite(name, src)
+                target.copy_(src.to(param.dtype))
+
+    def _untie_if_different(self, head: torch.Tensor, embed: torch.Tensor | None) -> None:
+        """Give a tied model its own LM head when the checkpoint's ``lm_head.weight`` differs from the embedding.
+
+        transformers (5.x) does the same: a config that ties the two, with a checkpoint holding both with different
+        values, means the config is wrong, and the checkpoint's head is the one the model was trained with. Equal
+        values (checkpoints converted from ``.bin`` files store the shared tensor twice) keep the tie.
+        """
+        if embed is not None and head.shape == embed.shape and torch.equal(head, embed.to(head.device, head.dtype)):
+            return
+        c, weight = self.config, self.embed.weight
+        with torch.device("meta"):  # no random initialisation: the checkpoint's values are copied in next
+            lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=weight.dtype)
+        self.lm_head = lm_head.to_empty(device=weight.device)
+        self.config = replace(c, tie_word_embeddings=False)
+
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's weights under Hugging Face names (un-fused), e.g. to save as safetensors."""
+        out = {}
+        head_name = _TOP_LEVEL_NAMES[self.config.layout][2]
+        for name, (param, rows) in self._hf_layout().items():
+            if name == head_name and self.lm_head is None:
+                continue
+            out[name] = (param[rows] if rows is not None else param).detach().clone().contiguous()
+        return out
+
+    def _hf_layout(self) -> dict[str, tuple[torch.Tensor, Any]]:
+        """Map each Hugging Face weight name to (our parameter, the index of the part of it that holds it)."""
+        c = self.config
+        embed, norm, head = _TOP_LEVEL_NAMES[c.layout]
+        out: dict[str, tuple[torch.Tensor, Any]] = {embed: (self.embed.weight, None)}
+        for i, layer in enumerate(self.layers):
+            q, kv = layer.q_size, layer.kv_size
+            split_qkv = (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv)))
+            if c.layout == "llada":  # OLMo names; ff_proj is the gate, ff_out the down projection
+                p = f"model.transformer.blocks.{i}."
+                out[p + "attn_norm.weight"] = (layer.input_norm, None)
+                out[p + "ff_norm.weight"] = (layer.post_norm, None)
+                for proj, rows in split_qkv:
+                    out[p + f"{proj}.weight"] = (layer.qkv.weight, rows)
+                    if c.qkv_bias:
+                        out[p + f"{proj}.bias"] = (layer.qkv.bias, rows)
+                out[p + "attn_out.weight"] = (layer.o_proj.weight, None)
+                inter = c.intermediate_size
+                out[p + "ff_proj.weight"] = (layer.gate_up.weight, slice(0, inter))
+                out[p + "up_proj.weight"] = (layer.gate_up.weight, slice(inter, 2 * inter))
+                out[p + "ff_out.weight"] = (layer.down.weight, None)
+                continue
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = (layer.input_norm, None)
+            out[p + "post_attention_layernorm.weight"] = (layer.post_norm, None)
+            if c.layout == "llada2":  # fused QKV, rows [Q heads | K heads | V heads], as our qkv
+                out[p + "attention.query_key_value.weight"] = (layer.qkv.weight, None)
+                out[p + "attention.query_layernorm.weight"] = (layer.q_norm, None)
+                out[p + "attention.key_layernorm.weight"] = (layer.k_norm, None)
+                out[p + "attention.dense.weight"] = (layer.o_proj.weight, None)
+            else:
+                for proj, rows in split_qkv:
+                    out[p + f"self_attn.{proj}.weight"] = (layer.qkv.weight, rows)
+                    if c.qkv_bias:
+                        out[p + f"self_attn.{proj}.bias"] = (layer.qkv.bias, rows)
+                if c.qk_norm:
+                    out[p + "self_attn.q_norm.weight"] = (layer.q_norm, None)
+                    out[p + "self_attn.k_norm.weight"] = (layer.k_norm, None)
+                out[p + "self_attn.o_proj.weight"] = (layer.o_proj.weight, None)
+            if layer.moe is None:
+                out.update(_swiglu_layout(p + "mlp.", layer.gate_up.weight, layer.down.weight, c.intermediate_size))
+                continue
+            moe, inter = layer.moe, c.moe.moe_intermediate_size
+            out[p + "mlp.gate.weight"] = (moe.router, None)
+            out[p + "mlp.gate.expert_bias"] = (moe.expert_bias, None)
+            for e in range(c.moe.num_experts):
+                out.update(_swiglu_layout(f"{p}mlp.experts.{e}.", moe.gate_up, moe.down, inter, e))
+            if moe.shared_gate_up is not None:
+                out.update(_swiglu_layout(p + "mlp.shared_experts.", moe.shared_gate_up.weight, moe.shared_down.weight,
+                                          inter * c.moe.num_shared_experts))
+        out[norm] = (self.norm, None)
+        out[head] = (self.lm_head.weight if self.lm_head is not None else self.embed.weight, None)
+        return out
