@@ -27,7 +27,7 @@ import torch
 
 import s2d2
 from s2d2 import DecodeConfig
-from s2d2.engine.runner import ForwardTimer
+from s2d2.engine.runner import ForwardTimer, run
 from s2d2.evaluation.tasks import arith
 from s2d2.models.batching import ForwardSpec
 
@@ -54,7 +54,7 @@ def forward_ms(model: s2d2.Model, rows: int, cache_len: int, repeats: int) -> fl
     with torch.inference_mode():
         for i in range(repeats + 3):
             with timer:
-                adapter.run(spec, cache)
+                run(adapter, spec, cache)
             if i >= 3:
                 times.append(timer.elapsed * 1000)
     return statistics.median(times)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import s2d2
-from s2d2.engine.runner import ForwardTimer
+from s2d2.engine.runner import ForwardTimer, run_batch
 from s2d2.models.batching import ForwardSpec
 
 
@@ -38,7 +38,7 @@ def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats
     with torch.inference_mode():
         for i in range(repeats + 3):
             with timer:
-                adapter.run_batch([spec] * requests, cache, list(range(requests)))
+                run_batch(adapter, [spec] * requests, cache, list(range(requests)))
             if i >= 3:  # warm-up
                 times.append(timer.elapsed * 1000)
     return times

@@ -3,7 +3,7 @@
 Usage: python scripts/profile_loop.py [--model DIR] [--hidden 256 --layers 6] [--prompts 10] [--max-new-tokens 128]
 
 Without --model it writes a random SDAR model (``s2d2 init-random`` with the given size) to a temporary
-directory. The share is measured twice: by cProfile (cumulative time inside ``Qwen3Decoder.forward`` against the
+directory. The share is measured twice: by cProfile (cumulative time inside ``Decoder.forward`` against the
 whole ``generate`` call) and by the loop's own timers (``DecodeStats.forward_time_s``), which are cheaper and
 therefore less distorted by the profiler.
 """

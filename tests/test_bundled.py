@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from s2d2.evaluation.tasks import arith, wordy
 
 import s2d2
 from s2d2.api import bundled_model_dir
 from s2d2.cli import main
+from s2d2.evaluation.tasks import arith, wordy
 
 
 @pytest.fixture(scope="module")

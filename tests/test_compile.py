@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from single_row import run_draft, run_verify
 
 import s2d2
 from s2d2 import DecodeConfig
@@ -32,17 +33,17 @@ def test_compiled_and_eager_forwards_agree(models):
     caches = adapter_e.new_cache(64), adapter_c.new_cache(64)
     # a draft writing 16 pending rows (cache empty, then 16 cached), and a 2L verification with next-block rows
     for adapter, cache in zip((adapter_e, adapter_c), caches):
-        adapter.draft(ids, cache, 16, 8, 5, cache_ver=True, draft_ver=True)
+        run_draft(adapter, ids, cache, 16, 8, 5, cache_ver=True, draft_ver=True)
     for adapter, cache in zip((adapter_e, adapter_c), caches):
         assert cache.length == 16
-    draft_e = adapter_e.draft(ids, caches[0], 16, 8, 5, cache_ver=True, draft_ver=True, cache_prefix=True)
-    draft_c = adapter_c.draft(ids, caches[1], 16, 8, 5, cache_ver=True, draft_ver=True, cache_prefix=True)
+    draft_e = run_draft(adapter_e, ids, caches[0], 16, 8, 5, cache_ver=True, draft_ver=True, cache_prefix=True)
+    draft_c = run_draft(adapter_c, ids, caches[1], 16, 8, 5, cache_ver=True, draft_ver=True, cache_prefix=True)
     assert torch.allclose(draft_c, draft_e, atol=1e-4)
     for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
         assert torch.allclose(a[:, :21], b[:, :21], atol=1e-5)
     filled = PROMPTS[1][16:21] + [7, 8, 9]
-    verify_e = adapter_e.verify(filled, caches[0], 16, 21, 8)
-    verify_c = adapter_c.verify(filled, caches[1], 16, 21, 8)
+    verify_e = run_verify(adapter_e, filled, caches[0], 16, 21, 8)
+    verify_c = run_verify(adapter_c, filled, caches[1], 16, 21, 8)
     assert verify_c.shape == verify_e.shape == (3 + 8, adapter_e.vocab_size)
     assert torch.allclose(verify_c, verify_e, atol=1e-4)
 

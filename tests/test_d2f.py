@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from single_row import run_draft
 from test_distribution import chi_square_pvalue, exact_ar_distribution, sample_counts
 from test_engine import (
     assert_batch_independent,
@@ -460,13 +461,13 @@ def test_a_multi_block_draft_equals_one_uncached_block_causal_forward(d2f):
     m = adapter.mask_id
     ids = torch.tensor([72, 101, 108, 108, 111, 30, 31, m, m, 32, m, m, m, m, m, m, m])  # prompt, 3 blocks of 4
     cache = adapter.new_cache(64)
-    draft = adapter.draft(ids, cache, 5, 4, 2, cache_ver=False, draft_ver=False, num_blocks=3)
+    draft = run_draft(adapter, ids, cache, 5, 4, 2, cache_ver=False, draft_ver=False, num_blocks=3)
     assert cache.length == 5 and draft.shape[0] == 12
     t, f = True, False
     mask = torch.tensor([[t] * 5 + [f] * 12] * 5 + [[t] * 9 + [f] * 8] * 4 + [[t] * 13 + [f] * 4] * 4 + [[t] * 17] * 4)
     assert torch.equal(draft_mask(5, 4, 2, False, False, adapter.device, prompt_rows=5, num_blocks=3), mask)
     full = adapter.model(ids, torch.arange(17), adapter.new_cache(17), mask, logits_to=17)
-    full[:, adapter._banned] = float("-inf")
+    full[:, adapter.banned_ids] = float("-inf")
     torch.testing.assert_close(draft, full[5:], rtol=1e-5, atol=1e-5)
 
 

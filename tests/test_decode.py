@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+from single_row import run_draft, run_verify
 
 import s2d2
 from s2d2 import DecodeConfig
@@ -226,7 +227,7 @@ def test_ar_costs_one_forward_per_token_and_the_reference_ar_two(model):
 def _fresh_prefix_cache(model: s2d2.Model, ids: torch.Tensor, block_start: int):
     """A cache holding ids[:block_start], written causally through a draft forward (as the loop does)."""
     cache = model.adapter.new_cache(128)
-    model.adapter.draft(ids, cache, block_start, 4, 0, cache_ver=True, draft_ver=True)
+    run_draft(model.adapter, ids, cache, block_start, 4, 0, cache_ver=True, draft_ver=True)
     assert cache.length == block_start
     return cache
 
@@ -234,7 +235,7 @@ def _fresh_prefix_cache(model: s2d2.Model, ids: torch.Tensor, block_start: int):
 def _uncached_logits(model: s2d2.Model, tokens: list[int], mask: torch.Tensor) -> torch.Tensor:
     cache = model.adapter.new_cache(len(tokens) + 4)
     out = model.adapter.model(torch.tensor(tokens), torch.arange(len(tokens)), cache, mask)
-    return out.index_fill_(-1, model.adapter._banned, float("-inf"))
+    return out.index_fill_(-1, model.adapter.banned_ids, float("-inf"))
 
 
 def test_draft_and_verify_leave_the_cache_unchanged(model):
@@ -242,9 +243,9 @@ def test_draft_and_verify_leave_the_cache_unchanged(model):
     ids = torch.tensor(prompt(12, seed=1) + [adapter.mask_id] * 4)
     cache = _fresh_prefix_cache(model, ids, 12)
     snapshot = [(k[:, :12].clone(), v[:, :12].clone()) for k, v in zip(cache.keys, cache.values)]
-    adapter.draft(ids, cache, 12, 4, 0, cache_ver=True, draft_ver=True)
-    adapter.verify([5, 6, 7, 8], cache, 12, 12)
-    adapter.verify([5, 6, 7, 8], cache, 12, 14)
+    run_draft(adapter, ids, cache, 12, 4, 0, cache_ver=True, draft_ver=True)
+    run_verify(adapter, [5, 6, 7, 8], cache, 12, 12)
+    run_verify(adapter, [5, 6, 7, 8], cache, 12, 14)
     assert cache.length == 12
     for (k0, v0), k, v in zip(snapshot, cache.keys, cache.values):
         assert torch.equal(k0, k[:, :12]) and torch.equal(v0, v[:, :12])
@@ -257,7 +258,7 @@ def test_verify_rows_equal_causal_forwards_of_prefix_and_drafts(model):
     filled = [40, 41, 42, 43, 44, 45, 46, 47]  # block of 8 at position 8: committed 40, 41, then a drafted span
     ids = torch.tensor(prefix + [adapter.mask_id] * 8)
     cache = _fresh_prefix_cache(model, ids, 8)
-    got = adapter.verify(filled, cache, 8, 10)  # span = offsets 2..7
+    got = run_verify(adapter, filled, cache, 8, 10)  # span = offsets 2..7
     assert got.shape[0] == 6
     for k in range(6):
         tokens = prefix + filled[: 2 + k] + [adapter.mask_id]
@@ -266,7 +267,7 @@ def test_verify_rows_equal_causal_forwards_of_prefix_and_drafts(model):
         assert torch.allclose(got[k], want, atol=1e-4), k
         assert int(got[k].argmax()) == int(want.argmax())
     # positions after the span and other drafts must not matter: change filled beyond position i
-    again = adapter.verify(filled[:4] + [1, 2, 3, 4], cache, 8, 10)
+    again = run_verify(adapter, filled[:4] + [1, 2, 3, 4], cache, 8, 10)
     assert torch.allclose(again[:3], got[:3], atol=1e-5)
 
 
@@ -278,14 +279,14 @@ def test_next_block_rows_of_a_verify_equal_the_next_draft_forward(model):
     filled = [40, 41, 42, 43]  # block at 8..11: committed 40, then drafts 41-43
     ids = torch.tensor(prefix + filled + [adapter.mask_id] * 4)
     cache = _fresh_prefix_cache(model, ids, 8)
-    got = adapter.verify(filled, cache, 8, 9, next_block=4)
+    got = run_verify(adapter, filled, cache, 8, 9, next_block=4)
     assert got.shape[0] == 3 + 4 and cache.length == 8
-    alone = adapter.verify(filled, cache, 8, 9)
+    alone = run_verify(adapter, filled, cache, 8, 9)
     assert torch.allclose(got[:3], alone, atol=1e-5)  # the span rows do not see the next block's rows
     cache.commit(4)  # what the loop does when every draft is accepted
     fused_kv = [k[:, :12].clone() for k in cache.keys]
     want_cache = _fresh_prefix_cache(model, ids, 8)
-    want = adapter.draft(ids, want_cache, 12, 4, 0, cache_ver=True, draft_ver=True)  # writes 8..11 causally
+    want = run_draft(adapter, ids, want_cache, 12, 4, 0, cache_ver=True, draft_ver=True)  # writes 8..11 causally
     assert torch.allclose(got[3:], want, atol=1e-5)
     for a, b in zip(fused_kv, want_cache.keys):
         assert torch.allclose(a, b[:, :12], atol=1e-5)

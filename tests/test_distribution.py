@@ -33,7 +33,7 @@ def exact_ar_distribution(model: s2d2.Model) -> dict[tuple[int, ...], float]:
         n = len(tokens)
         cache = adapter.new_cache(n)
         logits = adapter.model(torch.tensor(tokens), torch.arange(n), cache, torch.ones(n, n, dtype=torch.bool).tril())
-        logits = logits[-1:].index_fill_(-1, adapter._banned, float("-inf"))
+        logits = logits[-1:].index_fill_(-1, adapter.banned_ids, float("-inf"))
         return token_probs(logits, TEMPERATURE, TOP_K, 1.0)[0]
 
     dist: dict[tuple[int, ...], float] = {(): 1.0}

@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from single_row import run_commit, run_draft, run_verify
 
 import s2d2
 import s2d2.engine.runner
@@ -104,13 +105,13 @@ def assert_draft_and_verify_leave_the_cache_unchanged(adapter) -> None:
 
     ids = torch.tensor(list(range(30, 46)) + [adapter.mask_id] * 4)  # 16 committed, then a block of 4 masks
     cache = adapter.new_cache(64)
-    adapter.commit(ids, cache, 16, 4, cache_ver=True)
+    run_commit(adapter, ids, cache, 16, 4, cache_ver=True)
     keys = [k[:, :16].clone() for k in cache.keys]
-    draft = adapter.draft(ids, cache, 16, 4, 0, cache_ver=True, draft_ver=True)
-    adapter.verify([5, 6], cache, 16, 16)
+    draft = run_draft(adapter, ids, cache, 16, 4, 0, cache_ver=True, draft_ver=True)
+    run_verify(adapter, [5, 6], cache, 16, 16)
     assert cache.length == 16 and all(torch.equal(k[:, :16], old) for k, old in zip(cache.keys, keys))
     full = adapter.model(ids, torch.arange(20), adapter.new_cache(20), draft_mask(16, 4, 0, True, True, adapter.device))
-    full[:, adapter._banned] = float("-inf")
+    full[:, adapter.banned_ids] = float("-inf")
     torch.testing.assert_close(draft, full[16:], rtol=1e-5, atol=1e-5)
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hf_reference import qwen2_config
 from safetensors.torch import load_file
+from single_row import run_commit, run_draft, run_verify
 from test_distribution import NUM_NEW, PROMPT, TEMPERATURE, TOP_K, N, chi_square_pvalue, sample_counts
 from test_engine import NEAR_TIE, assert_batch_independent, assert_never_verifying_is_dynamic, prompts
 
@@ -95,7 +96,7 @@ def causal_greedy(model: s2d2.Model, prompt: list[int], n: int) -> list[int]:
         k = len(ids)
         logits = adapter.model(torch.tensor(ids), torch.arange(k), adapter.new_cache(k),
                                torch.ones(k, k, dtype=torch.bool).tril())[-1]
-        logits[adapter._banned] = float("-inf")
+        logits[adapter.banned_ids] = float("-inf")
         ids.append(int(logits.argmax()))
     return ids[len(prompt):]
 
@@ -162,10 +163,10 @@ def test_draft_and_verify_leave_the_cache_unchanged_and_cached_equals_uncached(f
     ids = torch.tensor(list(range(30, 46)) + [adapter.mask_id] * 8)  # 16 committed, then a block of 8 masks
     ids[16] = 99  # the block's AR token
     cache = adapter.new_cache(64)
-    adapter.commit(ids, cache, 16, 8, cache_ver=True)
+    run_commit(adapter, ids, cache, 16, 8, cache_ver=True)
     keys = [k[:, :16].clone() for k in cache.keys]
-    draft = adapter.draft(ids, cache, 16, 8, 1, cache_ver=True, draft_ver=True)
-    adapter.verify([99, 5, 6], cache, 16, 17)
+    draft = run_draft(adapter, ids, cache, 16, 8, 1, cache_ver=True, draft_ver=True)
+    run_verify(adapter, [99, 5, 6], cache, 16, 17)
     assert cache.length == 16 and all(torch.equal(k[:, :16], old) for k, old in zip(cache.keys, keys))
     # uncached: one forward over everything, the committed part (and, with draft_ver, the block's committed offset
     # 0) causal, the block's masks bidirectional
@@ -173,7 +174,7 @@ def test_draft_and_verify_leave_the_cache_unchanged_and_cached_equals_uncached(f
     idx = torch.arange(n)
     mask = (idx[:, None] >= idx[None, :]) | ((idx[:, None] >= 17) & (idx[None, :] >= 16))
     full = adapter.model(ids, idx, adapter.new_cache(n), mask)
-    full[:, adapter._banned] = float("-inf")
+    full[:, adapter.banned_ids] = float("-inf")
     torch.testing.assert_close(draft[1:], full[16:23], rtol=1e-5, atol=1e-5)  # offset i read from row i-1
 
 
@@ -202,7 +203,7 @@ def exact_causal_distribution(model: s2d2.Model) -> dict[tuple[int, ...], float]
             k = len(tokens)
             logits = adapter.model(torch.tensor(tokens), torch.arange(k), adapter.new_cache(k),
                                    torch.ones(k, k, dtype=torch.bool).tril())[-1:]
-            q = token_probs(logits.index_fill_(-1, adapter._banned, float("-inf")), TEMPERATURE, TOP_K, 1.0)[0]
+            q = token_probs(logits.index_fill_(-1, adapter.banned_ids, float("-inf")), TEMPERATURE, TOP_K, 1.0)[0]
             for tok in torch.nonzero(q).flatten().tolist():
                 nxt[seq + (tok,)] = p * float(q[tok])
         dist = nxt
@@ -268,12 +269,12 @@ def test_a_first_draft_with_pending_prompt_rows_reads_each_offset_from_the_row_b
     prompt = list(range(60, 79))  # 19 tokens: prefix 0..15 pending, tail 16..18 opens the block of 8 at 16
     ids = torch.tensor(prompt + [adapter.mask_id] * 5)
     cache = adapter.new_cache(64)
-    draft = adapter.draft(ids, cache, 16, 8, 3, cache_ver=True, draft_ver=True)
+    draft = run_draft(adapter, ids, cache, 16, 8, 3, cache_ver=True, draft_ver=True)
     assert cache.length == 16 and draft.shape[0] == 8
     n, idx = 24, torch.arange(24)
     mask = (idx[:, None] >= idx[None, :]) | ((idx[:, None] >= 19) & (idx[None, :] >= 16))
     full = adapter.model(ids, idx, adapter.new_cache(n), mask)
-    full[:, adapter._banned] = float("-inf")
+    full[:, adapter.banned_ids] = float("-inf")
     torch.testing.assert_close(draft, full[15:23], rtol=1e-5, atol=1e-5)
 
 
@@ -283,8 +284,8 @@ def test_a_verification_ending_a_sub_block_drafts_the_rest_of_the_block_as_a_dra
     adapter = fast.adapter
     cache = adapter.new_cache(64)
     ids = torch.tensor(list(range(30, 46)) + [99, 5, 6, 7] + [adapter.mask_id] * 4)  # offsets 0-3 committed
-    adapter.commit(ids, cache, 16, 8, cache_ver=True)
-    verify = adapter.verify([99, 5, 6, 7], cache, 16, 17, next_block=4)  # span offsets 1-3, then 4 mask rows
+    run_commit(adapter, ids, cache, 16, 8, cache_ver=True)
+    verify = run_verify(adapter, [99, 5, 6, 7], cache, 16, 17, next_block=4)  # span offsets 1-3, then 4 mask rows
     assert verify.shape[0] == 3 + 1 + 4 and cache.length == 16
-    draft = adapter.draft(ids, cache, 16, 8, 4, cache_ver=True, draft_ver=True)
+    draft = run_draft(adapter, ids, cache, 16, 8, 4, cache_ver=True, draft_ver=True)
     torch.testing.assert_close(verify[3:7], draft[4:8], rtol=1e-5, atol=1e-5)

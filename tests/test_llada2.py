@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from single_row import run_commit
 from test_distribution import chi_square_pvalue, exact_ar_distribution, sample_counts
 from test_engine import (
     assert_batch_independent,
@@ -229,7 +230,7 @@ def test_edits_touch_only_the_current_block_and_the_cache_holds_final_tokens(lla
             assert before == final[:start]
         n = cache.length
         fresh = llada.adapter.new_cache(n)
-        llada.adapter.commit(torch.tensor(final), fresh, n, 4, cache_ver=True)
+        run_commit(llada.adapter, torch.tensor(final), fresh, n, 4, cache_ver=True)
         for ours, expected in zip(cache.keys, fresh.keys):
             torch.testing.assert_close(ours[:, :n], expected[:, :n], rtol=1e-5, atol=1e-5)
     assert total_edits > 0

@@ -77,7 +77,7 @@ def direct_ar_logprobs(model: s2d2.Model, ids: list[int], first: int) -> tuple[f
         n = len(tokens)
         logits = adapter.model(torch.tensor(tokens), torch.arange(n), adapter.new_cache(n),
                                torch.ones(n, n, dtype=torch.bool).tril())[-1]
-        logp = torch.log_softmax(logits.index_fill(-1, adapter._banned, float("-inf")), dim=-1)
+        logp = torch.log_softmax(logits.index_fill(-1, adapter.banned_ids, float("-inf")), dim=-1)
         total += float(logp[ids[t]])
         greedy = greedy and int(logp.argmax()) == ids[t]
     return total, greedy

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from single_row import run_commit, run_draft
 
 from s2d2 import DecodeConfig
 from s2d2.families.sdar import draft_mask, verify_mask
@@ -119,7 +120,7 @@ def test_draft_ver_changes_a_draft_exactly_when_the_block_has_a_committed_prefix
     for first_mask in (0, 1, 3):
         block = [65, 66, 67][:first_mask] + [adapter.mask_id] * (4 - first_mask)
         ids = torch.tensor(prefix + block)
-        with_ver, without = (adapter.draft(ids, adapter.new_cache(32), 8, 4, first_mask, cache_ver=True,
+        with_ver, without = (run_draft(adapter, ids, adapter.new_cache(32), 8, 4, first_mask, cache_ver=True,
                                            draft_ver=flag) for flag in (True, False))
         masked = slice(first_mask, 4)
         if first_mask == 0:
@@ -155,11 +156,11 @@ def test_cached_draft_equals_uncached_forward(model, cache_ver, draft_ver, first
     block = [70, 71, adapter.mask_id, adapter.mask_id][:first_mask] + [adapter.mask_id] * (b - first_mask)
     ids = torch.tensor(prefix + block)
     cache = adapter.new_cache(64)
-    adapter.commit(ids, cache, 8, b, cache_ver=cache_ver)  # blocks 0-1 cached ...
-    cached = adapter.draft(ids, cache, 12, b, first_mask, cache_ver=cache_ver, draft_ver=draft_ver)  # ... block 2 pending
+    run_commit(adapter, ids, cache, 8, b, cache_ver=cache_ver)  # blocks 0-1 cached ...
+    cached = run_draft(adapter, ids, cache, 12, b, first_mask, cache_ver=cache_ver, draft_ver=draft_ver)  # ... block 2 pending
     assert cache.length == 12
     n = len(prefix) + b
     full = by_rule(12, b, first_mask, cache_ver, draft_ver)
     uncached = adapter.model(torch.tensor(prefix + block), torch.arange(n), adapter.new_cache(n), full)[12:]
-    uncached = uncached.index_fill_(-1, adapter._banned, float("-inf"))
+    uncached = uncached.index_fill_(-1, adapter.banned_ids, float("-inf"))
     assert torch.allclose(cached, uncached, atol=1e-5)

@@ -24,7 +24,7 @@ from s2d2.checkpoint import (
     resolve_model_dir,
 )
 from s2d2.errors import ConfigError, ModelLoadError
-from s2d2.models.decoder import DecoderConfig, Qwen3Decoder
+from s2d2.models.decoder import Decoder, DecoderConfig
 from s2d2.training.random_init import CHAT_TEMPLATE, FAMILIES, write_random_model
 
 SEQ_LEN = 20
@@ -39,8 +39,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_random_model(tmp_path_factory.mktemp("sdar"), seed=0)
 
 
-def load_ours(path: Path) -> Qwen3Decoder:
-    model = Qwen3Decoder(DecoderConfig.from_hf(read_config(path), qk_norm=True, qkv_bias=False))
+def load_ours(path: Path) -> Decoder:
+    model = Decoder(DecoderConfig.from_hf(read_config(path), qk_norm=True, qkv_bias=False))
     model.load_hf_state_dict(load_weights(path))
     return model.eval()
 
@@ -73,7 +73,7 @@ def block_causal_mask(n: int, block: int = BLOCK) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ours_logits(model: Qwen3Decoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def ours_logits(model: Decoder, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return model(ids, torch.arange(len(ids)), model.new_cache(64), mask)
 
 

@@ -230,7 +230,7 @@ def _ar_logits(model: s2d2.Model, prefix: list[int]) -> torch.Tensor:
     n = len(tokens)
     mask = torch.ones(n, n, dtype=torch.bool).tril()
     logits = adapter.model(torch.tensor(tokens), torch.arange(n), adapter.new_cache(n), mask)
-    return logits[-1].index_fill_(-1, adapter._banned, float("-inf"))
+    return logits[-1].index_fill_(-1, adapter.banned_ids, float("-inf"))
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from single_row import run_draft, run_verify
 
 import s2d2
 from s2d2 import DecodeConfig
@@ -126,12 +127,12 @@ def test_verify_rows_are_the_same_when_the_cache_holds_part_of_the_block(model):
     filled = [40, 41, 42, 43, 44, 45, 46, 47]  # block at 8: committed 40-42, drafts 43-47
     ids = torch.tensor(prefix + filled[:3] + [adapter.mask_id] * 5)
     whole, part = adapter.new_cache(32), adapter.new_cache(32)
-    adapter.draft(ids, whole, 8, 8, 0, cache_ver=True, draft_ver=True)
-    adapter.draft(ids, part, 8, 8, 3, cache_ver=True, draft_ver=True, cache_prefix=True)
+    run_draft(adapter, ids, whole, 8, 8, 0, cache_ver=True, draft_ver=True)
+    run_draft(adapter, ids, part, 8, 8, 3, cache_ver=True, draft_ver=True, cache_prefix=True)
     assert (whole.length, part.length) == (8, 11)
     for next_block in (0, 8):
-        want = adapter.verify(filled, whole, 8, 11, next_block)
-        got = adapter.verify(filled, part, 8, 11, next_block)
+        want = run_verify(adapter, filled, whole, 8, 11, next_block)
+        got = run_verify(adapter, filled, part, 8, 11, next_block)
         assert got.shape == want.shape == (5 + next_block, adapter.vocab_size)
         assert torch.allclose(got, want, atol=1e-5)
 

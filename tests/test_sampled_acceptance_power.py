@@ -22,8 +22,10 @@ from scipy.stats import chi2
 
 import s2d2.core.forwards
 from s2d2.config import DecodeConfig
+from s2d2.core.loop import decode_steps
+from s2d2.core.requests import CommitRequest, FamilyTraits
 from s2d2.core.sampling import token_probs
-from s2d2.engine.runner import decode
+from s2d2.engine.runner import request_spec
 from s2d2.models.cache import KVCache
 
 V = 5  # real tokens 0..4
@@ -90,7 +92,7 @@ class TableAdapter:
     def commit(self, ids, cache, end, block_size, *, cache_ver):
         cache.commit(end - cache.length)
 
-    # The loop runs forwards as specs (rows, then adapter.run); here a spec just defers to the table forwards above.
+    # The loop's requests become specs (request_spec); here a spec just defers to the table forwards above.
     def draft_spec(self, ids, cache_len, block_start, block_size, first_mask, **kw):
         return _TableSpec(block_size, lambda cache: self.draft(ids, cache, block_start, block_size, first_mask, **kw))
 
@@ -100,8 +102,24 @@ class TableAdapter:
     def commit_spec(self, ids, cache_len, end, block_size, *, cache_ver):
         return _TableSpec(end - cache_len, lambda cache: self.commit(ids, cache, end, block_size, cache_ver=cache_ver))
 
-    def run(self, spec, cache):
-        return spec.compute(cache)
+    @property
+    def traits(self) -> FamilyTraits:
+        return FamilyTraits(self.mask_id, self.stop_ids, self.device, self.shifted_logits)
+
+
+def decode(adapter: TableAdapter, prompt: list[int], cfg: DecodeConfig, cache: KVCache,
+           generator: torch.Generator) -> tuple[list[int], str, object]:
+    """The runner's single-row driver with the table forwards in place of a network: each request's spec computes
+    its rows from the tables."""
+    steps = decode_steps(prompt, cfg, cache, adapter.traits, generator)
+    logits = None
+    while True:
+        try:
+            request = steps.send(logits)
+        except StopIteration as done:
+            return done.value
+        logits = request_spec(adapter, request, cache.length).compute(cache)
+        logits = None if isinstance(request, CommitRequest) else logits
 
 
 @dataclass(frozen=True)

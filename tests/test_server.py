@@ -26,7 +26,9 @@ uvicorn = pytest.importorskip("uvicorn")
 import s2d2  # noqa: E402
 from s2d2 import DecodeConfig  # noqa: E402
 from s2d2.evaluation.tasks import arith  # noqa: E402
-from s2d2.serve.app import ServerConfig, TextStream, create_app  # noqa: E402
+from s2d2.serve.app import create_app  # noqa: E402
+from s2d2.serve.protocol import ServerConfig  # noqa: E402
+from s2d2.serve.streaming import TextStream  # noqa: E402
 
 PROBLEMS = arith.generate("test", 8, seed=0)
 MAX_NEW = 40

@@ -171,18 +171,18 @@ def test_train_flags_describe_training_fields(capsys):
 
 
 def test_a_compiled_run_takes_the_same_steps_as_an_eager_one(tmp_path, monkeypatch):
-    from s2d2.models.decoder import Qwen3Decoder
+    from s2d2.models.decoder import Decoder
 
     small = dict(SMALL, precision="fp32", checkpoint_every=3)
     eager = train(TrainConfig(out=str(tmp_path / "eager"), steps=3, **small), progress=False)
     compiled_models = []
-    real_compile = Qwen3Decoder.compile
+    real_compile = Decoder.compile
 
     def spy(self):
         compiled_models.append(self)
         real_compile(self)
 
-    monkeypatch.setattr(Qwen3Decoder, "compile", spy)
+    monkeypatch.setattr(Decoder, "compile", spy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = train(TrainConfig(out=str(tmp_path / "compiled"), steps=3, compile=True, **small), progress=False)

@@ -27,6 +27,7 @@ from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.engine.engine import BatchStats, Engine
+from s2d2.engine.runner import run_batch
 from s2d2.errors import ConfigError, InputError, ModelLoadError
 from s2d2.families import build_adapter
 from s2d2.families.base import FamilyAdapter
@@ -260,7 +261,7 @@ class Model:
             chunk = order[start:start + batch_size]
             specs = [adapter.verify_spec(rows[i][0], 0, 0, rows[i][1]) for i in chunk]
             cache = adapter.new_batch_cache(len(chunk), max(spec.num_rows for spec in specs))
-            for i, logits in zip(chunk, adapter.run_batch(specs, cache, list(range(len(chunk))))):
+            for i, logits in zip(chunk, run_batch(adapter, specs, cache, list(range(len(chunk))))):
                 ids, first = rows[i]
                 target = torch.tensor(ids[first:], device=logits.device)
                 logp = torch.log_softmax(logits[:len(target)].float(), dim=-1)  # shifted: one row more, unused

@@ -292,9 +292,9 @@ def _generate(ns: argparse.Namespace) -> int:
 def _load_model(ns: argparse.Namespace, device: str) -> typing.Any:
     """The :class:`s2d2.Model` a command names (``--model``, ``--adapter``, ``--dtype`` on ``device``); with
     ``--compile`` its forward is compiled now, and the one-time warm-up is reported on stderr."""
-    import s2d2
+    from s2d2.api import load
 
-    model = s2d2.load(ns.model, device=device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile)
+    model = load(ns.model, device=device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile)
     if ns.compile:
         print("[s2d2] compiling the forward (torch.compile, one-time warm-up) ...", file=sys.stderr, flush=True)
         seconds = model.warm_up()
@@ -507,7 +507,8 @@ def _init_random(ns: argparse.Namespace) -> int:
 
 def _serve(ns: argparse.Namespace) -> int:
     try:
-        from s2d2.serve.app import ServerConfig, serve
+        from s2d2.serve.app import serve
+        from s2d2.serve.protocol import ServerConfig
     except ImportError as e:
         raise S2D2Error(f"s2d2 serve needs the serve extra (pip install 's2d2[serve]'): {e}.") from None
     if not 0 <= ns.port <= 65535:

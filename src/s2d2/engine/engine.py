@@ -29,7 +29,7 @@ from s2d2.core.requests import CommitRequest, ForwardRequest, RowState, RowSteps
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
-from s2d2.engine.runner import ForwardTimer, request_spec
+from s2d2.engine.runner import ForwardTimer, request_spec, run, run_packed
 from s2d2.families.base import FamilyAdapter
 from s2d2.models.batching import ForwardSpec, pack
 from s2d2.models.cache import SlotCache
@@ -177,13 +177,13 @@ class Engine:
             specs = [self._spec(r) for r in rows]
             if len(rows) == 1:  # one row: its own forward, unpacked, so batch 1 costs what the plain loop costs
                 with self._timer:
-                    logits = [self.adapter.run(specs[0], rows[0].cache)]
+                    logits = [run(self.adapter, specs[0], rows[0].cache)]
                 num_rows, num_padded = specs[0].num_rows, 0
             else:
                 slots = [r.slot for r in rows]
                 batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device)
                 with self._timer:
-                    logits = self.adapter.run_packed(batch, specs, self.cache, slots)
+                    logits = run_packed(self.adapter, batch, specs, self.cache, slots)
                 num_rows, num_padded = batch.num_rows, batch.num_padded
             elapsed = self._timer.elapsed
             self.stats.steps += 1

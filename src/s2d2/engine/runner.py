@@ -1,8 +1,10 @@
 """The executor: turns a row's forward requests into the family's rows and masks and runs them.
 
-:func:`decode` drives one row with the family's single-row forward (what ``Model.generate`` with one prompt and the
-tests use); the batched engine (:mod:`s2d2.engine.engine`) builds the same specs with :func:`request_spec` and
-packs them. :class:`ForwardTimer` is the one clock both use.
+:func:`run` executes one row's forward against its own cache, :func:`run_packed` the rows of many requests in one
+forward; the family only lays the rows out (:class:`~s2d2.families.base.FamilyAdapter`), the model computes them.
+:func:`decode` drives one row with the single-row forward (what the tests and the engine's batch-1 steps use); the
+batched engine (:mod:`s2d2.engine.engine`) builds the same specs with :func:`request_spec` and packs them.
+:class:`ForwardTimer` is the one clock both use.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from s2d2.core.requests import CommitRequest, DraftRequest, FinalizeRequest, For
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
 from s2d2.families.base import FamilyAdapter
-from s2d2.models.batching import ForwardSpec
-from s2d2.models.cache import KVCache
+from s2d2.models.batching import ForwardSpec, PackedBatch, pack
+from s2d2.models.cache import BatchKVCache, KVCache, SlotCache
 
 
 @torch.inference_mode()
@@ -64,10 +66,44 @@ def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int
 
 def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache,
                 spec: ForwardSpec | None = None) -> torch.Tensor | None:
-    """Execute one row's request (its ``spec``, if already built) with the adapter's single-row forward; returns
-    its logits (None for a commit)."""
-    logits = adapter.run(spec if spec is not None else request_spec(adapter, request, cache.length), cache)
+    """Execute one row's request (its ``spec``, if already built) with the single-row forward; returns its logits
+    (None for a commit)."""
+    logits = run(adapter, spec if spec is not None else request_spec(adapter, request, cache.length), cache)
     return None if isinstance(request, CommitRequest) else logits
+
+
+def run(adapter: FamilyAdapter, spec: ForwardSpec, cache: KVCache | SlotCache) -> torch.Tensor:
+    """One row's forward against its own cache (a single-row cache, or one slot of a batch cache): commits the
+    spec's ``num_store`` rows and returns its logits ``[num_rows - logits_from, V]``, banned ids at -inf."""
+    n = spec.num_rows
+    if cache.length:  # every row sees the whole committed cache, then the spec's own mask
+        mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=adapter.device)
+        mask[:, cache.length:] = spec.mask
+    else:
+        mask = spec.mask
+    logits = adapter.model(spec.tokens, spec.positions, cache, mask, num_store=spec.num_store,
+                           logits_from=spec.logits_from, logits_to=spec.logits_to)
+    return spec.finish_logits(logits.index_fill_(-1, adapter.banned_ids, float("-inf")))
+
+
+def run_batch(adapter: FamilyAdapter, specs: list[ForwardSpec], cache: BatchKVCache,
+              slots: list[int]) -> list[torch.Tensor]:
+    """One forward for several rows, row ``i`` in cache slot ``slots[i]``: commits each row's ``num_store`` rows and
+    returns each row's logits (as :func:`run` would, up to float rounding)."""
+    batch = pack(specs, slots, [cache.lengths[s] for s in slots], adapter.device)
+    return run_packed(adapter, batch, specs, cache, slots)
+
+
+def run_packed(adapter: FamilyAdapter, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
+               slots: list[int]) -> list[torch.Tensor]:
+    """:func:`run_batch` once ``batch = pack(specs, slots, ...)`` is built (the engine times the two apart)."""
+    logits = adapter.model.forward_packed(batch, cache).index_fill_(-1, adapter.banned_ids, float("-inf"))
+    for spec, slot in zip(specs, slots):
+        cache.slot(slot).commit(spec.num_store)
+    out: list[torch.Tensor] = [logits] * len(specs)
+    for k, part in zip(batch.order, logits.split(batch.logits_counts)):
+        out[k] = specs[k].finish_logits(part)
+    return out
 
 
 class ForwardTimer:

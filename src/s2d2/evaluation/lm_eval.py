@@ -30,7 +30,7 @@ try:
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError("the lm-eval integration needs lm-eval: pip install 's2d2[eval]'") from e
 
-import s2d2
+from s2d2.api import Model, load
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size, list_item_type
 from s2d2.core.stats import DecodeStats
 from s2d2.errors import ConfigError, S2D2Error
@@ -100,14 +100,14 @@ class S2D2LM(LM):
         self._rank, self._world_size = self._dp.rank, self._dp.world_size
         if not isinstance(compile, bool):
             raise ConfigError(f"compile must be true or false, got {compile!r}.")
-        self.model = s2d2.load(str(pretrained), device=self._dp.device(device), dtype=dtype, adapter=adapter or None,
+        self.model = load(str(pretrained), device=self._dp.device(device), dtype=dtype, adapter=adapter or None,
                                compile=compile)
         if compile:  # the one-time warm-up, reported, before lm-eval's own timing starts
             log.info("s2d2: compiled the forward, warm-up %.1f s", self.model.warm_up())
         self.stats = DecodeStats()  # summed over every request served
 
     @classmethod
-    def wrap(cls, model: s2d2.Model, batch_size: int = 1, config: DecodeConfig | None = None) -> S2D2LM:
+    def wrap(cls, model: Model, batch_size: int = 1, config: DecodeConfig | None = None) -> S2D2LM:
         """The lm-eval model around an already loaded :class:`s2d2.Model` (one process; ``s2d2 tune`` uses it)."""
         lm = cls.__new__(cls)
         LM.__init__(lm)

@@ -22,7 +22,7 @@ from s2d2.families.d2f import (
 from s2d2.families.fast_dllm import FastDLLMAdapter
 from s2d2.families.llada2 import LLaDA2Adapter, llada2_decoder_config
 from s2d2.families.sdar import SDARAdapter
-from s2d2.models.decoder import DecoderConfig, Qwen3Decoder
+from s2d2.models.decoder import Decoder, DecoderConfig
 
 # SDAR checkpoints say "sdar"; a Qwen3 model trained with the block-diffusion objective may say "qwen3".
 SDAR_MODEL_TYPES = ("sdar", "qwen3")
@@ -66,7 +66,7 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
     tensors = load_weights(model_dir, device=str(device))
     if lora_dir is not None:
         tensors = merge_lora(tensors, lora_dir)
-    model = Qwen3Decoder.from_hf_weights(decoder_config, tensors, device, dtype)
+    model = Decoder.from_hf_weights(decoder_config, tensors, device, dtype)
     # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
     padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
     if fast:

@@ -13,20 +13,25 @@ from typing import Protocol
 import torch
 
 from s2d2.core.requests import FamilyTraits
-from s2d2.models.batching import ForwardSpec, PackedBatch
-from s2d2.models.cache import BatchKVCache, KVCache, SlotCache
-from s2d2.models.decoder import Qwen3Decoder
+from s2d2.models.batching import ForwardSpec
+from s2d2.models.cache import BatchKVCache, KVCache
+from s2d2.models.decoder import Decoder
 
 
 class FamilyAdapter(Protocol):
-    """What the decoding loop needs from a model family."""
+    """What the executor (:mod:`s2d2.engine.runner`) needs from a model family: the network, and how to lay out each
+    kind of forward the decoding loop asks for (:mod:`s2d2.core.requests`) as rows, positions and a mask
+    (:class:`~s2d2.models.batching.ForwardSpec`). Every spec method takes ``cache_len``, the committed length of the
+    row's cache, so the same spec serves a single-row cache and one slot of the engine's batch cache."""
 
-    model: Qwen3Decoder  # the network (compiled by load(..., compile=True))
+    family: str  # the family's name, as ``s2d2 init-random --family`` spells it
+    model: Decoder  # the network (compiled by load(..., compile=True))
     mask_id: int
     stop_ids: tuple[int, ...]
     max_positions: int
     vocab_size: int
     device: torch.device
+    banned_ids: torch.Tensor  # ids never emitted (the mask, padding rows past the tokenizer): their logits are -inf
     # Row t-1 predicts token t (Fast-dLLM v2): every block opens with an AR-decoded token, and AR mode is a plain
     # causal forward. False: a mask's own row predicts it (SDAR), and AR mode is the 2L construction.
     shifted_logits: bool
@@ -43,24 +48,28 @@ class FamilyAdapter(Protocol):
         ...
 
     def new_cache(self, capacity: int) -> KVCache:
-        """An empty cache for ``capacity`` token slots."""
+        """An empty single-row cache for ``capacity`` token slots."""
         ...
 
-    def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
-              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> torch.Tensor:
-        """Diffusion-mode pass over ``ids[block_start : block_start + num_blocks * block_size]`` (the block, or the
-        blocks in flight of pipelined decoding, each seeing itself and those before); returns logits ``[R, V]``.
+    def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
+        """An empty cache of ``num_slots`` rows of ``capacity`` token slots each."""
+        ...
 
-        First writes the pending tokens ``ids[cache.length : block_start]`` into the cache (causally if
-        ``cache_ver``). With ``draft_ver`` the rows of the first block before ``first_mask`` attend causally; with
-        ``cache_prefix`` too (prefix caching) they are pending as well, written to the cache, and the cache may
-        already hold part of them.
+    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
+        """Diffusion-mode pass over ``ids[block_start : block_start + num_blocks * block_size]`` (the block, or the
+        blocks in flight of pipelined decoding, each seeing itself and those before); its logits are ``[R, V]``.
+
+        First writes the pending tokens ``ids[cache_len : block_start]`` into the cache (causally if ``cache_ver``).
+        With ``draft_ver`` the rows of the first block before ``first_mask`` attend causally; with ``cache_prefix``
+        too (prefix caching) they are pending as well, written to the cache, and the cache may already hold part of
+        them.
         """
         ...
 
-    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
-               next_block: int = 0) -> torch.Tensor:
-        """AR-mode (block size 1) pass; returns logits ``[n + next_block, V]``: first for positions
+    def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
+                    next_block: int = 0) -> ForwardSpec:
+        """AR-mode (block size 1) pass; its logits are ``[n + next_block, V]``: first for positions
         ``span_start .. span_start + n``, then (``next_block`` > 0, span ending at the block's end) a diffusion-mode
         draft of the next ``next_block`` positions given ``filled``.
 
@@ -72,53 +81,13 @@ class FamilyAdapter(Protocol):
         """
         ...
 
-    def commit(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> None:
-        """Write the K/V of ``ids[cache.length : end]`` into the cache (a forward of its own)."""
-        ...
-
-    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *,
-                 cache_ver: bool) -> torch.Tensor:
-        """Shifted-logit families: :meth:`commit`, and return the last row's logits ``[1, V]`` (the prediction for
-        position ``end``, the next block's AR token)."""
-        ...
-
-    # The batched engine builds the same three forwards as specs (``cache_len`` is the row's committed length) and
-    # runs the rows of many requests in one forward.
-    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
-                   *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
-        """The rows and mask of :meth:`draft`."""
-        ...
-
-    def verify_spec(self, filled: list[int], cache_len: int, block_start: int, span_start: int,
-                    next_block: int = 0) -> ForwardSpec:
-        """The rows and mask of :meth:`verify`."""
-        ...
-
     def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
                     cache_ver: bool) -> ForwardSpec:
-        """The rows and mask of :meth:`commit`."""
+        """Write the K/V of ``ids[cache_len : end]`` into the cache (a forward of its own, no logits used)."""
         ...
 
     def finalize_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
                       cache_ver: bool) -> ForwardSpec:
-        """The rows and mask of :meth:`finalize`."""
-        ...
-
-    def run(self, spec: ForwardSpec, cache: KVCache | SlotCache) -> torch.Tensor:
-        """One row's forward against its own cache (a single-row cache, or one slot of a batch cache): commits its
-        ``num_store`` rows and returns its logits ``[num_rows - logits_from, V]``."""
-        ...
-
-    def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
-        """An empty cache of ``num_slots`` rows of ``capacity`` token slots each."""
-        ...
-
-    def run_batch(self, specs: list[ForwardSpec], cache: BatchKVCache, slots: list[int]) -> list[torch.Tensor]:
-        """One forward for several rows (row ``i`` in cache slot ``slots[i]``): commits each row's ``num_store``
-        rows and returns each row's logits ``[num_rows - logits_from, V]``."""
-        ...
-
-    def run_packed(self, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
-                   slots: list[int]) -> list[torch.Tensor]:
-        """:meth:`run_batch` with the rows already packed (``batch = s2d2.models.batching.pack(specs, slots, ...)``)."""
+        """Shifted-logit families only: :meth:`commit_spec`, keeping the last row's logits ``[1, V]`` (the prediction
+        for position ``end``, the next block's AR token)."""
         ...

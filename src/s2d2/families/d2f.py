@@ -27,7 +27,7 @@ from typing import Any
 from s2d2.errors import ModelLoadError
 from s2d2.families.fast_dllm import FastDLLMAdapter
 from s2d2.families.sdar import SDARAdapter
-from s2d2.models.decoder import DecoderConfig, Qwen3Decoder
+from s2d2.models.decoder import Decoder, DecoderConfig
 
 # The D2F example's block size (reference §4.3; the adapters were trained with blocks of 16).
 D2F_BLOCK_SIZE = 32
@@ -114,6 +114,6 @@ class DreamAdapter(FastDLLMAdapter):
     family = "d2f_dream"
     blocks_from_prompt_end = True
 
-    def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: tuple[int, ...], banned_ids: range) -> None:
+    def __init__(self, model: Decoder, mask_id: int, stop_ids: tuple[int, ...], banned_ids: range) -> None:
         super().__init__(model, mask_id, stop_ids, banned_ids, bd_size=D2F_BLOCK_SIZE)
         self.default_sub_block_size = None

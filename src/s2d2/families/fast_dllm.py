@@ -26,8 +26,7 @@ import torch
 
 from s2d2.families.sdar import SDARAdapter, draft_mask, prefix_draft_mask
 from s2d2.models.batching import ForwardSpec
-from s2d2.models.cache import KVCache
-from s2d2.models.decoder import Qwen3Decoder
+from s2d2.models.decoder import Decoder
 
 
 @lru_cache(maxsize=1024)
@@ -46,7 +45,7 @@ class FastDLLMAdapter(SDARAdapter):
     family = "fast_dllm_v2"
     shifted_logits = True
 
-    def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: tuple[int, ...], banned_ids: range,
+    def __init__(self, model: Decoder, mask_id: int, stop_ids: tuple[int, ...], banned_ids: range,
                  bd_size: int) -> None:
         super().__init__(model, mask_id, stop_ids, banned_ids)
         self.default_block_size = bd_size
@@ -110,7 +109,3 @@ class FastDLLMAdapter(SDARAdapter):
         spec = self.commit_spec(ids, cache_len, end, block_size, cache_ver=cache_ver)
         return ForwardSpec(spec.tokens, spec.positions, spec.mask, num_store=spec.num_store,
                            logits_from=spec.num_rows - 1)
-
-    def finalize(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *,
-                 cache_ver: bool) -> torch.Tensor:
-        return self.run(self.finalize_spec(ids, cache.length, end, block_size, cache_ver=cache_ver), cache)

@@ -23,9 +23,9 @@ from functools import lru_cache
 import torch
 
 from s2d2.core.requests import FamilyTraits
-from s2d2.models.batching import ForwardSpec, PackedBatch, pack
-from s2d2.models.cache import BatchKVCache, KVCache, SlotCache
-from s2d2.models.decoder import Qwen3Decoder
+from s2d2.models.batching import ForwardSpec
+from s2d2.models.cache import BatchKVCache, KVCache
+from s2d2.models.decoder import Decoder
 
 
 @lru_cache(maxsize=1024)
@@ -97,7 +97,7 @@ class SDARAdapter:
     supports_editing = False  # whether the family's models were trained for token editing (editing_threshold)
     blocks_from_prompt_end = False  # D2F: blocks start at the prompt's end, the prompt one bidirectional chunk
 
-    def __init__(self, model: Qwen3Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
+    def __init__(self, model: Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
         self.model = model
         self.mask_id = mask_id
         self.stop_ids = tuple(stop_ids)
@@ -106,7 +106,7 @@ class SDARAdapter:
         self.device = model.embed.weight.device
         # Never sample the mask token (an untrained model predicts it, and "fill masks" would never end) or the
         # padding rows past the tokenizer's vocabulary.
-        self._banned = torch.tensor(sorted(set(banned_ids) | {mask_id}), dtype=torch.long, device=self.device)
+        self.banned_ids = torch.tensor(sorted(set(banned_ids) | {mask_id}), dtype=torch.long, device=self.device)
 
     @property
     def traits(self) -> FamilyTraits:
@@ -116,38 +116,8 @@ class SDARAdapter:
     def new_cache(self, capacity: int) -> KVCache:
         return self.model.new_cache(capacity)
 
-    def run(self, spec: ForwardSpec, cache: KVCache | SlotCache) -> torch.Tensor:
-        """Execute one row's forward against its own cache (single-row, or a slot of a batch cache); returns its
-        logits ``[L - logits_from, V]``."""
-        n = spec.num_rows
-        if cache.length:
-            mask = torch.ones(n, cache.length + n, dtype=torch.bool, device=self.device)
-            mask[:, cache.length:] = spec.mask
-        else:
-            mask = spec.mask
-        logits = self.model(spec.tokens, spec.positions, cache, mask, num_store=spec.num_store,
-                            logits_from=spec.logits_from, logits_to=spec.logits_to)
-        return spec.finish_logits(logits.index_fill_(-1, self._banned, float("-inf")))
-
     def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
         return self.model.new_batch_cache(num_slots, capacity)
-
-    def run_batch(self, specs: list[ForwardSpec], cache: BatchKVCache, slots: list[int]) -> list[torch.Tensor]:
-        """Execute one forward for several rows, row ``i`` in cache slot ``slots[i]``; commits each row's
-        ``num_store`` rows and returns each row's logits (as :meth:`run` would, up to float rounding)."""
-        return self.run_packed(pack(specs, slots, [cache.lengths[s] for s in slots], self.device), specs, cache,
-                               slots)
-
-    def run_packed(self, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
-                   slots: list[int]) -> list[torch.Tensor]:
-        """:meth:`run_batch` once ``batch = pack(specs, slots, ...)`` is built (the engine times the two apart)."""
-        logits = self.model.forward_packed(batch, cache).index_fill_(-1, self._banned, float("-inf"))
-        for spec, slot in zip(specs, slots):
-            cache.slot(slot).commit(spec.num_store)
-        out: list[torch.Tensor] = [logits] * len(specs)
-        for k, part in zip(batch.order, logits.split(batch.logits_counts)):
-            out[k] = specs[k].finish_logits(part)
-        return out
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
@@ -204,15 +174,3 @@ class SDARAdapter:
         mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]
         return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
                            num_store=n, logits_from=n)
-
-    def draft(self, ids: torch.Tensor, cache: KVCache, block_start: int, block_size: int, first_mask: int,
-              *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> torch.Tensor:
-        return self.run(self.draft_spec(ids, cache.length, block_start, block_size, first_mask, cache_ver=cache_ver,
-                                        draft_ver=draft_ver, num_blocks=num_blocks, cache_prefix=cache_prefix), cache)
-
-    def verify(self, filled: list[int], cache: KVCache, block_start: int, span_start: int,
-               next_block: int = 0) -> torch.Tensor:
-        return self.run(self.verify_spec(filled, cache.length, block_start, span_start, next_block), cache)
-
-    def commit(self, ids: torch.Tensor, cache: KVCache, end: int, block_size: int, *, cache_ver: bool) -> None:
-        self.run(self.commit_spec(ids, cache.length, end, block_size, cache_ver=cache_ver), cache)

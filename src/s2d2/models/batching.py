@@ -70,7 +70,7 @@ class AttentionGroup:
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """The rows of several :class:`ForwardSpec` packed for :meth:`Qwen3Decoder.forward_packed`.
+    """The rows of several :class:`ForwardSpec` packed for :meth:`Decoder.forward_packed`.
 
     Batch rows are reordered into attention groups of similar length (``order[k]`` is the spec that packed batch row
     ``k`` comes from), so that a long row (a prompt's prefill) does not pad every short one.

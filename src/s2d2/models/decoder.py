@@ -182,7 +182,7 @@ def _swiglu_layout(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, inter
             prefix + "down_proj.weight": (down, at[0] if at else None)}
 
 
-class Qwen3Decoder(nn.Module):
+class Decoder(nn.Module):
     """Decoder-only transformer; ``forward`` runs one batch-1 pass against a :class:`KVCache`."""
 
     def __init__(self, config: DecoderConfig, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> None:
@@ -215,7 +215,7 @@ class Qwen3Decoder(nn.Module):
 
     @classmethod
     def from_hf_weights(cls, config: DecoderConfig, tensors: Mapping[str, torch.Tensor], device: Any = "cpu",
-                        dtype: torch.dtype = torch.float32) -> Qwen3Decoder:
+                        dtype: torch.dtype = torch.float32) -> Decoder:
         """Build with no random initialisation (on the meta device) and fill from Hugging Face-named tensors."""
         with torch.device("meta"):
             model = cls(config, dtype=dtype, device="meta")

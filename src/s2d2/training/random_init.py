@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from s2d2.errors import ConfigError
 from s2d2.families import decoder_config_for
-from s2d2.models.decoder import Qwen3Decoder
+from s2d2.models.decoder import Decoder
 
 __all__ = ["FAMILIES", "LORA_ADAPTER_DIR", "SPECIAL_TOKENS", "write_lora_adapter", "write_random_model"]
 
@@ -379,7 +379,7 @@ def _save_sharded(out: Path, tensors: dict[str, torch.Tensor], num_shards: int) 
     _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def init_weights(model: Qwen3Decoder, seed: int, weight_std: float = WEIGHT_STD, norm_std: float = NORM_STD) -> None:
+def init_weights(model: Decoder, seed: int, weight_std: float = WEIGHT_STD, norm_std: float = NORM_STD) -> None:
     """normal(0, weight_std) for every matrix (and bias), 1 + normal(0, norm_std) for every RMSNorm weight."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -420,7 +420,7 @@ def write_random_model(
         raise ConfigError(
             f"vocab_size {config['vocab_size']} is smaller than the tokenizer's {tok.get_vocab_size()} tokens.")
 
-    model = Qwen3Decoder(decoder_config_for(config))  # the loader's own choice, so what is written is what loads
+    model = Decoder(decoder_config_for(config))  # the loader's own choice, so what is written is what loads
     init_weights(model, seed)
 
     out = Path(out_dir)

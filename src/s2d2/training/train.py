@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from s2d2.errors import ConfigError
-from s2d2.models.decoder import DecoderConfig, Qwen3Decoder
+from s2d2.models.decoder import Decoder, DecoderConfig
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|mask|>")
 # The chat template written into tokenizer_config.json: chat turns in the task's own format, a user message becoming
@@ -185,7 +185,7 @@ def make_batch(examples: list[Example], block_size: int, eos_id: int, mask_id: i
     }
 
 
-def batch_loss(model: Qwen3Decoder, batch: dict[str, torch.Tensor], precision: str = "fp32") -> torch.Tensor:
+def batch_loss(model: Decoder, batch: dict[str, torch.Tensor], precision: str = "fp32") -> torch.Tensor:
     """Mean cross-entropy over the masked noisy positions. ``precision="bf16"`` runs the forward under CPU
     autocast (weights and optimizer stay float32); the loss itself is always computed in float32."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -254,7 +254,7 @@ def model_config(cfg: TrainConfig, vocab_size: int, eos_id: int, mask_id: int) -
     }
 
 
-def _save(model: Qwen3Decoder, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, out: Path) -> None:
+def _save(model: Decoder, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, out: Path) -> None:
     """Weights (HF names) and optimizer moments as safetensors, step in trainer_state.json; atomic renames."""
     tmp = out / "model.safetensors.tmp"
     save_file({k: v.float() for k, v in model.hf_state_dict().items()}, str(tmp), metadata={"format": "pt"})
@@ -270,7 +270,7 @@ def _save(model: Qwen3Decoder, opt: torch.optim.Optimizer, step: int, cfg: Train
     (out / "trainer_state.json").write_text(json.dumps({"step": step, "config": asdict(cfg)}, indent=2))
 
 
-def _restore(model: Qwen3Decoder, opt: torch.optim.Optimizer, out: Path) -> int:
+def _restore(model: Decoder, opt: torch.optim.Optimizer, out: Path) -> int:
     """Load a previous run's weights and optimizer moments; returns the step to continue from (0 if none)."""
     state_file = out / "trainer_state.json"
     if not state_file.exists():
@@ -324,7 +324,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                                                           encode([p.target for p in problems]))]
 
     torch.manual_seed(cfg.seed)
-    model = Qwen3Decoder(DecoderConfig.from_hf(hf_config, qk_norm=True, qkv_bias=False))
+    model = Decoder(DecoderConfig.from_hf(hf_config, qk_norm=True, qkv_bias=False))
     init_weights(model, cfg.seed, weight_std=0.02, norm_std=0.0)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -375,8 +375,9 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
 
 def evaluate_dir(model_dir: Path, n: int, split: str = "validation", task: str = "arith") -> float:
     """AR greedy accuracy of the checkpoint in ``model_dir`` on ``n`` problems of ``task``'s ``split``."""
-    import s2d2
+    from s2d2.api import load
+    from s2d2.config import DecodeConfig
     from s2d2.evaluation.evaluate import evaluate
 
-    return evaluate(s2d2.load(str(model_dir)), s2d2.DecodeConfig(method="ar", max_new_tokens=64), task=task, n=n,
+    return evaluate(load(str(model_dir)), DecodeConfig(method="ar", max_new_tokens=64), task=task, n=n,
                     split=split).accuracy
