@@ -8,7 +8,7 @@ imported instead of the editable install (checked before every run: ``s2d2.__fil
 
 Usage (from the repository root)::
 
-    .venv/bin/python scripts/mutate.py                       # full sweep, default (non-slow) markers
+    .venv/bin/python scripts/mutate.py                       # full sweep: the fast set, the slow tests for survivors
     .venv/bin/python scripts/mutate.py --list                # the mutations, and whether each still applies
     .venv/bin/python scripts/mutate.py --only greedy_accept_one_more sampled_residual_wrong
     .venv/bin/python scripts/mutate.py --tests tests/test_verify.py -k sampled --timeout 300
@@ -66,14 +66,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "verify_ignores_top_p",
         "the verifier's q is computed with top_p = 1.0 while p keeps top_p",
-        "decode.py",
+        "core/forwards.py",
         "q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)",
         "q = token_probs(logits, cfg.temperature, cfg.top_k, 1.0)",
     ),
     Mutation(
         "draft_ver_ignored",
         "draft forwards always use draft_ver=False (committed block prefix attends bidirectionally)",
-        "adapters/sdar.py",
+        "families/sdar.py",
         "mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,\n"
         "                          self._prompt_rows(cache_len, pending), num_blocks)\n"
         "        positions = torch.arange(cache_len, end, device=self.device)\n"
@@ -86,42 +86,42 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "commit_confident_reaches_into_the_verdict",
         "commit_confident also overwrites the verified positions with confident drafts",
-        "decode.py",
+        "core/forwards.py",
         "    candidates = [i for i in masked if i not in commits]\n",
         "    candidates = list(masked)\n",
     ),
     Mutation(
         "prefix_cache_commits_the_correction_row",
         "a verification's prefix commit also keeps the row of the rejected draft (the correction's position)",
-        "decode.py",
+        "core/forwards.py",
         "            end = span.start + verdict.num_accepted\n",
         "            end = min(span.start + verdict.num_accepted + 1, span.end)\n",
     ),
     Mutation(
         "prefix_cache_stores_the_first_mask_row",
         "a prefix-caching draft stores one row past the committed prefix (a mask's K/V)",
-        "adapters/sdar.py",
+        "families/sdar.py",
         "            store = block_start + first_mask - cache_len\n",
         "            store = min(block_start + first_mask + 1, end) - cache_len\n",
     ),
     Mutation(
         "fuse_draft_threshold_ignored",
         "every verification that may finish the block carries the next block's draft rows, whatever the threshold",
-        "decode.py",
+        "core/forwards.py",
         "                                     or _all_accepted_estimate(draft, span) >= cfg.fuse_draft_threshold)\n",
         "                                     or True)\n",
     ),
     Mutation(
         "shifted_prefix_cache_swallows_the_query_row",
         "a shifted-logit family caches a fully accepted span to its end, so no row predicts the next mask",
-        "decode.py",
+        "core/forwards.py",
         "            if self.shifted:  # ... but the last token before the first mask stays a query row: it predicts the mask\n",
         "            if False:\n",
     ),
     Mutation(
         "draft_p_distorted",
         "sampled acceptance gets p ** 0.9 (renormalised) instead of the draft's own distribution",
-        "decode.py",
+        "core/forwards.py",
         "            p = draft.probs[span.start:span.end]\n",
         "            p = draft.probs[span.start:span.end] ** 0.9\n"
         "            p = p / p.sum(dim=-1, keepdim=True)\n",
@@ -129,28 +129,28 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "rmsnorm_rounding_order",
         "RMSNorm scales by the weight before casting back (same in float32, rounds differently in bfloat16)",
-        "models/qwen3.py",
+        "models/decoder.py",
         "return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight",
         "return (F.rms_norm(x.float(), (x.shape[-1],), eps=eps) * weight.float()).to(x.dtype)",
     ),
     Mutation(
         "greedy_accept_one_more",
         "greedy acceptance commits the draft, not the verifier's argmax, at the first mismatch",
-        "verify.py",
+        "core/verify.py",
         "            return Verdict(i, t)\n",
         "            return Verdict(i, d)\n",
     ),
     Mutation(
         "sampled_residual_wrong",
         "the first rejection is resampled from q instead of the residual max(0, q - p)",
-        "verify.py",
+        "core/verify.py",
         "residual = (q[f] - p[f]).clamp_min(0.0)",
         "residual = q[f].clamp_min(0.0)",
     ),
     Mutation(
         "sampled_ratio_inverted",
         "sampled acceptance tests u against min(1, p/q) instead of min(1, q/p)",
-        "verify.py",
+        "core/verify.py",
         "ratio = torch.clamp(q_d / p_d, max=1.0)",
         "ratio = torch.clamp(p_d / q_d.clamp_min(1e-12), max=1.0)",
     ),
@@ -164,14 +164,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "fused_draft_stale",
         "a fused next draft or AR token (and the cache commit) is kept even when a draft was rejected",
-        "decode.py",
+        "core/forwards.py",
         "        if verdict.num_accepted == span.length:\n            if finishes_block:",
         "        if True:\n            if finishes_block:",
     ),
     Mutation(
         "stats_fused_counted_as_forward",
         "a draft fused into a verify forward is also counted as a draft forward",
-        "decode.py",
+        "core/forwards.py",
         "            logits = fused[1]  # drafted by the verify forward that finished the previous block or sub-block\n"
         "            self.stats.fused_drafts += 1\n",
         "            logits = fused[1]\n            self.stats.fused_drafts += 1\n            self.stats.draft_forwards += 1\n",
@@ -179,56 +179,56 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "top_k_off_by_one",
         "top-k filtering keeps top_k + 1 tokens",
-        "sampling.py",
+        "core/sampling.py",
         "kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]",
         "kth = torch.topk(logits, top_k + 1, dim=-1).values[..., -1:]",
     ),
     Mutation(
         "cache_commit_extra",
         "a verify that finishes a block (fuse_draft) commits one cache slot more than the block",
-        "decode.py",
+        "core/forwards.py",
         "self.cache.commit(block.start + block.size - self.cache.length)\n",
         "self.cache.commit(block.start + block.size + 1 - self.cache.length)\n",
     ),
     Mutation(
         "commit_mask_ignores_cache_ver",
         "a commit forward (no fuse_commit) writes block-causal K/V even with cache_ver",
-        "adapters/sdar.py",
+        "families/sdar.py",
         "mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]",
         "mask = draft_mask(n, block_size, 0, False, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]",
     ),
     Mutation(
         "dynamic_threshold_ge",
         "dynamic unmasking commits candidates with confidence >= threshold instead of > threshold",
-        "strategies.py",
+        "core/strategies.py",
         "confident = [i for i in candidates if confidence[i] > threshold]",
         "confident = [i for i in candidates if confidence[i] >= threshold]",
     ),
     Mutation(
         "router_skip_confident_inverted",
         "skip_confident skips verification of unconfident spans instead of confident ones",
-        "routing.py",
+        "core/routing.py",
         "if cfg.skip_confident and span_is_confident(draft.confidence, span, cfg.threshold):",
         "if cfg.skip_confident and not span_is_confident(draft.confidence, span, cfg.threshold):",
     ),
     Mutation(
         "hysteresis_sticks",
         "the hysteresis state never turns off: after a low score it still needs only score >= tau_off, not > tau_on",
-        "routing.py",
+        "core/routing.py",
         "return decision, replace(state, hysteresis_on=decision)",
         "return decision, replace(state, hysteresis_on=state.hysteresis_on or decision)",
     ),
     Mutation(
         "ucb_ties_to_skip",
         "UCB breaks ties (e.g. two unpulled arms) towards skip instead of verify",
-        "routing.py",
+        "core/routing.py",
         "return 1 if scores[1] >= scores[0] else 0",
         "return 1 if scores[1] > scores[0] else 0",
     ),
     Mutation(
         "ucb_reward_ignores_cost",
         "UCB reward is tokens committed, not divided by the 2 forwards a verified step costs",
-        "routing.py",
+        "core/routing.py",
         "rewards[i] += num_committed / (2.0 if verified else 1.0)",
         "rewards[i] += float(num_committed)",
     ),
@@ -256,42 +256,42 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "unexpected_tensors_dropped",
         "checkpoint tensors the model does not use are dropped silently",
-        "models/qwen3.py",
+        "models/decoder.py",
         "        if unexpected:\n",
         "        if False:\n",
     ),
     Mutation(
         "slot_range_ignores_gaps",
         "an attention group reads its keys from consecutive slots even when its rows' slots have gaps",
-        "batching.py",
+        "models/batching.py",
         "slot_range=(slots[0], slots[0] + b) if contiguous else None",
         "slot_range=(slots[0], slots[0] + b)",
     ),
     Mutation(
         "packed_order_not_restored",
         "the engine hands packed logits back in attention-group order, not in the rows' order",
-        "adapters/sdar.py",
-        "        for k, part in zip(batch.order, logits.split(batch.logits_counts)):",
-        "        for k, part in enumerate(logits.split(batch.logits_counts)):",
+        "engine/runner.py",
+        "    for k, part in zip(batch.order, logits.split(batch.logits_counts)):",
+        "    for k, part in enumerate(logits.split(batch.logits_counts)):",
     ),
     Mutation(
         "batched_commit_wrong_slot",
         "a batched forward commits every row's stored K/V into the first row's slot",
-        "adapters/sdar.py",
-        "            cache.slot(slot).commit(spec.num_store)",
-        "            cache.slot(slots[0]).commit(spec.num_store)",
+        "engine/runner.py",
+        "        cache.slot(slot).commit(spec.num_store)",
+        "        cache.slot(slots[0]).commit(spec.num_store)",
     ),
     Mutation(
         "freed_slot_not_reset",
         "a request that takes a freed slot starts on the previous request's committed cache",
-        "cache.py",
+        "models/cache.py",
         "        self.batch.lengths[self.index] = 0",
         "        pass",
     ),
     Mutation(
         "shifted_draft_unshifted",
         "a Fast-dLLM v2 draft reads offset i from row i instead of row i-1",
-        "adapters/fast_dllm.py",
+        "families/fast_dllm.py",
         "            return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending - 1,\n"
         "                               logits_to=pending + size - 1)",
         "            return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending,\n"
@@ -300,14 +300,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "ar_token_always_greedy",
         "a block's opening AR token is its argmax even when sampling (the reference's behaviour)",
-        "decode.py",
+        "core/forwards.py",
         "        return int(choose_tokens(probs, cfg.greedy, generator)[0])",
         "        return int(choose_tokens(probs, True, generator)[0])",
     ),
     Mutation(
         "sub_blocks_ignored",
         "the decoding unit is always the whole block (sub_block_size has no effect)",
-        "state.py",
+        "core/state.py",
         "        if sub_block_size is None or sub_block_size >= self.size:",
         "        if True:",
     ),
@@ -321,14 +321,14 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "edits_reach_the_prompt",
         "token editing may also replace the prompt's tokens inside the first block",
-        "decode.py",
+        "core/loop.py",
         "    return {i: draft.tokens[i] for i in range(block.num_prompt, block.end)",
         "    return {i: draft.tokens[i] for i in range(0, block.end)",
     ),
     Mutation(
         "fused_commit_despite_editing",
         "a verification may commit a block's K/V while editing can still change the block",
-        "decode.py",
+        "core/forwards.py",
         "cfg.fuse_commit and cfg.editing_threshold is None",
         "cfg.fuse_commit",
     ),
@@ -336,49 +336,49 @@ MUTATIONS: list[Mutation] = [
         "pipelined_verified_step_tops_up_every_block",
         "pipelined S2D2: after a verification every block in flight also commits as in a skipped step (the "
         "reference's top-up of fully activated blocks, and confident drafts)",
-        "decode.py",
+        "core/loop.py",
         "        for j in range(count) if verdict is None else ():",
         "        for j in range(count):",
     ),
     Mutation(
         "pipelined_add_rule_strict",
         "pipelining opens the next block only when the last one's share exceeds block_add_threshold (D2F: reaches)",
-        "decode.py",
+        "core/loop.py",
         "_decoded_share(last) >= cfg.block_add_threshold",
         "_decoded_share(last) > cfg.block_add_threshold",
     ),
     Mutation(
         "pipelined_activation_threshold",
         "pipelining activates a block on block_add_threshold instead of decoded_token_threshold",
-        "decode.py",
+        "core/loop.py",
         ">= cfg.decoded_token_threshold:",
         ">= cfg.block_add_threshold:",
     ),
     Mutation(
         "pipelined_blocks_survive_a_stop",
         "pipelining keeps the blocks after a committed stop token in flight",
-        "decode.py",
+        "core/loop.py",
         "        count = min(count, -(-(seq.limit - front) // size))",
         "        count = count",
     ),
     Mutation(
         "d2f_prompt_block_causal",
         "D2F: the prompt is prefilled block-causally instead of as one bidirectional chunk",
-        "adapters/sdar.py",
+        "families/sdar.py",
         "        return pending if self.blocks_from_prompt_end and cache_len == 0 else 0",
         "        return 0",
     ),
     Mutation(
         "dp_seed_not_shifted",
         "data-parallel: a rank's seeded config is not shifted by its shard's start (row i draws from seed + local i)",
-        "distributed.py",
+        "evaluation/distributed.py",
         "shard_cfg = cfg.replace(seed=cfg.seed + start) if cfg.seed is not None else cfg",
         "shard_cfg = cfg",
     ),
     Mutation(
         "dp_gathered_out_of_order",
         "data-parallel: the ranks' outputs are gathered in reverse rank order",
-        "distributed.py",
+        "evaluation/distributed.py",
         "        return [g for part, _ in parts for g in part]",
         "        return [g for part, _ in reversed(parts) for g in part]",
     ),
@@ -392,58 +392,86 @@ MUTATIONS: list[Mutation] = [
     Mutation(
         "tune_budget_ignored",
         "tune counts every setting as within the accuracy budget",
-        "tune.py",
+        "evaluation/tune.py",
         'r["within_budget"] = r["accuracy"] >= ar_accuracy - max_drop / 100 - 1e-12',
         'r["within_budget"] = True',
     ),
     Mutation(
         "trace_correction_labelled_accepted",
         "traces label the verifier's correction as an accepted draft",
-        "decode.py",
+        "core/loop.py",
         "span.start <= offset < span.start + verdict.num_accepted\n",
         "span.start <= offset <= span.start + verdict.num_accepted\n",
     ),
     Mutation(
         "trace_fused_forwards_counted",
         "traces record a draft that rode along a verification as a forward of its own",
-        "decode.py",
+        "core/forwards.py",
         'self._trace_forward("fused_draft")',
         'self._trace_forward("draft")',
     ),
     Mutation(
         "length_buckets_unsorted",
         "length-bucketed training batches are cut from the pool without sorting it by length",
-        "train.py",
+        "training/train.py",
         "pool = sorted(pool, key=lambda i: (len(examples[i].prompt) + len(examples[i].response), i))",
         "pool = list(pool)",
     ),
     Mutation(
         "length_buckets_pool_per_step",
         "every step of a bucket group draws its own pool (examples repeat and others are skipped)",
-        "train.py",
+        "training/train.py",
         "pool_rng = np.random.default_rng([cfg.seed, step // k, 1])",
         "pool_rng = np.random.default_rng([cfg.seed, step, 1])",
     ),
     Mutation(
         "lm_eval_task_split_ignored",
         "the lm-eval generation tasks serve the test split whatever split their yaml names",
-        "lm_eval_tasks/s2d2_arith.py",
+        "evaluation/lm_eval_tasks/s2d2_arith.py",
         'return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows(split)),',
         'return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows("test")),',
     ),
     Mutation(
         "train_compile_ignored",
         "s2d2 train --compile runs eager steps",
-        "train.py",
+        "training/train.py",
         "    if cfg.compile:\n        model.compile()",
         "    if False:\n        model.compile()",
     ),
     Mutation(
         "wordy_reversed_pair_anywhere",
         "an against-time-order pair told in main clauses may be followed by more events ('Then ...' is ambiguous)",
-        "tasks/wordy.py",
+        "evaluation/tasks/wordy.py",
         "rev_ok = sub_ok and i + 2 == len(cls)",
         "rev_ok = sub_ok",
+    ),
+    Mutation(
+        "post_steps_one_too_many",
+        "token editing runs max_post_steps + 1 editing-only steps (k must allow exactly k, 0 none)",
+        "core/loop.py",
+        "if not (edited and post_steps < cfg.max_post_steps):",
+        "if not (edited and post_steps <= cfg.max_post_steps):",
+    ),
+    Mutation(
+        "stream_holds_back_one_stop_character",
+        "the stream holds back only a one-character start of a stop string, not every prefix",
+        "serve/streaming.py",
+        "for k in range(1, len(s)) if text[:safe]",
+        "for k in range(1, min(len(s), 2)) if text[:safe]",
+    ),
+    Mutation(
+        "loglikelihood_continuation_encoded_alone",
+        "lm-eval log-likelihoods score the continuation encoded alone, not the tail of encode(context + continuation)",
+        "evaluation/lm_eval.py",
+        "        return head, whole[len(head):]",
+        "        return head, self.model.encode(continuation)",
+    ),
+    Mutation(
+        "trace_draft_positions_shifted",
+        "a trace's draft positions are one to the right of the offsets drafted",
+        "core/trace.py",
+        '{"positions": [start + i for i in offsets]',
+        '{"positions": [start + i + 1 for i in offsets]',
     ),
 ]
 
@@ -535,13 +563,16 @@ def first_failure(output: str) -> str:
     return ""
 
 
-def run_pytest(python: str, copy: Path, basetemp: Path, tests: list[str], keyword: str | None,
-               timeout: float) -> tuple[int | None, str, float]:
-    """One pytest run in ``copy``; returns (exit code or None on timeout, output, seconds).
+# The fast set (``make check``) first; a mutation it misses gets the slow tests too before it counts as missed.
+FAST, SLOW = "not slow and not gpu", "slow and not gpu"
 
-    The markers come from the copy's pyproject.toml (addopts), as in a plain ``pytest`` run: slow tests stay out.
-    """
-    cmd = [python, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", f"--basetemp={basetemp}"]
+
+def run_pytest(python: str, copy: Path, basetemp: Path, tests: list[str], keyword: str | None,
+               timeout: float, markers: str = FAST) -> tuple[int | None, str, float]:
+    """One pytest run in ``copy`` over the tests ``markers`` selects; returns (exit code or None on timeout,
+    output, seconds)."""
+    cmd = [python, "-m", "pytest", "-q", "-x", "-rfE", "-p", "no:cacheprovider", f"--basetemp={basetemp}",
+           "-m", markers]
     if keyword:
         cmd += ["-k", keyword]
     cmd += tests
@@ -657,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         summary = out.strip().splitlines()[-1] if out.strip() else ""
         log(f"mutate: baseline passed in {secs:.0f} s ({summary})")
+        slow_baseline: bool | None = None  # run once, when the first mutation survives the fast set
 
         results: list[Result] = []
         for n, m in enumerate(selected, 1):
@@ -672,12 +704,27 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{prefix}: running ...")
             rc, out, secs = run_pytest(args.python, work, tmp / f"basetemp-{n}", args.tests, args.keyword,
                                        args.timeout)
+            tier = ""
+            if rc == 0:  # missed by the fast set: the slow tests decide, once their own baseline passed
+                if slow_baseline is None:
+                    clean = fresh_copy(snap, tmp / "slow-baseline")
+                    s_rc, s_out, s_secs = run_pytest(args.python, clean, tmp / "basetemp-slow", args.tests,
+                                                     args.keyword, args.timeout, SLOW)
+                    slow_baseline = s_rc in (0, 5)  # 5: the selection holds no slow test
+                    log(f"mutate: slow baseline {'passed' if slow_baseline else 'FAILED'} in {s_secs:.0f} s")
+                    if not slow_baseline:
+                        log(s_out[-2000:])
+                if slow_baseline:
+                    rc, out, more = run_pytest(args.python, work, tmp / f"basetemp-{n}-slow", args.tests,
+                                               args.keyword, args.timeout, SLOW)
+                    secs += more
+                    rc, tier = (0, "") if rc == 5 else (rc, " (slow set)")
             if rc is None:
                 r = Result(m, "timeout", f"(no result after {args.timeout:.0f} s)", secs)
             elif rc == 0:
                 r = Result(m, "NO", "", secs)
             elif rc in (1, 2):  # 1: a test failed; 2: collection/import error or interrupted by -x on an error
-                r = Result(m, "yes", first_failure(out) or f"(pytest exit {rc}, no test named)", secs)
+                r = Result(m, "yes", (first_failure(out) or f"(pytest exit {rc}, no test named)") + tier, secs)
             else:  # 3 internal error, 4 usage error, 5 nothing collected: not a verdict on the mutation
                 r = Result(m, "error", f"(pytest exit {rc})", secs)
                 log(out[-2000:])

@@ -13,6 +13,8 @@ import s2d2
 from s2d2 import DecodeConfig
 from s2d2.cli import main
 
+pytestmark = pytest.mark.slow  # torch.compile
+
 CONFIGS = [dict(method="ar"), dict(method="dynamic", block_size=8, threshold=0.3),
            dict(method="s2d2", block_size=8, policy="mask_span_length", min_span=1), dict(method="s2d2", block_size=4)]
 PROMPTS = [[5, 17, 99, 3], list(range(40, 61)), [200]]

@@ -275,6 +275,7 @@ def test_generate_json_in_process(ar_json: dict) -> None:
     _check_generation_json(ar_json, 16)
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_generate_json_subprocess_matches_in_process(model_dir: Path, ar_json: dict) -> None:
     # A real process, through the module's __main__ guard; greedy AR is deterministic, and decoding 4 tokens
     # gives the first 4 of the 16 decoded above.
@@ -290,6 +291,7 @@ def test_generate_json_subprocess_matches_in_process(model_dir: Path, ar_json: d
     assert data["token_ids"] == ar_json["token_ids"][: len(data["token_ids"])]
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_console_script_user_error_subprocess(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("s2d2")
     argv = [str(script)] if script.is_file() else [sys.executable, "-m", "s2d2.cli"]

@@ -235,6 +235,7 @@ def test_never_verifying_is_dynamic_and_batched_equals_batch_1(d2f, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow  # statistical: thousands of sampled decodes
 def test_sampled_s2d2_draws_from_the_ar_distribution(d2f, family):
     model = d2f[family]
     target = exact_ar_distribution(model) if family == "d2f_llada" else exact_causal_distribution(model)
@@ -483,6 +484,7 @@ def test_pipelined_cache_ver_is_what_makes_verification_exact(d2f):
     assert all(same[True]) and not all(same[False])
 
 
+@pytest.mark.slow  # statistical: thousands of sampled decodes
 def test_pipelined_sampled_s2d2_draws_from_the_ar_distribution(d2f):
     model = d2f["d2f_llada"]
     counts = sample_counts(model, method="s2d2", block_size=2, policy="mask_span_length", min_span=1,

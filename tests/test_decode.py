@@ -362,3 +362,42 @@ def test_prompt_ids_outside_the_vocabulary_are_an_input_error(model):
         model.generate([5, 100000], DecodeConfig(max_new_tokens=2))
     with pytest.raises(s2d2.InputError):
         model.generate([[]], DecodeConfig(max_new_tokens=2))
+
+
+# ------------------------------------------------------------------------------- token editing's post-step limit
+def _flip_flop_drafts(prompt_ids: list[int], cfg: DecodeConfig, post_steps: int) -> list[tuple[int, int]]:
+    """Drive the loop with draft logits that always want to flip a committed generated token (0 <-> 1, confidence
+    ~1), so every step edits; returns (block start, masks left) for every draft forward asked for."""
+    from s2d2.core.loop import decode_steps
+    from s2d2.core.requests import DraftRequest, FamilyTraits
+    from s2d2.models.cache import KVCache
+
+    vocab, mask = 4, 3
+    cfg = cfg.replace(editing_threshold=0.5, max_post_steps=post_steps)
+    steps = decode_steps(prompt_ids, cfg, KVCache(0, 1, 1, 64),
+                         FamilyTraits(mask, (), torch.device("cpu")))
+    drafts, logits = [], None
+    while True:
+        try:
+            request = steps.send(logits)
+        except StopIteration:
+            return drafts
+        assert isinstance(request, DraftRequest)
+        block = request.ids[request.block_start:request.block_start + request.block_size].tolist()
+        drafts.append((request.block_start, block.count(mask)))
+        logits = torch.full((request.block_size, vocab), -20.0)
+        for i, token in enumerate(block):
+            logits[i, 0 if token in (mask, 1) else 1] = 20.0  # a mask drafts 0; a committed token drafts its flip
+
+
+@pytest.mark.parametrize("post_steps", [0, 1, 3])
+def test_max_post_steps_allows_exactly_that_many_editing_only_steps(post_steps):
+    """A block whose masks are gone runs exactly ``max_post_steps`` editing-only steps while edits keep firing
+    (0: none), then the next block starts."""
+    cfg = DecodeConfig(method="static", block_size=2, steps=2, max_new_tokens=4, stop_token_ids=(),
+                       generation_config="none", cache_ver=False, fuse_commit=True, prefix_cache=False)
+    drafts = _flip_flop_drafts([2, 2], cfg, post_steps)
+    for start in (2, 4):
+        masks_left = [left for block, left in drafts if block == start]
+        # two unmasking steps (one token each), then the editing-only steps on the full block
+        assert masks_left == [2, 1] + [0] * post_steps

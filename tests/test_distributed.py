@@ -14,6 +14,8 @@ import pytest
 
 from s2d2.evaluation.distributed import shard_bounds
 
+pytestmark = pytest.mark.slow  # torchrun processes
+
 EXACT = ("num_prompts", "num_tokens", "prompt_tokens", "nfe", "draft_forwards", "verify_forwards", "fused_drafts",
          "steps", "proposed_tokens", "accepted_tokens", "corrected_tokens", "fallback_tokens",
          "accepted_per_position", "proposed_per_position")

@@ -19,6 +19,8 @@ import s2d2
 from s2d2 import DecodeConfig
 from s2d2.core.sampling import token_probs
 
+pytestmark = pytest.mark.slow  # statistical: thousands of sampled decodes
+
 PROMPT = [72, 101, 108, 108, 111]  # 5 tokens: the block at position 4 holds one prompt token and three masks
 NUM_NEW, TOP_K, TEMPERATURE, N = 3, 3, 1.0, 1500
 

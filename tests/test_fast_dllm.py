@@ -210,6 +210,7 @@ def exact_causal_distribution(model: s2d2.Model) -> dict[tuple[int, ...], float]
     return dist
 
 
+@pytest.mark.slow  # statistical: thousands of sampled decodes
 def test_sampled_s2d2_draws_from_the_ar_distribution(fast):
     """Invariant: sampled S2D2 verifying every step samples the AR chain; with block size 2 the third token is a
     block's opening AR token, drawn with the decoding temperature (the reference takes its argmax)."""

@@ -86,6 +86,7 @@ def test_cli_refuses_a_prompt_that_is_not_utf8(random_model_dir: Path, capsys: p
               "not valid UTF-8", "byte 0xff", "character 0")
 
 
+@pytest.mark.slow  # a CLI subprocess
 def test_console_script_refuses_raw_invalid_bytes(random_model_dir: Path) -> None:
     script = Path(sys.executable).with_name("s2d2")
     assert script.is_file()

@@ -169,6 +169,7 @@ def test_never_verifying_is_dynamic_and_batched_equals_batch_1(llada):
                                                                           stop_token_ids=()), batch_size=4)
 
 
+@pytest.mark.slow  # statistical: thousands of sampled decodes
 def test_sampled_s2d2_draws_from_the_ar_distribution(llada):
     target = exact_ar_distribution(llada)
     counts = sample_counts(llada, method="s2d2", policy="mask_span_length", min_span=1, generation_config="none")

@@ -17,6 +17,7 @@ pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
 import s2d2  # noqa: E402
+import s2d2.evaluation.lm_eval  # noqa: E402
 from s2d2.config import DecodeConfig  # noqa: E402
 from s2d2.errors import ConfigError  # noqa: E402
 from s2d2.evaluation.lm_eval import S2D2LM, TASKS_DIR, decode_config_from_model_args  # noqa: E402
@@ -105,6 +106,21 @@ def test_loglikelihood_equals_ar_mode_logits_computed_directly(lm):
     assert is_greedy and not not_greedy
 
 
+def test_continuation_is_the_tail_of_the_whole_encoding_on_a_tokenizer_with_merges():
+    """lm-eval's HF model scores ``encode(context + continuation)[len(encode(context)):]`` given ``encode(context)``;
+    on a tokenizer whose merges cross the boundary (the bundled model's BPE: "apple" + "s ..." merges into
+    "apples") that differs from encoding the continuation alone, and s2d2 must score what lm-eval scores."""
+    model = s2d2.load("bundled")
+    lm = S2D2LM.wrap(model)
+    context, continuation = "How many apple", "s does he have?"
+    head, whole = model.encode(context), model.encode(context + continuation)
+    assert head + model.encode(continuation) != whole  # the merge crosses the boundary: the split matters here
+    assert lm._encode_pair(context, continuation) == (head, whole[len(head):])
+    ((logp, greedy),) = lm.loglikelihood([Instance("loglikelihood", {}, (context, continuation), 0)])
+    expected, expected_greedy = direct_ar_logprobs(model, head + whole[len(head):], len(head))
+    assert logp == pytest.approx(expected, abs=1e-3) and greedy == expected_greedy
+
+
 def test_loglikelihood_rolling_scores_every_token_once(lm, monkeypatch):
     text = "the quick brown fox jumps over the lazy dog"
     tokens = lm.model.encode(text)
@@ -119,6 +135,7 @@ def test_loglikelihood_rolling_scores_every_token_once(lm, monkeypatch):
     assert sum(scored) == len(tokens) and len(scored) > 1 and windowed < 0
 
 
+@pytest.mark.slow  # an lm-eval subprocess
 def test_multiple_choice_task_offline_on_the_bundled_model(tmp_path: Path):
     """``--tasks s2d2_arith_mc``: lm-eval's accuracy equals the share of problems whose true solution gets the
     highest Model.loglikelihoods score, computed here; the bundled model picks the true final answer."""
@@ -153,7 +170,7 @@ def test_cuda_default_falls_back_to_cpu_without_cuda(random_model_dir, monkeypat
     for available, expected in ((True, "cuda:0"), (False, "cpu")):
         asked = []
         monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
-        monkeypatch.setattr(s2d2, "load",
+        monkeypatch.setattr(s2d2.evaluation.lm_eval, "load",
                             lambda pretrained, device, dtype, adapter=None, compile=False: asked.append(device) or lm.model)
         S2D2LM(pretrained=str(random_model_dir), device="cuda:0")
         assert asked == [expected]
@@ -208,6 +225,7 @@ def _run_lm_eval(model_args: str, out: Path) -> tuple[dict, list[dict], tuple[in
     return results, samples, (int(tokens), int(nfe))
 
 
+@pytest.mark.slow  # an lm-eval subprocess
 def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Path):
     """``python -m s2d2.lm_eval --model s2d2 --tasks s2d2_arith --limit 5 --log_samples``: every raw response is
     ``Model.generate``'s text for that problem with ``--model_args`` plus the task's generation settings, the logged
@@ -242,6 +260,7 @@ def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Pat
                                                 n=5).accuracy)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compile_model_arg_compiles_and_warms_up(random_model_dir, monkeypatch):
     loaded, warmed = [], []
     real = s2d2.load(str(random_model_dir))
@@ -255,6 +274,7 @@ def test_compile_model_arg_compiles_and_warms_up(random_model_dir, monkeypatch):
         S2D2LM(pretrained=str(random_model_dir), compile="yes")
 
 
+@pytest.mark.slow  # lm-eval's own command line
 def test_bad_model_args_end_in_one_sentence_and_exit_2(capsys):
     from s2d2.evaluation.lm_eval import main
 

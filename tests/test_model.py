@@ -178,7 +178,7 @@ def test_tokenizer_round_trip_and_special_ids(model_dir: Path) -> None:
     assert tok.decode(tok.encode(text).ids) == text
     assert tok.encode("<|im_end|>").ids == [258]
     ids = read_special_ids(model_dir, read_config(model_dir), tok)
-    assert ids == SpecialIds(mask_id=259, eos_ids=(258, 256), pad_id=256)
+    assert ids == SpecialIds(mask_id=259, eos_ids=(258, 256))
     assert tok.id_to_token(ids.mask_id) == "<|MASK|>"
     assert read_chat_template(model_dir) == CHAT_TEMPLATE
 
@@ -191,7 +191,7 @@ def test_special_ids_fall_back_to_tokenizer(tmp_path: Path) -> None:
     tok_config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
     config = {k: v for k, v in read_config(path).items() if k not in ("mask_token_id", "eos_token_id")}
-    assert read_special_ids(path, config, load_tokenizer(path)) == SpecialIds(259, (258, 256), 256)
+    assert read_special_ids(path, config, load_tokenizer(path)) == SpecialIds(259, (258, 256))
     assert read_chat_template(path) == "D"
 
 

@@ -18,8 +18,9 @@ CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrom
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PROMPT = "Q: Omar wrote 144 pages in 12 weeks, the same amount each week. How many pages is that each week?\nA:"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install "
-                                                          "chromium; `make test` does it as root)")
+pytestmark = [pytest.mark.slow,  # a real server and a browser
+              pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (Debian: apt-get install "
+                                                          "chromium; `make test` does it as root)")]
 
 
 def test_the_playground_decodes_two_methods_live_and_colours_every_token(bundled):  # noqa: F811

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from markers import cover
 from single_row import run_draft, run_verify
 
 import s2d2
@@ -49,7 +50,7 @@ def _ids(cfg: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.items())
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=_ids)
+@pytest.mark.parametrize("cfg", cover(CONFIGS, [_ids(c) for c in CONFIGS], lambda c: c["method"]))
 def test_prefix_caching_changes_no_token_and_no_forward_and_carries_fewer_rows(random_models, family_model, cfg):
     for m in [*random_models[:2], *(family_model(f) for f in FAMILIES)]:
         if "block_add_threshold" in cfg and m.adapter.default_sub_block_size is not None:
@@ -82,7 +83,8 @@ PURITY_CASES = [(family, cfg) for family in ("sdar", *FAMILIES) for cfg in CONFI
                 if not (family == "fast_dllm_v2" and "block_add_threshold" in cfg)]
 
 
-@pytest.mark.parametrize(("family", "cfg"), PURITY_CASES, ids=[f"{f}-{_ids(c)}" for f, c in PURITY_CASES])
+@pytest.mark.parametrize(("family", "cfg"), cover(PURITY_CASES, [f"{f}-{_ids(c)}" for f, c in PURITY_CASES],
+                                                  lambda case: case[0], lambda case: _ids(case[1])))
 def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, family_model, family, cfg):
     """After every forward: the cache holds only committed tokens, their K/V equal one fresh causal forward over
     them (cache purity, cached == uncached), and a draft or verification carried only the rows after it."""

@@ -28,6 +28,8 @@ from s2d2.core.sampling import token_probs
 from s2d2.engine.runner import request_spec
 from s2d2.models.cache import KVCache
 
+pytestmark = pytest.mark.slow  # statistical: thousands of sampled decodes
+
 V = 5  # real tokens 0..4
 MASK = V  # the mask id; the vocabulary is V + 1
 TEMPERATURE, TOP_K, TOP_P = 1.5, 4, 0.95

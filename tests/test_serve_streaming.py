@@ -113,3 +113,27 @@ def test_stream_reports_a_failed_decode_as_an_error_chunk_and_frees_the_slot():
                                "code": None}}
     assert worker.cancelled == [ticket]
     assert worker.metrics.registry.get_sample_value("s2d2_requests_total", {"endpoint": ENDPOINT, "status": "500"}) == 1
+
+
+def test_stops_of_several_characters_split_across_tokens_never_leak_into_the_stream():
+    """Whatever the tokens, the streamed deltas so far are always a prefix of the final (cut) text, and add up to it:
+    every possible start of every stop string is held back until the next token settles it."""
+    import random
+
+    from s2d2.api import find_stop
+
+    rng = random.Random(0)
+    model = ByteModel()
+    for _ in range(300):
+        text = "".join(rng.choice("ab=#é") for _ in range(rng.randrange(1, 14)))
+        stops = tuple("".join(rng.choice("ab=#é") for _ in range(rng.randrange(2, 5))) for _ in range(2))
+        cut = find_stop(text, stops)
+        want = text if cut < 0 else text[:cut]
+        stream, sent = TextStream(model, stops), ""  # type: ignore[arg-type]
+        for byte in text.encode():
+            sent += stream.feed([byte])
+            assert want.startswith(sent), (text, stops, sent)
+            if stream.stopped:
+                break
+        assert stream.stopped == (cut >= 0)
+        assert sent + stream.rest(want) == want, (text, stops)

@@ -185,6 +185,23 @@ def test_stop_strings_streamed_and_plain(server, bundled):
     assert "".join(c.choices[0].text for c in streamed) == want.text
 
 
+def test_stops_of_several_characters_across_tokens_streamed_and_plain(server, bundled):
+    """A stop string that starts in one token and ends in the next: the stream holds its first characters back until
+    the next token settles them, so streamed text == plain text == Model.generate's."""
+    prompt = PROBLEMS[3].prompt
+    free = expected(bundled, [prompt])[0]
+    ends = [len(bundled.decode(free.token_ids[:k])) for k in range(1, len(free.token_ids))]  # token boundaries
+    stop = next(free.text[b - 2:b + 1] for b in ends if b >= 2 and free.text.find(free.text[b - 2:b + 1]) == b - 2
+                and free.text[b - 2:b + 1].strip() == free.text[b - 2:b + 1])
+    want = expected(bundled, [prompt], stop=(stop,))[0]
+    assert want.finish_reason == "stop" and stop not in want.text and len(want.text) < len(free.text)
+    plain = server.client.completions.create(model="bundled", prompt=prompt, stop=[stop, "@@@"])
+    assert plain.choices[0].text == want.text
+    streamed = list(server.client.completions.create(model="bundled", prompt=prompt, stop=[stop, "@@@"],
+                                                     stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == want.text
+
+
 def test_concurrent_requests_equal_generate(server, bundled):
     """More requests than slots at once: they batch, queue, and each gets exactly its batch-1 answer."""
     prompts = [p.prompt for p in PROBLEMS[:6]]

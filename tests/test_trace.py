@@ -47,6 +47,22 @@ def check_trace(trace: list[dict], token_ids: list[int], stats, prompt_len: int,
             final[c["pos"]] = c["token"]
     got = [final.get(prompt_len + i) for i in range(len(token_ids))]
     assert got == token_ids
+    # drafts lie in their step's block (the blocks in flight, when pipelined), and every accepted, corrected or
+    # fallback commit lands on one of the step's draft positions (the first two with the draft's token)
+    size, pipelined = header["block_size"], header["pipelined"]
+    for s in steps:
+        if s["draft"] is None:
+            continue
+        positions = s["draft"]["positions"]
+        assert positions == sorted(set(positions)) and all(p >= max(s["block"], prompt_len) for p in positions), s
+        if not pipelined:
+            assert all(p < s["block"] + size for p in positions), s
+        drafted = dict(zip(positions, s["draft"]["tokens"]))
+        for c in s["commits"]:
+            if c["how"] in ("accepted", "corrected", "fallback"):
+                assert c["pos"] in drafted, (c, positions)
+            if c["how"] in ("accepted", "fallback"):
+                assert c["token"] == drafted[c["pos"]], (c, drafted)
     # routing and verification
     for s in steps:
         route, verify = s["route"], s["verify"]

@@ -170,6 +170,7 @@ def test_train_flags_describe_training_fields(capsys):
     assert "--steps STEPS optimizer steps (default: 4000)" in text and "denoising" not in text
 
 
+@pytest.mark.slow  # torch.compile
 def test_a_compiled_run_takes_the_same_steps_as_an_eager_one(tmp_path, monkeypatch):
     from s2d2.models.decoder import Decoder
 

@@ -103,6 +103,7 @@ def test_bad_config_files_are_one_sentence(tmp_path, capsys, content, message):
         DecodeConfig.file_fields(str(tmp_path / "missing.json"))
 
 
+@pytest.mark.slow  # lm-eval's evaluator over every setting
 def test_tune_on_an_lm_eval_task_scores_its_validation_split(tmp_path, capsys):
     """``--task lm-eval:s2d2_arith``: every setting runs lm-eval's evaluator on the task's validation documents, so
     its accuracy is what ``s2d2 eval --split validation`` gives for the same setting with the task's generation

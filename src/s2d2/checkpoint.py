@@ -50,7 +50,6 @@ class SpecialIds:
 
     mask_id: int | None  # the diffusion mask token; None if the checkpoint names none
     eos_ids: tuple[int, ...]  # every id that ends generation, in the checkpoint's order
-    pad_id: int | None
 
 
 # ------------------------------------------------------------------------------------------------ directory
@@ -402,4 +401,4 @@ def read_special_ids(
     if mask_id is None:
         mask_id = next((i for i in (token_id(t) for t in _MASK_TOKENS) if i is not None), None)
 
-    return SpecialIds(mask_id=mask_id, eos_ids=eos, pad_id=_as_id(config.get("pad_token_id")))
+    return SpecialIds(mask_id=mask_id, eos_ids=eos)

@@ -121,6 +121,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and load the model, the same for every command that decodes."""
+    parser.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the forward with torch.compile (one-time warm-up, reported; eager where "
+                             "unavailable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``s2d2`` argument parser."""
     parser = _Parser(prog="s2d2", description="Fast decoding for block-diffusion language models (S2D2).")
@@ -132,13 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="more prompts, one per line (\\n inside a line stands for a newline)")
     gen.add_argument("--batch-size", type=int, default=None,
                      help=f"prompts decoded together, one batched forward per step (default: {DEFAULT_BATCH_SIZE})")
-    gen.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
-    gen.add_argument("--adapter", default=None, metavar="DIR",
-                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
-    gen.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    gen.add_argument("--compile", action="store_true",
-                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
+    _add_model_flags(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
                      help='a JSON object of extra chat template variables, e.g. \'{"enable_thinking": false}\' '
@@ -155,13 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     # --limit (lm-eval's name) also serves under torchrun, whose own parser takes --n for an abbreviation of its flags
     ev.add_argument("--n", "--limit", dest="n", type=int, default=500, help="number of problems")
     ev.add_argument("--split", default="test", help="train, validation, test (wordy: also generalisation)")
-    ev.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
-    ev.add_argument("--adapter", default=None, metavar="DIR",
-                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--dtype", default="auto")
-    ev.add_argument("--compile", action="store_true",
-                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
+    _add_model_flags(ev)
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
     ev.add_argument("--batch-size", type=int, default=None,
                     help=f"problems decoded together (default: {DEFAULT_BATCH_SIZE})")
@@ -170,9 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(ev)
 
     be = sub.add_parser("bench", help="methods side by side: accuracy, NFE, tokens/s, speedup vs AR")
-    be.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
-    be.add_argument("--adapter", default=None, metavar="DIR",
-                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
+    _add_model_flags(be)
     be.add_argument("--task", default="arith", help="arith or wordy (default arith)")
     be.add_argument("--split", default="test", help="test (default), validation; wordy: also generalisation")
     be.add_argument("--n", "--limit", dest="n", type=int, default=None, help="problems (default 200; 10 with --quick)")
@@ -180,10 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", default="bench-out", help="directory for results.jsonl, results.md, pareto.png")
     be.add_argument("--repeats", type=int, default=None, help="timed rounds; medians are reported (default 3)")
     be.add_argument("--quick", action="store_true", help="a 3-setting grid, few problems, one round (for CI)")
-    be.add_argument("--device", default="cpu")
-    be.add_argument("--dtype", default="auto")
-    be.add_argument("--compile", action="store_true",
-                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
     be.add_argument("--no-progress", action="store_true")
     be.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
                     help="add a throughput section: AR, dynamic and S2D2 at these batch sizes (e.g. 1 4 16 64)")
@@ -199,9 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--row", type=int, default=0, help="which prompt of each file (default 0)")
 
     tu = sub.add_parser("tune", help="the fastest setting within an accuracy budget of AR, on the validation split")
-    tu.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
-    tu.add_argument("--adapter", default=None, metavar="DIR",
-                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
+    _add_model_flags(tu)
     tu.add_argument("--task", default="arith",
                     help="arith (the bundled task), or lm-eval:NAME for an lm-eval generation task (its metric)")
     tu.add_argument("--metric", default=None, help="with lm-eval:NAME: the metric to hold within budget "
@@ -220,15 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", default="tuned.json", metavar="FILE",
                     help="where the chosen setting is written, for --config FILE (default tuned.json)")
     tu.add_argument("--report", default=None, metavar="FILE", help="also write every setting's record (JSON lines)")
-    tu.add_argument("--device", default="cpu")
-    tu.add_argument("--dtype", default="auto")
-    tu.add_argument("--compile", action="store_true",
-                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
-    sv.add_argument("--model", default="bundled", help="bundled, a local HF-format directory, or a hub id")
-    sv.add_argument("--adapter", default=None, metavar="DIR",
-                    help="a peft LoRA adapter (local directory or hub id) merged into the weights at load")
+    _add_model_flags(sv)
     sv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
@@ -237,10 +223,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests waiting for a slot beyond --max-batch; more are answered 429 (default: 64)")
     sv.add_argument("--timeout", type=float, default=600.0,
                     help="seconds after which an unfinished request is cancelled, 504 (default: 600)")
-    sv.add_argument("--device", default="cpu")
-    sv.add_argument("--dtype", default="auto")
-    sv.add_argument("--compile", action="store_true",
-                    help="compile the forward with torch.compile (one-time warm-up, reported; eager where unavailable)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_config_flags(sv)  # the server's defaults for every request
 

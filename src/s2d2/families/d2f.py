@@ -26,8 +26,8 @@ from typing import Any
 
 from s2d2.errors import ModelLoadError
 from s2d2.families.fast_dllm import FastDLLMAdapter
-from s2d2.families.sdar import SDARAdapter
-from s2d2.models.decoder import Decoder, DecoderConfig
+from s2d2.families.sdar import QWEN_WEIGHT_NAMES, SDARAdapter
+from s2d2.models.decoder import Decoder, DecoderConfig, WeightNames
 
 # The D2F example's block size (reference §4.3; the adapters were trained with blocks of 16).
 D2F_BLOCK_SIZE = 32
@@ -37,6 +37,14 @@ D2F_BLOCK_SIZE = 32
 # <|im_end|> (a base model writing the next chat turn).
 LLADA_TURN_END_TOKENS = ("<|eot_id|>",)
 DREAM_TURN_END_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# LLaDA-8B's checkpoint names (OLMo's): ff_proj is the SwiGLU gate, ff_out the down projection and, at the top
+# level, the LM head
+LLADA_WEIGHT_NAMES = WeightNames(
+    embed="model.transformer.wte.weight", norm="model.transformer.ln_f.weight",
+    lm_head="model.transformer.ff_out.weight", layer="model.transformer.blocks.{i}.",
+    input_norm="attn_norm.weight", post_norm="ff_norm.weight", qkv=("q_proj.weight", "k_proj.weight", "v_proj.weight"),
+    o_proj="attn_out.weight", mlp="", swiglu=("ff_proj.weight", "up_proj.weight", "ff_out.weight"))
 
 # LLaDA config keys that change the architecture: (the published config class's default, accepted values).
 _LLADA_SUPPORTED: dict[str, tuple[Any, tuple[Any, ...]]] = {
@@ -86,7 +94,7 @@ def llada_decoder_config(cfg: Mapping[str, Any]) -> DecoderConfig:
             qk_norm=False,
             qkv_bias=bool(cfg.get("include_qkv_bias") or False),
             rope_float32=bool(cfg.get("rope_full_precision", True)),
-            layout="llada",
+            layout=LLADA_WEIGHT_NAMES,
         )
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}.") from None
@@ -96,7 +104,7 @@ def llada_decoder_config(cfg: Mapping[str, Any]) -> DecoderConfig:
 
 def dream_decoder_config(cfg: Mapping[str, Any]) -> DecoderConfig:
     """The decoder for a Dream ``config.json``: Qwen2's (q/k/v bias, no q/k norm)."""
-    return DecoderConfig.from_hf(cfg, qk_norm=False, qkv_bias=True)
+    return DecoderConfig.from_hf(cfg, qk_norm=False, qkv_bias=True, layout=QWEN_WEIGHT_NAMES)
 
 
 class LLaDAAdapter(SDARAdapter):

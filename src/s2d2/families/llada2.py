@@ -2,7 +2,7 @@
 aligned logits (a mask predicts itself), so its forwards are SDAR's (block-causal drafts, the 2L verifier), with
 boolean masks that really mask (the reference's float 0/1 masks do not, its §7.10).
 
-The architecture is the shared decoder (:mod:`s2d2.models.decoder`) with the ``llada2`` weight layout, per-head q/k
+The architecture is the shared decoder (:mod:`s2d2.models.decoder`) with LLaDA2's weight names, per-head q/k
 RMSNorm, partial RoPE, dense first layers and grouped-sigmoid routed experts (:mod:`s2d2.models.moe`). Config
 values the decoder does not implement are refused in one sentence rather than silently misread.
 Token editing (LLaDA2.1's self-correction) is the loop's ``editing_threshold`` / ``max_post_steps``.
@@ -16,8 +16,15 @@ from typing import Any
 
 from s2d2.errors import ModelLoadError
 from s2d2.families.sdar import SDARAdapter
-from s2d2.models.decoder import DecoderConfig
+from s2d2.models.decoder import DecoderConfig, WeightNames
 from s2d2.models.moe import MoEConfig
+
+# BailingMoeV2's checkpoint names (the MLP and expert names are the defaults)
+LLADA2_WEIGHT_NAMES = WeightNames(
+    embed="model.word_embeddings.weight", norm="model.norm.weight", lm_head="lm_head.weight", layer="model.layers.{i}.",
+    input_norm="input_layernorm.weight", post_norm="post_attention_layernorm.weight",
+    qkv=("attention.query_key_value.weight",), o_proj="attention.dense.weight",
+    q_norm="attention.query_layernorm.weight", k_norm="attention.key_layernorm.weight")
 
 # Neither config.json nor generation_config.json names these; the published generators and SGLang hard-code them.
 LLADA2_BLOCK_SIZE = 32
@@ -60,13 +67,13 @@ def llada2_decoder_config(cfg: Mapping[str, Any]) -> DecoderConfig:
             routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
         )
-        base = DecoderConfig.from_hf(cfg, qk_norm=True, qkv_bias=False)
+        base = DecoderConfig.from_hf(cfg, qk_norm=True, qkv_bias=False, layout=LLADA2_WEIGHT_NAMES)
     except KeyError as e:
         raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}.") from None
     except (TypeError, ValueError) as e:
         raise ModelLoadError(f"config.json has an invalid MoE field ({e}).") from None
     return replace(base, partial_rotary_factor=float(factor if factor is not None else 1.0), moe=moe,
-                   first_k_dense_replace=int(cfg.get("first_k_dense_replace", 0)), layout="llada2")
+                   first_k_dense_replace=int(cfg.get("first_k_dense_replace", 0)))
 
 
 class LLaDA2Adapter(SDARAdapter):

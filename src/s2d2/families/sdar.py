@@ -25,6 +25,7 @@ import torch
 from s2d2.core.requests import FamilyTraits
 from s2d2.models.batching import ForwardSpec
 from s2d2.models.cache import BatchKVCache, KVCache
+from s2d2.models.decoder import QWEN_WEIGHT_NAMES as QWEN_WEIGHT_NAMES  # SDAR's (Qwen3's) checkpoint names, re-exported
 from s2d2.models.decoder import Decoder
 
 

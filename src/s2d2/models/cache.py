@@ -41,9 +41,6 @@ class KVCache:
             raise RuntimeError(f"KV cache overflow: {self.length} + {num_tokens} > {self.capacity}")
         self.length += num_tokens
 
-    def committed(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The committed keys and values of ``layer``, each ``[num_kv_heads, length, head_dim]`` (views)."""
-        return self.keys[layer][:, : self.length], self.values[layer][:, : self.length]
 
 
 class BatchKVCache:
@@ -62,10 +59,6 @@ class BatchKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.lengths = [0] * num_slots
         self.capacity = capacity
-
-    @property
-    def num_slots(self) -> int:
-        return len(self.lengths)
 
     def slot(self, index: int) -> SlotCache:
         """The single-row view of slot ``index`` that a row's decoding loop reads and commits through."""

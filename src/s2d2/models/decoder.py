@@ -1,19 +1,23 @@
-"""A Qwen3-style dense decoder (SDAR's architecture) in plain PyTorch, with an arbitrary boolean attention mask.
+"""The one decoder-only transformer every family runs, in plain PyTorch, with an arbitrary boolean attention mask.
 
-RMSNorm, rotary embeddings (NeoX half split), grouped-query attention through SDPA, SwiGLU MLP, optional per-head
-q/k RMSNorm (Qwen3, SDAR) and optional q/k/v bias (Qwen2, Fast-dLLM v2). The module knows nothing about block
-diffusion: callers pass the token rows, their positions and the mask; the family adapter decides what those are.
+Pre-norm layers of RMSNorm, rotary embeddings (NeoX half split, optionally partial), grouped-query attention
+through SDPA and a SwiGLU MLP or routed experts (:mod:`s2d2.models.moe`), with optional per-head q/k RMSNorm and
+optional q/k/v bias. That covers Qwen2 (Fast-dLLM v2, Dream: q/k/v bias), Qwen3 (SDAR: q/k norm), LLaDA-8B (LLaMA
+blocks under OLMo's weight names) and the LLaDA2 mixture of experts (BailingMoeV2: q/k norm, partial RoPE, dense
+first layers). The module knows nothing about block diffusion: callers pass the token rows, their positions and the
+mask; the family adapter decides what those are.
 
-Weights load from the Hugging Face layout (``model.layers.{i}.self_attn.q_proj.weight`` ...). At load time q/k/v
-are fused into one matrix and gate/up into another, so one forward runs two matmuls per sub-layer instead of five:
-on small models the per-kernel overhead, not the arithmetic, dominates a forward.
+Weights load under the checkpoint's names, which each family declares in a :class:`WeightNames` table
+(:data:`QWEN_WEIGHT_NAMES` here, the default; the others in their family modules). At load time q/k/v are fused
+into one matrix and gate/up into another, so one forward runs two matmuls per sub-layer instead of five: on small
+models the per-kernel overhead, not the arithmetic, dominates a forward.
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +37,42 @@ IGNORED_CHECKPOINT_TENSORS = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 
 @dataclass(frozen=True)
+class WeightNames:
+    """A checkpoint's weight names: the top-level tensors, then per layer names after ``layer`` (its ``{i}`` the
+    layer index). A bias is named as its weight with ``bias`` for ``weight``. The MLP and MoE defaults are the
+    Hugging Face convention (Qwen, DeepSeek-V3, BailingMoeV2)."""
+
+    embed: str
+    norm: str
+    lm_head: str
+    layer: str
+    input_norm: str
+    post_norm: str
+    qkv: tuple[str, ...]  # the q, k and v matrices, or one name for a fused [Q heads | K heads | V heads] matrix
+    o_proj: str
+    q_norm: str | None = None  # per-head q/k RMSNorm, for a config with qk_norm
+    k_norm: str | None = None
+    mlp: str = "mlp."  # the dense MLP's prefix, before the SwiGLU names
+    swiglu: tuple[str, str, str] = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")  # gate, up, down
+    router: str = "mlp.gate.weight"
+    expert_bias: str = "mlp.gate.expert_bias"
+    experts: str = "mlp.experts.{e}."  # an expert's prefix, before the SwiGLU names
+    shared_experts: str = "mlp.shared_experts."
+
+    def __post_init__(self) -> None:
+        if len(self.qkv) not in (1, 3):
+            raise ValueError(f"qkv names three matrices (q, k, v) or one fused matrix, not {self.qkv!r}.")
+
+
+# Qwen2 / Qwen3 names (SDAR, Fast-dLLM v2, Dream)
+QWEN_WEIGHT_NAMES = WeightNames(
+    embed="model.embed_tokens.weight", norm="model.norm.weight", lm_head="lm_head.weight", layer="model.layers.{i}.",
+    input_norm="input_layernorm.weight", post_norm="post_attention_layernorm.weight",
+    qkv=("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    o_proj="self_attn.o_proj.weight", q_norm="self_attn.q_norm.weight", k_norm="self_attn.k_norm.weight")
+
+
+@dataclass(frozen=True)
 class DecoderConfig:
     """Architecture hyper-parameters, read from a Hugging Face ``config.json``."""
 
@@ -49,13 +89,12 @@ class DecoderConfig:
     tie_word_embeddings: bool = False
     qk_norm: bool = True  # Qwen3 / SDAR: RMSNorm over head_dim on q and k, before RoPE
     qkv_bias: bool = False  # Qwen2 / Fast-dLLM v2: bias on q/k/v projections
-    rope_float32: bool = False  # rotate q/k in float32 and cast back (LLaDA's rope_full_precision); else in the model dtype
+    # rotate q/k in float32 and cast back (LLaDA's rope_full_precision); else in the model dtype
+    rope_float32: bool = False
     partial_rotary_factor: float = 1.0  # RoPE on the first head_dim * factor dims of each head (LLaDA2: 0.5)
     moe: MoEConfig | None = None  # routed-expert MLPs (LLaDA2), from layer first_k_dense_replace on
     first_k_dense_replace: int = 0
-    # checkpoint weight names: "qwen" (Qwen2/3: SDAR, Fast-dLLM v2, Dream), "llada2" (BailingMoeV2) or "llada"
-    # (LLaDA-8B's OLMo-style ``model.transformer.blocks.*``)
-    layout: str = "qwen"
+    layout: WeightNames = QWEN_WEIGHT_NAMES  # the checkpoint's weight names (the family's table)
 
     @property
     def rotary_dim(self) -> int:
@@ -65,7 +104,8 @@ class DecoderConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             if int(getattr(self, name)) <= 0:
-                raise ModelLoadError(f"config.json field {name} must be a positive integer, got {getattr(self, name)!r}.")
+                raise ModelLoadError(
+                    f"config.json field {name} must be a positive integer, got {getattr(self, name)!r}.")
         if self.rotary_dim % 2 or not 0 < self.rotary_dim <= self.head_dim:
             raise ModelLoadError(f"partial_rotary_factor {self.partial_rotary_factor} gives a rotary dimension of "
                                  f"{self.rotary_dim}, which must be even and within head_dim ({self.head_dim}).")
@@ -74,9 +114,12 @@ class DecoderConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})."
             )
+        if self.qk_norm and (self.layout.q_norm is None or self.layout.k_norm is None):
+            raise ModelLoadError("this checkpoint layout names no q/k norm weights, so qk_norm is not supported.")
 
     @classmethod
-    def from_hf(cls, cfg: Mapping[str, Any], *, qk_norm: bool, qkv_bias: bool) -> DecoderConfig:
+    def from_hf(cls, cfg: Mapping[str, Any], *, qk_norm: bool, qkv_bias: bool,
+                layout: WeightNames = QWEN_WEIGHT_NAMES) -> DecoderConfig:
         """Build from a config.json dict; ``head_dim`` defaults to hidden_size / num_attention_heads (Qwen2)."""
         try:
             heads = int(cfg["num_attention_heads"])
@@ -101,6 +144,7 @@ class DecoderConfig:
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qk_norm=qk_norm,
                 qkv_bias=qkv_bias,
+                layout=layout,
             )
         except KeyError as e:
             raise ModelLoadError(f"config.json lacks the required field {e.args[0]!r}.") from None
@@ -140,10 +184,18 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+# A forward path's attention: ``attend(layer_index, q, k, v)`` with q ``[..., heads, head_dim]`` and k, v
+# ``[..., kv_heads, head_dim]`` (RoPE applied) writes k and v into the path's cache and returns the attention output
+# ``[..., heads * head_dim]``, with the same leading dims.
+Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class _Layer(nn.Module):
     def __init__(self, c: DecoderConfig, index: int, device: Any, dtype: torch.dtype) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
+        self.index, self.eps = index, c.rms_norm_eps
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_size = c.num_attention_heads * c.head_dim
         self.kv_size = c.num_key_value_heads * c.head_dim
         self.input_norm = nn.Parameter(torch.ones(c.hidden_size, **kw))
@@ -157,6 +209,21 @@ class _Layer(nn.Module):
         self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, **kw) if dense else None
         self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, **kw) if dense else None
 
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """The layer over the rows of ``x`` ``[..., H]`` (``[b, L]`` or ``[N]`` rows; ``cos`` / ``sin`` broadcast
+        over the heads): attention through ``attend``, then the MLP, each added to the residual stream."""
+        rows = x.shape[:-1]
+        h = _rms_norm(x, self.input_norm, self.eps)
+        q, k, v = self.qkv(h).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(*rows, self.heads, self.head_dim)
+        k = k.view(*rows, self.kv_heads, self.head_dim)
+        v = v.view(*rows, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = _rms_norm(q, self.q_norm, self.eps)
+            k = _rms_norm(k, self.k_norm, self.eps)
+        x = x + self.o_proj(attend(self.index, _rotate(q, cos, sin), _rotate(k, cos, sin), v))
+        return x + self.mlp(_rms_norm(x, self.post_norm, self.eps))
+
     def mlp(self, h: torch.Tensor) -> torch.Tensor:
         """The SwiGLU MLP, or the routed experts (over the rows of ``h``, whatever its leading dims)."""
         if self.moe is not None:
@@ -165,21 +232,14 @@ class _Layer(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-# Per layout: the names of the embedding, the final norm and the LM head (the one tensor a tied model lacks).
-_TOP_LEVEL_NAMES = {
-    "qwen": ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
-    "llada2": ("model.word_embeddings.weight", "model.norm.weight", "lm_head.weight"),
-    "llada": ("model.transformer.wte.weight", "model.transformer.ln_f.weight", "model.transformer.ff_out.weight"),
-}
-
-
-def _swiglu_layout(prefix: str, gate_up: torch.Tensor, down: torch.Tensor, inter: int,
+def _swiglu_layout(prefix: str, names: tuple[str, str, str], gate_up: torch.Tensor, down: torch.Tensor, inter: int,
                    expert: int | None = None) -> dict[str, tuple[torch.Tensor, Any]]:
-    """``gate_proj`` / ``up_proj`` / ``down_proj`` of one SwiGLU MLP (of ``expert`` in stacked expert weights)."""
+    """The gate / up / down ``names`` of one SwiGLU MLP (of ``expert`` in stacked expert weights)."""
     at = () if expert is None else (expert,)
-    return {prefix + "gate_proj.weight": (gate_up, (*at, slice(0, inter))),
-            prefix + "up_proj.weight": (gate_up, (*at, slice(inter, 2 * inter))),
-            prefix + "down_proj.weight": (down, at[0] if at else None)}
+    gate_name, up_name, down_name = names
+    return {prefix + gate_name: (gate_up, (*at, slice(0, inter))),
+            prefix + up_name: (gate_up, (*at, slice(inter, 2 * inter))),
+            prefix + down_name: (down, at[0] if at else None)}
 
 
 class Decoder(nn.Module):
@@ -207,7 +267,8 @@ class Decoder(nn.Module):
         table = getattr(self, "_rope_table", None)
         if table is None or table[0].shape[0] < needed or table[0].device != position_ids.device:
             size = max(needed, 2 * (table[0].shape[0] if table is not None else 0), 512)
-            freqs = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)[:, None] * self.inv_freq[None, :]
+            positions = torch.arange(size, dtype=torch.float32, device=self.inv_freq.device)
+            freqs = positions[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
             dtype = torch.float32 if self.config.rope_float32 else self.embed.weight.dtype
             table = self._rope_table = (emb.cos().to(dtype), emb.sin().to(dtype))
@@ -259,7 +320,8 @@ class Decoder(nn.Module):
         n = ids.shape[1]
         start = 0 if cache is None else cache.length
         if cache is not None and (batched or start + n > cache.capacity):
-            raise RuntimeError(f"cached forwards take one row of tokens that fits the cache ({start} + {n} > {cache.capacity})")
+            raise RuntimeError(
+                f"cached forwards take one row of tokens that fits the cache ({start} + {n} > {cache.capacity})")
         cos, sin = self._rope(position_ids if batched else position_ids[None])  # [b, L, 1, head_dim]
         mask = attn_mask if batched else attn_mask[None, None]
         keys, values = (None, None) if cache is None else (cache.keys, cache.values)
@@ -279,8 +341,9 @@ class Decoder(nn.Module):
             try:
                 return compiled(*args)
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, the eager run re-raises real errors
-                warnings.warn(f"torch.compile is not available here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              "running the eager forward", RuntimeWarning, stacklevel=2)
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                warnings.warn(f"torch.compile is not available here ({reason}); running the eager forward",
+                              RuntimeWarning, stacklevel=2)
                 del self._layers  # the class's eager method again
                 return eager(*args)
 
@@ -297,27 +360,27 @@ class Decoder(nn.Module):
         """The layers of :meth:`forward` over ``ids`` ``[b, L]`` (K/V written into ``keys`` / ``values`` from slot
         ``start`` when given) and the LM head over rows ``logits_from .. logits_to``: the part that
         :meth:`compile` compiles, free of Python-side state (the cache's length, the RoPE table's growth)."""
-        c = self.config
         b, n = ids.shape
-        x = self.embed(ids)  # [b, L, H]
-        for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            q, k, v = layer.qkv(h).split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
-            q = q.view(b, n, c.num_attention_heads, c.head_dim)
-            k = k.view(b, n, c.num_key_value_heads, c.head_dim)
-            v = v.view(b, n, c.num_key_value_heads, c.head_dim).transpose(1, 2)
-            if layer.q_norm is not None:
-                q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
-                k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
-            q, k = _rotate(q, cos, sin).transpose(1, 2), _rotate(k, cos, sin).transpose(1, 2)  # [b, heads, L, hd]
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [b, heads, L, hd]
             if keys is not None and values is not None:  # write this forward's K/V after the committed ones
                 keys[i][:, start:start + n] = k[0]
                 values[i][:, start:start + n] = v[0]
                 k, v = keys[i][None, :, :start + n], values[i][None, :, :start + n]
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [b, heads, L, hd]
-            x = x + layer.o_proj(attn.transpose(1, 2).reshape(b, n, layer.q_size))
-            x = x + layer.mlp(_rms_norm(x, layer.post_norm, c.rms_norm_eps))
-        x = _rms_norm(x[:, logits_from:logits_to], self.norm, c.rms_norm_eps)
+            return attn.transpose(1, 2).reshape(b, n, -1)
+
+        return self._stack(ids, cos, sin, attend, (slice(None), slice(logits_from, logits_to)))
+
+    def _stack(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+               logit_rows: Any) -> torch.Tensor:
+        """Embed ``tokens``, run every layer with the path's ``attend``, and return float32 logits of the rows
+        ``x[logit_rows]`` (final norm, then the LM head)."""
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attend)
+        x = _rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
 
@@ -336,33 +399,18 @@ class Decoder(nn.Module):
         gathered back. Each row's K/V are written into its slot after its committed tokens (scratch until the
         caller commits them), as :meth:`forward` does for one row.
         """
-        c = self.config
-        n = batch.num_rows
-        cos, sin = self._rope(batch.positions)  # [N, 1, head_dim]
-        x = self.embed(batch.tokens)  # [N, H]
-        for i, layer in enumerate(self.layers):
-            h = _rms_norm(x, layer.input_norm, c.rms_norm_eps)
-            q, k, v = layer.qkv(h).split((layer.q_size, layer.kv_size, layer.kv_size), dim=-1)
-            q = q.view(n, c.num_attention_heads, c.head_dim)
-            k = k.view(n, c.num_key_value_heads, c.head_dim)
-            v = v.view(n, c.num_key_value_heads, c.head_dim)
-            if layer.q_norm is not None:
-                q = _rms_norm(q, layer.q_norm, c.rms_norm_eps)
-                k = _rms_norm(k, layer.k_norm, c.rms_norm_eps)
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k
             cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v
             if len(batch.groups) == 1:
-                attn = self._group_attention(q, cache.keys[i], cache.values[i], batch.groups[0])
-            else:
-                attn = q.new_empty(n, layer.q_size)
-                for g in batch.groups:
-                    attn[g.rows] = self._group_attention(q[g.rows], cache.keys[i], cache.values[i], g)
-            x = x + layer.o_proj(attn)
-            x = x + layer.mlp(_rms_norm(x, layer.post_norm, c.rms_norm_eps))
-        x = _rms_norm(x[batch.logits_index], self.norm, c.rms_norm_eps)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head).float()
+                return self._group_attention(q, cache.keys[i], cache.values[i], batch.groups[0])
+            attn = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+            for g in batch.groups:
+                attn[g.rows] = self._group_attention(q[g.rows], cache.keys[i], cache.values[i], g)
+            return attn
+
+        cos, sin = self._rope(batch.positions)  # [N, 1, head_dim]
+        return self._stack(batch.tokens, cos, sin, attend, batch.logits_index)
 
     def _group_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          g: AttentionGroup) -> torch.Tensor:
@@ -391,7 +439,7 @@ class Decoder(nn.Module):
         the names in :data:`IGNORED_CHECKPOINT_TENSORS`. With ``tie_word_embeddings`` an ``lm_head.weight`` equal
         to the embedding is ignored, and a different one is used as an untied head, as transformers 5 does.
         """
-        embed_name, _, head_name = _TOP_LEVEL_NAMES[self.config.layout]
+        embed_name, head_name = self.config.layout.embed, self.config.layout.lm_head
         if self.lm_head is None and head_name in tensors:
             self._untie_if_different(tensors[head_name], tensors.get(embed_name))
         own = self._hf_layout()
@@ -433,9 +481,9 @@ class Decoder(nn.Module):
         self.config = replace(c, tie_word_embeddings=False)
 
     def hf_state_dict(self) -> dict[str, torch.Tensor]:
-        """This model's weights under Hugging Face names (un-fused), e.g. to save as safetensors."""
+        """This model's weights under its checkpoint's names (un-fused), e.g. to save as safetensors."""
         out = {}
-        head_name = _TOP_LEVEL_NAMES[self.config.layout][2]
+        head_name = self.config.layout.lm_head
         for name, (param, rows) in self._hf_layout().items():
             if name == head_name and self.lm_head is None:
                 continue
@@ -443,55 +491,35 @@ class Decoder(nn.Module):
         return out
 
     def _hf_layout(self) -> dict[str, tuple[torch.Tensor, Any]]:
-        """Map each Hugging Face weight name to (our parameter, the index of the part of it that holds it)."""
-        c = self.config
-        embed, norm, head = _TOP_LEVEL_NAMES[c.layout]
-        out: dict[str, tuple[torch.Tensor, Any]] = {embed: (self.embed.weight, None)}
+        """Map each checkpoint weight name (the config's :class:`WeightNames`) to (our parameter, the index of the
+        part of it that holds it)."""
+        c, names = self.config, self.config.layout
+        out: dict[str, tuple[torch.Tensor, Any]] = {names.embed: (self.embed.weight, None)}
         for i, layer in enumerate(self.layers):
-            q, kv = layer.q_size, layer.kv_size
-            split_qkv = (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv)))
-            if c.layout == "llada":  # OLMo names; ff_proj is the gate, ff_out the down projection
-                p = f"model.transformer.blocks.{i}."
-                out[p + "attn_norm.weight"] = (layer.input_norm, None)
-                out[p + "ff_norm.weight"] = (layer.post_norm, None)
-                for proj, rows in split_qkv:
-                    out[p + f"{proj}.weight"] = (layer.qkv.weight, rows)
-                    if c.qkv_bias:
-                        out[p + f"{proj}.bias"] = (layer.qkv.bias, rows)
-                out[p + "attn_out.weight"] = (layer.o_proj.weight, None)
-                inter = c.intermediate_size
-                out[p + "ff_proj.weight"] = (layer.gate_up.weight, slice(0, inter))
-                out[p + "up_proj.weight"] = (layer.gate_up.weight, slice(inter, 2 * inter))
-                out[p + "ff_out.weight"] = (layer.down.weight, None)
-                continue
-            p = f"model.layers.{i}."
-            out[p + "input_layernorm.weight"] = (layer.input_norm, None)
-            out[p + "post_attention_layernorm.weight"] = (layer.post_norm, None)
-            if c.layout == "llada2":  # fused QKV, rows [Q heads | K heads | V heads], as our qkv
-                out[p + "attention.query_key_value.weight"] = (layer.qkv.weight, None)
-                out[p + "attention.query_layernorm.weight"] = (layer.q_norm, None)
-                out[p + "attention.key_layernorm.weight"] = (layer.k_norm, None)
-                out[p + "attention.dense.weight"] = (layer.o_proj.weight, None)
-            else:
-                for proj, rows in split_qkv:
-                    out[p + f"self_attn.{proj}.weight"] = (layer.qkv.weight, rows)
-                    if c.qkv_bias:
-                        out[p + f"self_attn.{proj}.bias"] = (layer.qkv.bias, rows)
-                if c.qk_norm:
-                    out[p + "self_attn.q_norm.weight"] = (layer.q_norm, None)
-                    out[p + "self_attn.k_norm.weight"] = (layer.k_norm, None)
-                out[p + "self_attn.o_proj.weight"] = (layer.o_proj.weight, None)
+            p, q, kv = names.layer.format(i=i), layer.q_size, layer.kv_size
+            out[p + names.input_norm] = (layer.input_norm, None)
+            out[p + names.post_norm] = (layer.post_norm, None)
+            parts = (slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)) if len(names.qkv) == 3 else (None,)
+            for name, rows in zip(names.qkv, parts):
+                out[p + name] = (layer.qkv.weight, rows)
+                if c.qkv_bias:
+                    out[p + name.removesuffix("weight") + "bias"] = (layer.qkv.bias, rows)
+            if c.qk_norm:
+                out[p + names.q_norm] = (layer.q_norm, None)
+                out[p + names.k_norm] = (layer.k_norm, None)
+            out[p + names.o_proj] = (layer.o_proj.weight, None)
             if layer.moe is None:
-                out.update(_swiglu_layout(p + "mlp.", layer.gate_up.weight, layer.down.weight, c.intermediate_size))
+                out.update(_swiglu_layout(p + names.mlp, names.swiglu, layer.gate_up.weight, layer.down.weight,
+                                          c.intermediate_size))
                 continue
             moe, inter = layer.moe, c.moe.moe_intermediate_size
-            out[p + "mlp.gate.weight"] = (moe.router, None)
-            out[p + "mlp.gate.expert_bias"] = (moe.expert_bias, None)
+            out[p + names.router] = (moe.router, None)
+            out[p + names.expert_bias] = (moe.expert_bias, None)
             for e in range(c.moe.num_experts):
-                out.update(_swiglu_layout(f"{p}mlp.experts.{e}.", moe.gate_up, moe.down, inter, e))
+                out.update(_swiglu_layout(p + names.experts.format(e=e), names.swiglu, moe.gate_up, moe.down, inter, e))
             if moe.shared_gate_up is not None:
-                out.update(_swiglu_layout(p + "mlp.shared_experts.", moe.shared_gate_up.weight, moe.shared_down.weight,
-                                          inter * c.moe.num_shared_experts))
-        out[norm] = (self.norm, None)
-        out[head] = (self.lm_head.weight if self.lm_head is not None else self.embed.weight, None)
+                out.update(_swiglu_layout(p + names.shared_experts, names.swiglu, moe.shared_gate_up.weight,
+                                          moe.shared_down.weight, inter * c.moe.num_shared_experts))
+        out[names.norm] = (self.norm, None)
+        out[names.lm_head] = (self.lm_head.weight if self.lm_head is not None else self.embed.weight, None)
         return out
