@@ -170,8 +170,8 @@ def test_cuda_default_falls_back_to_cpu_without_cuda(random_model_dir, monkeypat
     for available, expected in ((True, "cuda:0"), (False, "cpu")):
         asked = []
         monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
-        monkeypatch.setattr(s2d2.evaluation.lm_eval, "load",
-                            lambda pretrained, device, dtype, adapter=None, compile=False: asked.append(device) or lm.model)
+        monkeypatch.setattr(s2d2.evaluation.lm_eval, "load", lambda pretrained, device, dtype, adapter=None,
+                            compile=False: asked.append(device) or lm.model)
         S2D2LM(pretrained=str(random_model_dir), device="cuda:0")
         assert asked == [expected]
 

@@ -29,7 +29,7 @@ from s2d2.core.stats import DecodeStats
 from s2d2.engine.engine import BatchStats, Engine
 from s2d2.engine.runner import run_batch
 from s2d2.errors import ConfigError, InputError, ModelLoadError
-from s2d2.families import build_adapter
+from s2d2.families import build_adapter, family_for
 from s2d2.families.base import FamilyAdapter
 
 BUNDLED = "bundled"
@@ -391,7 +391,8 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
     tokenizer = load_tokenizer(model_dir)
     special = read_special_ids(model_dir, config, tokenizer)
     lora_dir = resolve_model_dir(adapter) if adapter is not None else None
-    family = build_adapter(model_dir, config, special, tokenizer, dev, _resolve_dtype(dtype, config, dev), lora_dir)
+    family = build_adapter(model_dir, config, special, tokenizer, dev, _resolve_dtype(dtype, config, dev, model_dir),
+                           lora_dir)
     if compile:
         family.model.compile()
     return Model(family, tokenizer, name=name_or_path, chat_template=read_chat_template(model_dir),
@@ -411,14 +412,12 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _resolve_dtype(dtype: str, config: dict[str, Any], device: torch.device) -> torch.dtype:
+def _resolve_dtype(dtype: str, config: dict[str, Any], device: torch.device, model_dir: Path) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cpu":
             return torch.float32
-        # LLaDA's OLMo-style config names its training precision instead ("amp_bf16")
-        precision = {"amp_bf16": "bfloat16", "amp_fp16": "float16"}.get(str(config.get("precision")))
-        return _DTYPES.get(str(config.get("torch_dtype") or config.get("dtype") or precision or "float32"),
-                           torch.float32)
+        trained = family_for(config, model_dir / "config.json").checkpoint_dtype(config)
+        return _DTYPES.get(trained or "float32", torch.float32)
     if dtype not in _DTYPES:
         raise ConfigError(f"dtype must be auto, {', '.join(_DTYPES)}; got {dtype!r}.")
     return _DTYPES[dtype]

@@ -21,9 +21,12 @@ implement is refused in one sentence.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
+from tokenizers import Tokenizer
+
+from s2d2.checkpoint import SpecialIds
 from s2d2.errors import ModelLoadError
 from s2d2.families.fast_dllm import FastDLLMAdapter
 from s2d2.families.sdar import QWEN_WEIGHT_NAMES, SDARAdapter
@@ -111,8 +114,24 @@ class LLaDAAdapter(SDARAdapter):
     """SDAR's draft / 2L verify / commit forwards on a LLaDA checkpoint with its D2F adapter (aligned logits)."""
 
     family = "d2f_llada"
+    model_types = ("llada",)  # LLaDA-8B (OLMo layout)
     default_block_size = D2F_BLOCK_SIZE
     blocks_from_prompt_end = True
+    decoder_config = staticmethod(llada_decoder_config)
+
+    @classmethod
+    def from_checkpoint(cls, model: Decoder, config: Mapping[str, Any], special: SpecialIds, tokenizer: Tokenizer,
+                        banned_ids: Iterable[int]) -> LLaDAAdapter:
+        """The adapter around a loaded network; its chat turns end at ``<|eot_id|>`` too."""
+        assert special.mask_id is not None
+        return cls(model, special.mask_id, _with_turn_ends(special.eos_ids, tokenizer, LLADA_TURN_END_TOKENS),
+                   banned_ids)
+
+    @staticmethod
+    def checkpoint_dtype(config: Mapping[str, Any]) -> str | None:
+        """LLaDA's OLMo-style config names its training precision (``amp_bf16``) instead of a dtype."""
+        precision = {"amp_bf16": "bfloat16", "amp_fp16": "float16"}.get(str(config.get("precision")))
+        return SDARAdapter.checkpoint_dtype(config) or precision
 
 
 class DreamAdapter(FastDLLMAdapter):
@@ -120,8 +139,24 @@ class DreamAdapter(FastDLLMAdapter):
     sub-blocks)."""
 
     family = "d2f_dream"
+    model_types = ("Dream",)  # Dream-v0-7B (Qwen2 layout, shifted logits)
     blocks_from_prompt_end = True
+    decoder_config = staticmethod(dream_decoder_config)
 
-    def __init__(self, model: Decoder, mask_id: int, stop_ids: tuple[int, ...], banned_ids: range) -> None:
+    def __init__(self, model: Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
         super().__init__(model, mask_id, stop_ids, banned_ids, bd_size=D2F_BLOCK_SIZE)
         self.default_sub_block_size = None
+
+    @classmethod
+    def from_checkpoint(cls, model: Decoder, config: Mapping[str, Any], special: SpecialIds, tokenizer: Tokenizer,
+                        banned_ids: Iterable[int]) -> DreamAdapter:
+        """The adapter around a loaded network; it also stops where a base model starts the next chat turn."""
+        assert special.mask_id is not None
+        return cls(model, special.mask_id, _with_turn_ends(special.eos_ids, tokenizer, DREAM_TURN_END_TOKENS),
+                   banned_ids)
+
+
+def _with_turn_ends(eos_ids: tuple[int, ...], tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple[int, ...]:
+    """``eos_ids`` followed by the ids of the turn-end ``tokens`` the tokenizer knows (no duplicates)."""
+    known = (tokenizer.token_to_id(t) for t in tokens)
+    return tuple(dict.fromkeys([*eos_ids, *(i for i in known if i is not None)]))

@@ -20,13 +20,18 @@ which writes the prompt's block-aligned prefix):
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
-from s2d2.families.sdar import SDARAdapter, draft_mask, prefix_draft_mask
+from s2d2.checkpoint import SpecialIds
+from s2d2.errors import ModelLoadError
+from s2d2.families.sdar import QWEN_WEIGHT_NAMES, SDARAdapter, draft_mask, prefix_draft_mask
 from s2d2.models.batching import ForwardSpec
-from s2d2.models.decoder import Decoder
+from s2d2.models.decoder import Decoder, DecoderConfig
 
 
 @lru_cache(maxsize=1024)
@@ -43,13 +48,29 @@ class FastDLLMAdapter(SDARAdapter):
     """Draft / verify / finalize forwards for Fast-dLLM v2 checkpoints (shifted logits)."""
 
     family = "fast_dllm_v2"
+    model_types = ("Fast_dLLM_Qwen",)  # Qwen2.5 architecture, shifted logits
     shifted_logits = True
 
-    def __init__(self, model: Decoder, mask_id: int, stop_ids: tuple[int, ...], banned_ids: range,
+    def __init__(self, model: Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int],
                  bd_size: int) -> None:
         super().__init__(model, mask_id, stop_ids, banned_ids)
         self.default_block_size = bd_size
         self.default_sub_block_size = min(8, bd_size)  # the reference's small_block_size
+
+    @staticmethod
+    def decoder_config(config: Mapping[str, Any]) -> DecoderConfig:
+        """The Qwen2 layout: q/k/v bias, no q/k norm."""
+        return DecoderConfig.from_hf(config, qk_norm=False, qkv_bias=True, layout=QWEN_WEIGHT_NAMES)
+
+    @classmethod
+    def from_checkpoint(cls, model: Decoder, config: Mapping[str, Any], special: SpecialIds, tokenizer: Tokenizer,
+                        banned_ids: Iterable[int]) -> FastDLLMAdapter:
+        """The adapter around a loaded network, with the checkpoint's block size (``bd_size``, default 32)."""
+        assert special.mask_id is not None
+        bd_size = config.get("bd_size", 32)
+        if not isinstance(bd_size, int) or isinstance(bd_size, bool) or bd_size < 1:
+            raise ModelLoadError(f"config.json field bd_size must be a positive integer, got {bd_size!r}.")
+        return cls(model, special.mask_id, special.eos_ids, banned_ids=banned_ids, bd_size=bd_size)
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:

@@ -80,5 +80,7 @@ class LLaDA2Adapter(SDARAdapter):
     """SDAR's draft / 2L verify / commit forwards on a LLaDA2 MoE checkpoint (aligned logits)."""
 
     family = "llada2"
+    model_types = ("llada2_moe",)  # LLaDA2.0 / 2.1 (BailingMoeV2, aligned logits)
+    decoder_config = staticmethod(llada2_decoder_config)
     default_block_size = LLADA2_BLOCK_SIZE
     supports_editing = True  # LLaDA2.1's self-correction (LLaDA2.0 was not trained for it; the user decides)

@@ -17,16 +17,19 @@ Forwards (reference §1.5, §1.8, §1.13; ``cache_len`` is always a multiple of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from functools import lru_cache
+from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
+from s2d2.checkpoint import SpecialIds
 from s2d2.core.requests import FamilyTraits
 from s2d2.models.batching import ForwardSpec
 from s2d2.models.cache import BatchKVCache, KVCache
 from s2d2.models.decoder import QWEN_WEIGHT_NAMES as QWEN_WEIGHT_NAMES  # SDAR's (Qwen3's) checkpoint names, re-exported
-from s2d2.models.decoder import Decoder
+from s2d2.models.decoder import Decoder, DecoderConfig
 
 
 @lru_cache(maxsize=1024)
@@ -92,6 +95,8 @@ class SDARAdapter:
     """Draft / verify / commit forwards for SDAR checkpoints (and plain Qwen3 models trained the same way)."""
 
     family = "sdar"
+    # SDAR checkpoints say "sdar"; a Qwen3 model trained with the block-diffusion objective may say "qwen3"
+    model_types: tuple[str, ...] = ("sdar", "qwen3")
     shifted_logits = False  # a mask's own row predicts it
     default_block_size: int | None = None  # the block size a config that leaves it unset gets (None: DecodeConfig's)
     default_sub_block_size: int | None = None  # likewise for sub_block_size (None: no sub-blocks)
@@ -108,6 +113,25 @@ class SDARAdapter:
         # Never sample the mask token (an untrained model predicts it, and "fill masks" would never end) or the
         # padding rows past the tokenizer's vocabulary.
         self.banned_ids = torch.tensor(sorted(set(banned_ids) | {mask_id}), dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def decoder_config(config: Mapping[str, Any]) -> DecoderConfig:
+        """The network for this family's ``config.json``: the Qwen3 layout (q/k norm; q/k/v bias if configured)."""
+        return DecoderConfig.from_hf(config, qk_norm=True, qkv_bias=bool(config.get("attention_bias", False)),
+                                     layout=QWEN_WEIGHT_NAMES)
+
+    @classmethod
+    def from_checkpoint(cls, model: Decoder, config: Mapping[str, Any], special: SpecialIds, tokenizer: Tokenizer,
+                        banned_ids: Iterable[int]) -> SDARAdapter:
+        """The adapter around a loaded network; ``special.mask_id`` is set (the loader checked it)."""
+        assert special.mask_id is not None
+        return cls(model, special.mask_id, special.eos_ids, banned_ids)
+
+    @staticmethod
+    def checkpoint_dtype(config: Mapping[str, Any]) -> str | None:
+        """The dtype the checkpoint was trained in, as ``--dtype auto`` reads it on an accelerator (None: unsaid)."""
+        value = config.get("torch_dtype") or config.get("dtype")
+        return str(value) if value else None
 
     @property
     def traits(self) -> FamilyTraits:
