@@ -260,12 +260,11 @@ def test_lm_eval_runs_s2d2_arith_offline_and_agrees_with_s2d2_eval(tmp_path: Pat
                                                 n=5).accuracy)
 
 
-@pytest.mark.slow  # torch.compile
 def test_compile_model_arg_compiles_and_warms_up(random_model_dir, monkeypatch):
     loaded, warmed = [], []
     real = s2d2.load(str(random_model_dir))
     monkeypatch.setattr(real, "warm_up", lambda: warmed.append(True) or 0.5)
-    monkeypatch.setattr(s2d2, "load", lambda pretrained, device, dtype, adapter=None, compile=False:
+    monkeypatch.setattr(s2d2.evaluation.lm_eval, "load", lambda pretrained, device, dtype, adapter=None, compile=False:
                         loaded.append(compile) or real)
     S2D2LM(pretrained=str(random_model_dir), compile=True)
     S2D2LM(pretrained=str(random_model_dir))

@@ -25,7 +25,7 @@ from s2d2.config import DecodeConfig
 from s2d2.core.loop import decode_steps
 from s2d2.core.requests import CommitRequest, FamilyTraits
 from s2d2.core.sampling import token_probs
-from s2d2.engine.runner import request_spec
+from s2d2.engine.runner import drive, request_spec
 from s2d2.models.cache import KVCache
 
 pytestmark = pytest.mark.slow  # statistical: thousands of sampled decodes
@@ -113,15 +113,13 @@ def decode(adapter: TableAdapter, prompt: list[int], cfg: DecodeConfig, cache: K
            generator: torch.Generator) -> tuple[list[int], str, object]:
     """The runner's single-row driver with the table forwards in place of a network: each request's spec computes
     its rows from the tables."""
-    steps = decode_steps(prompt, cfg, cache, adapter.traits, generator)
-    logits = None
-    while True:
-        try:
-            request = steps.send(logits)
-        except StopIteration as done:
-            return done.value
+    cache.reset()
+
+    def forward(request):
         logits = request_spec(adapter, request, cache.length).compute(cache)
-        logits = None if isinstance(request, CommitRequest) else logits
+        return None if isinstance(request, CommitRequest) else logits
+
+    return drive(decode_steps(prompt, cfg, cache, adapter.traits, generator), cache, forward)
 
 
 @dataclass(frozen=True)

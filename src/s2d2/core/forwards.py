@@ -10,7 +10,16 @@ import torch
 
 from s2d2.config import DecodeConfig
 from s2d2.core import routing, strategies
-from s2d2.core.requests import CacheView, CommitRequest, DraftRequest, FinalizeRequest, ForwardRequest, VerifyRequest
+from s2d2.core.requests import (
+    CacheView,
+    Carried,
+    CommitRequest,
+    DraftRequest,
+    FinalizeRequest,
+    KeepRows,
+    RowRequest,
+    VerifyRequest,
+)
 from s2d2.core.sampling import choose_tokens, token_probs
 from s2d2.core.state import BlockState, Draft, Sequence, Span
 from s2d2.core.stats import DecodeStats
@@ -44,15 +53,10 @@ class Forwards:
         # Prefix caching: with the AR-consistent cache a committed token's causal K/V depend only on the tokens to
         # its left, so once the block's left-most committed run grows they are final. Drafts (draft_ver: those rows
         # are causal) and verifications (their first half is causal) compute them anyway and keep them.
-        # (Like fuse_commit, whose cost model it extends: without it, as in the reference, K/V get forwards of their own.)
+        # (Like fuse_commit, whose cost model it extends: without it, as in the reference, K/V get forwards of their
+        # own.)
         self._cache_prefix = (cfg.prefix_cache and cfg.cache_ver and cfg.draft_ver and cfg.fuse_commit
                               and cfg.editing_threshold is None)
-        # A draft made by the verify forward that finished the previous block (aligned logits) or the current
-        # sub-block (shifted logits, with draft_ver), keyed by the (block start, first mask) it is the draft of
-        self._next_draft: tuple[tuple[int, int], torch.Tensor] | None = None
-        # Shifted logits: (block start, row) from the verify forward that finished the previous block, the row that
-        # predicts the block's first token
-        self._next_token: tuple[int, torch.Tensor] | None = None
 
     def _trace_forward(self, kind: str) -> None:
         if self.tracer is not None:
@@ -65,15 +69,15 @@ class Forwards:
         else:
             self.stats.commit_forwards += 1
 
-    def open_block(self, seq: Sequence, block: BlockState,
-                   generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, int]:
+    def open_block(self, seq: Sequence, block: BlockState, generator: torch.Generator | None,
+                   carried: Carried | None = None) -> Generator[RowRequest, torch.Tensor | None, int]:
         """Shifted logits: the block's first token, decoded in AR mode from the row before it (drawn with the
-        decoding temperature). That row comes from the verification that finished the previous block, or from a
-        forward writing the previous block (or the prompt) to the cache and predicting from its last row."""
+        decoding temperature). That row is ``carried`` from the verification that finished the previous block, or
+        comes from a forward writing the previous block (or the prompt) to the cache and predicting from its last
+        row."""
         cfg = self.cfg
-        fused, self._next_token = self._next_token, None
-        if fused is not None and fused[0] == block.start:
-            logits = fused[1]
+        if carried is not None and carried.token and carried.block_start == block.start:
+            logits = carried.logits
             self.stats.fused_drafts += 1
             self._trace_forward("fused_token")
         else:
@@ -83,18 +87,19 @@ class Forwards:
         probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
         return int(choose_tokens(probs, cfg.greedy, generator)[0])
 
-    def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None,
-              num_blocks: int = 1) -> Generator[ForwardRequest, torch.Tensor | None, Draft]:
+    def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None, num_blocks: int = 1,
+              carried: Carried | None = None) -> Generator[RowRequest, torch.Tensor | None, Draft]:
         """One diffusion-mode forward over the block (or the ``num_blocks`` blocks in flight that ``block`` spans);
-        tokens drawn at every offset.
+        tokens drawn at every offset. A draft ``carried`` from the verification that finished the previous block or
+        sub-block takes the forward's place when it is this draft.
 
         The forward first writes the pending K/V (prompt or previous blocks); without ``fuse_commit`` they get a
         forward of their own instead, as in the reference code.
         """
         cfg = self.cfg
-        fused, self._next_draft = self._next_draft, None
-        if fused is not None and fused[0] == (block.start, block.first_mask):
-            logits = fused[1]  # drafted by the verify forward that finished the previous block or sub-block
+        if (carried is not None and not carried.token
+                and (carried.block_start, carried.first_mask) == (block.start, block.first_mask)):
+            logits = carried.logits  # drafted by the verify forward that finished the previous block or sub-block
             self.stats.fused_drafts += 1
             self._trace_forward("fused_draft")
         else:
@@ -113,35 +118,39 @@ class Forwards:
 
     def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
                          span: Span, draft: Draft, generator: torch.Generator | None
-                         ) -> Generator[ForwardRequest, torch.Tensor | None,
-                                        tuple[routing.RouterState, Verdict | None, dict[int, int]]]:
+                         ) -> Generator[RowRequest, torch.Tensor | None,
+                                        tuple[routing.RouterState, Verdict | None, dict[int, int], Carried | None]]:
         """One S2D2 routing decision on the span of ``unit`` and, if it says so, the verification: returns the next
-        router state, the verdict (None when not verified) and the commits it decides (``offset: token``): the
-        verifier's, and with ``commit_confident`` the unit's other masks whose drafts clear the threshold."""
+        router state, the verdict (None when not verified), the commits it decides (``offset: token``: the
+        verifier's, and with ``commit_confident`` the unit's other masks whose drafts clear the threshold), and what
+        the verification carried for the next draft or AR token (:meth:`verify`)."""
         verify_now, router = routing.route(router, unit, span, draft, self.cfg)
         if self.tracer is not None:
             self.tracer.route(verify_now, (block.start + span.start, block.start + span.end),
                               routing.explain(router, unit, span, draft, self.cfg))
         if not verify_now:
-            return router, None, {}
-        verdict = yield from self.verify(seq, block, unit, span, draft, generator)
+            return router, None, {}, None
+        verdict, carried = yield from self.verify(seq, block, unit, span, draft, generator)
         commits = dict(zip(span.offsets(), verdict.tokens(list(draft.tokens[span.start:span.end]))))
         commits.update((span.start + j, token) for j, token in verdict.extra)
         if self.cfg.commit_confident:
             confident = _confident_rest(unit.masked_offsets(), commits, draft, self.cfg.threshold)
             commits.update(confident)
             self.stats.fallback_tokens += len(confident)
-        return router, verdict, commits
+        return router, verdict, commits, carried
 
     def verify(self, seq: Sequence, block: BlockState, unit: BlockState, span: Span, draft: Draft,
-               generator: torch.Generator | None) -> Generator[ForwardRequest, torch.Tensor | None, Verdict]:
-        """One AR-mode forward scoring the span's drafts, then speculative acceptance.
+               generator: torch.Generator | None
+               ) -> Generator[RowRequest, torch.Tensor | None, tuple[Verdict, Carried | None]]:
+        """One AR-mode forward scoring the span's drafts, then speculative acceptance; returns the verdict and what
+        the forward carried for the next draft or AR token (None: nothing usable).
 
         With ``fuse_draft``, a span that runs to the end of a full block (so acceptance may finish it) also gets
-        the next block's draft rows; if every draft is accepted, the block's K/V written by this forward are
-        committed to the cache and the next draft is kept, so the next block starts without a forward. Shifted
-        logits: the span's last row predicts the next block's first token instead, and (with ``draft_ver``) a span
-        that ends its sub-block inside the block brings the rest of the block as draft rows, the next draft.
+        the next block's draft rows; if every draft is accepted, the block's K/V written by this forward are kept
+        in the cache (:class:`KeepRows`) and the next draft is carried, so the next block starts without a
+        forward. Shifted logits: the span's last row predicts the next block's first token instead, and (with
+        ``draft_ver``) a span that ends its sub-block inside the block brings the rest of the block as draft rows,
+        the next draft. With prefix caching the accepted drafts' rows are kept too.
         """
         cfg = self.cfg
         drafted = list(draft.tokens[span.start:span.end])
@@ -170,22 +179,21 @@ class Forwards:
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
+        keep_to, carried = self.cache.length, None  # the cache keeps this forward's rows up to keep_to
         if self._cache_prefix:  # the accepted drafts' (first-half) rows are their final causal K/V
             end = span.start + verdict.num_accepted
             if self.shifted:  # ... but the last token before the first mask stays a query row: it predicts the mask
                 end = min(end, span.end - 1)
-            self.cache.commit(block.start + end - self.cache.length)
+            keep_to = block.start + end
         if verdict.num_accepted == span.length:
             if finishes_block:
-                # the causal K/V of the finished block, as fuse_commit writes them
-                self.cache.commit(block.start + block.size - self.cache.length)
-                if self.shifted:
-                    self._next_token = (block.start + block.size, next_logits)
-                else:
-                    self._next_draft = ((block.start + block.size, 0), next_logits)
+                keep_to = block.start + block.size  # the finished block's causal K/V, as fuse_commit writes them
+                carried = Carried(block.start + block.size, 0, next_logits, token=self.shifted)
             elif finishes_unit:
                 # offsets span.end.. read from the span's last row and the draft rows but the last; the committed
                 # offsets before them get placeholder rows, as a draft's own are never read either
                 rows = next_logits[:-1]
-                self._next_draft = ((block.start, span.end), torch.cat([rows[:1].expand(span.end, -1), rows]))
-        return verdict
+                carried = Carried(block.start, span.end, torch.cat([rows[:1].expand(span.end, -1), rows]))
+        if keep_to > self.cache.length:
+            yield KeepRows(keep_to - self.cache.length)
+        return verdict, carried

@@ -27,7 +27,7 @@ import torch
 from s2d2.config import DecodeConfig
 from s2d2.core import routing, strategies
 from s2d2.core.forwards import Forwards
-from s2d2.core.requests import CacheView, FamilyTraits, ForwardRequest, RowState, RowSteps
+from s2d2.core.requests import CacheView, Carried, FamilyTraits, RowRequest, RowState, RowSteps
 from s2d2.core.state import BlockState, Draft, Sequence, Span
 from s2d2.core.trace import Tracer
 from s2d2.core.verify import Verdict
@@ -39,8 +39,9 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
     """Decode one prompt, asking for each forward instead of running it: the algorithm, free of scheduling.
 
     The caller (:func:`s2d2.engine.runner.decode` for one row, :class:`s2d2.engine.engine.Engine` for a batch)
-    executes each yielded :data:`~s2d2.core.requests.ForwardRequest` against ``cache`` (the row's own committed K/V)
-    and sends back its logits. ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there
+    executes each yielded :data:`~s2d2.core.requests.RowRequest` against ``cache`` (the row's own committed K/V,
+    empty when decoding starts; the loop only reads it) and sends back its logits: a forward's, or None for a
+    :class:`~s2d2.core.requests.KeepRows`, which commits rows the last forward computed. ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there
     (stop strings). Forward time is the caller's to add to ``state.stats.forward_time_s``. With
     ``traits.shifted_logits`` (the family reads token t from row t-1), each block opens with its first token decoded
     in AR mode, from the row before it (:meth:`Forwards.open_block`). With ``traits.blocks_from_prompt_end`` (D2F)
@@ -58,7 +59,7 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
     base = "static" if cfg.method in ("ar", "static") else "dynamic" if cfg.method == "dynamic" else cfg.fallback
     quotas = strategies.step_quotas(cfg.block_size, cfg.steps)
     router = routing.RouterState.initial(cfg)
-    cache.reset()
+    carried: Carried | None = None  # what the last verification computed for the next draft or AR token
     if tracer is not None:
         tracer.header(prompt_tokens=len(prompt_ids), block_size=cfg.block_size, method=cfg.method,
                       policy=cfg.policy if cfg.method == "s2d2" else None, threshold=cfg.threshold,
@@ -67,7 +68,8 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
         yield from _decode_pipelined(seq, cfg, forwards, generator, stop_check)
     for block in seq.blocks() if cfg.block_add_threshold is None else ():
         if traits.shifted_logits and block.masked[0] and block.end > 0:
-            token = yield from forwards.open_block(seq, block, generator)
+            token = yield from forwards.open_block(seq, block, generator, carried)
+            carried = None
             block = seq.commit(block, {0: token})
             if tracer is not None:
                 tracer.commit(block.start, token, "ar")
@@ -82,7 +84,8 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
                     break
                 post_steps += 1
             quota = quotas[min(step, len(quotas) - 1)]
-            draft = yield from forwards.draft(seq, block, generator)
+            draft = yield from forwards.draft(seq, block, generator, carried=carried)
+            carried = None
             if tracer is not None:
                 tracer.draft(block.start, unit.masked_offsets(), draft.tokens, draft.confidence)
             edits = _edits(block, draft, cfg.editing_threshold) if cfg.editing_threshold is not None else {}
@@ -92,7 +95,7 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
             verdict = None
             if cfg.method == "s2d2" and span is not None:
                 # the verifier reads the edited prefix
-                router, verdict, verified = yield from forwards.route_and_verify(
+                router, verdict, verified, carried = yield from forwards.route_and_verify(
                     router, seq, block.with_tokens(edits) if edits else block, unit, span, draft, generator)
                 commits.update(verified)
             need = min(quota, unit.num_masked) - (len(commits) - len(edits))
@@ -143,7 +146,7 @@ def _edits(block: BlockState, draft: Draft, threshold: float) -> dict[int, int]:
 
 
 def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: Forwards, generator: torch.Generator | None,
-                      stop_check: Callable[[list[int]], bool] | None) -> Generator[ForwardRequest, torch.Tensor | None,
+                      stop_check: Callable[[list[int]], bool] | None) -> Generator[RowRequest, torch.Tensor | None,
                                                                                    None]:
     """D2F's pipelined blocks: several blocks in flight, one draft forward over all of them per step.
 
@@ -189,8 +192,9 @@ def _decode_pipelined(seq: Sequence, cfg: DecodeConfig, forwards: Forwards, gene
         commits: dict[int, int] = {}
         verdict = None
         if cfg.method == "s2d2" and span is not None:
-            router, verdict, commits = yield from forwards.route_and_verify(router, seq, region, region, span, draft,
-                                                                           generator)
+            # (nothing is carried: pipelined blocks draft every block in flight in one forward)
+            router, verdict, commits, _ = yield from forwards.route_and_verify(router, seq, region, region, span,
+                                                                              draft, generator)
         # a verified step commits what the verification decided and nothing else (at least one token of the front
         # block, the span's first; with commit_confident also every other draft above the threshold); a step that
         # does not verify is D2F's

@@ -34,15 +34,11 @@ class FamilyTraits:
 
 
 class CacheView(Protocol):
-    """What a row's decoding needs of its cache: the committed length, and committing or forgetting tokens
-    (a :class:`~s2d2.models.cache.KVCache`, or one slot of the engine's batch cache)."""
+    """What a row's decoding reads of its cache: the committed length (a :class:`~s2d2.models.cache.KVCache`, or
+    one slot of the engine's batch cache). The executor alone writes it: the forwards, and :class:`KeepRows`."""
 
     @property
     def length(self) -> int: ...
-
-    def commit(self, num_tokens: int) -> None: ...
-
-    def reset(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -91,10 +87,31 @@ class FinalizeRequest:
     cache_ver: bool
 
 
+@dataclass(frozen=True)
+class KeepRows:
+    """Not a forward: the row asks its executor to commit the first ``count`` K/V rows the last forward left in the
+    scratch slots after the cache (a verification's accepted drafts, computed causally, are their final K/V)."""
+
+    count: int
+
+
+@dataclass(frozen=True)
+class Carried:
+    """Logits a verification computed for what comes next, handed by the loop to the next draft (or, shifted
+    logits, to the next block's AR token) so that it costs no forward: the draft of the block at ``block_start``
+    from offset ``first_mask`` on, or with ``token`` the row that predicts position ``block_start``."""
+
+    block_start: int
+    first_mask: int
+    logits: torch.Tensor
+    token: bool = False
+
+
 ForwardRequest = DraftRequest | VerifyRequest | CommitRequest | FinalizeRequest
-# A row's decoding as a generator: it yields the forward it needs next, is sent that forward's logits (None for a
-# commit), and returns (generated ids, finish reason, stats) when done.
-RowSteps = Generator[ForwardRequest, "torch.Tensor | None", "tuple[list[int], str, DecodeStats]"]
+RowRequest = ForwardRequest | KeepRows
+# A row's decoding as a generator: it yields the forward it needs next (or rows to keep), is sent that forward's
+# logits (None for a commit or KeepRows), and returns (generated ids, finish reason, stats) when done.
+RowSteps = Generator[RowRequest, "torch.Tensor | None", "tuple[list[int], str, DecodeStats]"]
 
 
 @dataclass

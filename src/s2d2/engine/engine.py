@@ -25,7 +25,7 @@ import torch
 
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.core.loop import decode_steps
-from s2d2.core.requests import CommitRequest, ForwardRequest, RowState, RowSteps
+from s2d2.core.requests import CommitRequest, ForwardRequest, KeepRows, RowState, RowSteps
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
@@ -208,15 +208,21 @@ class Engine:
             slot = heapq.heappop(self._free)
             self.cache.ensure_capacity(w.capacity)
             state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
+            cache.reset()  # the slot's last request is gone: this row starts from an empty cache
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.traits, w.generator, w.stop_check, state)
             row = _Row(w.request_id, slot, cache, steps, state)
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
 
     def _advance(self, row: _Row, logits: torch.Tensor | None, events: list[Event], first: bool = False) -> None:
-        """Send a row its forward's logits and take its next request; report its progress or its end."""
+        """Send a row its forward's logits and take its next forward (keeping the rows it asks to keep on the way);
+        report its progress or its end."""
         try:
-            row.pending = next(row.steps) if first else row.steps.send(logits)
+            request = next(row.steps) if first else row.steps.send(logits)
+            while isinstance(request, KeepRows):  # not a forward: the row's slot keeps rows its last forward wrote
+                row.cache.commit(request.count)
+                request = row.steps.send(None)
+            row.pending = request
         except StopIteration as done:
             token_ids, finish_reason, stats = done.value
             del self._rows[row.request_id]

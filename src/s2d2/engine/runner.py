@@ -16,7 +16,17 @@ import torch
 
 from s2d2.config import DecodeConfig
 from s2d2.core.loop import decode_steps
-from s2d2.core.requests import CommitRequest, DraftRequest, FinalizeRequest, ForwardRequest, RowState, VerifyRequest
+from s2d2.core.requests import (
+    CommitRequest,
+    DraftRequest,
+    FinalizeRequest,
+    ForwardRequest,
+    KeepRows,
+    RowRequest,
+    RowState,
+    RowSteps,
+    VerifyRequest,
+)
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
 from s2d2.families.base import FamilyAdapter
@@ -31,14 +41,10 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
     """Decode one prompt with the adapter's single-row forwards; returns the generated ids (stop token excluded),
     ``"stop"``/``"length"`` and stats. ``stop_check`` as in :func:`decode_steps`; ``tracer`` records a trace."""
     state = RowState(trace=tracer)
-    steps = decode_steps(prompt_ids, cfg, cache, adapter.traits, generator, stop_check, state)
+    cache.reset()
     timer = ForwardTimer(adapter.device)
-    logits = None
-    while True:
-        try:
-            request = steps.send(logits)
-        except StopIteration as done:
-            return done.value
+
+    def forward(request: ForwardRequest) -> torch.Tensor | None:
         spec = request_spec(adapter, request, cache.length)
         with timer:
             logits = run_request(adapter, request, cache, spec)
@@ -46,6 +52,26 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
         state.stats.query_rows += spec.num_rows
         if tracer is not None:
             tracer.forward_done(spec.num_rows, timer.elapsed)
+        return logits
+
+    return drive(decode_steps(prompt_ids, cfg, cache, adapter.traits, generator, stop_check, state), cache, forward)
+
+
+def drive(steps: RowSteps, cache: KVCache | SlotCache,
+          forward: Callable[[ForwardRequest], torch.Tensor | None]) -> tuple[list[int], str, DecodeStats]:
+    """Run one row's decoding to its end: each forward it asks for through ``forward`` (which returns the logits
+    to send back), each :class:`KeepRows` on ``cache``; returns what the row returns (ids, finish reason, stats)."""
+    logits = None
+    while True:
+        try:
+            request = steps.send(logits)
+        except StopIteration as done:
+            return done.value
+        if isinstance(request, KeepRows):
+            cache.commit(request.count)
+            logits = None
+        else:
+            logits = forward(request)
 
 
 def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int) -> ForwardSpec:
@@ -64,10 +90,13 @@ def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int
     return adapter.commit_spec(request.ids, cache_len, request.end, request.block_size, cache_ver=request.cache_ver)
 
 
-def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache,
+def run_request(adapter: FamilyAdapter, request: RowRequest, cache: KVCache,
                 spec: ForwardSpec | None = None) -> torch.Tensor | None:
     """Execute one row's request (its ``spec``, if already built) with the single-row forward; returns its logits
-    (None for a commit)."""
+    (None for a commit, or for :class:`KeepRows`, which only commits the rows the last forward left)."""
+    if isinstance(request, KeepRows):
+        cache.commit(request.count)
+        return None
     logits = run(adapter, spec if spec is not None else request_spec(adapter, request, cache.length), cache)
     return None if isinstance(request, CommitRequest) else logits
 

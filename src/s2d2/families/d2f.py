@@ -117,15 +117,8 @@ class LLaDAAdapter(SDARAdapter):
     model_types = ("llada",)  # LLaDA-8B (OLMo layout)
     default_block_size = D2F_BLOCK_SIZE
     blocks_from_prompt_end = True
+    turn_end_tokens = LLADA_TURN_END_TOKENS
     decoder_config = staticmethod(llada_decoder_config)
-
-    @classmethod
-    def from_checkpoint(cls, model: Decoder, config: Mapping[str, Any], special: SpecialIds, tokenizer: Tokenizer,
-                        banned_ids: Iterable[int]) -> LLaDAAdapter:
-        """The adapter around a loaded network; its chat turns end at ``<|eot_id|>`` too."""
-        assert special.mask_id is not None
-        return cls(model, special.mask_id, _with_turn_ends(special.eos_ids, tokenizer, LLADA_TURN_END_TOKENS),
-                   banned_ids)
 
     @staticmethod
     def checkpoint_dtype(config: Mapping[str, Any]) -> str | None:
@@ -141,6 +134,7 @@ class DreamAdapter(FastDLLMAdapter):
     family = "d2f_dream"
     model_types = ("Dream",)  # Dream-v0-7B (Qwen2 layout, shifted logits)
     blocks_from_prompt_end = True
+    turn_end_tokens = DREAM_TURN_END_TOKENS
     decoder_config = staticmethod(dream_decoder_config)
 
     def __init__(self, model: Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
@@ -150,13 +144,6 @@ class DreamAdapter(FastDLLMAdapter):
     @classmethod
     def from_checkpoint(cls, model: Decoder, config: Mapping[str, Any], special: SpecialIds, tokenizer: Tokenizer,
                         banned_ids: Iterable[int]) -> DreamAdapter:
-        """The adapter around a loaded network; it also stops where a base model starts the next chat turn."""
+        """The adapter around a loaded network (D2F's block size; no sub-blocks)."""
         assert special.mask_id is not None
-        return cls(model, special.mask_id, _with_turn_ends(special.eos_ids, tokenizer, DREAM_TURN_END_TOKENS),
-                   banned_ids)
-
-
-def _with_turn_ends(eos_ids: tuple[int, ...], tokenizer: Tokenizer, tokens: tuple[str, ...]) -> tuple[int, ...]:
-    """``eos_ids`` followed by the ids of the turn-end ``tokens`` the tokenizer knows (no duplicates)."""
-    known = (tokenizer.token_to_id(t) for t in tokens)
-    return tuple(dict.fromkeys([*eos_ids, *(i for i in known if i is not None)]))
+        return cls(model, special.mask_id, cls.stop_ids_for(special, tokenizer), banned_ids)

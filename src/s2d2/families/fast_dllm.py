@@ -70,7 +70,7 @@ class FastDLLMAdapter(SDARAdapter):
         bd_size = config.get("bd_size", 32)
         if not isinstance(bd_size, int) or isinstance(bd_size, bool) or bd_size < 1:
             raise ModelLoadError(f"config.json field bd_size must be a positive integer, got {bd_size!r}.")
-        return cls(model, special.mask_id, special.eos_ids, banned_ids=banned_ids, bd_size=bd_size)
+        return cls(model, special.mask_id, cls.stop_ids_for(special, tokenizer), banned_ids, bd_size=bd_size)
 
     def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:

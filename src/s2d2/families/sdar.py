@@ -102,6 +102,7 @@ class SDARAdapter:
     default_sub_block_size: int | None = None  # likewise for sub_block_size (None: no sub-blocks)
     supports_editing = False  # whether the family's models were trained for token editing (editing_threshold)
     blocks_from_prompt_end = False  # D2F: blocks start at the prompt's end, the prompt one bidirectional chunk
+    turn_end_tokens: tuple[str, ...] = ()  # tokens that also end generation, where the tokenizer knows them
 
     def __init__(self, model: Decoder, mask_id: int, stop_ids: Iterable[int], banned_ids: Iterable[int]) -> None:
         self.model = model
@@ -125,7 +126,15 @@ class SDARAdapter:
                         banned_ids: Iterable[int]) -> SDARAdapter:
         """The adapter around a loaded network; ``special.mask_id`` is set (the loader checked it)."""
         assert special.mask_id is not None
-        return cls(model, special.mask_id, special.eos_ids, banned_ids)
+        return cls(model, special.mask_id, cls.stop_ids_for(special, tokenizer), banned_ids)
+
+    @classmethod
+    def stop_ids_for(cls, special: SpecialIds, tokenizer: Tokenizer) -> tuple[int, ...]:
+        """The checkpoint's eos ids, then the ids of the family's ``turn_end_tokens`` the tokenizer knows."""
+        if not cls.turn_end_tokens:
+            return special.eos_ids
+        known = (tokenizer.token_to_id(t) for t in cls.turn_end_tokens)
+        return tuple(dict.fromkeys([*special.eos_ids, *(i for i in known if i is not None)]))
 
     @staticmethod
     def checkpoint_dtype(config: Mapping[str, Any]) -> str | None:
