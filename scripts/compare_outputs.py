@@ -10,7 +10,7 @@ Usage (from the repository root; a version is a ``src`` folder, e.g. of ``git wo
 
 ``run`` writes tiny random checkpoints of every family (``s2d2 init-random``, seed 0; ``--models`` reuses those of
 an earlier run, so both versions decode the same weights), then ``s2d2 eval --samples`` on 20 arith problems with
-two methods per family (dynamic and S2D2) and on the bundled model, and ``s2d2 bench --quick`` on the bundled
+three methods per family (dynamic, S2D2, S2D2 verifying every step) and on the bundled model, and ``s2d2 bench --quick`` on the bundled
 model. ``diff`` compares the files: it prints one line per file and exits 1 on the first difference it finds.
 """
 
@@ -28,9 +28,11 @@ FAMILIES = ("sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream")
 METHODS = {
     "dynamic": ["--method", "dynamic", "--block-size", "4", "--threshold", "0.7"],
     "s2d2": ["--method", "s2d2", "--block-size", "8", "--threshold", "0.7"],
+    # verifies every step: 2L verifications, fused drafts, kept rows and prefix caching on every family
+    "s2d2-verify": ["--method", "s2d2", "--block-size", "8", "--policy", "mask_span_length", "--min-span", "1"],
 }
 # Per-row and benchmark fields that are measured wall time, not properties of the decode.
-TIMED = ("time", "tokens_per_s", "speedup", "latency")
+TIMED = ("time", "tokens_per_s", "speedup", "latency", "loop_share", "host_share", "engine_share")
 
 
 def _cli(src: Path, *args: str) -> None:

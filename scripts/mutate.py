@@ -13,10 +13,10 @@ Usage (from the repository root)::
     .venv/bin/python scripts/mutate.py --only greedy_accept_one_more sampled_residual_wrong
     .venv/bin/python scripts/mutate.py --tests tests/test_verify.py -k sampled --timeout 300
 
-Cost: the default suite takes about 50 s on the 2-core development machine when it has it to itself; a caught
-mutation usually stops much earlier (``-x``), a missed one runs the whole suite. Budget roughly one minute per
-mutation plus one for the baseline, about 20 minutes for the full sweep, and several times that while others
-share the CPUs. Run one sweep at a time; it runs one pytest process, never several in parallel.
+Cost: each mutation first runs the fast set (``make check``, about 90 s on the 2-core development machine when it
+has it to itself); a caught mutation usually stops much earlier (``-x``). A mutation the fast set misses runs the
+slow tests too (about 5 minutes in all, after one slow baseline) before it counts as missed. Run one sweep at a
+time, alone on the CPU; it runs one pytest process, never several in parallel.
 
 Output: a Markdown table ``| mutation | what it plants | caught | first failing test |`` on stdout, where caught
 is ``yes`` (a test failed or errored), ``NO`` (the suite passed: a hole in the tests), ``stale`` (the ``old``
