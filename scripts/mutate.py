@@ -172,9 +172,10 @@ MUTATIONS: list[Mutation] = [
         "stats_fused_counted_as_forward",
         "a draft fused into a verify forward is also counted as a draft forward",
         "core/forwards.py",
-        "            logits = fused[1]  # drafted by the verify forward that finished the previous block or sub-block\n"
-        "            self.stats.fused_drafts += 1\n",
-        "            logits = fused[1]\n            self.stats.fused_drafts += 1\n            self.stats.draft_forwards += 1\n",
+        "            logits = carried.logits  # drafted by the verify forward that finished the previous block or "
+        "sub-block\n            self.stats.fused_drafts += 1\n",
+        "            logits = carried.logits\n            self.stats.fused_drafts += 1\n"
+        "            self.stats.draft_forwards += 1\n",
     ),
     Mutation(
         "top_k_off_by_one",
@@ -187,8 +188,8 @@ MUTATIONS: list[Mutation] = [
         "cache_commit_extra",
         "a verify that finishes a block (fuse_draft) commits one cache slot more than the block",
         "core/forwards.py",
-        "self.cache.commit(block.start + block.size - self.cache.length)\n",
-        "self.cache.commit(block.start + block.size + 1 - self.cache.length)\n",
+        "keep_to = block.start + block.size  # the finished block's causal K/V",
+        "keep_to = block.start + block.size + 1  # the finished block's causal K/V",
     ),
     Mutation(
         "commit_mask_ignores_cache_ver",
