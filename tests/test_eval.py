@@ -66,12 +66,12 @@ def test_eval_scores_what_the_model_wrote(model, monkeypatch):
     problems = arith.generate("test", 4, seed=0)
     answers = iter(problems)
 
-    def fake_generate(prompts, cfg, batch_size=1):
+    def fake_generate(prompts, cfg, batch_size=1, progress=False):
         return [s2d2.Generation(f" x. #### {next(answers).answer}", [], "stop", s2d2.DecodeStats()) for _ in prompts]
 
     monkeypatch.setattr(model, "generate", fake_generate)
     assert evaluate(model, s2d2.DecodeConfig(), n=4).accuracy == 1.0
-    monkeypatch.setattr(model, "generate", lambda prompts, cfg, batch_size=1: [
+    monkeypatch.setattr(model, "generate", lambda prompts, cfg, batch_size=1, progress=False: [
         s2d2.Generation("#### -1", [], "stop", s2d2.DecodeStats()) for _ in prompts])
     assert evaluate(model, s2d2.DecodeConfig(), n=4).accuracy == 0.0
 
@@ -85,7 +85,7 @@ def test_eval_scores_the_wordy_task_on_its_own_problems(model, monkeypatch, spli
     problems = wordy.generate(split, 6, seed=0)
     seen = []
 
-    def fake_generate(prompts, cfg, batch_size=1):
+    def fake_generate(prompts, cfg, batch_size=1, progress=False):
         seen.extend(prompts)
         return [s2d2.Generation(f" x. #### {p.answer}", [], "stop", s2d2.DecodeStats()) for p in problems]
 
@@ -104,3 +104,21 @@ def test_eval_rejects_bad_input(random_model_dir, capsys):
     assert len(err) == 4 and all(line.startswith("s2d2: error:") for line in err)
     assert "--samples" in err[2]
     assert err[3] == ("s2d2: error: task arith has the splits train, validation, test; got 'generalisation'.")
+
+
+def test_eval_shows_progress_on_stderr_unless_asked_not_to(random_model_dir, capsys):
+    """Long evaluations show a bar of decoded problems (stderr, so --json stays one object on stdout); the
+    decode is the same with or without it."""
+    argv = ["eval", "--task", "arith", "--n", "4", "--model", str(random_model_dir), "--method", "dynamic",
+            "--max-new-tokens", "8", "--json"]
+    assert main(argv) == 0
+    shown = capsys.readouterr()
+    assert "arith test" in shown.err and "4/4" in shown.err
+    assert main([*argv, "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == ""
+    drop = ("time_s", "forward_time_s", "tokens_per_s", "loop_time_share")
+    a, b = json.loads(shown.out), json.loads(quiet.out)
+    assert ({k: v for k, v in a["stats"].items() if k not in drop} == {k: v for k, v in b["stats"].items()
+                                                                         if k not in drop})
+    assert a["accuracy"] == b["accuracy"]

@@ -26,9 +26,9 @@ def test_the_choice_follows_the_budget_and_the_objective(model, monkeypatch):
     current = {}
     real = s2d2.Model.generate
 
-    def generate(self, items, cfg, batch_size=64):
+    def generate(self, items, cfg, batch_size=64, **kw):
         current["name"] = next((s.name for s in space if s.config() == cfg), "ar")
-        return real(self, items, cfg.replace(max_new_tokens=8), batch_size=batch_size)
+        return real(self, items, cfg.replace(max_new_tokens=8), batch_size=batch_size, **kw)
 
     monkeypatch.setattr(s2d2.Model, "generate", generate)
     checker = lambda i, text: i < right[current["name"]]  # noqa: E731

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from s2d2.checkpoint import (
     load_tokenizer,
@@ -140,7 +141,8 @@ class Model:
         return time.perf_counter() - t0
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], config: DecodeConfig | None = None,
-                 *, batch_size: int = DEFAULT_BATCH_SIZE, trace: bool = False, **overrides: Any) -> list[Generation]:
+                 *, batch_size: int = DEFAULT_BATCH_SIZE, trace: bool = False, progress: bool | str = False,
+                 **overrides: Any) -> list[Generation]:
         """Decode each prompt (text, or a list of token ids) with ``config`` (fields may be overridden by keyword).
 
         Sampling fields the config leaves unset (temperature, top_k, top_p) take the checkpoint's
@@ -153,6 +155,7 @@ class Model:
         ``seed + i`` (a seed is drawn from torch's global RNG if none is set), whatever shares its batch. Every
         prompt is checked before any is decoded. :attr:`last_batch_stats` holds the batch-level figures.
         ``trace=True`` records each prompt's step trace in :attr:`Generation.trace` (:mod:`s2d2.core.trace`).
+        ``progress`` (True, or the bar's label) shows a progress bar of finished prompts on stderr (tqdm).
         """
         cfg = self.resolve_config(config, **overrides)
         check_batch_size(batch_size)
@@ -171,10 +174,16 @@ class Model:
         order = {engine.add(ids, cfg, generator, stop_check, trace): i
                  for i, (ids, generator) in enumerate(zip(encoded, self.row_generators(cfg, len(encoded))))}
         results: list[Any] = [None] * len(encoded)
+        bar = tqdm(total=len(encoded), desc=progress if isinstance(progress, str) else "generate", unit="prompt",
+                   dynamic_ncols=True) if progress else None
         while not engine.idle:
             for event in engine.step():
                 if event.finished:
                     results[order[event.request_id]] = event
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
         self.last_batch_stats = engine.stats
         return [self.to_generation(e.token_ids, e.finish_reason, e.stats, cfg, e.trace) for e in results]
 

@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
     ev.add_argument("--batch-size", type=int, default=None,
                     help=f"problems decoded together (default: {DEFAULT_BATCH_SIZE})")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ev.add_argument("--samples", default=None, metavar="FILE",
                     help="also write one JSON line per problem (text, correct, NFE and the row's other counters)")
     _add_config_flags(ev)
@@ -333,7 +334,8 @@ def _eval(ns: argparse.Namespace) -> int:
         # a bad path fails before any work (rank 0 writes the results)
         samples = _open_output(ns.samples, "--samples") if ns.samples and dp.is_main else None
         model = _load_model(ns, dp.device(ns.device))
-        result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size, dp=dp)
+        result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size, dp=dp,
+                          progress=not ns.no_progress)
     if not dp.is_main:
         return 0
     if samples is not None:

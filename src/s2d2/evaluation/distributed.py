@@ -68,16 +68,19 @@ class DataParallel:
         """The device this rank decodes on: ``cuda`` (or ``cuda:k``) becomes this rank's own GPU."""
         return f"cuda:{self.local_rank}" if requested.startswith("cuda") and self.world_size > 1 else requested
 
-    def generate(self, model: Model, prompts: Sequence[Any], cfg: DecodeConfig, batch_size: int) -> list[Generation]:
-        """``model.generate(prompts, cfg, batch_size)`` split across the ranks; every rank gets all outputs, in order."""
+    def generate(self, model: Model, prompts: Sequence[Any], cfg: DecodeConfig, batch_size: int,
+                 progress: bool | str = False) -> list[Generation]:
+        """``model.generate(prompts, cfg, batch_size)`` split across the ranks; every rank gets all outputs, in order.
+        ``progress``: the main rank shows a bar of its own prompts (as ``Model.generate``)."""
         if self.world_size == 1:
-            return model.generate(list(prompts), cfg, batch_size=batch_size)
+            return model.generate(list(prompts), cfg, batch_size=batch_size, progress=progress)
         start, end = shard_bounds(len(prompts), self.rank, self.world_size)
         mine: list[Generation] = []
         times = (0.0, 0.0)
         if end > start:
             shard_cfg = cfg.replace(seed=cfg.seed + start) if cfg.seed is not None else cfg
-            mine = model.generate(list(prompts[start:end]), shard_cfg, batch_size=batch_size)
+            mine = model.generate(list(prompts[start:end]), shard_cfg, batch_size=batch_size,
+                                  progress=progress if self.is_main else False)
             stats = model.last_batch_stats
             times = (stats.time_s, stats.forward_time_s) if stats is not None else (0.0, 0.0)
         parts = self._all_gather((mine, times))

@@ -35,15 +35,18 @@ class EvalResult:
 
 
 def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500, split: str = "test",
-             batch_size: int = DEFAULT_BATCH_SIZE, dp: DataParallel | None = None) -> EvalResult:
+             batch_size: int = DEFAULT_BATCH_SIZE, dp: DataParallel | None = None,
+             progress: bool = False) -> EvalResult:
     """Decode the first ``n`` problems of ``split`` with ``cfg`` (``batch_size`` at a time) and score the answers;
-    with ``dp`` each rank of a data-parallel job decodes its shard and every rank gets the whole result."""
+    with ``dp`` each rank of a data-parallel job decodes its shard and every rank gets the whole result.
+    ``progress``: a bar of decoded problems on stderr."""
     dp = dp or DataParallel()
     module = task_module(task, split)
     if n < 1:
         raise ConfigError(f"n must be >= 1, got {n}.")
     problems = module.generate(split, n, seed=0)
-    outs = dp.generate(model, [p.prompt for p in problems], cfg, batch_size)
+    outs = dp.generate(model, [p.prompt for p in problems], cfg, batch_size,
+                       progress=f"{task} {split}" if progress else False)
     correct = [module.is_correct(p, o.text) for p, o in zip(problems, outs)]
     levels: dict[int, list[bool]] = {}
     for p, ok in zip(problems, correct):
