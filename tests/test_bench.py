@@ -54,7 +54,7 @@ def test_bench_quick_writes_table_records_and_plot(random_model_dir, tmp_path, c
     rows = [f"| {r['name']} | {r['accuracy']:.1%} | {r['nfe_per_token']:.3f} | {r['tokens_per_forward']:.2f} | "
             f"{r['rows_per_forward']:.1f} | {r['tokens_per_s']:.0f} | {r['speedup_vs_ar']:.2f}x | {r['verify_rate']:.2f} | "
             f"{r['mean_accepted_length']:.2f} | {r['loop_share']:.1%} |" for r in records]
-    head = [f"# {random_model_dir} on arith (3 test problems, 1 rounds)", "",
+    head = [f"# {random_model_dir} on arith (3 test problems, 1 round)", "",
             "| setting | accuracy | NFE / token | tokens / forward | rows / forward | tokens / s | speedup vs AR | "
             "verify rate | mean accepted | loop share |", "|---|---|---|---|---|---|---|---|---|---|", *rows]
     lines = table.splitlines()
@@ -132,3 +132,12 @@ def test_bench_decodes_the_asked_task_and_split(random_model_dir, tmp_path, caps
                  "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == ("s2d2: error: task arith has the splits train, validation, test; "
                                               "got 'generalisation'.")
+
+
+def test_the_progress_bar_names_a_throughput_cell_in_words(capsys):
+    from s2d2.evaluation.bench import _shuffled_rounds
+
+    runs = _shuffled_rounds([("ar", 4), ("s2d2", 16)], lambda cell: cell[1], 2, 0, "throughput")
+    assert runs == {("ar", 4): [4, 4], ("s2d2", 16): [16, 16]}
+    err = capsys.readouterr().err
+    assert "throughput" in err and ("ar at batch 4" in err or "s2d2 at batch 16" in err) and "('" not in err

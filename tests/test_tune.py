@@ -63,9 +63,12 @@ def test_tune_writes_a_config_that_every_command_loads(random_model_dir, tmp_pat
     out, report = tmp_path / "tuned.json", tmp_path / "records.jsonl"
     assert main(["tune", "--model", str(random_model_dir), "--quick", "--limit", "6", "--out", str(out),
                  "--report", str(report), "--max-accuracy-drop", "100"]) == 0
-    printed = capsys.readouterr().out
+    shown = capsys.readouterr()
+    printed = shown.out
     fields = json.loads(out.read_text())
     records = [json.loads(line) for line in report.read_text().splitlines()]
+    # the exact pass reports its progress on stderr, one step per setting scored (AR first)
+    assert "tune: exact pass: 100%" in shown.err and f"{len(records)}/{len(records)}" in shown.err
     chosen = max(records[1:], key=lambda r: (r["tokens_per_forward"], r["accuracy"]))  # all within a 100-point budget
     assert fields == chosen["config"] and "**(chosen)**" in printed and str(out) in printed
     # --config: the file's fields, flags given on the command line win

@@ -387,7 +387,7 @@ def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repe
 
     out = Path(ns.out)
     ranks = f", {dp.world_size} processes" if dp.world_size > 1 else ""
-    title = f"{ns.model} on {ns.task} ({n} {ns.split} problems, {repeats} rounds{ranks})"
+    title = f"{ns.model} on {ns.task} ({n} {ns.split} problems, {repeats} round{'s' if repeats != 1 else ''}{ranks})"
     if not ns.no_grid:
         records = bench.run_bench(model, prompts, checker, grid, repeats=repeats, progress=not ns.no_progress, dp=dp)
         if not dp.is_main:
@@ -440,7 +440,7 @@ def _tune(ns: argparse.Namespace) -> int:
             from s2d2.evaluation.tune import lm_eval_exact, search
 
             exact = lm_eval_exact(model, lm_task, ns.split, ns.n, batch_size, ns.metric)
-            result = search(exact, search_space(ns.quick), ns.max_accuracy_drop)
+            result = search(exact, search_space(ns.quick), ns.max_accuracy_drop, progress=dp.is_main)
         else:
             problems = task.generate(ns.split, ns.n, seed=0)
             result = tune(model, [p.prompt for p in problems], lambda i, text: task.is_correct(problems[i], text),

@@ -389,7 +389,8 @@ def _shuffled_rounds(cells: list[Any], run: Callable[[Any], Any], repeats: int, 
             runs[cell].append(run(cell))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix_str(str(cell))
+                # a throughput cell is (setting, batch size)
+                bar.set_postfix_str(f"{cell[0]} at batch {cell[1]}" if isinstance(cell, tuple) else str(cell))
     if bar is not None:
         bar.close()
     return runs

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tqdm import tqdm
+
 from s2d2.api import Model
 from s2d2.config import DecodeConfig
 from s2d2.core.stats import DecodeStats
@@ -102,14 +104,16 @@ def tune(model: Model, prompts: list[str], checker: Callable[[int, str], bool], 
         records = run_bench(model, prompts, checker, settings, repeats=repeats, dp=dp, progress=progress)
         return {r["name"]: r["tokens_per_s"] for r in records}
 
-    return search(exact, space, max_drop, objective, timed, timing)
+    return search(exact, space, max_drop, objective, timed, timing, progress=progress)
 
 
 def search(exact: Callable[[Setting], tuple[float, dict[str, Any]]], space: list[Setting], max_drop: float = 1.0,
            objective: str = "tokens_per_forward", timed: int = 3,
-           timing: Callable[[list[Setting]], dict[str, float]] | None = None) -> TuneResult:
+           timing: Callable[[list[Setting]], dict[str, float]] | None = None,
+           progress: bool = False) -> TuneResult:
     """The search itself, over any task: ``exact(setting)`` gives a setting's accuracy (0-1) and summed stats dict;
-    ``timing(settings)`` (for ``objective="tokens_per_s"``) their measured tokens/s, AR first."""
+    ``timing(settings)`` (for ``objective="tokens_per_s"``) their measured tokens/s, AR first. ``progress``: a bar
+    of the settings the exact pass has scored, on stderr."""
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}.")
     if max_drop < 0:
@@ -117,7 +121,8 @@ def search(exact: Callable[[Setting], tuple[float, dict[str, Any]]], space: list
     if objective == "tokens_per_s" and timing is None:
         raise ConfigError("objective tokens_per_s needs a timed pass, which this task does not offer.")
     records = []
-    for setting in [Setting("ar", dict(method="ar")), *space]:
+    settings = [Setting("ar", dict(method="ar")), *space]
+    for setting in tqdm(settings, desc="tune: exact pass", unit="setting", dynamic_ncols=True, disable=not progress):
         accuracy, stats = exact(setting)
         records.append({"name": setting.name, "config": setting.fields, "accuracy": accuracy,
                         "tokens_per_forward": stats["tokens_per_forward"], "nfe": stats["nfe"],
