@@ -10,8 +10,8 @@ Usage (from the repository root; a version is a ``src`` folder, e.g. of ``git wo
 
 ``run`` writes tiny random checkpoints of every family (``s2d2 init-random``, seed 0; ``--models`` reuses those of
 an earlier run, so both versions decode the same weights), then ``s2d2 eval --samples`` on 20 arith problems with
-three methods per family (dynamic, S2D2, S2D2 verifying every step) and on the bundled model, and ``s2d2 bench --quick`` on the bundled
-model. ``diff`` compares the files: it prints one line per file and exits 1 on the first difference it finds.
+three methods (dynamic, S2D2, S2D2 verifying every step) on every family and on the bundled model, and ``s2d2 bench
+--quick`` on the bundled model. ``diff`` compares the files: it prints one line per file and exits 1 on the first difference it finds.
 """
 
 from __future__ import annotations

@@ -277,22 +277,21 @@ def test_blocks_start_at_the_prompt_end_and_the_prompt_is_one_bidirectional_chun
     the AR-consistent cache the prompt rows see each other whole, later rows see the prompt and earlier blocks."""
     from s2d2.core.loop import decode_steps
     from s2d2.core.requests import DraftRequest
-    from s2d2.engine.runner import run_request
+    from s2d2.engine.runner import drive, run_request
 
     adapter = d2f["d2f_llada"].adapter
     cfg = DecodeConfig(method="dynamic", block_size=4, threshold=0.9, max_new_tokens=6, stop_token_ids=(),
                        cache_ver=False, draft_ver=False, generation_config="none")
     cache = adapter.new_cache(64)
-    steps = decode_steps([72, 101, 108, 108, 111], cfg, cache, adapter.traits)
-    starts, logits = [], None
-    try:
-        while True:
-            request = steps.send(logits)
-            if isinstance(request, DraftRequest):
-                starts.append(request.block_start)
-            logits = run_request(adapter, request, cache)
-    except StopIteration as done:
-        assert len(done.value[0]) == 6
+    starts = []
+
+    def forward(request):
+        if isinstance(request, DraftRequest):
+            starts.append(request.block_start)
+        return run_request(adapter, request, cache)
+
+    ids, _, _ = drive(decode_steps([72, 101, 108, 108, 111], cfg, cache, adapter.traits), cache, forward)
+    assert len(ids) == 6
     assert sorted(set(starts)) == [5, 9]  # 6 new tokens: blocks [5, 9) and [9, 13), the second cut at 11
     t, f = True, False
     expected = torch.tensor([  # 3 prompt rows, then blocks of 2 counted from the prompt's end
@@ -312,25 +311,29 @@ PIPE = dict(block_add_threshold=0.5, decoded_token_threshold=0.8)
 
 
 def trace_requests(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
-    """Decode one prompt with the single-row forwards, checking before every forward that the cache holds only
-    committed tokens; returns (token ids, stats, [(request, ids before it, its logits)], cache, final ids)."""
+    """Decode one prompt with the single-row forwards, checking before every forward and at the end that the cache
+    holds only committed tokens; returns (token ids, stats, [(request, ids before it, its logits)] for every
+    forward, cache, final ids)."""
     from s2d2.core.loop import decode_steps
     from s2d2.core.requests import RowState
-    from s2d2.engine.runner import run_request
+    from s2d2.engine.runner import drive, run_request
 
     adapter = model.adapter
     cache, state = adapter.new_cache(256), RowState()
-    steps = decode_steps(prompt, cfg, cache, adapter.traits, state=state)
-    trace, logits = [], None
-    try:
-        while True:
-            request = steps.send(logits)
-            assert adapter.mask_id not in state.seq.ids[:cache.length].tolist()  # only committed tokens are cached
-            before = state.seq.ids.clone()
-            logits = run_request(adapter, request, cache)
-            trace.append((request, before, logits))
-    except StopIteration as done:
-        ids, _, stats = done.value
+    trace = []
+
+    def only_committed_cached() -> None:
+        assert adapter.mask_id not in state.seq.ids[:cache.length].tolist()
+
+    def forward(request):
+        only_committed_cached()
+        before = state.seq.ids.clone()
+        logits = run_request(adapter, request, cache)
+        trace.append((request, before, logits))
+        return logits
+
+    ids, _, stats = drive(decode_steps(prompt, cfg, cache, adapter.traits, state=state), cache, forward)
+    only_committed_cached()
     return ids, stats, trace, cache, state.seq.ids
 
 

@@ -197,22 +197,20 @@ def run_traced(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
     snapshots, cache)."""
     from s2d2.core.loop import decode_steps
     from s2d2.core.requests import DraftRequest
-    from s2d2.engine.runner import run_request
+    from s2d2.engine.runner import drive, run_request
 
     adapter = model.adapter
     cache = adapter.new_cache(256)
-    steps = decode_steps(prompt, cfg, cache, adapter.traits)
-    logits, snapshots = None, []
+    snapshots = []
+
+    def forward(request):
+        if isinstance(request, DraftRequest):
+            snapshots.append((request.block_start, request.ids[:request.block_start].tolist()))
+        return run_request(adapter, request, cache)
+
     with torch.inference_mode():
-        while True:
-            try:
-                request = steps.send(logits)
-            except StopIteration as done:
-                tokens, _, stats = done.value
-                return tokens, stats, snapshots, cache
-            if isinstance(request, DraftRequest):
-                snapshots.append((request.block_start, request.ids[:request.block_start].tolist()))
-            logits = run_request(adapter, request, cache)
+        tokens, _, stats = drive(decode_steps(prompt, cfg, cache, adapter.traits), cache, forward)
+    return tokens, stats, snapshots, cache
 
 
 @pytest.mark.parametrize("method", [dict(method="dynamic", threshold=0.5), dict(method="s2d2"),

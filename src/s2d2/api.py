@@ -149,8 +149,8 @@ class Model:
         generation_config.json values (:attr:`generation_defaults`) unless ``generation_config="none"``.
 
         Up to ``batch_size`` prompts decode together, one batched forward per step, each at its own pace; a
-        finished prompt's place goes to the next (continuous batching, :class:`s2d2.engine.engine.Engine`). Results do not
-        depend on the batch: greedy output and per-prompt stats equal batch 1's (up to float rounding at exact
+        finished prompt's place goes to the next (continuous batching, :class:`s2d2.engine.engine.Engine`). Results do
+        not depend on the batch: greedy output and per-prompt stats equal batch 1's (up to float rounding at exact
         logit ties), and sampling is reproducible per prompt: prompt ``i`` draws from a generator seeded with
         ``seed + i`` (a seed is drawn from torch's global RNG if none is set), whatever shares its batch. Every
         prompt is checked before any is decoded. :attr:`last_batch_stats` holds the batch-level figures.
@@ -174,16 +174,13 @@ class Model:
         order = {engine.add(ids, cfg, generator, stop_check, trace): i
                  for i, (ids, generator) in enumerate(zip(encoded, self.row_generators(cfg, len(encoded))))}
         results: list[Any] = [None] * len(encoded)
-        bar = tqdm(total=len(encoded), desc=progress if isinstance(progress, str) else "generate", unit="prompt",
-                   dynamic_ncols=True) if progress else None
-        while not engine.idle:
-            for event in engine.step():
-                if event.finished:
-                    results[order[event.request_id]] = event
-                    if bar is not None:
+        with tqdm(total=len(encoded), desc=progress if isinstance(progress, str) else "generate", unit="prompt",
+                  dynamic_ncols=True, disable=not progress) as bar:
+            while not engine.idle:
+                for event in engine.step():
+                    if event.finished:
+                        results[order[event.request_id]] = event
                         bar.update(1)
-        if bar is not None:
-            bar.close()
         self.last_batch_stats = engine.stats
         return [self.to_generation(e.token_ids, e.finish_reason, e.stats, cfg, e.trace) for e in results]
 

@@ -41,8 +41,9 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
     The caller (:func:`s2d2.engine.runner.decode` for one row, :class:`s2d2.engine.engine.Engine` for a batch)
     executes each yielded :data:`~s2d2.core.requests.RowRequest` against ``cache`` (the row's own committed K/V,
     empty when decoding starts; the loop only reads it) and sends back its logits: a forward's, or None for a
-    :class:`~s2d2.core.requests.KeepRows`, which commits rows the last forward computed. ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there
-    (stop strings). Forward time is the caller's to add to ``state.stats.forward_time_s``. With
+    :class:`~s2d2.core.requests.KeepRows`, which commits rows the last forward computed.
+    ``stop_check(generated_ids)`` runs after each finished block; True ends decoding there (stop strings). Forward
+    time is the caller's to add to ``state.stats.forward_time_s``. With
     ``traits.shifted_logits`` (the family reads token t from row t-1), each block opens with its first token decoded
     in AR mode, from the row before it (:meth:`Forwards.open_block`). With ``traits.blocks_from_prompt_end`` (D2F)
     blocks start at the prompt's end instead of at absolute multiples of the block size.

@@ -1,10 +1,11 @@
 """The batched engine: many requests decoded together, one forward per engine step, each row at its own pace.
 
 Each request is a row running the per-row algorithm (:func:`s2d2.core.loop.decode_steps`) in its own slot of a
-:class:`~s2d2.models.cache.BatchKVCache`. A step collects the forward every active row needs next, whatever its kind (a
-draft, a 2L verification, a verification that also drafts the next block, a commit), runs them as one packed
-forward (:mod:`s2d2.models.batching`), and hands each row its logits. A step with a single active row runs that row's own
-forward unpacked (the adapter's single-row forward on its cache slot), so batch 1 costs what the plain loop costs.
+:class:`~s2d2.models.cache.BatchKVCache`. A step collects the forward every active row needs next, whatever its
+kind (a draft, a 2L verification, a verification that also drafts the next block, a commit), runs them as one
+packed forward (:mod:`s2d2.models.batching`, :func:`s2d2.engine.runner.run_packed`), and hands each row its logits.
+A step with a single active row runs that row's own forward unpacked (:func:`s2d2.engine.runner.run` on its cache
+slot), so batch 1 costs what the plain loop costs.
 The engine only schedules: it never decides what a row does, so a row's tokens and forward counts are those of
 batch-1 decoding, whatever shares its batch (design invariant 7); sampled rows draw from their own generator.
 

@@ -22,7 +22,6 @@ from s2d2.core.requests import (
     FinalizeRequest,
     ForwardRequest,
     KeepRows,
-    RowRequest,
     RowState,
     RowSteps,
     VerifyRequest,
@@ -38,7 +37,7 @@ from s2d2.models.cache import BatchKVCache, KVCache, SlotCache
 def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cache: KVCache,
            generator: torch.Generator | None = None, stop_check: Callable[[list[int]], bool] | None = None,
            tracer: Tracer | None = None) -> tuple[list[int], str, DecodeStats]:
-    """Decode one prompt with the adapter's single-row forwards; returns the generated ids (stop token excluded),
+    """Decode one prompt with the single-row forward (:func:`run`); returns the generated ids (stop token excluded),
     ``"stop"``/``"length"`` and stats. ``stop_check`` as in :func:`decode_steps`; ``tracer`` records a trace."""
     state = RowState(trace=tracer)
     cache.reset()
@@ -90,13 +89,10 @@ def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int
     return adapter.commit_spec(request.ids, cache_len, request.end, request.block_size, cache_ver=request.cache_ver)
 
 
-def run_request(adapter: FamilyAdapter, request: RowRequest, cache: KVCache,
+def run_request(adapter: FamilyAdapter, request: ForwardRequest, cache: KVCache,
                 spec: ForwardSpec | None = None) -> torch.Tensor | None:
-    """Execute one row's request (its ``spec``, if already built) with the single-row forward; returns its logits
-    (None for a commit, or for :class:`KeepRows`, which only commits the rows the last forward left)."""
-    if isinstance(request, KeepRows):
-        cache.commit(request.count)
-        return None
+    """Execute one row's forward request (its ``spec``, if already built) with the single-row forward; returns its
+    logits (None for a commit)."""
     logits = run(adapter, spec if spec is not None else request_spec(adapter, request, cache.length), cache)
     return None if isinstance(request, CommitRequest) else logits
 

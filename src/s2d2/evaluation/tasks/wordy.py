@@ -8,7 +8,7 @@ never used by ``train``, ``validation`` and ``test``; the ``generalisation`` spl
 every problem, so a model trained on ``train`` meets sentence frames there that it has never seen.
 
 Format (identical to :mod:`~s2d2.evaluation.tasks.arith`, so its checker and the training code apply unchanged)
------------------------------------------------------------------------------------------------------
+---------------------------------------------------------------------------------------------------------------
 ::
 
     prompt = "Q: <question>\\nA:"
@@ -30,7 +30,7 @@ the meaning's key fell there (a key belongs to exactly one split)::
        Ann, he buys 4 bags of 6 apples. Ann is 9 years old.
 
 Numbers (the rules of :mod:`~s2d2.evaluation.tasks.arith`, enforced by its step recorder ``Chain``)
-------------------------------------------------------------------------------------------
+---------------------------------------------------------------------------------------------------
 * ``+`` and ``-``: both operands 0..99, intermediate results included; never a negative difference;
 * ``*``: both factors 2..12;
 * ``/``: exact, divisor 2..12, quotient 1..12 (here always 2..12);
