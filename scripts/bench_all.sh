@@ -4,8 +4,8 @@
 # 2-core CPU VM of 2026-12-03 (a slow one: see BENCHMARKS.md); the grids after the first use fewer timed rounds
 # (their exact figures do not depend on rounds). Committed figures land in benchmarks/; per-run JSON (evals,
 # data-parallel, tune on test, batch 1 and 16 samples) in $RUNS (default runs/bench_all).
-# Usage: bash scripts/bench_all.sh [section ...]   sections: wordy grid batched pipelined relaxed prefix compile dp
-#                                                             tune serve (default: all)
+# Usage: bash scripts/bench_all.sh [section ...]   sections: wordy grid batched pipelined relaxed prefix compile
+#                                                             threads dp tune serve (default: all)
 #        SOAK_MINUTES=0 skips the serving soak (default 10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/bench_all}
 mkdir -p "$RUNS"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(wordy grid batched pipelined relaxed prefix compile dp tune serve)
+[ ${#sections[@]} -gt 0 ] || sections=(wordy grid batched pipelined relaxed prefix compile threads dp tune serve)
 say() { echo "[bench_all $(date -u +%H:%M:%S)] $*"; }
 
 for s in "${sections[@]}"; do
@@ -23,41 +23,43 @@ for s in "${sections[@]}"; do
       s2d2 bench --task wordy --n 150 --repeats 2 --out benchmarks/bundled-wordy
       python scripts/model_card_eval.py --n 500 --out "$RUNS/model_card.json" > benchmarks/bundled-wordy/model_card.md ;;
     grid)
-      s2d2 bench --n 150 --repeats 3 --out benchmarks/bundled-arith ;;
+      s2d2 bench --task arith --n 150 --repeats 3 --out benchmarks/bundled-arith ;;
     batched)
-      s2d2 bench --no-grid --batch-sizes 1 4 16 64 --n 200 --repeats 3 --out benchmarks/bundled-arith
+      s2d2 bench --task arith --no-grid --batch-sizes 1 4 16 64 --n 200 --repeats 3 --out benchmarks/bundled-arith
       python scripts/forward_cost.py --out benchmarks/bundled-arith
       for m in s2d2 ar dynamic; do  # batching changes how many rows share a forward, never what a row does
         for b in 1 16; do s2d2 eval --task arith --n 200 --method "$m" --batch-size "$b" --samples "$RUNS/$m-b$b.jsonl" >/dev/null; done
         cmp "$RUNS/$m-b1.jsonl" "$RUNS/$m-b16.jsonl" && say "$m: batch 1 and 16 samples identical"
       done ;;
     pipelined)
-      s2d2 bench --grid benchmarks/pipelined/grid.json --n 150 --repeats 3 --out benchmarks/pipelined ;;
+      s2d2 bench --task arith --grid benchmarks/pipelined/grid.json --n 150 --repeats 3 --out benchmarks/pipelined ;;
     relaxed)
-      s2d2 bench --grid benchmarks/relaxed/grid.json --n 200 --repeats 1 --out benchmarks/relaxed ;;
+      s2d2 bench --task arith --grid benchmarks/relaxed/grid.json --n 200 --repeats 1 --out benchmarks/relaxed ;;
     prefix)
-      s2d2 bench --grid benchmarks/prefix-cache/grid.json --n 200 --repeats 2 --out benchmarks/prefix-cache
+      s2d2 bench --task arith --grid benchmarks/prefix-cache/grid.json --n 200 --repeats 2 --out benchmarks/prefix-cache
       for pc in prefix-cache no-prefix-cache; do  # pipelined blocks: exact rows per forward with and without
-        s2d2 eval --limit 200 --batch-size 64 --method s2d2 --block-size 16 --threshold 0.9 --skip-confident \
+        s2d2 eval --task arith --limit 200 --batch-size 64 --method s2d2 --block-size 16 --threshold 0.9 --skip-confident \
           --block-add-threshold 0.5 --$pc --json > "$RUNS/pipelined-s2d2-$pc.json"
-        s2d2 eval --limit 200 --batch-size 64 --method dynamic --block-size 4 --threshold 0.9 \
+        s2d2 eval --task arith --limit 200 --batch-size 64 --method dynamic --block-size 4 --threshold 0.9 \
           --block-add-threshold 0.5 --$pc --json > "$RUNS/pipelined-dynamic-$pc.json"
       done ;;
     compile)
       python scripts/compile_bench.py --out benchmarks/compile ;;
+    threads)  # --threads' default: 1 and 2 threads and the default, idle and with 1 or 2 cores busy (~25 min)
+      python scripts/threads_bench.py --rounds 3 --busy 0 1 2 --out "$RUNS/threads.jsonl" > benchmarks/threads.md ;;
     dp)
       for round in 1 2; do
         for m in s2d2 ar; do
-          s2d2 eval --limit 200 --method "$m" --batch-size 16 --json > "$RUNS/dp-$m-1proc-r$round.json"
-          torchrun --standalone --nproc-per-node 2 -m s2d2 eval --limit 200 --method "$m" --batch-size 16 --json \
+          s2d2 eval --task arith --limit 200 --method "$m" --batch-size 16 --json > "$RUNS/dp-$m-1proc-r$round.json"
+          torchrun --standalone --nproc-per-node 2 -m s2d2 eval --task arith --limit 200 --method "$m" --batch-size 16 --json \
             > "$RUNS/dp-$m-2proc-r$round.json"
         done
       done ;;
     tune)
-      s2d2 tune --limit 150 --objective tokens_per_s --max-accuracy-drop 1 --out benchmarks/tune/tuned.json \
+      s2d2 tune --task arith --limit 150 --objective tokens_per_s --max-accuracy-drop 1 --out benchmarks/tune/tuned.json \
         --report benchmarks/tune/records.jsonl > benchmarks/tune/table.md
-      s2d2 eval --split test --limit 500 --method ar --json > "$RUNS/tune-test-ar.json"
-      s2d2 eval --split test --limit 500 --config benchmarks/tune/tuned.json --json > "$RUNS/tune-test-tuned.json" ;;
+      s2d2 eval --task arith --split test --limit 500 --method ar --json > "$RUNS/tune-test-ar.json"
+      s2d2 eval --task arith --split test --limit 500 --config benchmarks/tune/tuned.json --json > "$RUNS/tune-test-tuned.json" ;;
     serve)
       python scripts/loadtest.py --methods s2d2 ar --concurrency 1 4 16 --seconds 30 --soak-minutes "${SOAK_MINUTES:-10}" \
         --out benchmarks/bundled-arith/loadtest.json ;;

@@ -18,8 +18,8 @@ def test_bench_quick_writes_table_records_and_plot(random_model_dir, tmp_path, c
     """Every record's exact figures equal an independent API run of its setting on the same prompts, its rates are
     derived from its own stats (one round with --quick, so time figures are that round's), and the table shows them."""
     out = tmp_path / "bench"
-    assert main(["bench", "--quick", "--n", "3", "--model", str(random_model_dir), "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["bench", "--task", "arith", "--quick", "--n", "3", "--model", str(random_model_dir),
+                 "--out", str(out), "--no-progress"]) == 0
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     grid = default_grid(quick=True)
     assert [r["name"] for r in records] == [s.name for s in grid]
@@ -128,8 +128,8 @@ def test_bench_decodes_the_asked_task_and_split(random_model_dir, tmp_path, caps
     assert ar["accuracy"] == sum(wordy.is_correct(p, o.text) for p, o in zip(problems, outs)) / 2
     assert "2 generalisation problems" in (out / "results.md").read_text()
     capsys.readouterr()
-    assert main(["bench", "--quick", "--split", "generalisation", "--model", str(random_model_dir),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert main(["bench", "--task", "arith", "--quick", "--split", "generalisation", "--model",
+                 str(random_model_dir), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == ("s2d2: error: task arith has the splits train, validation, test; "
                                               "got 'generalisation'.")
 

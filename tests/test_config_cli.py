@@ -14,6 +14,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
@@ -439,3 +440,51 @@ def test_init_random_out_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_infinite_values_are_rejected(name: str) -> None:
     with pytest.raises(ConfigError):
         DecodeConfig(**{name: float("inf")})
+
+
+def test_the_command_line_parses_before_it_imports_torch() -> None:
+    # `s2d2 --help` and flag errors answer at once; torch (over a second to import) loads only for a command's work
+    code = ("import sys; from s2d2.cli import build_parser; build_parser().format_help(); import s2d2; "
+            "s2d2.DecodeConfig; print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_threads_flag_sets_torchs_threads(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = torch.get_num_threads()
+    try:
+        assert main(["generate", "x", "--model", str(model_dir), "--max-new-tokens", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert main(["generate", "x", "--model", str(model_dir), "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+def test_the_stats_line_names_only_what_the_method_did(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = {}
+    for method, flags in (("ar", []), ("dynamic", []), ("s2d2", ["--policy", "mask_span_length", "--min-span", "1"])):
+        assert main(["generate", "x", "--model", str(model_dir), "--method", method, "--max-new-tokens", "8",
+                     *flags]) == 0
+        lines[method] = capsys.readouterr().err.strip().splitlines()[-1]
+    assert lines["ar"].startswith("[ar] ") and "verif" not in lines["ar"] and "draft" not in lines["ar"]
+    assert "verif" not in lines["dynamic"] and "accepted" not in lines["dynamic"]
+    assert "(draft " in lines["s2d2"] and "verification accepted" in lines["s2d2"] and " of " in lines["s2d2"]
+
+
+def test_threads_default_to_the_idle_cores() -> None:
+    from s2d2.cli import auto_threads, idle_cores
+
+    assert auto_threads(2, idle=2.0) == 2 and auto_threads(2, idle=1.2) == 1 and auto_threads(2, idle=0.0) == 1
+    assert auto_threads(8, idle=5.6) == 6 and auto_threads(4, idle=7.9) == 4  # never more than torch's choice
+    if idle_cores(0.01) is None:
+        pytest.skip("no /proc/stat here: the default is torch's own choice")
+    cores = len(os.sched_getaffinity(0))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        time.sleep(0.3)  # they have started
+        busy = idle_cores(0.2)
+    finally:
+        for p in spinners:
+            p.kill()
+    assert busy is not None and busy < 0.5 and auto_threads(cores, idle=busy) == 1  # every core taken: one thread

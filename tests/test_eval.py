@@ -47,8 +47,8 @@ def test_eval_samples_are_per_problem_and_independent_of_the_batch(random_model_
     files = []
     for batch in (1, 3):
         path = tmp_path / f"b{batch}.jsonl"
-        assert main(["eval", "--n", "5", "--model", str(random_model_dir), "--method", "s2d2", "--block-size", "4",
-                     "--max-new-tokens", "12", "--batch-size", str(batch), "--samples", str(path), "--json"]) == 0
+        assert main(["eval", "--task", "arith", "--n", "5", "--model", str(random_model_dir), "--method", "s2d2",
+                     "--block-size", "4", "--max-new-tokens", "12", "--batch-size", str(batch), "--samples", str(path), "--json"]) == 0
         capsys.readouterr()
         files.append([json.loads(line) for line in path.read_text().splitlines()])
     assert files[0] == files[1]
@@ -99,7 +99,8 @@ def test_eval_rejects_bad_input(random_model_dir, capsys):
     assert main(["eval", "--task", "nope", "--n", "2", "--model", str(random_model_dir)]) == 2
     assert main(["eval", "--n", "0", "--model", str(random_model_dir)]) == 2
     assert main(["eval", "--n", "2", "--model", str(random_model_dir), "--samples", "/nonexistent/dir/s.jsonl"]) == 2
-    assert main(["eval", "--n", "2", "--split", "generalisation", "--model", str(random_model_dir)]) == 2
+    assert main(["eval", "--n", "2", "--task", "arith", "--split", "generalisation",
+                 "--model", str(random_model_dir)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("s2d2: error:") for line in err)
     assert "--samples" in err[2]

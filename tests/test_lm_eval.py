@@ -282,3 +282,30 @@ def test_bad_model_args_end_in_one_sentence_and_exit_2(capsys):
               "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "unknown decoding option 'blocksize'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--device", "cuda"], ["--device=cuda:1"]])
+def test_cuda_asked_for_without_a_gpu_is_an_error_as_in_the_s2d2_cli(flags, monkeypatch, capsys):
+    import lm_eval.__main__
+
+    from s2d2.evaluation.lm_eval import main
+
+    ran = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: ran.append(True))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "s2d2", "--tasks", "s2d2_arith", "--limit", "1", *flags])
+    assert exit_info.value.code == 2 and not ran
+    assert "no CUDA device is available (use --device cpu)" in capsys.readouterr().err
+
+
+def test_no_device_flag_means_the_cpu_without_a_gpu(monkeypatch):
+    import lm_eval.__main__
+
+    from s2d2.evaluation.lm_eval import main
+
+    argv = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: argv.append(list(sys.argv)))
+    main(["--model", "s2d2", "--tasks", "s2d2_arith"])  # lm-eval would pass cuda:0 and the model would warn
+    assert argv[0][argv[0].index("--device") + 1] == "cpu"

@@ -223,6 +223,7 @@ def test_sampled_choices_are_reproducible_by_seed(server):
     a = [c.text for c in server.client.completions.create(**kw).choices]
     b = [c.text for c in server.client.completions.create(**kw).choices]
     assert a == b and len(a) == 3
+    assert server.client.completions.create(**{**kw, "n": 1}).choices[0].text == a[0]  # choice 0 is the n = 1 answer
 
 
 @pytest.mark.parametrize("body, param", [
@@ -234,6 +235,7 @@ def test_sampled_choices_are_reproducible_by_seed(server):
     ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 10**6}, "prompt"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "temperature": -1}, "temperature"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "top_p": 2}, "top_p"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "seed": 2**64}, "seed"),
     ({"model": "other", "prompt": "Q: 1\nA:"}, "model"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "block_sise": 8}, "block_sise"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "method": "fast"}, "method"),

@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+import s2d2
+
 from s2d2.core.sampling import choose_tokens, token_probs, transform_logits
 from s2d2.core.strategies import most_confident, select, select_dynamic, select_static, step_quotas
 
@@ -285,3 +287,34 @@ def test_choose_tokens_sampled_respects_support() -> None:
     tokens = choose_tokens(probs, False, torch.Generator().manual_seed(0)).view(50, 2)
     assert (tokens[:, 0] == 2).all()
     assert set(tokens[:, 1].tolist()) == {0, 3}
+
+
+# ------------------------------------------------------------------------------------------------ row seeds
+
+
+def test_row_seeds_keep_the_batch_contract_and_scatter_further_choices():
+    from s2d2.core.sampling import row_seed
+
+    assert [row_seed(5, i) for i in range(4)] == [5, 6, 7, 8]  # prompt i draws from seed + i
+    assert row_seed(5, 0, choice=0) == 5  # choice 0 is the request with n = 1
+    # seed + k would make choice 1 of seed 1 the first choice of seed 2; derived seeds do not collide so
+    firsts = {row_seed(s, 0) for s in range(1000)}
+    seconds = [row_seed(s, 0, choice=k) for s in range(1000) for k in (1, 2, 3)]
+    assert not firsts & set(seconds) and len(set(seconds)) == len(seconds)
+    assert all(0 <= x < 2**64 for x in (*seconds, row_seed(2**64 - 1, 1), row_seed(2**64 - 1, 0, choice=5)))
+
+
+def test_row_generators_draw_per_choice_streams(model):
+    from s2d2 import DecodeConfig
+
+    def first_draws(seed: int, count: int, choices: int = 1) -> list[list[float]]:
+        gens = model.row_generators(DecodeConfig(seed=seed), count, choices)
+        return [torch.rand(3, generator=g).tolist() for g in gens]
+
+    one, two = first_draws(1, 2, choices=2), first_draws(2, 1)
+    assert one[0] == first_draws(1, 1)[0]  # choice 0 is the plain request
+    assert one[1] != two[0]  # choice 1 of seed 1 is not seed 2's first
+    assert first_draws(1, 2) == [first_draws(1, 1)[0], two[0]]  # prompts: seed + i, unchanged
+    assert len(first_draws(2**64 - 1, 2, choices=2)) == 2  # the largest seed wraps, no overflow
+    with pytest.raises(s2d2.ConfigError, match="below 2"):
+        DecodeConfig(seed=2**64)

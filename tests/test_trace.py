@@ -11,6 +11,14 @@ import pytest
 from s2d2 import DecodeConfig
 from s2d2.cli import main
 from s2d2.core.trace import COMMIT_KINDS, SCHEMA
+from s2d2.evaluation.trace_plot import (
+    DPI,
+    MAX_PX,
+    MIN_TEXT_PT,
+    TEXT_PT,
+    plot_traces,
+    trace_figure,
+)
 
 PROMPTS = [[72, 101, 108, 108, 111], list(range(40, 56)), [3, 250, 9]]
 CONFIGS = {
@@ -58,10 +66,11 @@ def check_trace(trace: list[dict], token_ids: list[int], stats, prompt_len: int,
         if not pipelined:
             assert all(p < s["block"] + size for p in positions), s
         drafted = dict(zip(positions, s["draft"]["tokens"]))
+        plain = ("ar",) if method == "ar" else ()  # AR's tokens are drafts; a block's AR-mode first token is not
         for c in s["commits"]:
-            if c["how"] in ("accepted", "corrected", "fallback"):
+            if c["how"] in ("accepted", "corrected", "fallback", *plain):
                 assert c["pos"] in drafted, (c, positions)
-            if c["how"] in ("accepted", "fallback"):
+            if c["how"] in ("accepted", "fallback", *plain):
                 assert c["token"] == drafted[c["pos"]], (c, drafted)
     # routing and verification
     for s in steps:
@@ -78,7 +87,11 @@ def check_trace(trace: list[dict], token_ids: list[int], stats, prompt_len: int,
     verifies = [s["verify"] for s in steps if s["verify"] is not None]
     assert sum(v["accepted"] for v in verifies) == stats.accepted_tokens
     assert sum(v["proposed"] for v in verifies) == stats.proposed_tokens
-    assert sum(c["how"] == "fallback" for s in steps for c in s["commits"]) == stats.fallback_tokens
+    # the base strategy's commits: AR's one-token blocks are AR tokens (coloured so), the others fallback
+    plain = "ar" if method == "ar" else "fallback"
+    assert sum(c["how"] == plain for s in steps for c in s["commits"]) == stats.fallback_tokens
+    if method == "ar":
+        assert {c["how"] for s in steps for c in s["commits"]} == {"ar"}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -152,3 +165,101 @@ def test_cli_writes_traces_and_draws_them(random_model_dir, tmp_path, capsys):
     bad.write_text('{"row": 0, "type": "header", "schema": "other/9"}\n')
     assert main(["trace", "plot", str(bad), "-o", str(tmp_path / "x.png")]) == 2
     assert "has schema 'other/9'; this s2d2 reads 's2d2.trace/1'." in capsys.readouterr().err
+
+
+def _synthetic_trace(method: str, steps: int, positions: int, token: str = "ab") -> dict:
+    """A trace as read_trace returns it: ``positions`` tokens committed in ``steps`` steps (the last takes the rest),
+    one draft forward per step."""
+    per_step = max(1, positions // steps)
+    events = []
+    for step in range(steps):
+        span = range(step * per_step, positions if step == steps - 1 else (step + 1) * per_step)
+        events.append({"type": "step", "step": step, "block": 0, "route": None, "verify": None,
+                       "draft": {"positions": list(span), "tokens": [1] * len(span), "confidence": [1.0] * len(span)},
+                       "commits": [{"pos": p, "token": 1, "how": "fallback"} for p in span],
+                       "forwards": [{"kind": "draft", "rows": len(span), "time_s": 0.0}]})
+    header = {"type": "header", "schema": SCHEMA, "prompt_tokens": 0, "block_size": 1 if method == "ar" else 8,
+              "method": method, "policy": "score_threshold" if method == "s2d2" else None, "threshold": 0.7,
+              "pipelined": False, "tokens": {"1": token}}
+    stats = {"num_tokens": positions, "nfe": steps, "tokens_per_forward": positions / steps}
+    return {"header": header, "steps": events, "done": {"type": "done", "token_ids": [1] * positions, "stats": stats}}
+
+
+def _grid_boxes(fig) -> list:
+    """Each pane's grid (its axes) in inches from the figure's bottom left, left to right."""
+    width, height = fig.get_size_inches()
+    boxes = [ax.get_position() for ax in fig.axes]
+    return sorted((b.x0 * width, b.y0 * height, b.width * width, b.height * height) for b in boxes)
+
+
+def _legend_box(fig) -> tuple[float, float, float, float]:
+    """The legend's left, right, bottom and top, in inches from the figure's bottom left."""
+    box = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+    return box.x0 / fig.dpi, box.x1 / fig.dpi, box.y0 / fig.dpi, box.y1 / fig.dpi
+
+
+def test_trace_panes_share_one_scale_and_sit_tight():
+    traces = [_synthetic_trace("dynamic", 5, 12), _synthetic_trace("s2d2", 3, 7), _synthetic_trace("ar", 9, 9)]
+    fig = trace_figure(traces)
+    boxes = _grid_boxes(fig)
+    # one step is as high, one position as wide, in every pane (square cells): fewer steps, a shorter pane
+    cells = [(w / len(t["done"]["token_ids"]), h / len(t["steps"])) for t, (_, _, w, h) in zip(traces, boxes)]
+    assert all(c == pytest.approx(cells[0][0], rel=1e-6) for cell in cells for c in cell)
+    assert boxes[1][3] < boxes[0][3] < boxes[2][3]
+    assert max(b[3] for b in boxes) / fig.get_size_inches()[1] > 0.6  # the grids fill the picture
+    tops = [y + h for _, y, _, h in boxes]
+    assert tops == pytest.approx([tops[0]] * 3)  # top-aligned: step k is on one line across panes
+    # no blank band: the legend sits just under the grids (under the tokens of the lowest), and the picture is the
+    # tallest grid plus its title, tokens and legend
+    assert min(y for _, y, _, _ in boxes) - _legend_box(fig)[3] < 0.8
+    assert fig.get_size_inches()[1] - (max(tops) - min(y for _, y, _, _ in boxes)) < 2.5
+    # with the tallest pane first, the legend goes in the room under the others and the picture grows no taller
+    fig = trace_figure([traces[2], traces[0], traces[1]])
+    boxes = _grid_boxes(fig)
+    x0, _, y0, y1 = _legend_box(fig)
+    assert boxes[1][0] - 0.5 < x0 and y1 < boxes[1][1] and y0 > boxes[0][1]
+
+
+def test_trace_titles_name_the_method_once():
+    fig = trace_figure([_synthetic_trace("dynamic", 4, 20), _synthetic_trace("s2d2", 6, 23)],
+                       labels=["dynamic", "sdar-1.7b"])
+    texts = [t.get_text() for t in fig.texts]
+    assert "dynamic · B=8 · threshold 0.7" in texts  # a label that only repeats the method is left out
+    assert "sdar-1.7b · S2D2 · B=8 · threshold 0.7 · score_threshold" in texts
+    assert "23 tokens in 6 steps, NFE 6, 3.83 tokens/forward" in texts
+    titles = " ".join(texts).lower()
+    assert titles.count("dynamic") == 1 and titles.count("s2d2") == 1 and "dynamic:" not in titles
+
+
+def test_trace_pictures_are_bounded_and_readable(tmp_path):
+    from PIL import Image
+
+    small = [_synthetic_trace("dynamic", 4, 20), _synthetic_trace("s2d2", 6, 23)]
+    fig = trace_figure(small)
+    sizes = {t.get_fontsize() for ax in fig.axes for t in ax.texts}
+    assert sizes == {TEXT_PT}  # full-size tokens and forwards
+    assert len([t for t in fig.axes[1].texts if t.get_text() == "ab"]) == 23
+    plot_traces(small, str(tmp_path / "small.png"))
+    with Image.open(tmp_path / "small.png") as im:
+        assert all(abs(px - s * DPI) <= 1 for px, s in zip(im.size, fig.get_size_inches()))  # full resolution
+    for long in ([_synthetic_trace("ar", 256, 256)], [_synthetic_trace("dynamic", 128, 128)] * 2,
+                 [_synthetic_trace("ar", 256, 256), _synthetic_trace("s2d2", 60, 256)] * 2):
+        plot_traces(long, str(tmp_path / "long.png"))
+        with Image.open(tmp_path / "long.png") as im:
+            assert MAX_PX * 0.9 <= max(im.size) <= MAX_PX
+        fig = trace_figure(long)
+        for ax in fig.axes:  # per-cell text too small to read gives way to step and position numbers
+            assert not ax.texts or min(t.get_fontsize() for t in ax.texts) >= MIN_TEXT_PT
+            assert ax.texts or (ax.get_xticks().size and ax.get_yticks().size)
+
+
+def test_cli_trace_labels(random_model_dir, tmp_path, capsys):
+    path = tmp_path / "s2d2.jsonl"
+    assert main(["generate", "ab", "--model", str(random_model_dir), "--max-new-tokens", "6", "--trace",
+                 str(path)]) == 0
+    out = tmp_path / "trace.png"
+    assert main(["trace", "plot", str(path), str(path), "--labels", "one", "two", "-o", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["trace", "plot", str(path), str(path), "--labels", "one", "-o", str(out)]) == 2
+    assert "--labels needs one name per trace file (2), got 1." in capsys.readouterr().err

@@ -12,7 +12,7 @@ from s2d2 import DecodeConfig
 from s2d2.cli import build_parser, config_from_args, main
 from s2d2.errors import ConfigError
 from s2d2.evaluation.bench import Setting
-from s2d2.evaluation.tune import search_space, tune
+from s2d2.evaluation.tune import search_space, tune, verification
 
 
 def test_the_choice_follows_the_budget_and_the_objective(model, monkeypatch):
@@ -57,6 +57,17 @@ def test_the_default_search_space_covers_policies_estimators_blocks_and_the_gate
     assert {f.get("relax") for f in fields} >= {1.0} and {f.get("commit_confident") for f in fields} >= {True}
     for f in fields:
         DecodeConfig(**f)  # every setting is valid
+    exact = search_space(exact_only=True)
+    assert 0 < len(exact) < len(space) and all(verification(s.fields) == "exact" for s in exact)
+    assert {verification(f) for f in fields} == {"none", "exact", "not exact (relax)", "not exact (commit_confident)"}
+
+
+def test_the_inexact_knobs_are_named():
+    assert DecodeConfig(method="s2d2").inexact_knobs == ()
+    assert DecodeConfig(method="s2d2", relax=0.5, commit_confident=True).inexact_knobs == ("relax", "commit_confident")
+    assert DecodeConfig(method="s2d2", ratio_threshold=0.5, ratio_tempering=0.5).inexact_knobs == (
+        "ratio_tempering", "ratio_threshold")
+    assert DecodeConfig(method="dynamic").inexact_knobs == ()  # nothing is verified
 
 
 def test_tune_writes_a_config_that_every_command_loads(random_model_dir, tmp_path, capsys):

@@ -25,6 +25,7 @@ from s2d2.checkpoint import (
     resolve_model_dir,
 )
 from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size
+from s2d2.core.sampling import row_seed
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.engine.engine import BatchStats, Engine
@@ -215,11 +216,14 @@ class Model:
         """Positions a prompt and its ``max_new_tokens`` occupy, rounded up to whole blocks."""
         return sequence_length(prompt_len, cfg.block_size, cfg.max_new_tokens, self.adapter.blocks_from_prompt_end)
 
-    def row_generators(self, cfg: DecodeConfig, count: int) -> list[torch.Generator]:
-        """One generator per row: row ``i`` draws from ``seed + i`` (a seed is drawn from torch's global RNG when
-        ``cfg.seed`` is None), so a row's samples depend on its seed alone, never on what shares its batch."""
+    def row_generators(self, cfg: DecodeConfig, count: int, choices: int = 1) -> list[torch.Generator]:
+        """One generator per row, for ``count`` rows that are ``choices`` consecutive samples of each prompt: prompt
+        ``i`` draws from ``seed + i`` and its further choices from seeds derived from that (``row_seed``; a seed is
+        drawn from torch's global RNG when ``cfg.seed`` is None), so a row's samples depend on its seed alone, never
+        on what shares its batch."""
         seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(count)]
+        return [torch.Generator(device=self.device).manual_seed(row_seed(seed, j // choices, j % choices))
+                for j in range(count)]
 
     def stop_check(self, cfg: DecodeConfig) -> Callable[[list[int]], bool] | None:
         """What ends a row at a block boundary once its text holds one of ``cfg.stop`` (None without stop strings)."""

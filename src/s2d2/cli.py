@@ -41,6 +41,8 @@ _HELP = {
     "top_p": "1 = off; unset: the checkpoint's generation_config.json, else 1",
     "generation_config": "auto: unset sampling flags take the checkpoint's generation_config.json values "
                          "(generate; eval and bench decode greedily unless this is given); none: ignore that file",
+    "seed": "sampling seed: prompt i draws from seed + i (default: a random seed)",
+    "stop": "strings that end generation; the text is cut before the first (default: none)",
     "stop_token_ids": "token ids that end generation (default: the model's end-of-sequence ids)",
     "skip_confident": "s2d2: do not verify a span whose drafts all clear --threshold (the fallback commits it)",
     "commit_confident": "s2d2: after a verification also commit every other draft above --threshold (the "
@@ -50,11 +52,11 @@ _HELP = {
     "fuse_draft_threshold": "s2d2: a verification carries the next block's draft rows only when its span's draft "
                             "confidences multiply to at least this (0 = always; ~0.3 on a CPU)",
     "relax": "s2d2 relaxed acceptance, 0 = exact .. 1 = typical acceptance with epsilon 0.3 (not exact above 0)",
-    "typical_epsilon": "typical acceptance's epsilon (expert; wins over --relax)",
+    "typical_epsilon": "typical acceptance's epsilon (expert; wins over --relax; default: from --relax)",
     "typical_delta": "typical acceptance's delta (expert; default sqrt(epsilon))",
     "ratio_tempering": "sampled acceptance ratio (q/p) ** this (the reference's ssd_ratio_tempering_factor)",
     "ratio_threshold": "after a rejection also commit later span drafts whose ratio reaches this (the reference's "
-                       "ssd_ratio_threshold)",
+                       "ssd_ratio_threshold; default: off)",
 }
 # The same for `s2d2 train` (TrainConfig's field names overlap DecodeConfig's with other meanings: steps).
 _TRAIN_HELP = {
@@ -90,7 +92,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type = DecodeConfig,
         flag = "--" + f.name.replace("_", "-")
         tp = hints[f.name]
         default = f.default if f.default is not MISSING else None
-        help_text = f"{helps.get(f.name, f.name.replace('_', ' '))} (default: {default})"
+        help_text = helps.get(f.name, f.name.replace("_", " "))
+        if "default" not in help_text and "unset" not in help_text:  # texts that explain their default keep theirs
+            help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_text}
         args = [a for a in get_args(tp) if a is not type(None)]
         if tp is bool:
@@ -131,6 +135,9 @@ def _add_model_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile the forward with torch.compile (one-time warm-up, reported; eager where "
                              "unavailable)")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads torch computes with (default: the cores the rest of the machine leaves "
+                             "idle at start, at least 1 and at most torch's own choice, one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="accuracy and decoding stats on a task with checkable answers")
-    ev.add_argument("--task", default="arith",
-                    help="arith (synthetic grade-school math) or wordy (the same from a grammar, with a "
-                         "generalisation split of held-out sentence frames)")
+    ev.add_argument("--task", default="wordy",
+                    help="wordy (grade-school word problems from a grammar, with a generalisation split of held-out "
+                         "sentence frames; the bundled model's main task, the default) or arith (templated ones)")
     # --limit (lm-eval's name) also serves under torchrun, whose own parser takes --n for an abbreviation of its flags
     ev.add_argument("--n", "--limit", dest="n", type=int, default=500, help="number of problems")
     ev.add_argument("--split", default="test", help="train, validation, test (wordy: also generalisation)")
@@ -172,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="methods side by side: accuracy, NFE, tokens/s, speedup vs AR")
     _add_model_flags(be)
-    be.add_argument("--task", default="arith", help="arith or wordy (default arith)")
+    be.add_argument("--task", default="wordy", help="wordy (default) or arith")
     be.add_argument("--split", default="test", help="test (default), validation; wordy: also generalisation")
     be.add_argument("--n", "--limit", dest="n", type=int, default=None, help="problems (default 200; 10 with --quick)")
     be.add_argument("--grid", default=None, help='JSON list of {"name": ..., "config": {DecodeConfig fields}}')
@@ -192,11 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("traces", nargs="+", metavar="FILE", help="trace files; two or more are drawn side by side")
     plot.add_argument("-o", "--out", default="trace.png", help="the picture (PNG, SVG or PDF; default trace.png)")
     plot.add_argument("--row", type=int, default=0, help="which prompt of each file (default 0)")
+    plot.add_argument("--labels", nargs="+", default=None, metavar="NAME",
+                      help="a name per file shown before its method and settings (e.g. the model)")
 
     tu = sub.add_parser("tune", help="the fastest setting within an accuracy budget of AR, on the validation split")
     _add_model_flags(tu)
-    tu.add_argument("--task", default="arith",
-                    help="arith (the bundled task), or lm-eval:NAME for an lm-eval generation task (its metric)")
+    tu.add_argument("--task", default="wordy",
+                    help="wordy (default) or arith, or lm-eval:NAME for an lm-eval generation task (its metric)")
     tu.add_argument("--metric", default=None, help="with lm-eval:NAME: the metric to hold within budget "
                                                   "(default: the task's first)")
     tu.add_argument("--split", default="validation", help="the split the choice is made on (default: validation)")
@@ -210,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--batch-size", type=int, default=None,
                     help=f"problems decoded together in the exact pass (default: {DEFAULT_BATCH_SIZE})")
     tu.add_argument("--quick", action="store_true", help="a 3-setting search space (for tests)")
+    tu.add_argument("--exact-only", action="store_true",
+                    help="search only S2D2 settings whose verification keeps AR's tokens (no relax, no "
+                         "commit-confident, no dynamic baselines)")
     tu.add_argument("--out", default="tuned.json", metavar="FILE",
                     help="where the chosen setting is written, for --config FILE (default tuned.json)")
     tu.add_argument("--report", default=None, metavar="FILE", help="also write every setting's record (JSON lines)")
@@ -227,9 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_config_flags(sv)  # the server's defaults for every request
 
-    from s2d2.training.train import TrainConfig
+    from s2d2.training.config import TrainConfig
 
-    tr = sub.add_parser("train", help="train a small SDAR-architecture model on the arith task")
+    tr = sub.add_parser("train", help="train a small SDAR-architecture model on synthetic word problems (the "
+                                      "bundled model's recipe: scripts/train_bundled.sh)",
+                        description="Train a small SDAR-architecture block-diffusion model on synthetic word problems. "
+                                    "The defaults are a shorter arith-only run; the bundled model's recipe is "
+                                    "scripts/train_bundled.sh (wordy and arith, 6000 compiled steps, 74 minutes on "
+                                    "2 CPU cores).")
     tr.add_argument("--out", required=True, help="output directory (resumes if it holds a run)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_config_flags(tr, TrainConfig, skip=("out",))
@@ -273,10 +290,18 @@ def _generate(ns: argparse.Namespace) -> int:
 
 
 def _load_model(ns: argparse.Namespace, device: str) -> typing.Any:
-    """The :class:`s2d2.Model` a command names (``--model``, ``--adapter``, ``--dtype`` on ``device``); with
-    ``--compile`` its forward is compiled now, and the one-time warm-up is reported on stderr."""
+    """The :class:`s2d2.Model` a command names (``--model``, ``--adapter``, ``--dtype`` on ``device``), after
+    setting torch's CPU threads (``--threads``, default :func:`auto_threads`); with ``--compile`` its forward is
+    compiled now, and the one-time warm-up is reported on stderr."""
+    import torch
+
     from s2d2.api import load
 
+    if ns.threads is not None and ns.threads < 1:
+        raise S2D2Error(f"--threads must be at least 1, got {ns.threads}.")
+    threads = ns.threads or auto_threads(torch.get_num_threads())
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
     model = load(ns.model, device=device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile)
     if ns.compile:
         print("[s2d2] compiling the forward (torch.compile, one-time warm-up) ...", file=sys.stderr, flush=True)
@@ -284,6 +309,50 @@ def _load_model(ns: argparse.Namespace, device: str) -> typing.Any:
         state = "compiled" if model.adapter.model.compiled else "not compiled (eager; see the warning above)"
         print(f"[s2d2] forward {state}, warm-up {seconds:.1f} s", file=sys.stderr, flush=True)
     return model
+
+
+def idle_cores(seconds: float = 0.05) -> float | None:
+    """How many of this process's cores the rest of the machine left idle over the next ``seconds`` (Linux:
+    ``/proc/stat`` idle and iowait time of the cores in this process's affinity set, in 10 ms ticks, so 50 ms read
+    it to a fifth of a core), None where that cannot be read (other systems, restricted containers)."""
+    import os
+    import time
+
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+    def sample() -> tuple[int, int]:
+        total = idle = 0
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                name, *ticks = line.split()
+                if not (name.startswith("cpu") and name[3:].isdigit()):
+                    continue
+                if allowed is not None and int(name[3:]) not in allowed:
+                    continue
+                values = [int(t) for t in ticks[:8]]  # user nice system idle iowait irq softirq steal
+                total, idle = total + sum(values), idle + values[3] + values[4]
+        return total, idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError):
+        return None
+    cores = len(allowed) if allowed is not None else (os.cpu_count() or 1)
+    return cores * (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
+
+
+def auto_threads(most: int, idle: float | None = None) -> int:
+    """``--threads``' default: as many threads as there are idle cores (rounded), at least 1, at most ``most``
+    (torch's own choice, one per core). Measured with the bundled model on 2 cores (scripts/threads_bench.py,
+    BENCHMARKS.md "Threads"): on an idle machine 2 threads give 0.99-1.47x one thread's tokens/s, but with one or
+    both cores busy with other work they give 0.17-0.65x, since every parallel region waits for the thread that
+    lost its core. ``idle``: the measured idle cores (measured now when not given)."""
+    idle = idle_cores() if idle is None else idle
+    if idle is None:
+        return most
+    return max(1, min(most, int(idle + 0.5)))
 
 
 def _batch_size(value: int | None) -> int:
@@ -405,9 +474,11 @@ def _run_bench(ns: argparse.Namespace, bench: Any, grid: list[Any], n: int, repe
 def _trace(ns: argparse.Namespace) -> int:
     from s2d2.evaluation.trace_plot import plot_traces, read_trace
 
+    if ns.labels is not None and len(ns.labels) != len(ns.traces):
+        raise S2D2Error(f"--labels needs one name per trace file ({len(ns.traces)}), got {len(ns.labels)}.")
     traces = [read_trace(path, ns.row) for path in ns.traces]
     try:
-        plot_traces(traces, ns.out, titles=[Path(p).stem for p in ns.traces])
+        plot_traces(traces, ns.out, labels=ns.labels)
     except (OSError, ValueError) as e:  # an unwritable path, or a suffix matplotlib has no format for
         raise S2D2Error(f"cannot write {ns.out} ({getattr(e, 'strerror', None) or e}).") from None
     print(f"wrote {ns.out}")
@@ -416,7 +487,7 @@ def _trace(ns: argparse.Namespace) -> int:
 
 def _tune(ns: argparse.Namespace) -> int:
     from s2d2.evaluation.tasks import TASKS, task_module
-    from s2d2.evaluation.tune import search_space, tune, winner_config
+    from s2d2.evaluation.tune import search_space, tune, verification, winner_config
 
     lm_task = ns.task[len("lm-eval:"):] if ns.task.startswith("lm-eval:") else None
     if lm_task is None and ns.task not in TASKS:
@@ -436,16 +507,17 @@ def _tune(ns: argparse.Namespace) -> int:
         out = _open_output(ns.out, "--out") if dp.is_main else None
         report = _open_output(ns.report, "--report") if ns.report and dp.is_main else None
         model = _load_model(ns, dp.device(ns.device))
+        space = search_space(ns.quick, ns.exact_only)
         if lm_task is not None:
             from s2d2.evaluation.tune import lm_eval_exact, search
 
             exact = lm_eval_exact(model, lm_task, ns.split, ns.n, batch_size, ns.metric)
-            result = search(exact, search_space(ns.quick), ns.max_accuracy_drop, progress=dp.is_main)
+            result = search(exact, space, ns.max_accuracy_drop, progress=dp.is_main)
         else:
             problems = task.generate(ns.split, ns.n, seed=0)
             result = tune(model, [p.prompt for p in problems], lambda i, text: task.is_correct(problems[i], text),
-                          search_space(ns.quick), ns.max_accuracy_drop, ns.objective, ns.timed, ns.repeats,
-                          batch_size, dp, progress=dp.is_main)
+                          space, ns.max_accuracy_drop, ns.objective, ns.timed, ns.repeats, batch_size, dp,
+                          progress=dp.is_main)
     if out is None:
         return 0
     with out:
@@ -456,7 +528,8 @@ def _tune(ns: argparse.Namespace) -> int:
     print(f"{ns.task} {ns.split}, {ns.n} problems; AR accuracy {result.ar_accuracy:.1%}; budget: at most "
           f"{ns.max_accuracy_drop:g} points below AR; objective: {ns.objective}\n")
     print(result.table())
-    print(f"\nchosen: {result.winner['name']} -> {ns.out} (use it with --config {ns.out})")
+    print(f"\nchosen: {result.winner['name']}, verification {verification(result.winner['config'])} -> {ns.out} "
+          f"(use it with --config {ns.out})")
     return 0
 
 

@@ -219,6 +219,8 @@ class DecodeConfig:
         _check_int("top_k", self.top_k, 0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
+            if self.seed >= SEED_LIMIT:  # what a torch generator takes
+                raise ConfigError(f"seed must be below 2**64, got {self.seed}.")
         for name in ("threshold", "margin_threshold", "entropy_threshold"):
             _check_float(name, getattr(self, name), 0.0, 1.0)
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
@@ -249,6 +251,17 @@ class DecodeConfig:
     def greedy(self) -> bool:
         """Temperature 0: argmax drafts and deterministic acceptance."""
         return self.temperature == 0.0
+
+    @property
+    def inexact_knobs(self) -> tuple[str, ...]:
+        """The fields that make S2D2's verification keep other tokens than AR would (relaxed acceptance, confident
+        drafts committed beside a verification); empty when verified tokens are exactly AR's (or their
+        distribution when sampling)."""
+        knobs = ("relax" if self.relax > 0 else None, "typical_epsilon" if self.typical_epsilon else None,
+                 "ratio_tempering" if self.ratio_tempering != 1.0 else None,
+                 "ratio_threshold" if self.ratio_threshold is not None else None,
+                 "commit_confident" if self.commit_confident else None)
+        return tuple(k for k in knobs if k is not None) if self.method == "s2d2" else ()
 
     def relaxation(self) -> Relaxation:
         """The relaxed-acceptance parameters this config asks for (exact acceptance when neutral)."""
@@ -311,6 +324,8 @@ class DecodeConfig:
 # the bundled model for AR, dynamic and S2D2 configuration A (BENCHMARKS.md, "Batched decoding"). The KV cache takes
 # batch x (prompt + max_new_tokens) token slots; lower it for long contexts on large checkpoints.
 DEFAULT_BATCH_SIZE = 64
+# Seeds are 64-bit (torch.Generator.manual_seed); row seeds derived from one wrap around modulo this.
+SEED_LIMIT = 2**64
 
 
 def check_batch_size(value: Any) -> int:

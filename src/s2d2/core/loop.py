@@ -109,7 +109,9 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
                 router = routing.observe(router, len(commits) - len(edits), verified=verdict is not None)
             block = seq.commit(block, commits)
             if tracer is not None:
-                _trace_commits(tracer, block.start, commits, edits, span, verdict)
+                # AR's one-token blocks are the static strategy at B = S = 1: their commits are AR tokens
+                _trace_commits(tracer, block.start, commits, edits, span, verdict,
+                               plain="ar" if cfg.method == "ar" else "fallback")
                 tracer.end_step(stats.steps, block.start)
             stats.steps += 1
             step += 1
@@ -124,10 +126,11 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
 
 
 def _trace_commits(tracer: Tracer, start: int, commits: dict[int, int], edits: dict[int, int], span: Span | None,
-                   verdict: Verdict | None) -> None:
-    """Record a step's commits with how each came about (the trace schema's ``how``)."""
+                   verdict: Verdict | None, plain: str = "fallback") -> None:
+    """Record a step's commits with how each came about (the trace schema's ``how``); ``plain`` names the commits
+    that were neither verified nor edits (the base strategy's, or AR's tokens)."""
     for offset, token in sorted(commits.items()):
-        how = "fallback"
+        how = plain
         if offset in edits:
             how = "edit"
         elif verdict is not None and span is not None and (

@@ -41,3 +41,19 @@ def choose_tokens(probs: torch.Tensor, greedy: bool, generator: torch.Generator 
     if greedy:
         return probs.argmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def row_seed(seed: int, row: int, choice: int = 0) -> int:
+    """The seed of prompt ``row``'s sampled choice ``choice`` under a request seeded with ``seed``.
+
+    Prompt ``row`` (choice 0) draws from ``seed + row``, the documented batch contract (data-parallel shards shift
+    the seed by their first row). Further choices of one prompt (the server's ``n``) get seeds scattered by a
+    SplitMix64 step, so that choice 1 of seed 1 is not choice 0 of seed 2, as ``seed + k`` would make it. Every
+    value wraps modulo 2**64, the generator's range."""
+    base = (seed + row) % 2**64
+    if choice == 0:
+        return base
+    z = (base + choice * 0x9E3779B97F4A7C15) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)

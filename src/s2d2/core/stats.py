@@ -104,12 +104,20 @@ class DecodeStats:
         return d
 
     def summary(self) -> str:
-        """One line for humans."""
+        """One line for humans: what was returned, what it cost and, where drafts were verified, how many were
+        accepted. The forward breakdown appears only where there is more than one kind of forward (AR and the
+        threshold baselines only draft)."""
         d = self.to_dict()
         writes = self.prefill_forwards + self.commit_forwards
-        cache = f", cache writes {writes}" if writes else ""
-        fused = f", {self.fused_drafts} drafts fused into verifies" if self.fused_drafts else ""
-        return (f"{d['num_tokens']} tokens, NFE {d['nfe']} (draft {self.draft_forwards}, verify {self.verify_forwards}"
-                f"{cache}{fused}), "
-                f"{d['tokens_per_forward']:.2f} tokens/forward, {d['tokens_per_s']:.1f} tokens/s, "
-                f"{self.accepted_tokens}/{self.proposed_tokens} drafts accepted")
+        kinds = [f"draft {self.draft_forwards}", f"verify {self.verify_forwards}"] if self.verify_forwards else []
+        kinds += [f"cache writes {writes}"] if writes else []
+        kinds += [f"{self.fused_drafts} drafts fused into verifies"] if self.fused_drafts else []
+        breakdown = f" ({', '.join(kinds)})" if kinds else ""
+        line = (f"{d['num_tokens']} tokens, NFE {d['nfe']}{breakdown}, "
+                f"{d['tokens_per_forward']:.2f} tokens/forward, {d['tokens_per_s']:.1f} tokens/s")
+        if self.proposed_tokens:
+            # counted over whole blocks: a block decoded past a stop token verifies drafts the output then drops,
+            # so accepted drafts can outnumber the tokens returned
+            line += (f", verification accepted {self.accepted_tokens} of {self.proposed_tokens} checked drafts "
+                     "(whole blocks, past a stop too)")
+        return line

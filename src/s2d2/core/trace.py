@@ -12,8 +12,8 @@ A trace is a list of events, one ``header``, one ``step`` per decoding step, one
 
 Positions are absolute (the prompt occupies ``0 .. prompt_tokens - 1``). ``how`` is one of ``accepted`` (a draft the
 verifier accepted), ``corrected`` (the verifier's token where it rejected the draft), ``fallback`` (the base strategy
-committed a draft), ``ar`` (a block's first token decoded in AR mode, shifted-logit families), ``edit`` (token
-editing replaced a committed token). ``forwards`` lists the forwards the step asked for, with their kind (``draft``,
+committed a draft), ``ar`` (a token of ``method="ar"``, or a block's first token decoded in AR mode in
+shifted-logit families), ``edit`` (token editing replaced a committed token). ``forwards`` lists the forwards the step asked for, with their kind (``draft``,
 ``verify``, ``finalize``, ``commit``), their query rows, and their time (in a batch, the whole batched forward's);
 a draft or token that rode along an earlier verification is ``fused_draft`` / ``fused_token`` with 0 rows. Tracing
 is off unless asked for (``Model.generate(..., trace=True)``, ``s2d2 generate --trace FILE``, the server's

@@ -245,6 +245,16 @@ class S2D2LM(LM):
         return self.model.adapter.stop_ids[0] if self.model.adapter.stop_ids else 0
 
 
+def _device_flag(args: list[str]) -> str | None:
+    """The value of ``--device`` on lm-eval's command line (``--device X`` or ``--device=X``), None if absent."""
+    for i, arg in enumerate(args):
+        if arg == "--device" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with the ``s2d2`` model registered and the bundled tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
@@ -255,8 +265,14 @@ def main(argv: list[str] | None = None) -> None:
         args[i] = f"{args[i]}:{TASKS_DIR}"  # lm-eval takes several folders joined by ':'
     elif args and not set(args) & {"-h", "--help"}:
         args += ["--include_path", str(TASKS_DIR)]
+    device = _device_flag(args)
+    if device is None and args and not set(args) & {"-h", "--help"} and not torch.cuda.is_available():
+        args += ["--device", "cpu"]  # lm-eval's default is cuda:0; without a GPU the CPU is what the user means
     sys.argv = [sys.argv[0], *args]
     try:
+        if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+            # as `s2d2 generate --device cuda` does: an explicit request that cannot be met is an error, not a warning
+            raise ConfigError(f"--device {device} was requested but no CUDA device is available (use --device cpu).")
         cli_evaluate()
     except S2D2Error as e:  # bad model_args, a missing model, ...: one sentence, exit 2, as the s2d2 CLI does
         print(f"s2d2: {e}", file=sys.stderr)

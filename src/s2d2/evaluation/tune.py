@@ -41,10 +41,18 @@ POLICIES: dict[str, dict[str, Any]] = {
 }
 
 
-def search_space(quick: bool = False) -> list[Setting]:
+def search_space(quick: bool = False, exact_only: bool = False) -> list[Setting]:
     """S2D2 settings: block size x threshold x policy (and estimator) x the skip_confident gate, and the relaxed
     knobs (``relax``, ``commit_confident``) on the gated configuration A; dynamic baselines too, so that the table
-    shows what verification buys. ``quick``: a handful, for tests."""
+    shows what verification buys. ``quick``: a handful, for tests. ``exact_only``: only S2D2 settings whose
+    verification keeps AR's tokens (no relaxed knob, no dynamic baseline)."""
+    space = _space(quick)
+    if exact_only:
+        space = [s for s in space if s.fields["method"] == "s2d2" and not s.config().inexact_knobs]
+    return space
+
+
+def _space(quick: bool) -> list[Setting]:
     if quick:
         return [Setting("dynamic B=4 t=0.9", dict(method="dynamic", block_size=4, threshold=0.9)),
                 Setting("s2d2 config-A B=4 t=0.9", dict(method="s2d2", block_size=4, threshold=0.9)),
@@ -68,6 +76,15 @@ def search_space(quick: bool = False) -> list[Setting]:
     return space
 
 
+def verification(fields: dict[str, Any]) -> str:
+    """How a setting's verification relates to AR, for the table: ``exact`` (verified tokens are AR's), ``not
+    exact (knobs)``, or ``none`` for methods that do not verify."""
+    cfg = DecodeConfig.from_dict(fields)
+    if cfg.method != "s2d2":
+        return "none"
+    return f"not exact ({', '.join(cfg.inexact_knobs)})" if cfg.inexact_knobs else "exact"
+
+
 @dataclass
 class TuneResult:
     """Every setting's record (AR first), the AR accuracy the budget counts from, and the winner's record."""
@@ -78,13 +95,14 @@ class TuneResult:
 
     def table(self) -> str:
         """The trade-off table (Markdown), best first by the objective's ordering."""
-        lines = ["| setting | accuracy | vs AR | tokens / forward | tokens / s | within budget |",
-                 "|---|---|---|---|---|---|"]
+        lines = ["| setting | verification | accuracy | vs AR | tokens / forward | tokens / s | within budget |",
+                 "|---|---|---|---|---|---|---|"]
         for r in self.records:
             tps = f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") is not None else "–"
             mark = " **(chosen)**" if r is self.winner else ""
-            lines.append(f"| {r['name']}{mark} | {r['accuracy']:.1%} | {100 * (r['accuracy'] - self.ar_accuracy):+.1f} "
-                         f"| {r['tokens_per_forward']:.2f} | {tps} | {'yes' if r['within_budget'] else 'no'} |")
+            lines.append(f"| {r['name']}{mark} | {verification(r['config'])} | {r['accuracy']:.1%} "
+                         f"| {100 * (r['accuracy'] - self.ar_accuracy):+.1f} | {r['tokens_per_forward']:.2f} | {tps} "
+                         f"| {'yes' if r['within_budget'] else 'no'} |")
         return "\n".join(lines)
 
 

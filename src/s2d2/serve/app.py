@@ -173,7 +173,7 @@ async def _respond(state: AppState, request: Request, endpoint: str, body: BaseR
     stop_check = model.stop_check(decode_cfg)
     rows = [x for x in prompt_ids for _ in range(body.n)]  # choice k of prompt i is row i * n + k
     tickets = [Ticket(loop, ids, decode_cfg, generator, stop_check, start + cfg.timeout_s, body.trace)
-               for ids, generator in zip(rows, model.row_generators(decode_cfg, len(rows)))]
+               for ids, generator in zip(rows, model.row_generators(decode_cfg, len(rows), body.n))]
     worker.submit(tickets)  # 429 when the queue is full
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
