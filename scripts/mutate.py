@@ -1,10 +1,10 @@
 """Mutation check: plant small deliberate bugs, one at a time, and report which ones the test suite catches.
 
-A developer tool, not part of CI. Each mutation below replaces one exact piece of source text in a temporary
-copy of the repository (``src/``, ``tests/``, ``pyproject.toml``); the real tree is never written. The unmutated
-suite runs first (the baseline) and the script aborts if it fails; then every mutation gets a fresh copy of the
-same snapshot, its edit, and one ``pytest -q -x`` run with ``PYTHONPATH=<copy>/src``, so the copy's package is
-imported instead of the editable install (checked before every run: ``s2d2.__file__`` must lie in the copy).
+A developer tool, not part of CI. Each mutation below replaces one exact piece of source text in a temporary copy of
+the repository (``src/``, ``tests/``, ``pyproject.toml``, the documents); the real tree is never written. The
+unmutated suite runs first (the baseline) and the script aborts if it fails; then every mutation gets a fresh copy
+of the same snapshot, its edit, and one ``pytest -q -x`` run with ``PYTHONPATH=<copy>/src``, so the copy's package
+is imported instead of the editable install (checked before every run: ``s2d2.__file__`` must lie in the copy).
 
 Usage (from the repository root)::
 
@@ -44,9 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What pytest needs from the repository root; the optional ones are copied when present, in case pytest
-# configuration moves out of pyproject.toml or a root conftest appears.
+# configuration moves out of pyproject.toml or a root conftest appears, and the documents tests/test_docs.py checks.
 REQUIRED = ("src", "tests", "pyproject.toml")
-OPTIONAL = ("setup.cfg", "pytest.ini", "tox.ini", "conftest.py", "README.md")
+OPTIONAL = ("setup.cfg", "pytest.ini", "tox.ini", "conftest.py", "README.md", "docs", "Makefile", "benchmarks")
 # Bytecode and caches of the real tree must not travel: a stale .pyc could shadow a mutated source.
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
 
@@ -67,8 +67,8 @@ MUTATIONS: list[Mutation] = [
         "verify_ignores_top_p",
         "the verifier's q is computed with top_p = 1.0 while p keeps top_p",
         "core/forwards.py",
-        "q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)",
-        "q = token_probs(logits, cfg.temperature, cfg.top_k, 1.0)",
+        "q = token_probs(verifier.logits, cfg.temperature, cfg.top_k, cfg.top_p)",
+        "q = token_probs(verifier.logits, cfg.temperature, cfg.top_k, 1.0)",
     ),
     Mutation(
         "draft_ver_ignored",
@@ -172,9 +172,9 @@ MUTATIONS: list[Mutation] = [
         "stats_fused_counted_as_forward",
         "a draft fused into a verify forward is also counted as a draft forward",
         "core/forwards.py",
-        "            logits = carried.logits  # drafted by the verify forward that finished the previous block or "
+        "            scored = carried.rows  # drafted by the verify forward that finished the previous block or "
         "sub-block\n            self.stats.fused_drafts += 1\n",
-        "            logits = carried.logits\n            self.stats.fused_drafts += 1\n"
+        "            scored = carried.rows\n            self.stats.fused_drafts += 1\n"
         "            self.stats.draft_forwards += 1\n",
     ),
     Mutation(
@@ -272,8 +272,8 @@ MUTATIONS: list[Mutation] = [
         "packed_order_not_restored",
         "the engine hands packed logits back in attention-group order, not in the rows' order",
         "engine/runner.py",
-        "    for k, part in zip(batch.order, logits.split(batch.logits_counts)):",
-        "    for k, part in enumerate(logits.split(batch.logits_counts)):",
+        "        scored = Scored(part, choices.rows(start, start + len(part)))\n        out[k] =",
+        "        scored = Scored(part, choices.rows(start, start + len(part)))\n        out[len(out) - 1 - k] =",
     ),
     Mutation(
         "batched_commit_wrong_slot",
@@ -302,7 +302,7 @@ MUTATIONS: list[Mutation] = [
         "ar_token_always_greedy",
         "a block's opening AR token is its argmax even when sampling (the reference's behaviour)",
         "core/forwards.py",
-        "        return int(choose_tokens(probs, cfg.greedy, generator)[0])",
+        "        return int(choose_tokens(probs, False, generator)[0])",
         "        return int(choose_tokens(probs, True, generator)[0])",
     ),
     Mutation(
@@ -313,11 +313,32 @@ MUTATIONS: list[Mutation] = [
         "        if True:",
     ),
     Mutation(
+        "choices_margin_wrong",
+        "the batched stage reports top-1 plus top-2 as the margin the margin estimators read",
+        "core/sampling.py",
+        "(top2[:, 0] - top2[:, 1]).double()",
+        "(top2[:, 0] + top2[:, 1]).double()",
+    ),
+    Mutation(
+        "sequence_host_tokens_stale",
+        "a commit updates the device tokens but not the host tokens the algorithm reads",
+        "core/state.py",
+        "        self.tokens[block.start:block.start + block.size] = block.tokens\n",
+        "",
+    ),
+    Mutation(
+        "choices_rows_shifted",
+        "each row of a packed batch gets the greedy choices of the rows one place further",
+        "engine/runner.py",
+        "        scored = Scored(part, choices.rows(start, start + len(part)))",
+        "        scored = Scored(part, choices.rows(start + 1, start + 1 + len(part)))",
+    ),
+    Mutation(
         "row_seeds_shared",
         "every row of a generate call draws from the same seed instead of seed + i",
         "api.py",
-        "        return [torch.Generator(device=self.device).manual_seed(seed + i) for i in range(count)]",
-        "        return [torch.Generator(device=self.device).manual_seed(seed) for i in range(count)]",
+        "manual_seed(row_seed(seed, j // choices, j % choices))",
+        "manual_seed(row_seed(seed, 0, j % choices))",
     ),
     Mutation(
         "edits_reach_the_prompt",

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from s2d2.config import DecodeConfig
-from s2d2.core.acceptance import ESTIMATORS, expected_accepted_length, normalized_entropy
+from s2d2.core.acceptance import ESTIMATORS, expected_accepted_length
+from s2d2.core.sampling import describe, normalized_entropy
 
 V = 4
 ONE_HOT = [0.0, 0.0, 1.0, 0.0]
@@ -21,7 +22,10 @@ HALF = [0.5, 0.5, 0.0, 0.0]  # entropy ln 2, normalised ln 2 / ln 4 = 0.5; conta
 
 
 def _alpha(name: str, rows: list[list[float]], confidence: list[float], **cfg_fields) -> torch.Tensor:
-    return ESTIMATORS[name](torch.tensor(rows), torch.tensor(confidence), DecodeConfig(**cfg_fields))
+    """The estimator on hand-built rows, through the same host values decoding gives it (sampling.describe)."""
+    probs = torch.tensor(rows)
+    choices = describe(probs, probs.argmax(dim=-1), torch.tensor(confidence))
+    return torch.tensor(ESTIMATORS[name](choices, DecodeConfig(**cfg_fields)))
 
 
 def test_registry_matches_the_config_choices() -> None:
@@ -159,7 +163,7 @@ def test_confidence_power(confidence: float, power: float, expected: float) -> N
 def test_soft_entropy_negexp_lies_in_its_range() -> None:
     # alpha in [1/e, 1] at temperature 1 for any distribution
     rows = torch.softmax(torch.randn(64, 16, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
-    alpha = ESTIMATORS["soft_entropy_negexp"](rows, rows.max(dim=-1).values, DecodeConfig())
+    alpha = _alpha("soft_entropy_negexp", rows.tolist(), rows.max(dim=-1).values.tolist())
     assert float(alpha.min()) >= math.exp(-1.0) - 1e-6
     assert float(alpha.max()) <= 1.0
 
@@ -185,6 +189,6 @@ def test_soft_entropy_negexp_lies_in_its_range() -> None:
     ],
 )
 def test_expected_accepted_length(alpha: list[float], expected: float) -> None:
-    result = expected_accepted_length(torch.tensor(alpha, dtype=torch.float32))
+    result = expected_accepted_length(alpha)
     assert isinstance(result, float)
     assert result == pytest.approx(expected, abs=1e-6)

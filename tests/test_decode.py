@@ -330,9 +330,8 @@ def test_stats_add_up(model, monkeypatch):
         monkeypatch.setattr(adapter, f"{kind}_spec", counted)
     real_accept = s2d2.core.forwards.accept_greedy
     monkeypatch.setattr(s2d2.core.forwards, "accept_greedy",
-                        lambda drafted, logits, relax=None: verdicts.append((len(drafted),
-                                                                             real_accept(drafted, logits, relax)))
-                        or verdicts[-1][1])
+                        lambda drafted, logits, relax=None, argmax=None: verdicts.append(
+                            (len(drafted), real_accept(drafted, logits, relax, argmax))) or verdicts[-1][1])
     out = run(model, prompt(6, seed=6), method="s2d2", policy="mask_span_length", min_span=2, block_size=8,
               threshold=0.2, max_new_tokens=40)
     s = out.stats
@@ -369,7 +368,7 @@ def _flip_flop_drafts(prompt_ids: list[int], cfg: DecodeConfig, post_steps: int)
     """Drive the loop with draft logits that always want to flip a committed generated token (0 <-> 1, confidence
     ~1), so every step edits; returns (block start, masks left) for every draft forward asked for."""
     from s2d2.core.loop import decode_steps
-    from s2d2.core.requests import DraftRequest, FamilyTraits
+    from s2d2.core.requests import DraftRequest, FamilyTraits, Scored
     from s2d2.models.cache import KVCache
 
     vocab, mask = 4, 3
@@ -379,7 +378,7 @@ def _flip_flop_drafts(prompt_ids: list[int], cfg: DecodeConfig, post_steps: int)
     drafts, logits = [], None
     while True:
         try:
-            request = steps.send(logits)
+            request = steps.send(None if logits is None else Scored.of(logits))
         except StopIteration:
             return drafts
         assert isinstance(request, DraftRequest)

@@ -13,6 +13,7 @@ differently. A greedy difference is accepted only where the batch-1 run had a ne
 from __future__ import annotations
 
 import random
+import sys
 import warnings
 
 import pytest
@@ -339,3 +340,55 @@ def test_lm_eval_model_honours_batch_size(random_model_dir, monkeypatch):
     assert sorted(seen) == [(2, 3), (3, 3)]  # two groups of equal settings, each decoded as one batch
     want = [real(t, lm._config_for(k), batch_size=1)[0].text for t, k in zip(texts, kwargs)]
     assert got == want  # in request order, equal to batch 1
+
+
+# Every way a tensor's values reach the host (on a GPU each one waits for the device to drain its queue).
+_TO_HOST = ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+
+
+def _inside_moe_dispatch() -> bool:
+    """Whether the caller runs inside the MoE layer's expert dispatch (LLaDA2's forward reads its per-expert token
+    counts on the host to run one matmul per expert in use: the forward's own reads, left for a fused kernel)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "_experts" and frame.f_code.co_filename.endswith("models/moe.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _count_to_host(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Patch every host-reading method of tensors to count its calls outside the MoE dispatch; returns the counter
+    (a one-item list)."""
+    count = [0]
+    for name in _TO_HOST:
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _real=real, **kwargs):
+            count[0] += not _inside_moe_dispatch()
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return count
+
+
+_STEP_READS = {**METHODS, "s2d2-pipelined": dict(method="s2d2", block_size=4, block_add_threshold=0.5, threshold=0.6),
+               "s2d2-editing": dict(method="s2d2", block_size=4, editing_threshold=0.5)}
+
+
+@pytest.mark.parametrize("name", list(_STEP_READS))
+def test_a_greedy_engine_step_reads_the_device_once(family_model, monkeypatch, name):
+    """Issue 28: the rows' numbers are computed for the whole batch after the forward and reach the host in one
+    transfer per engine step, whatever the method and the family (the rows' algorithm reads host values only)."""
+    families = ("sdar", "fast_dllm_v2", "llada2", "d2f_llada", "d2f_dream")
+    for model in [family_model(f) for f in families if name != "s2d2-editing" or f == "llada2"]:
+        engine = Engine(model.adapter, max_batch_size=5)
+        for ids in prompts(5, seed=11):
+            engine.add(ids, DecodeConfig(**_STEP_READS[name], max_new_tokens=16, stop_token_ids=()))
+        count, per_step = _count_to_host(monkeypatch), []
+        while not engine.idle:
+            count[0] = 0
+            engine.step()
+            per_step.append(count[0])
+        monkeypatch.undo()
+        assert per_step and max(per_step) == 1, (model.adapter.family, per_step)

@@ -15,7 +15,7 @@ from single_row import run_draft, run_verify
 import s2d2
 from s2d2 import DecodeConfig
 from s2d2.core.loop import decode_steps
-from s2d2.core.requests import DraftRequest, KeepRows, RowState, VerifyRequest
+from s2d2.core.requests import DraftRequest, KeepRows, RowState, Scored, VerifyRequest
 from s2d2.engine.runner import request_spec, run_request
 from s2d2.errors import ConfigError
 
@@ -98,7 +98,7 @@ def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, fam
         logits = None
         while True:
             try:
-                request = steps.send(logits)
+                request = steps.send(None if logits is None else Scored.of(logits))
             except StopIteration:
                 break
             before = cache.length

@@ -240,7 +240,7 @@ def _score_case(end: int = 6) -> tuple[BlockState, Span, Draft]:
         [0.97, 0.01, 0.01, 0.01],  # committed
         [0.95, 0.05, 0.00, 0.00],  # masked, outside the span
     ])
-    draft = Draft(tokens=(0,) * 6, confidence=(0.99, 0.9, 0.6, 0.4, 0.99, 0.95), probs=probs)
+    draft = Draft.from_probs(probs, (0,) * 6, (0.99, 0.9, 0.6, 0.4, 0.99, 0.95))
     block = BlockState(start=8, size=6, tokens=(11, 9, 9, 9, 12, 9), masked=(False, True, True, True, False, True),
                        end=end, num_prompt=0)
     return block, Span(1, 4), draft
@@ -355,7 +355,7 @@ def _ucb_case() -> tuple[BlockState, Span, Draft]:
     """
     uniform, one_hot = [0.25] * 4, [0.0, 0.0, 1.0, 0.0]
     probs = torch.tensor([one_hot, uniform, uniform, one_hot, uniform, one_hot, one_hot, uniform])
-    draft = Draft(tokens=(2,) * 8, confidence=(1.0, 0.25, 0.25, 1.0, 0.25, 1.0, 1.0, 0.25), probs=probs)
+    draft = Draft.from_probs(probs, (2,) * 8, (1.0, 0.25, 0.25, 1.0, 0.25, 1.0, 1.0, 0.25))
     masked = (False, True, True, True, False, True, True, False)
     block = BlockState(start=0, size=8, tokens=(3,) * 8, masked=masked, end=8, num_prompt=0)
     return block, Span(1, 4), draft
@@ -401,7 +401,7 @@ def test_route_ucb_progress_excludes_prompt_tokens() -> None:
     # Counting the prompt would give 4 / 8 = 0.5 -> bin 1.
     uniform = [0.25] * 4
     probs = torch.tensor([uniform] * 8)
-    draft = Draft(tokens=(0,) * 8, confidence=(0.25,) * 8, probs=probs)
+    draft = Draft.from_probs(probs, (0,) * 8, (0.25,) * 8)
     masked = (False, False, False, False, True, True, True, True)
     block = BlockState(start=0, size=8, tokens=(1,) * 8, masked=masked, end=8, num_prompt=3)
     cfg = DecodeConfig(block_size=8, policy="contextual_bandit_ucb")

@@ -18,9 +18,10 @@ from s2d2.core.requests import (
     FinalizeRequest,
     KeepRows,
     RowRequest,
+    Scored,
     VerifyRequest,
 )
-from s2d2.core.sampling import choose_tokens, token_probs
+from s2d2.core.sampling import choose_tokens, describe, token_probs
 from s2d2.core.state import BlockState, Draft, Sequence, Span
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
@@ -70,25 +71,27 @@ class Forwards:
             self.stats.commit_forwards += 1
 
     def open_block(self, seq: Sequence, block: BlockState, generator: torch.Generator | None,
-                   carried: Carried | None = None) -> Generator[RowRequest, torch.Tensor | None, int]:
+                   carried: Carried | None = None) -> Generator[RowRequest, Scored | None, int]:
         """Shifted logits: the block's first token, decoded in AR mode from the row before it (drawn with the
         decoding temperature). That row is ``carried`` from the verification that finished the previous block, or
         comes from a forward writing the previous block (or the prompt) to the cache and predicting from its last
         row."""
         cfg = self.cfg
         if carried is not None and carried.token and carried.block_start == block.start:
-            logits = carried.logits
+            scored = carried.rows
             self.stats.fused_drafts += 1
             self._trace_forward("fused_token")
         else:
             self._count_cache_write()
             self._trace_forward("finalize")
-            logits = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
-        probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        return int(choose_tokens(probs, cfg.greedy, generator)[0])
+            scored = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+        if cfg.greedy:
+            return scored.choices.tokens[0]
+        probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        return int(choose_tokens(probs, False, generator)[0])
 
     def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None, num_blocks: int = 1,
-              carried: Carried | None = None) -> Generator[RowRequest, torch.Tensor | None, Draft]:
+              carried: Carried | None = None) -> Generator[RowRequest, Scored | None, Draft]:
         """One diffusion-mode forward over the block (or the ``num_blocks`` blocks in flight that ``block`` spans);
         tokens drawn at every offset. A draft ``carried`` from the verification that finished the previous block or
         sub-block takes the forward's place when it is this draft.
@@ -99,7 +102,7 @@ class Forwards:
         cfg = self.cfg
         if (carried is not None and not carried.token
                 and (carried.block_start, carried.first_mask) == (block.start, block.first_mask)):
-            logits = carried.logits  # drafted by the verify forward that finished the previous block or sub-block
+            scored = carried.rows  # drafted by the verify forward that finished the previous block or sub-block
             self.stats.fused_drafts += 1
             self._trace_forward("fused_draft")
         else:
@@ -108,17 +111,18 @@ class Forwards:
                 self._trace_forward("commit")
                 yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
             self._trace_forward("draft")
-            logits = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
+            scored = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
                                         cfg.cache_ver, cfg.draft_ver, num_blocks, self._cache_prefix)
             self.stats.draft_forwards += 1
-        probs = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        tokens = choose_tokens(probs, cfg.greedy, generator)
-        confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
-        return Draft(tuple(tokens.tolist()), tuple(confidence.tolist()), probs)
+        if cfg.greedy:  # the executor's choices are the draft: argmax of the plain softmax
+            return Draft(scored.choices)
+        # sampled: this row's own distribution and draws (one transfer of its own; see docs/decoding.md)
+        probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        return Draft(describe(probs, choose_tokens(probs, False, generator)), probs)
 
     def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
                          span: Span, draft: Draft, generator: torch.Generator | None
-                         ) -> Generator[RowRequest, torch.Tensor | None,
+                         ) -> Generator[RowRequest, Scored | None,
                                         tuple[routing.RouterState, Verdict | None, dict[int, int], Carried | None]]:
         """One S2D2 routing decision on the span of ``unit`` and, if it says so, the verification: returns the next
         router state, the verdict (None when not verified), the commits it decides (``offset: token``: the
@@ -141,7 +145,7 @@ class Forwards:
 
     def verify(self, seq: Sequence, block: BlockState, unit: BlockState, span: Span, draft: Draft,
                generator: torch.Generator | None
-               ) -> Generator[RowRequest, torch.Tensor | None, tuple[Verdict, Carried | None]]:
+               ) -> Generator[RowRequest, Scored | None, tuple[Verdict, Carried | None]]:
         """One AR-mode forward scoring the span's drafts, then speculative acceptance; returns the verdict and what
         the forward carried for the next draft or AR token (None: nothing usable).
 
@@ -167,13 +171,13 @@ class Forwards:
         else:
             ahead = block.size if finishes_block else 0
         self._trace_forward("verify")
-        logits = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
-        logits, next_logits = logits[:span.length], logits[span.length:]
+        scored = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
+        verifier, following = scored.rows(0, span.length), scored.rows(span.length)
         self.stats.verify_forwards += 1
         if cfg.greedy:
-            verdict = accept_greedy(drafted, logits, self.relax)
+            verdict = accept_greedy(drafted, verifier.logits, self.relax, argmax=verifier.choices.tokens)
         else:
-            q = token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+            q = token_probs(verifier.logits, cfg.temperature, cfg.top_k, cfg.top_p)
             p = draft.probs[span.start:span.end]
             verdict = accept_sampled(drafted, p, q, generator, self.relax)
         if self.tracer is not None:
@@ -188,12 +192,12 @@ class Forwards:
         if verdict.num_accepted == span.length:
             if finishes_block:
                 keep_to = block.start + block.size  # the finished block's causal K/V, as fuse_commit writes them
-                carried = Carried(block.start + block.size, 0, next_logits, token=self.shifted)
+                carried = Carried(block.start + block.size, 0, following, token=self.shifted)
             elif finishes_unit:
                 # offsets span.end.. read from the span's last row and the draft rows but the last; the committed
                 # offsets before them get placeholder rows, as a draft's own are never read either
-                rows = next_logits[:-1]
-                carried = Carried(block.start, span.end, torch.cat([rows[:1].expand(span.end, -1), rows]))
+                rows = following.rows(0, len(following.choices) - 1)
+                carried = Carried(block.start, span.end, rows.pad_front(span.end))
         if keep_to > self.cache.length:
             yield KeepRows(keep_to - self.cache.length)
         return verdict, carried

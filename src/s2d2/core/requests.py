@@ -1,10 +1,11 @@
 """The contract between the per-row algorithm and whoever executes its forwards.
 
 A row's decoding (:func:`s2d2.core.loop.decode_steps`) is a generator that *asks* for each forward by yielding one
-of the request types below and is sent back that forward's logits. The executor (:mod:`s2d2.engine.runner` for one
-row, :class:`s2d2.engine.engine.Engine` for a batch) turns a request into the family's rows and mask and runs it;
-the algorithm never sees a family or a model. What the algorithm needs of the family travels as one frozen value,
-:class:`FamilyTraits`.
+of the request types below and is sent back that forward's logits as :class:`Scored` (the logit rows and, on the
+host, their greedy choices, computed by the executor for a whole batch at once). The executor
+(:mod:`s2d2.engine.runner` for one row, :class:`s2d2.engine.engine.Engine` for a batch) turns a request into the
+family's rows and mask and runs it; the algorithm never sees a family or a model. What the algorithm needs of the
+family travels as one frozen value, :class:`FamilyTraits`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from s2d2.core.sampling import Choices, greedy_choices
 from s2d2.core.state import Sequence
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
@@ -96,22 +98,45 @@ class KeepRows:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """A forward's logit rows (``[n, V]``, on the model's device) and their greedy :class:`Choices` on the host:
+    argmax, its probability and the distribution's features under the plain softmax. Greedy decoding reads only
+    the choices; sampling transforms the logits itself. Executors build the choices of a whole batch with one
+    transfer (:meth:`of` for one row's logits)."""
+
+    logits: torch.Tensor
+    choices: Choices
+
+    @classmethod
+    def of(cls, logits: torch.Tensor) -> Scored:
+        return cls(logits, greedy_choices(logits))
+
+    def rows(self, start: int, stop: int | None = None) -> Scored:
+        """Rows ``start .. stop - 1``."""
+        return Scored(self.logits[start:stop], self.choices.rows(start, stop))
+
+    def pad_front(self, count: int) -> Scored:
+        """``count`` copies of the first row before the rows (placeholders for offsets nobody reads)."""
+        return Scored(torch.cat([self.logits[:1].expand(count, -1), self.logits]), self.choices.pad_front(count))
+
+
+@dataclass(frozen=True)
 class Carried:
-    """Logits a verification computed for what comes next, handed by the loop to the next draft (or, shifted
+    """Logit rows a verification computed for what comes next, handed by the loop to the next draft (or, shifted
     logits, to the next block's AR token) so that it costs no forward: the draft of the block at ``block_start``
     from offset ``first_mask`` on, or with ``token`` the row that predicts position ``block_start``."""
 
     block_start: int
     first_mask: int
-    logits: torch.Tensor
+    rows: Scored
     token: bool = False
 
 
 ForwardRequest = DraftRequest | VerifyRequest | CommitRequest | FinalizeRequest
 RowRequest = ForwardRequest | KeepRows
 # A row's decoding as a generator: it yields the forward it needs next (or rows to keep), is sent that forward's
-# logits (None for a commit or KeepRows), and returns (generated ids, finish reason, stats) when done.
-RowSteps = Generator[RowRequest, "torch.Tensor | None", "tuple[list[int], str, DecodeStats]"]
+# Scored logits (None for a commit or KeepRows), and returns (generated ids, finish reason, stats) when done.
+RowSteps = Generator[RowRequest, "Scored | None", "tuple[list[int], str, DecodeStats]"]
 
 
 @dataclass

@@ -16,10 +16,8 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any
 
-import torch
-
 from s2d2.config import DecodeConfig
-from s2d2.core.acceptance import ESTIMATORS, expected_accepted_length, normalized_entropy
+from s2d2.core.acceptance import ESTIMATORS, expected_accepted_length
 from s2d2.core.state import BlockState, Draft, Span
 
 
@@ -100,8 +98,9 @@ def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: 
     if cfg.policy == "mask_span_length":
         return mask_span_length(span.length, cfg.min_span), state
     if cfg.policy == "contextual_bandit_ucb":
-        rows = slice(span.start, span.end) if cfg.ucb_entropy_source == "span" else block.masked_offsets()
-        entropy = float(normalized_entropy(draft.probs[rows]).mean())
+        rows = range(span.start, span.end) if cfg.ucb_entropy_source == "span" else block.masked_offsets()
+        entropies = [draft.choices.entropy[i] for i in rows]
+        entropy = sum(entropies) / len(entropies)
         bucket = ucb_bucket(span.length, block.progress, entropy, block.size, cfg)
         t = state.num_decisions + 1
         arm = ucb_choose(state.ucb_pulls, state.ucb_rewards, bucket, t, cfg.ucb_beta)
@@ -113,10 +112,9 @@ def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: 
     return decision, replace(state, hysteresis_on=decision)
 
 
-def score_parts(block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> tuple[torch.Tensor, int, float]:
+def score_parts(block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> tuple[list[float], int, float]:
     """The score policies' inputs and output: per-token acceptance estimates of the span, N_high, the score."""
-    rows = slice(span.start, span.end)
-    alpha = ESTIMATORS[cfg.estimator](draft.probs[rows], torch.tensor(draft.confidence[rows]), cfg)
+    alpha = ESTIMATORS[cfg.estimator](draft.choices.rows(span.start, span.end), cfg)
     num_high = 0
     if cfg.score_type == "difference_dynamic":
         num_high = sum(1 for i in block.masked_offsets() if draft.confidence[i] > cfg.threshold)
@@ -129,7 +127,7 @@ def explain(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg
     why: dict[str, Any] = {"policy": cfg.policy, "span_confident": span_is_confident(draft.confidence, span,
                                                                                      cfg.threshold)}
     alpha, num_high, score = score_parts(block, span, draft, cfg)
-    why.update(estimator=cfg.estimator, alphas=[round(float(a), 6) for a in alpha],
+    why.update(estimator=cfg.estimator, alphas=[round(a, 6) for a in alpha],
                expected_accepted=round(expected_accepted_length(alpha), 6), n_high=num_high, score=round(score, 6))
     if cfg.policy == "contextual_bandit_ucb" and state.last_choice is not None:
         why.update(ucb_bucket=state.last_choice[0], ucb_arm=state.last_choice[1])

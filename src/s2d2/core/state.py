@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from s2d2.core.sampling import Choices, describe
+
 
 @dataclass(frozen=True)
 class Span:
@@ -31,11 +33,27 @@ class Span:
 
 @dataclass(frozen=True)
 class Draft:
-    """One diffusion-mode forward's proposal for every offset of the block."""
+    """One diffusion-mode forward's proposal for every offset of the block: the token drawn at each offset
+    (meaningful at masked offsets) with its probability and its distribution's features, on the host."""
 
-    tokens: tuple[int, ...]  # [B] token drawn at each offset (meaningful at masked offsets)
-    confidence: tuple[float, ...]  # [B] probability of that token under ``probs``
-    probs: torch.Tensor  # [B, V] float32, the distribution each token was drawn from
+    choices: Choices
+    probs: torch.Tensor | None = None  # [B, V] float32: what sampled drafts were drawn from (acceptance's p)
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        return self.choices.tokens
+
+    @property
+    def confidence(self) -> tuple[float, ...]:
+        return self.choices.confidence
+
+    @classmethod
+    def from_probs(cls, probs: torch.Tensor, tokens: Iterable[int], confidence: Iterable[float] | None = None) -> Draft:
+        """A draft of ``tokens`` drawn from ``probs`` (``confidence``: their probabilities, when not those of
+        ``probs``, as hand-built tests give them)."""
+        index = torch.tensor(list(tokens), device=probs.device)
+        given = None if confidence is None else torch.tensor(list(confidence), device=probs.device)
+        return cls(describe(probs, index, given), probs)
 
 
 @dataclass(frozen=True)
@@ -123,8 +141,10 @@ class Sequence:
         self.mask_id = mask_id
         self.stop_ids = frozenset(stop_ids)
         self.stopped = False
-        self.ids = torch.full((self.total_len,), mask_id, dtype=torch.long, device=device)  # [T] int64
-        self.ids[: self.prompt_len] = torch.tensor(prompt_ids, dtype=torch.long)
+        # The tokens live on the host (what the algorithm reads) and, mirrored, on the model's device (what forwards
+        # read): reads never wait for the device, writes are host-to-device copies.
+        self.tokens = list(prompt_ids) + [mask_id] * (self.total_len - self.prompt_len)
+        self.ids = torch.tensor(self.tokens, dtype=torch.long, device=device)  # [T] int64
 
     @property
     def first_block_start(self) -> int:
@@ -143,13 +163,14 @@ class Sequence:
         flight as one such region), with the tokens committed so far."""
         size = num_blocks * self.block_size
         num_prompt = max(0, self.prompt_len - start)
-        tokens = tuple(self.ids[start:start + size].tolist())
+        tokens = tuple(self.tokens[start:start + size])
         masked = tuple(i >= num_prompt and t == self.mask_id for i, t in enumerate(tokens))
         return BlockState(start, size, tokens, masked, max(0, min(size, self.limit - start)), num_prompt)
 
     def commit(self, block: BlockState, commits: Mapping[int, int]) -> BlockState:
         """Commit tokens into ``block`` and the sequence; a committed stop token ends the decodable part there."""
         block = block.with_tokens(commits)
+        self.tokens[block.start:block.start + block.size] = block.tokens
         self.ids[block.start:block.start + block.size] = torch.tensor(block.tokens, dtype=torch.long)
         stops = [i for i, t in commits.items() if t in self.stop_ids and i < block.end]
         if stops:
@@ -164,9 +185,9 @@ class Sequence:
 
     def generated(self) -> list[int]:
         """The generated ids committed so far, in order up to the first mask (or ``limit``)."""
-        ids = self.ids[self.prompt_len:self.limit].tolist()
+        ids = self.tokens[self.prompt_len:self.limit]
         return ids[:ids.index(self.mask_id)] if self.mask_id in ids else ids
 
     def output(self) -> tuple[list[int], str]:
         """Generated ids (stop token excluded) and the finish reason, ``"stop"`` or ``"length"``."""
-        return self.ids[self.prompt_len:self.limit].tolist(), "stop" if self.stopped else "length"
+        return self.tokens[self.prompt_len:self.limit], "stop" if self.stopped else "length"

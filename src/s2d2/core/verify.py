@@ -29,6 +29,7 @@ With neutral values the exact functions run unchanged, so the output is bit-iden
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,10 +68,12 @@ def _thresholded(ratio: torch.Tensor, drafted: list[int], first: int, relax: Rel
     return tuple((j, drafted[j]) for j in range(first + 1, len(drafted)) if float(ratio[j]) >= relax.ratio_threshold)
 
 
-def accept_greedy(drafted: list[int], q_logits: torch.Tensor, relax: Relaxation | None = None) -> Verdict:
-    """Deterministic acceptance: ``q_logits`` is ``[n, V]`` for the ``n`` drafted tokens. With ``relax``, a draft
-    that is not the argmax is also accepted when typical acceptance allows it, and after the first rejection drafts
-    with ``q(d) / max q`` at or above the ratio threshold are committed too."""
+def accept_greedy(drafted: list[int], q_logits: torch.Tensor, relax: Relaxation | None = None,
+                  argmax: Sequence[int] | None = None) -> Verdict:
+    """Deterministic acceptance: ``q_logits`` is ``[n, V]`` for the ``n`` drafted tokens (``argmax``: their argmax,
+    when the executor has it on the host already). With ``relax``, a draft that is not the argmax is also accepted
+    when typical acceptance allows it, and after the first rejection drafts with ``q(d) / max q`` at or above the
+    ratio threshold are committed too."""
     if relax is not None and not relax.neutral:
         q = torch.softmax(q_logits.float(), dim=-1)
         index = torch.tensor(drafted, device=q.device)[:, None]
@@ -81,7 +84,7 @@ def accept_greedy(drafted: list[int], q_logits: torch.Tensor, relax: Relaxation 
         f = accepted.index(False)
         ratio = q.gather(-1, index).squeeze(-1) / top
         return Verdict(f, int(target[f]), _thresholded(ratio, drafted, f, relax))
-    target = q_logits.argmax(dim=-1).tolist()
+    target = list(argmax) if argmax is not None else q_logits.argmax(dim=-1).tolist()
     for i, (d, t) in enumerate(zip(drafted, target)):
         if d != t:
             return Verdict(i, t)

@@ -3,7 +3,9 @@
 Each request is a row running the per-row algorithm (:func:`s2d2.core.loop.decode_steps`) in its own slot of a
 :class:`~s2d2.models.cache.BatchKVCache`. A step collects the forward every active row needs next, whatever its
 kind (a draft, a 2L verification, a verification that also drafts the next block, a commit), runs them as one
-packed forward (:mod:`s2d2.models.batching`, :func:`s2d2.engine.runner.run_packed`), and hands each row its logits.
+packed forward (:mod:`s2d2.models.batching`, :func:`s2d2.engine.runner.forward_packed`), computes every row's greedy
+choices in one numerical stage (one device-to-host transfer per step, :func:`s2d2.engine.runner.score_packed`), and
+hands each row its :class:`~s2d2.core.requests.Scored` logits.
 A step with a single active row runs that row's own forward unpacked (:func:`s2d2.engine.runner.run` on its cache
 slot), so batch 1 costs what the plain loop costs.
 The engine only schedules: it never decides what a row does, so a row's tokens and forward counts are those of
@@ -26,11 +28,11 @@ import torch
 
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.core.loop import decode_steps
-from s2d2.core.requests import CommitRequest, ForwardRequest, KeepRows, RowState, RowSteps
+from s2d2.core.requests import CommitRequest, ForwardRequest, KeepRows, RowState, RowSteps, Scored
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
-from s2d2.engine.runner import ForwardTimer, request_spec, run, run_packed
+from s2d2.engine.runner import ForwardTimer, forward_packed, request_spec, run, score_packed
 from s2d2.families.base import FamilyAdapter
 from s2d2.models.batching import ForwardSpec, pack
 from s2d2.models.cache import SlotCache
@@ -178,13 +180,16 @@ class Engine:
             specs = [self._spec(r) for r in rows]
             if len(rows) == 1:  # one row: its own forward, unpacked, so batch 1 costs what the plain loop costs
                 with self._timer:
-                    logits = [run(self.adapter, specs[0], rows[0].cache)]
+                    logits = run(self.adapter, specs[0], rows[0].cache)
+                scored = [Scored.of(logits)]
                 num_rows, num_padded = specs[0].num_rows, 0
             else:
                 slots = [r.slot for r in rows]
                 batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device)
                 with self._timer:
-                    logits = run_packed(self.adapter, batch, specs, self.cache, slots)
+                    packed = forward_packed(self.adapter, batch, specs, self.cache, slots)
+                # the numerical stage: every row's greedy choices at once, one transfer for the whole step
+                scored = score_packed(batch, specs, packed)
                 num_rows, num_padded = batch.num_rows, batch.num_padded
             elapsed = self._timer.elapsed
             self.stats.steps += 1
@@ -193,7 +198,7 @@ class Engine:
             self.stats.padded_rows += num_padded
             self.stats.forward_time_s += elapsed
             t1 = time.perf_counter()
-            for row, spec, out in zip(rows, specs, logits):
+            for row, spec, out in zip(rows, specs, scored):
                 row.state.stats.forward_time_s += elapsed
                 row.state.stats.query_rows += spec.num_rows
                 if row.state.trace is not None:
@@ -215,8 +220,8 @@ class Engine:
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
 
-    def _advance(self, row: _Row, logits: torch.Tensor | None, events: list[Event], first: bool = False) -> None:
-        """Send a row its forward's logits and take its next forward (keeping the rows it asks to keep on the way);
+    def _advance(self, row: _Row, logits: Scored | None, events: list[Event], first: bool = False) -> None:
+        """Send a row its forward's scored logits and take its next forward (keeping the rows it asks to keep);
         report its progress or its end."""
         try:
             request = next(row.steps) if first else row.steps.send(logits)

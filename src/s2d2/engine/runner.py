@@ -24,8 +24,10 @@ from s2d2.core.requests import (
     KeepRows,
     RowState,
     RowSteps,
+    Scored,
     VerifyRequest,
 )
+from s2d2.core.sampling import greedy_choices
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
 from s2d2.families.base import FamilyAdapter
@@ -58,19 +60,21 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
 
 def drive(steps: RowSteps, cache: KVCache | SlotCache,
           forward: Callable[[ForwardRequest], torch.Tensor | None]) -> tuple[list[int], str, DecodeStats]:
-    """Run one row's decoding to its end: each forward it asks for through ``forward`` (which returns the logits
-    to send back), each :class:`KeepRows` on ``cache``; returns what the row returns (ids, finish reason, stats)."""
-    logits = None
+    """Run one row's decoding to its end: each forward it asks for through ``forward`` (which returns its logits,
+    sent back :class:`Scored`), each :class:`KeepRows` on ``cache``; returns what the row returns (ids, finish
+    reason, stats)."""
+    scored = None
     while True:
         try:
-            request = steps.send(logits)
+            request = steps.send(scored)
         except StopIteration as done:
             return done.value
         if isinstance(request, KeepRows):
             cache.commit(request.count)
-            logits = None
+            scored = None
         else:
             logits = forward(request)
+            scored = None if logits is None else Scored.of(logits)
 
 
 def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int) -> ForwardSpec:
@@ -122,13 +126,38 @@ def run_batch(adapter: FamilyAdapter, specs: list[ForwardSpec], cache: BatchKVCa
 def run_packed(adapter: FamilyAdapter, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
                slots: list[int]) -> list[torch.Tensor]:
     """:func:`run_batch` once ``batch = pack(specs, slots, ...)`` is built (the engine times the two apart)."""
+    return split_packed(batch, specs, forward_packed(adapter, batch, specs, cache, slots))
+
+
+def forward_packed(adapter: FamilyAdapter, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
+                   slots: list[int]) -> torch.Tensor:
+    """The packed forward itself: commits each row's ``num_store`` rows and returns every row's logit rows in
+    packed order (``batch.order``), banned ids at -inf."""
     logits = adapter.model.forward_packed(batch, cache).index_fill_(-1, adapter.banned_ids, float("-inf"))
     for spec, slot in zip(specs, slots):
         cache.slot(slot).commit(spec.num_store)
+    return logits
+
+
+def split_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's logits (in ``specs`` order) out of the packed ones."""
     out: list[torch.Tensor] = [logits] * len(specs)
     for k, part in zip(batch.order, logits.split(batch.logits_counts)):
         out[k] = specs[k].finish_logits(part)
     return out
+
+
+def score_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Tensor) -> list[Scored]:
+    """Each row's :class:`Scored` logits out of the packed ones: the greedy choices of every row of the batch are
+    computed together and cross to the host in one transfer, whatever the number of rows (issue 28)."""
+    choices = greedy_choices(logits)
+    out: list[Scored | None] = [None] * len(specs)
+    start = 0
+    for k, part in zip(batch.order, logits.split(batch.logits_counts)):
+        scored = Scored(part, choices.rows(start, start + len(part)))
+        out[k] = scored.pad_front(specs[k].pad_front) if specs[k].pad_front else scored
+        start += len(part)
+    return out  # type: ignore[return-value]  (every row is set: batch.order is a permutation)
 
 
 class ForwardTimer:

@@ -120,40 +120,48 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
     order = [i for g in grouping for i in g]
     specs = [specs[i] for i in order]
     # one host-to-tensor copy for every per-batch-row integer (tiny tensor ops cost microseconds each)
-    size_t, length_t, slots_t, logits_from, logits_end = torch.tensor(
-        [[s.num_rows for s in specs], [lengths[i] for i in order], [slots[i] for i in order],
-         [s.logits_from for s in specs], [s.logits_end for s in specs]], device=device)
-    row_of = torch.repeat_interleave(torch.arange(len(specs), device=device), size_t)  # [N] batch row of each row
+    size_t, length_t, slots_t = torch.tensor(
+        [[s.num_rows for s in specs], [lengths[i] for i in order], [slots[i] for i in order]], device=device)
+    num_rows = sum(s.num_rows for s in specs)
+    # [N] batch row of each row (output_size from the host: without it the op reads size_t back from the device)
+    row_of = torch.repeat_interleave(torch.arange(len(specs), device=device), size_t, output_size=num_rows)
     starts = torch.cumsum(size_t, 0) - size_t
     local = torch.arange(row_of.shape[0], device=device) - starts[row_of]  # [N] index within its batch row
     groups, first, first_row = [], 0, 0
     for g in grouping:
         last = first + len(g)
         n_rows = sum(s.num_rows for s in specs[first:last])
-        groups.append(_group(specs[first:last], size_t[first:last], length_t[first:last], slots_t[first:last],
+        groups.append(_group(specs[first:last], [lengths[i] for i in order[first:last]], size_t[first:last],
+                             length_t[first:last], slots_t[first:last],
                              [slots[i] for i in order[first:last]], slice(first_row, first_row + n_rows),
                              local[first_row:first_row + n_rows], row_of[first_row:first_row + n_rows] - first))
         first, first_row = last, first_row + n_rows
-    wants = (local >= logits_from[row_of]) & (local < logits_end[row_of])
+    # the rows that get logits, from the host values (a nonzero() over a device mask would wait for the device)
+    wanted, start = [], 0
+    for spec in specs:
+        wanted.extend(range(start + spec.logits_from, start + spec.logits_end))
+        start += spec.num_rows
     return PackedBatch(
         tokens=torch.cat([s.tokens for s in specs]),
         positions=torch.cat([s.positions for s in specs]),
         slot_of_row=slots_t[row_of],
         cache_pos=length_t[row_of] + local,
         groups=tuple(groups),
-        logits_index=wants.nonzero().flatten(),
+        logits_index=torch.tensor(wanted, dtype=torch.long, device=device),
         logits_counts=tuple(s.logits_end - s.logits_from for s in specs),
         order=tuple(order),
     )
 
 
-def _group(specs: list[ForwardSpec], size_t: torch.Tensor, length_t: torch.Tensor, slots_t: torch.Tensor,
-           slots: list[int], rows: slice, local: torch.Tensor, row_of: torch.Tensor) -> AttentionGroup:
+def _group(specs: list[ForwardSpec], lengths: list[int], size_t: torch.Tensor, length_t: torch.Tensor,
+           slots_t: torch.Tensor, slots: list[int], rows: slice, local: torch.Tensor,
+           row_of: torch.Tensor) -> AttentionGroup:
     """The padded attention layout of one group: each query row sees its slot's committed keys, then its own
     batch row's rows through that row's local mask."""
     device = size_t.device
     b, width = len(specs), max(s.num_rows for s in specs)
-    key_len = max(int(n) + int(c) for n, c in zip(size_t.tolist(), length_t.tolist()))
+    # from the host values: reading size_t / length_t back would wait for the device
+    key_len = max(s.num_rows + length for s, length in zip(specs, lengths))
     # Local masks come from a few cached tensors (many rows share one), so they are placed one distinct mask at a
     # time rather than one row at a time.
     local_masks = torch.zeros(b, width, width, dtype=torch.bool, device=device)

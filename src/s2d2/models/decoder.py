@@ -261,9 +261,11 @@ class Decoder(nn.Module):
         dim = c.rotary_dim
         return 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
 
-    def _rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[L, 1, rotary_dim]`` for ``position_ids``, looked up in a table grown on demand."""
-        needed = int(position_ids.max()) + 1
+    def _rope(self, position_ids: torch.Tensor, upto: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[L, 1, rotary_dim]`` for ``position_ids``, looked up in a table grown on demand. ``upto``
+        bounds the positions from the host (a cache's capacity), so that a cached forward reads no device value
+        (``position_ids.max()`` would wait for the device)."""
+        needed = upto if upto is not None else int(position_ids.max()) + 1
         table = getattr(self, "_rope_table", None)
         if table is None or table[0].shape[0] < needed or table[0].device != position_ids.device:
             size = max(needed, 2 * (table[0].shape[0] if table is not None else 0), 512)
@@ -322,7 +324,8 @@ class Decoder(nn.Module):
         if cache is not None and (batched or start + n > cache.capacity):
             raise RuntimeError(
                 f"cached forwards take one row of tokens that fits the cache ({start} + {n} > {cache.capacity})")
-        cos, sin = self._rope(position_ids if batched else position_ids[None])  # [b, L, 1, head_dim]
+        cos, sin = self._rope(position_ids if batched else position_ids[None],  # [b, L, 1, head_dim]
+                              None if cache is None else cache.capacity)
         mask = attn_mask if batched else attn_mask[None, None]
         keys, values = (None, None) if cache is None else (cache.keys, cache.values)
         logits = self._layers(ids, cos, sin, mask, keys, values, start, logits_from, logits_to)
@@ -409,7 +412,7 @@ class Decoder(nn.Module):
                 attn[g.rows] = self._group_attention(q[g.rows], cache.keys[i], cache.values[i], g)
             return attn
 
-        cos, sin = self._rope(batch.positions)  # [N, 1, head_dim]
+        cos, sin = self._rope(batch.positions, cache.capacity)  # [N, 1, head_dim]
         return self._stack(batch.tokens, cos, sin, attend, batch.logits_index)
 
     def _group_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -1,0 +1,86 @@
+"""A/B of the batched engine between two versions of the package: tokens/s and the host's share of a step.
+
+Each measurement is its own process importing the version's ``src`` folder (e.g. ``git worktree add /tmp/before
+HEAD~1``), decoding the same problems of the bundled model with ``Model.generate(..., batch_size=B)`` after one
+warm-up batch; rounds are shuffled, medians printed side by side with the ratio after / before. Exact figures
+(tokens, NFE) must agree between the versions: the script checks it.
+
+Usage: python scripts/ab_engine.py BEFORE_SRC AFTER_SRC [--n 200] [--batch-sizes 16 64] [--rounds 3] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+
+METHODS = {
+    "ar": {"method": "ar"},
+    "dynamic B=8 t=0.9": {"method": "dynamic", "block_size": 8, "threshold": 0.9},
+    "s2d2 config-A B=8": {"method": "s2d2", "block_size": 8},
+}
+
+# one measurement, run inside the version's process
+CHILD = """
+import json, sys, time
+import s2d2
+from s2d2.evaluation.tasks import wordy
+fields, batch, n = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+model = s2d2.load("bundled")
+prompts = [p.prompt for p in wordy.generate("test", n, seed=0)]
+cfg = s2d2.DecodeConfig(**fields)
+model.generate(prompts[:batch], cfg, batch_size=batch)  # warm-up
+outs = model.generate(prompts, cfg, batch_size=batch)
+stats = model.last_batch_stats.to_dict()
+print(json.dumps({"tokens_per_s": stats["tokens_per_s"], "host_share": stats["host_share"],
+                  "engine_share": stats["engine_share"], "nfe": sum(o.stats.nfe for o in outs),
+                  "tokens": [o.token_ids for o in outs]}))
+"""
+
+
+def measure(src: str, fields: dict, batch: int, n: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": src}
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(fields), str(batch), str(n)], env=env,
+                          capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=None, help="also write every measurement (JSON lines)")
+    args = parser.parse_args()
+    cells = [(v, m, b) for v in ("before", "after") for m in METHODS for b in args.batch_sizes] * args.rounds
+    random.Random(0).shuffle(cells)
+    records = []
+    for version, method, batch in cells:
+        rec = measure(getattr(args, version), METHODS[method], batch, args.n)
+        records.append({"version": version, "method": method, "batch": batch, **rec})
+        print(json.dumps({k: v for k, v in records[-1].items() if k != "tokens"}), file=sys.stderr, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps({k: v for k, v in r.items() if k != "tokens"}) + "\n" for r in records)
+    print("| method | batch | tokens/s before | after | after / before | host share before | after |")
+    print("|---|---|---|---|---|---|---|")
+    for method in METHODS:
+        for batch in args.batch_sizes:
+            mine = {v: [r for r in records if (r["version"], r["method"], r["batch"]) == (v, method, batch)]
+                    for v in ("before", "after")}
+            assert len({json.dumps(r["tokens"]) for rs in mine.values() for r in rs}) == 1, "outputs differ"
+            assert len({r["nfe"] for rs in mine.values() for r in rs}) == 1, "NFE differs"
+            tps = {v: statistics.median(r["tokens_per_s"] for r in rs) for v, rs in mine.items()}
+            host = {v: statistics.median(r["host_share"] for r in rs) for v, rs in mine.items()}
+            print(f"| {method} | {batch} | {tps['before']:.0f} | {tps['after']:.0f} | "
+                  f"{tps['after'] / tps['before']:.2f} | {host['before']:.1%} | {host['after']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
