@@ -392,3 +392,28 @@ def test_a_greedy_engine_step_reads_the_device_once(family_model, monkeypatch, n
             per_step.append(count[0])
         monkeypatch.undo()
         assert per_step and max(per_step) == 1, (model.adapter.family, per_step)
+
+
+def test_routing_features_are_computed_only_for_batches_that_read_them(model):
+    """The stage leaves out entropy, margin and collision when no row's routing reads them; a batch mixing such rows
+    with score-policy rows decodes every row as batch 1 does."""
+    from s2d2.core.routing import reads_features
+    from s2d2.core.sampling import greedy_choices
+
+    assert not reads_features(DecodeConfig(method="ar")) and not reads_features(DecodeConfig(method="dynamic"))
+    assert not reads_features(DecodeConfig(method="s2d2", policy="mask_span_length"))
+    assert reads_features(DecodeConfig(method="s2d2", policy="mask_span_length"), traced=True)
+    assert reads_features(DecodeConfig(method="s2d2")) and reads_features(
+        DecodeConfig(method="s2d2", policy="contextual_bandit_ucb"))
+    assert not reads_features(DecodeConfig(method="s2d2", temperature=0.7))  # sampled rows describe their own
+    lean = greedy_choices(torch.randn(3, 11), features=False)
+    assert lean.entropy is None and lean.rows(1).margin is None and len(lean.pad_front(2)) == 5
+    configs = [METHODS["ar"], METHODS["s2d2-A"], METHODS["dynamic"], METHODS["s2d2-ucb"], METHODS["s2d2-always"]]
+    batch = prompts(5, seed=13)
+    engine = Engine(model.adapter, max_batch_size=5)
+    ids = {engine.add(p, DecodeConfig(**c, max_new_tokens=16)): (p, c) for p, c in zip(batch, configs)}
+    done = {}
+    while not engine.idle:
+        done.update({e.request_id: e.token_ids for e in engine.step() if e.finished})
+    for rid, (p, c) in ids.items():
+        assert done[rid] == reference(model, p, DecodeConfig(**c, max_new_tokens=16))[0], c

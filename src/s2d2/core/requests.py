@@ -108,8 +108,9 @@ class Scored:
     choices: Choices
 
     @classmethod
-    def of(cls, logits: torch.Tensor) -> Scored:
-        return cls(logits, greedy_choices(logits))
+    def of(cls, logits: torch.Tensor, features: bool = True) -> Scored:
+        """``logits`` with their greedy choices (``features``: also the routing features)."""
+        return cls(logits, greedy_choices(logits, features))
 
     def rows(self, start: int, stop: int | None = None) -> Scored:
         """Rows ``start .. stop - 1``."""

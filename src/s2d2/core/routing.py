@@ -91,6 +91,13 @@ def ucb_choose(pulls: tuple[int, ...], rewards: tuple[float, ...], bucket: int, 
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
+def reads_features(cfg: DecodeConfig, traced: bool = False) -> bool:
+    """Whether routing reads the drafts' distribution features (entropy, margin, collision) beyond their
+    confidence: the score and UCB policies do, and a trace's explanation does; so the executor computes them only
+    for batches that hold such a row (sampled rows compute their own)."""
+    return cfg.greedy and cfg.method == "s2d2" and (cfg.policy != "mask_span_length" or traced)
+
+
 def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> tuple[bool, RouterState]:
     """Decide whether to verify ``span`` this step; returns the decision and the next state."""
     if cfg.skip_confident and span_is_confident(draft.confidence, span, cfg.threshold):

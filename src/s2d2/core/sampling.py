@@ -10,6 +10,7 @@ confidence threshold and the acceptance estimators read.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,31 +45,29 @@ class Choices:
     """Rows of token distributions as the per-row algorithm reads them, on the host: the token chosen at each row and
     what the confidence threshold and the acceptance estimators read of its distribution. :func:`describe` builds
     them with one device-to-host transfer for any number of rows, so that a batch of rows costs one transfer per
-    forward, not a few per row (issue 28)."""
+    forward, not a few per row (issue 28). The features only the routing policies read (entropy, margin,
+    collision) are None when the executor was told no row needs them; reading them then fails loudly."""
 
     tokens: tuple[int, ...]
     confidence: tuple[float, ...]  # the chosen token's probability
-    entropy: tuple[float, ...]  # Shannon entropy / ln V (V the full vocabulary, as in the reference)
-    margin: tuple[float, ...]  # top-1 minus top-2 probability
-    collision: tuple[float, ...]  # sum_v p_v^2 (exp of minus the Renyi-2 entropy)
+    entropy: tuple[float, ...] | None = None  # Shannon entropy / ln V (V the full vocabulary, as in the reference)
+    margin: tuple[float, ...] | None = None  # top-1 minus top-2 probability
+    collision: tuple[float, ...] | None = None  # sum_v p_v^2 (exp of minus the Renyi-2 entropy)
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def _map(self, f: Callable[[tuple], tuple]) -> Choices:
+        return Choices(*(None if column is None else f(column) for column in (
+            self.tokens, self.confidence, self.entropy, self.margin, self.collision)))
+
     def rows(self, start: int, stop: int | None = None) -> Choices:
         """Rows ``start .. stop - 1``."""
-        part = slice(start, stop)
-        return Choices(self.tokens[part], self.confidence[part], self.entropy[part], self.margin[part],
-                       self.collision[part])
+        return self._map(lambda column: column[start:stop])
 
     def pad_front(self, count: int) -> Choices:
         """``count`` copies of the first row before the rows (placeholder rows nobody reads, as logits get them)."""
-        return Choices(*(column[:1] * count + column for column in (self.tokens, self.confidence, self.entropy,
-                                                                        self.margin, self.collision)))
-
-    def __add__(self, other: Choices) -> Choices:
-        return Choices(self.tokens + other.tokens, self.confidence + other.confidence, self.entropy + other.entropy,
-                       self.margin + other.margin, self.collision + other.collision)
+        return self._map(lambda column: column[:1] * count + column)
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -77,23 +76,28 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     return entropy / math.log(probs.shape[-1])
 
 
-def describe(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None = None) -> Choices:
+def describe(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None = None,
+             features: bool = True) -> Choices:
     """The :class:`Choices` of ``probs`` (``[n, V]``) with ``tokens`` (``[n]``) chosen (``confidence``: their
-    probabilities, when not those of ``probs``), in one transfer: every value goes to the host as one float64 table
-    (exact for token ids and float32 values)."""
-    top2 = torch.topk(probs, 2, dim=-1).values
+    probabilities, when not those of ``probs``; ``features``: also the routing features), in one transfer: every
+    value goes to the host as one float64 table (exact for token ids and float32 values)."""
     if confidence is None:
         confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
-    table = torch.stack([tokens.to(torch.float64), confidence.double(), normalized_entropy(probs).double(),
-                         (top2[:, 0] - top2[:, 1]).double(), probs.square().sum(dim=-1).double()], dim=-1)
-    columns = list(zip(*table.tolist())) or [()] * 5
-    return Choices(tuple(int(t) for t in columns[0]), *(tuple(c) for c in columns[1:]))
+    columns = [tokens.to(torch.float64), confidence.double()]
+    if features:
+        top2 = torch.topk(probs, 2, dim=-1).values
+        columns += [normalized_entropy(probs).double(), (top2[:, 0] - top2[:, 1]).double(),
+                    probs.square().sum(dim=-1).double()]
+    table = list(zip(*torch.stack(columns, dim=-1).tolist())) or [()] * len(columns)
+    return Choices(tuple(int(t) for t in table[0]), *(tuple(c) for c in table[1:]))
 
 
-def greedy_choices(logits: torch.Tensor) -> Choices:
-    """Argmax of each logit row under the plain softmax, with its :class:`Choices` (what greedy decoding reads)."""
+def greedy_choices(logits: torch.Tensor, features: bool = True) -> Choices:
+    """Argmax of each logit row under the plain softmax, with its :class:`Choices` (what greedy decoding reads;
+    ``features``: also what the routing policies read)."""
     probs = torch.softmax(logits.float(), dim=-1)
-    return describe(probs, probs.argmax(dim=-1))
+    confidence, tokens = probs.max(dim=-1)
+    return describe(probs, tokens, confidence, features)
 
 
 def choose_tokens(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.core.loop import decode_steps
 from s2d2.core.requests import CommitRequest, ForwardRequest, KeepRows, RowState, RowSteps, Scored
+from s2d2.core.routing import reads_features
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
@@ -88,6 +89,7 @@ class _Row:
     cache: SlotCache
     steps: RowSteps
     state: RowState
+    features: bool  # its routing reads the drafts' distribution features (core.routing.reads_features)
     pending: ForwardRequest | None = None
     reported: int = 0  # generated tokens already sent in events (streaming)
     trace_reported: int = 0  # trace events already sent in events (streaming a traced request)
@@ -181,7 +183,7 @@ class Engine:
             if len(rows) == 1:  # one row: its own forward, unpacked, so batch 1 costs what the plain loop costs
                 with self._timer:
                     logits = run(self.adapter, specs[0], rows[0].cache)
-                scored = [Scored.of(logits)]
+                scored = [Scored.of(logits, rows[0].features)]
                 num_rows, num_padded = specs[0].num_rows, 0
             else:
                 slots = [r.slot for r in rows]
@@ -189,7 +191,7 @@ class Engine:
                 with self._timer:
                     packed = forward_packed(self.adapter, batch, specs, self.cache, slots)
                 # the numerical stage: every row's greedy choices at once, one transfer for the whole step
-                scored = score_packed(batch, specs, packed)
+                scored = score_packed(batch, specs, packed, any(r.features for r in rows))
                 num_rows, num_padded = batch.num_rows, batch.num_padded
             elapsed = self._timer.elapsed
             self.stats.steps += 1
@@ -216,7 +218,7 @@ class Engine:
             state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
             cache.reset()  # the slot's last request is gone: this row starts from an empty cache
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.traits, w.generator, w.stop_check, state)
-            row = _Row(w.request_id, slot, cache, steps, state)
+            row = _Row(w.request_id, slot, cache, steps, state, reads_features(w.config, w.trace))
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
 

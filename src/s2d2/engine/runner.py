@@ -147,10 +147,12 @@ def split_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Ten
     return out
 
 
-def score_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Tensor) -> list[Scored]:
+def score_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Tensor,
+                 features: bool = True) -> list[Scored]:
     """Each row's :class:`Scored` logits out of the packed ones: the greedy choices of every row of the batch are
-    computed together and cross to the host in one transfer, whatever the number of rows (issue 28)."""
-    choices = greedy_choices(logits)
+    computed together and cross to the host in one transfer, whatever the number of rows (issue 28);
+    ``features``: also the routing features (:func:`s2d2.core.routing.reads_features` of some row)."""
+    choices = greedy_choices(logits, features)
     out: list[Scored | None] = [None] * len(specs)
     start = 0
     for k, part in zip(batch.order, logits.split(batch.logits_counts)):
