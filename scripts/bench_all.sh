@@ -4,8 +4,8 @@
 # 2-core CPU VM of 2026-12-03 (a slow one: see BENCHMARKS.md); the grids after the first use fewer timed rounds
 # (their exact figures do not depend on rounds). Committed figures land in benchmarks/; per-run JSON (evals,
 # data-parallel, tune on test, batch 1 and 16 samples) in $RUNS (default runs/bench_all).
-# Usage: bash scripts/bench_all.sh [section ...]   sections: wordy grid batched pipelined relaxed prefix compile
-#                                                             threads dp tune serve (default: all)
+# Usage: bash scripts/bench_all.sh [section ...]   sections: wordy grid batched host pipelined relaxed prefix
+#                                                             compile threads dp tune serve (default: all)
 #        SOAK_MINUTES=0 skips the serving soak (default 10 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 RUNS=${RUNS:-runs/bench_all}
 mkdir -p "$RUNS"
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(wordy grid batched pipelined relaxed prefix compile threads dp tune serve)
+[ ${#sections[@]} -gt 0 ] || sections=(wordy grid batched host pipelined relaxed prefix compile threads dp tune serve)
 say() { echo "[bench_all $(date -u +%H:%M:%S)] $*"; }
 
 for s in "${sections[@]}"; do
@@ -31,6 +31,8 @@ for s in "${sections[@]}"; do
         for b in 1 16; do s2d2 eval --task arith --n 200 --method "$m" --batch-size "$b" --samples "$RUNS/$m-b$b.jsonl" >/dev/null; done
         cmp "$RUNS/$m-b1.jsonl" "$RUNS/$m-b16.jsonl" && say "$m: batch 1 and 16 samples identical"
       done ;;
+    host)  # the host's cost of an engine step against the batch size (~3 min)
+      python scripts/host_cost.py --n 128 --batch-sizes 1 4 16 64 --rounds 3 > benchmarks/bundled-wordy/host_cost.md ;;
     pipelined)
       s2d2 bench --task arith --grid benchmarks/pipelined/grid.json --n 150 --repeats 3 --out benchmarks/pipelined ;;
     relaxed)
