@@ -196,8 +196,7 @@ class Forwards:
             elif finishes_unit:
                 # offsets span.end.. read from the span's last row and the draft rows but the last; the committed
                 # offsets before them get placeholder rows, as a draft's own are never read either
-                rows = following.rows(0, len(following.choices) - 1)
-                carried = Carried(block.start, span.end, rows.pad_front(span.end))
+                carried = Carried(block.start, span.end, following.rows(0, -1).pad_front(span.end))
         if keep_to > self.cache.length:
             yield KeepRows(keep_to - self.cache.length)
         return verdict, carried

@@ -222,11 +222,11 @@ class Engine:
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
 
-    def _advance(self, row: _Row, logits: Scored | None, events: list[Event], first: bool = False) -> None:
+    def _advance(self, row: _Row, scored: Scored | None, events: list[Event], first: bool = False) -> None:
         """Send a row its forward's scored logits and take its next forward (keeping the rows it asks to keep);
         report its progress or its end."""
         try:
-            request = next(row.steps) if first else row.steps.send(logits)
+            request = next(row.steps) if first else row.steps.send(scored)
             while isinstance(request, KeepRows):  # not a forward: the row's slot keeps rows its last forward wrote
                 row.cache.commit(request.count)
                 request = row.steps.send(None)

@@ -153,13 +153,11 @@ def score_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Ten
     computed together and cross to the host in one transfer, whatever the number of rows (issue 28);
     ``features``: also the routing features (:func:`s2d2.core.routing.reads_features` of some row)."""
     choices = greedy_choices(logits, features)
-    out: list[Scored | None] = [None] * len(specs)
-    start = 0
-    for k, part in zip(batch.order, logits.split(batch.logits_counts)):
-        scored = Scored(part, choices.rows(start, start + len(part)))
-        out[k] = scored.pad_front(specs[k].pad_front) if specs[k].pad_front else scored
-        start += len(part)
-    return out  # type: ignore[return-value]  (every row is set: batch.order is a permutation)
+    parts = split_packed(batch, specs, logits)
+    bounds, start = {}, 0
+    for k, count in zip(batch.order, batch.logits_counts):  # each row's packed rows, in packed order
+        bounds[k], start = (start, start + count), start + count
+    return [Scored(part, choices.rows(*bounds[k]).pad_front(specs[k].pad_front)) for k, part in enumerate(parts)]
 
 
 class ForwardTimer:

@@ -15,6 +15,7 @@ settings win over ``--model_args``: ``until`` becomes the stop strings, ``max_ge
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import typing
@@ -247,12 +248,9 @@ class S2D2LM(LM):
 
 def _device_flag(args: list[str]) -> str | None:
     """The value of ``--device`` on lm-eval's command line (``--device X`` or ``--device=X``), None if absent."""
-    for i, arg in enumerate(args):
-        if arg == "--device" and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith("--device="):
-            return arg.split("=", 1)[1]
-    return None
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--device")
+    return parser.parse_known_args(args)[0].device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -260,13 +258,14 @@ def main(argv: list[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)
+    evaluates = bool(args) and not set(args) & {"-h", "--help"}
     if "--include_path" in args[:-1]:
         i = args.index("--include_path") + 1
         args[i] = f"{args[i]}:{TASKS_DIR}"  # lm-eval takes several folders joined by ':'
-    elif args and not set(args) & {"-h", "--help"}:
+    elif evaluates:
         args += ["--include_path", str(TASKS_DIR)]
     device = _device_flag(args)
-    if device is None and args and not set(args) & {"-h", "--help"} and not torch.cuda.is_available():
+    if device is None and evaluates and not torch.cuda.is_available():
         args += ["--device", "cpu"]  # lm-eval's default is cuda:0; without a GPU the CPU is what the user means
     sys.argv = [sys.argv[0], *args]
     try:

@@ -48,7 +48,7 @@ def search_space(quick: bool = False, exact_only: bool = False) -> list[Setting]
     verification keeps AR's tokens (no relaxed knob, no dynamic baseline)."""
     space = _space(quick)
     if exact_only:
-        space = [s for s in space if s.fields["method"] == "s2d2" and not s.config().inexact_knobs]
+        space = [s for s in space if verification(s.fields) == "exact"]
     return space
 
 
