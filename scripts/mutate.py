@@ -44,9 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What pytest needs from the repository root; the optional ones are copied when present, in case pytest
-# configuration moves out of pyproject.toml or a root conftest appears, and the documents tests/test_docs.py checks.
+# configuration moves out of pyproject.toml or a root conftest appears, the documents tests/test_docs.py checks
+# and the scripts tests run (scripts/device_check.py).
 REQUIRED = ("src", "tests", "pyproject.toml")
-OPTIONAL = ("setup.cfg", "pytest.ini", "tox.ini", "conftest.py", "README.md", "docs", "Makefile", "benchmarks")
+OPTIONAL = ("setup.cfg", "pytest.ini", "tox.ini", "conftest.py", "README.md", "docs", "Makefile", "benchmarks",
+            "scripts")
 # Bytecode and caches of the real tree must not travel: a stale .pyc could shadow a mutated source.
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", ".pytest_cache")
 
