@@ -59,6 +59,15 @@ class DataParallel:
             dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
         return cls(rank, world_size, local_rank)
 
+    @classmethod
+    def joined(cls) -> DataParallel:
+        """The job this process already belongs to (a single process when no group was set up)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
     @property
     def is_main(self) -> bool:
         """Whether this process writes the results (rank 0)."""

@@ -273,6 +273,10 @@ def main(argv: list[str] | None = None) -> None:
             # as `s2d2 generate --device cuda` does: an explicit request that cannot be met is an error, not a warning
             raise ConfigError(f"--device {device} was requested but no CUDA device is available (use --device cpu).")
         cli_evaluate()
+        # lm-eval leaves the process group up; a rank that exits while rank 0 still writes the results (or still
+        # reads its last gather) can abort in gloo's teardown (seen once in CI: SIGABRT on rank 1). Every rank waits
+        # for the others here and tears the group down before the interpreter does.
+        DataParallel.joined().close()
     except S2D2Error as e:  # bad model_args, a missing model, ...: one sentence, exit 2, as the s2d2 CLI does
         print(f"s2d2: {e}", file=sys.stderr)
         raise SystemExit(2) from None
