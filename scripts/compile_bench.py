@@ -4,12 +4,13 @@
    eager and compiled, and a least-squares fit ``ms = fixed + per_row * rows`` over 1-64 rows: the cost model.
 2. **Decoding** at each of ``--batch-sizes`` (default 1 and 16), the first ``--n`` test problems of the arith task,
    AR and the given settings, eager and compiled, in ``--repeats`` rounds whose order is shuffled (seeded); tokens/s
-   are medians over rounds. Each batch-1 row also gets the cost model's predictions from its exact counters: forward
-   time ``nfe * fixed + query_rows * per_row`` against the measured forward time, and tokens/s with the loop's own
-   time added (``nfe * loop``, ``loop`` per forward calibrated on AR alone) against the measured tokens/s. (Batches larger than one
-   run the engine's packed forward, which ``--compile`` does not compile yet: those rows show what that leaves.)
+   and forward times (the batch's own: at batch > 1, the engine's packed forwards) are medians over rounds. Each
+   batch-1 row also gets the cost model's predictions from its exact counters: forward time ``nfe * fixed +
+   query_rows * per_row`` against the measured forward time, and tokens/s with the loop's own time added
+   (``nfe * loop``, ``loop`` per forward calibrated on AR alone) against the measured tokens/s. Batches larger than
+   one run the engine's packed forward, whose token-wise parts ``--compile`` compiles (attention stays eager).
 
-    python scripts/compile_bench.py --out benchmarks/compile       # run alone on the CPU (a few minutes)
+    python scripts/compile_bench.py --out benchmarks/compile       # run alone on the CPU (~25 min)
 
 Writes ``compile.json`` and ``compile.md`` to ``--out``.
 """
@@ -73,8 +74,8 @@ def _row(name: str, mode: str, batch_size: int, runs: list, cost: dict, loop_ms:
     """One setting's figures over its rounds (medians of times; counters are exact), with the cost model's
     predictions from its counters: forward time ``nfe * fixed + query_rows * per_row``, and total time adding the
     loop's own ``loop_ms`` per forward (calibrated on AR alone, so every other row is a prediction)."""
-    elapsed = statistics.median(e for e, _ in runs)
-    forward_s = statistics.median(st.forward_time_s for _, st in runs)
+    elapsed = statistics.median(e for e, _, _ in runs)
+    forward_s = statistics.median(f for _, _, f in runs)
     st = runs[0][1]
     predicted_s = (st.nfe * cost["fixed_ms"] + st.query_rows * cost["per_row_ms"]) / 1000
     total_s = predicted_s + st.nfe * loop_ms / 1000
@@ -123,10 +124,12 @@ def main() -> None:
             outs = models[mode].generate(prompts, cfg, batch_size=b)
             elapsed = time.perf_counter() - t0
             stats = s2d2.DecodeStats.total([o.stats for o in outs])
-            runs[(name, mode, b)].append((elapsed, stats))
+            # the forwards' time: the rows' own at batch 1, the engine's (one packed forward per step) above
+            forward = stats.forward_time_s if b == 1 else models[mode].last_batch_stats.forward_time_s
+            runs[(name, mode, b)].append((elapsed, stats, forward))
     for mode in models:  # the loop's own time per forward, from AR at batch 1 (a row's time outside its forwards)
         ar_runs = runs[("ar", mode, 1)]
-        loop_s = statistics.median(e - st.forward_time_s for e, st in ar_runs)
+        loop_s = statistics.median(e - f for e, _, f in ar_runs)
         cost[mode]["loop_ms_per_forward"] = loop_s / ar_runs[0][1].nfe * 1000
     rows = []
     for b in args.batch_sizes:
@@ -136,7 +139,8 @@ def main() -> None:
                                  cost[mode]["loop_ms_per_forward"]))
     ar = {(r["mode"], r["batch_size"]): r for r in rows if r["setting"] == "ar"}
     sizes = ", ".join(map(str, args.batch_sizes))
-    lines = [f"# Eager and compiled forwards: {args.model}, batch {sizes}, {args.n} test problems, {args.repeats} rounds",
+    lines = [f"# Eager and compiled forwards: {args.model}, batch {sizes}, {args.n} test problems, "
+             f"{args.repeats} rounds",
              "",
              f"Compile warm-up (one-time, in process): {warm_up:.1f} s.", "",
              "| forward | fixed ms | ms per row | loop ms per forward (AR) | " +
@@ -149,9 +153,8 @@ def main() -> None:
               "forward) | forward time s | predicted forward time s (error) | predicted tokens / s (error) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        prediction, forward = "– | –", "–"  # batched: each row's forward time is the batch's, and the model one row's
+        prediction, forward = "– | –", f"{r['forward_time_s']:.2f}"
         if r["batch_size"] == 1:  # the cost model is the single-row path's
-            forward = f"{r['forward_time_s']:.2f}"
             err_f = r["predicted_forward_s"] / r["forward_time_s"] - 1
             err_t = r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1
             prediction = (f"{r['predicted_forward_s']:.2f} ({err_f:+.0%}) | "
@@ -164,7 +167,9 @@ def main() -> None:
         for name in SETTINGS:
             e, c = (next(r for r in rows if r["setting"] == name and r["mode"] == m and r["batch_size"] == b)
                     for m in ("eager", "compiled"))
-            lines.append(f"\nbatch {b}, {name}: compiled / eager tokens/s {c['tokens_per_s'] / e['tokens_per_s']:.2f}x")
+            ratio = c["tokens_per_s"] / e["tokens_per_s"]
+            lines.append(f"\nbatch {b}, {name}: compiled / eager tokens/s {ratio:.2f}x, "
+                         f"forward time {e['forward_time_s'] / c['forward_time_s']:.2f}x")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

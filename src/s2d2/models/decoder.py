@@ -190,6 +190,42 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _attention_inputs(x: torch.Tensor, input_norm: torch.Tensor, qkv: nn.Module, q_norm: torch.Tensor | None,
+                      k_norm: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, eps: float, heads: int,
+                      kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's q, k (RoPE applied) and v ``[..., heads, head_dim]`` from its input rows ``x`` ``[..., H]``: the
+    token-wise work before attention. A function of its arguments alone (the layer's modules and tensors passed in),
+    so that one compiled graph serves every layer: torch.compile inlines the modules and guards on their shapes,
+    not their identity. Module calls keep their hooks (tests add a LoRA path through them)."""
+    rows = x.shape[:-1]
+    q, k, v = qkv(_rms_norm(x, input_norm, eps)).split(
+        (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), dim=-1)
+    q, k, v = q.view(*rows, heads, head_dim), k.view(*rows, kv_heads, head_dim), v.view(*rows, kv_heads, head_dim)
+    if q_norm is not None and k_norm is not None:
+        q, k = _rms_norm(q, q_norm, eps), _rms_norm(k, k_norm, eps)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def _dense_block(x: torch.Tensor, attn: torch.Tensor, o_proj: nn.Module, post_norm: torch.Tensor,
+                 gate_up: nn.Module, down: nn.Module, eps: float) -> torch.Tensor:
+    """The token-wise work after attention in a dense layer: output projection and SwiGLU MLP, each added to the
+    residual stream ``x`` (as :func:`_attention_inputs`, one graph for every layer)."""
+    x = x + o_proj(attn)
+    gate, up = gate_up(_rms_norm(x, post_norm, eps)).chunk(2, dim=-1)
+    return x + down(F.silu(gate) * up)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The token-wise parts of a layer, eager or compiled (:meth:`Decoder.compile`)."""
+
+    attention_inputs: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = _attention_inputs
+    dense_block: Callable[..., torch.Tensor] = _dense_block
+
+
+EAGER_KERNELS = Kernels()
+
+
 class _Layer(nn.Module):
     def __init__(self, c: DecoderConfig, index: int, device: Any, dtype: torch.dtype) -> None:
         super().__init__()
@@ -209,27 +245,19 @@ class _Layer(nn.Module):
         self.gate_up = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=False, **kw) if dense else None
         self.down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False, **kw) if dense else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
+                kernels: Kernels = EAGER_KERNELS) -> torch.Tensor:
         """The layer over the rows of ``x`` ``[..., H]`` (``[b, L]`` or ``[N]`` rows; ``cos`` / ``sin`` broadcast
-        over the heads): attention through ``attend``, then the MLP, each added to the residual stream."""
-        rows = x.shape[:-1]
-        h = _rms_norm(x, self.input_norm, self.eps)
-        q, k, v = self.qkv(h).split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(*rows, self.heads, self.head_dim)
-        k = k.view(*rows, self.kv_heads, self.head_dim)
-        v = v.view(*rows, self.kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = _rms_norm(q, self.q_norm, self.eps)
-            k = _rms_norm(k, self.k_norm, self.eps)
-        x = x + self.o_proj(attend(self.index, _rotate(q, cos, sin), _rotate(k, cos, sin), v))
-        return x + self.mlp(_rms_norm(x, self.post_norm, self.eps))
-
-    def mlp(self, h: torch.Tensor) -> torch.Tensor:
-        """The SwiGLU MLP, or the routed experts (over the rows of ``h``, whatever its leading dims)."""
-        if self.moe is not None:
-            return self.moe(h.reshape(-1, h.shape[-1])).reshape(h.shape)
-        gate, up = self.gate_up(h).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        over the heads): attention through ``attend``, then the MLP, each added to the residual stream. The
+        token-wise parts run through ``kernels`` (compiled ones for the packed forward)."""
+        q, k, v = kernels.attention_inputs(x, self.input_norm, self.qkv, self.q_norm, self.k_norm, cos, sin,
+                                           self.eps, self.heads, self.kv_heads, self.head_dim)
+        attn = attend(self.index, q, k, v)
+        if self.moe is None:
+            return kernels.dense_block(x, attn, self.o_proj, self.post_norm, self.gate_up, self.down, self.eps)
+        x = x + self.o_proj(attn)  # a mixture-of-experts layer: its routed MLP stays eager (data-dependent)
+        h = _rms_norm(x, self.post_norm, self.eps)
+        return x + self.moe(h.reshape(-1, h.shape[-1])).reshape(h.shape)
 
 
 def _swiglu_layout(prefix: str, names: tuple[str, str, str], gate_up: torch.Tensor, down: torch.Tensor, inter: int,
@@ -240,6 +268,31 @@ def _swiglu_layout(prefix: str, names: tuple[str, str, str], gate_up: torch.Tens
     return {prefix + gate_name: (gate_up, (*at, slice(0, inter))),
             prefix + up_name: (gate_up, (*at, slice(inter, 2 * inter))),
             prefix + down_name: (down, at[0] if at else None)}
+
+
+class _Fallback:
+    """The shared way back to eager of one :meth:`Decoder.compile`: the first compiler failure calls ``on_failure``
+    (which warns and restores the eager forwards); every compiled function then runs eager, including those a
+    forward already in progress holds."""
+
+    def __init__(self, on_failure: Callable[[Exception], None]) -> None:
+        self.on_failure, self.failed = on_failure, False
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` compiled with ``torch.compile`` (dynamic shapes), or ``fn`` itself once a compilation failed (a
+        real error in the computation then re-raises from ``fn``)."""
+        compiled = torch.compile(fn, dynamic=True)
+
+        def run(*args: Any) -> Any:
+            if not self.failed:
+                try:
+                    return compiled(*args)
+                except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, eager re-raises real errors
+                    self.failed = True
+                    self.on_failure(e)
+            return fn(*args)
+
+        return run
 
 
 class Decoder(nn.Module):
@@ -255,6 +308,7 @@ class Decoder(nn.Module):
         self.lm_head = None if c.tie_word_embeddings else nn.Linear(
             c.hidden_size, c.vocab_size, bias=False, device=device, dtype=dtype)
         self.register_buffer("inv_freq", self._inv_freq(device), persistent=False)
+        self._kernels = EAGER_KERNELS  # the packed forward's token-wise parts (compiled by :meth:`compile`)
 
     def _inv_freq(self, device: Any) -> torch.Tensor:
         c = self.config
@@ -334,23 +388,23 @@ class Decoder(nn.Module):
         return logits if batched else logits[0]
 
     def compile(self) -> None:  # type: ignore[override]  # (nn.Module.compile compiles __call__; this, the layers)
-        """Compile the single-row forward's layers with ``torch.compile`` (inductor; dynamic shapes, so rows and
-        cache lengths do not each recompile). Compilation happens at the first forwards; if it fails there (no C++
+        """Compile the forwards with ``torch.compile`` (inductor, dynamic shapes, so that row counts and cache lengths
+        do not each recompile): the single-row forward's layers whole, and the packed forward's token-wise parts
+        (:class:`Kernels`: one graph each, shared by every layer; attention over the rows' cache slots stays eager,
+        its shapes being the batch's). Compilation happens at the first forwards; if it fails there (no C++
         compiler, an unsupported backend), one warning says so and the model runs eager from then on."""
-        eager = self._layers
-        compiled = torch.compile(eager, dynamic=True)
+        eager = self._layers  # the class's method, bound
 
-        def layers(*args: Any) -> torch.Tensor:
-            try:
-                return compiled(*args)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back, the eager run re-raises real errors
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                warnings.warn(f"torch.compile is not available here ({reason}); running the eager forward",
-                              RuntimeWarning, stacklevel=2)
-                del self._layers  # the class's eager method again
-                return eager(*args)
+        def back_to_eager(error: Exception) -> None:
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+            warnings.warn(f"torch.compile is not available here ({reason}); running the eager forward",
+                          RuntimeWarning, stacklevel=3)
+            self.__dict__.pop("_layers", None)  # the class's eager method again
+            self._kernels = EAGER_KERNELS
 
-        self._layers = layers  # type: ignore[method-assign]
+        fallback = _Fallback(back_to_eager)
+        self._layers = fallback.wrap(eager)  # type: ignore[method-assign]
+        self._kernels = Kernels(*map(fallback.wrap, (EAGER_KERNELS.attention_inputs, EAGER_KERNELS.dense_block)))
 
     @property
     def compiled(self) -> bool:
@@ -374,15 +428,15 @@ class Decoder(nn.Module):
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # [b, heads, L, hd]
             return attn.transpose(1, 2).reshape(b, n, -1)
 
-        return self._stack(ids, cos, sin, attend, (slice(None), slice(logits_from, logits_to)))
+        return self._stack(ids, cos, sin, attend, (slice(None), slice(logits_from, logits_to)), EAGER_KERNELS)
 
     def _stack(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend,
-               logit_rows: Any) -> torch.Tensor:
-        """Embed ``tokens``, run every layer with the path's ``attend``, and return float32 logits of the rows
-        ``x[logit_rows]`` (final norm, then the LM head)."""
+               logit_rows: Any, kernels: Kernels) -> torch.Tensor:
+        """Embed ``tokens``, run every layer with the path's ``attend`` and token-wise ``kernels``, and return
+        float32 logits of the rows ``x[logit_rows]`` (final norm, then the LM head)."""
         x = self.embed(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, attend)
+            x = layer(x, cos, sin, attend, kernels)
         x = _rms_norm(x[logit_rows], self.norm, self.config.rms_norm_eps)
         head = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(x, head).float()
@@ -413,7 +467,7 @@ class Decoder(nn.Module):
             return attn
 
         cos, sin = self._rope(batch.positions, cache.capacity)  # [N, 1, head_dim]
-        return self._stack(batch.tokens, cos, sin, attend, batch.logits_index)
+        return self._stack(batch.tokens, cos, sin, attend, batch.logits_index, self._kernels)
 
     def _group_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          g: AttentionGroup) -> torch.Tensor:
