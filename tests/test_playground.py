@@ -287,3 +287,32 @@ def test_the_layout_holds_in_a_narrow_window(server, browser):
     assert_offline(log, server)
     assert layout == {"page": 0, "chips": [], "settings": []} and clipped == []
     assert stacked[1][0] > stacked[0][1]  # one pane above the other
+
+
+def test_the_playground_sends_the_key_of_a_keyed_server(bundled, browser):  # noqa: F811
+    """A server started with --api-key: the page takes the key from its address (``/#key=KEY``) or asks for it at
+    the first 401 (a dialog), and decodes; a wrong key is shown as the server's sentence."""
+    s = start_server(bundled, api_key="sesame")
+    try:
+        page = browser.new_page(viewport={"width": 1300, "height": 600})
+        page.goto(f"{s.url}/#key=sesame")
+        decode(page)
+        assert cells(page, 0) and cells(page, 1)
+        page.close()
+        page = browser.new_page(viewport={"width": 1300, "height": 600})
+        asked = []
+        page.on("dialog", lambda d: (asked.append(d.message), d.accept("sesame")))
+        page.goto(f"{s.url}/")
+        decode(page)
+        assert asked == ["This server needs its API key:"] and cells(page, 0)
+        page.close()
+        page = browser.new_page(viewport={"width": 1300, "height": 600})
+        page.on("dialog", lambda d: d.accept("wrong"))
+        page.goto(f"{s.url}/")
+        page.click("#run")
+        page.wait_for_function("document.querySelector(\".pane[data-pane='0']\").dataset.done == 'error'",
+                               timeout=60000)
+        assert "a valid API key is required" in page.inner_text(".pane[data-pane='0'] .stats")
+        page.close()
+    finally:
+        stop_server(s)

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -232,7 +237,21 @@ def test_sampled_choices_are_reproducible_by_seed(server):
     ({"model": "bundled"}, "prompt"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": "many"}, "max_tokens"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 0}, "max_tokens"),
-    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 10**6}, "prompt"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 10**6}, "max_tokens"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 508}, "prompt"),  # 508 fit, not with this prompt
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": True}, "max_tokens"),  # JSON true is not 1
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 4.0}, "max_tokens"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "temperature": "0.5"}, "temperature"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "stream": "yes"}, "stream"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "seed": 2**63}, "seed"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "seed": 2**63 - 1, "n": 2}, "seed"),  # choice 1 would pass 2**63
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "seed": -1}, "seed"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "block_size": 10000}, "block_size"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "block_size": True}, "block_size"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "max_new_tokens": 8}, "max_new_tokens"),
+    ({"model": "bundled", "prompt": 123}, "prompt"),
+    ({"model": "bundled", "prompt": "Q: 1\nA:", "stop": 5}, "stop"),
+    (b'{"model": "bundled", "prompt": "Q: \xff\xfe1"}', None),  # bytes that are not UTF-8
     ({"model": "bundled", "prompt": "Q: 1\nA:", "temperature": -1}, "temperature"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "top_p": 2}, "top_p"),
     ({"model": "bundled", "prompt": "Q: 1\nA:", "seed": 2**64}, "seed"),
@@ -251,12 +270,15 @@ def test_bad_input_is_a_400_in_openai_format(server, body, param):
     error = payload["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["message"].endswith(".") and "\n" not in error["message"] and "Traceback" not in error["message"]
+    assert error["code"] is not None, error  # a client can tell the kinds apart without parsing the sentence
     if param is not None:
         assert error["param"] == param, error
+        assert not re.search(r"\.(str|list\[)", error["message"]), error  # no pydantic union tags in the sentence
 
 
 def test_bad_chat_input_is_a_400(server):
     for messages in ([], [{"role": "tool", "content": "x"}], [{"role": "user", "content": "a <|mask|> b"}],
+                     [{"role": "user"}], [{"role": "user", "content": None}],
                      [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
         status, payload, _ = post(server.url, {"model": "bundled", "messages": messages}, "/v1/chat/completions")
         assert status == 400, (messages, payload)
@@ -330,3 +352,123 @@ def test_serve_refuses_bad_flags_in_one_sentence(argv, word, capsys):
     assert main(["serve", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("s2d2: error:") and word in err[0]
+
+
+def test_a_client_disconnecting_from_a_non_streamed_request_frees_its_slot(server, bundled):
+    """Without streaming the server writes nothing until the answer is ready, so only the connection tells that the
+    client left: its request is cancelled at once (its slot freed at the engine's next step), not decoded on."""
+    body = json.dumps({"model": "bundled", "prompt": PROBLEMS[5].prompt, "max_tokens": 400, "method": "ar",
+                       "stop_token_ids": []}).encode()
+    before = cancelled(server.url)
+    socks = []
+    for _ in range(4):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        socks.append(sock)
+    deadline = time.monotonic() + 20
+    while running(server.url) < 4:
+        assert time.monotonic() < deadline, "the requests never started"
+        time.sleep(0.02)
+    for sock in socks:
+        sock.close()
+    closed = time.monotonic()
+    wait_idle(server.url)
+    # 400 AR tokens take several seconds on this CPU; cancelled, the slots free within a few engine steps
+    assert time.monotonic() - closed < 2.0
+    assert cancelled(server.url) == before + 4
+    assert 's2d2_requests_total{endpoint="/v1/completions",status="499"}' in get(server.url, "/metrics")
+    want = expected(bundled, [PROBLEMS[6].prompt])[0]
+    assert server.client.completions.create(model="bundled", prompt=PROBLEMS[6].prompt).choices[0].text == want.text
+
+
+def test_unknown_paths_share_one_metrics_label(server):
+    for path in ("/a1", "/b2", "/v1/nothing"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(server.url, path)
+        assert e.value.code == 404 and json.loads(e.value.read())["error"]["message"]
+    metrics = get(server.url, "/metrics")
+    assert 'endpoint="unmatched",status="404"' in metrics
+    assert not re.search(r'endpoint="/(a1|b2|v1/nothing)"', metrics)
+
+
+def test_an_api_key_is_required_on_every_v1_route(bundled, monkeypatch):
+    s = start_server(bundled, api_key="sesame")
+    try:
+        for path, body in (("/v1/completions", {"model": "bundled", "prompt": "Q: 1\nA:", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sesame"}):
+                req = urllib.request.Request(s.url + path, data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json", **headers})
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(req, timeout=30)
+                error = json.loads(e.value.read())["error"]
+                assert e.value.code == 401 and error["code"] == "invalid_api_key", error
+                assert e.value.headers["WWW-Authenticate"] == "Bearer"
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(s.url, "/v1/models")
+        assert e.value.code == 401
+        assert json.loads(get(s.url, "/health"))["status"] == "ok"  # probes and scrapers need no key
+        assert "s2d2_requests_total" in get(s.url, "/metrics")
+        keyed = openai.OpenAI(base_url=s.url + "/v1", api_key="sesame", max_retries=0, timeout=60)
+        want = expected(bundled, [PROBLEMS[0].prompt])[0]
+        assert keyed.completions.create(model="bundled", prompt=PROBLEMS[0].prompt).choices[0].text == want.text
+        assert [m.id for m in keyed.models.list().data] == ["bundled"]
+        with pytest.raises(openai.AuthenticationError):
+            s.client.completions.create(model="bundled", prompt=PROBLEMS[0].prompt)  # its key is "unused"
+    finally:
+        stop_server(s)
+
+
+def test_a_body_over_the_limit_is_a_413(bundled):
+    s = start_server(bundled, max_body_bytes=2000)
+    try:
+        big = {"model": "bundled", "prompt": "Q: 1\nA:", "user": "x" * 3000}
+        status, payload, _ = post(s.url, big)
+        assert status == 413 and payload["error"]["code"] == "body_too_large", payload
+        assert "2000 bytes" in payload["error"]["message"]
+        # a chunked body, whose size no header announces, is cut as soon as it passes the limit
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        chunks = iter([json.dumps(big).encode()[i:i + 500] for i in range(0, 3100, 500)])
+        conn.request("POST", "/v1/completions", body=chunks, headers={"Content-Type": "application/json"},
+                     encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 413 and json.loads(response.read())["error"]["code"] == "body_too_large"
+        conn.close()
+        status, payload, _ = post(s.url, {"model": "bundled", "prompt": PROBLEMS[0].prompt, "max_tokens": 4})
+        assert status == 200 and payload["choices"][0]["text"]
+    finally:
+        stop_server(s)
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
+    """`s2d2 serve` on SIGTERM: stops accepting connections, lets the running request finish (a complete 200), then
+    exits with status 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "s2d2", "serve", "--model", "bundled", "--port", "0",
+                             "--shutdown-timeout", "60"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        port = None
+        for line in proc.stderr:  # uvicorn says where it listens
+            if match := re.search(r"running on http://127\.0\.0\.1:(\d+)", line):
+                port = int(match.group(1))
+                break
+        assert port, "the server did not start"
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": "bundled", "prompt": PROBLEMS[5].prompt, "max_tokens": 120, "method": "ar",
+                "stop_token_ids": []}
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(post, url, body)
+            deadline = time.monotonic() + 30
+            while running(url) < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            status, payload, _ = answer.result(timeout=120)
+        assert status == 200 and payload["usage"]["completion_tokens"] == 120  # drained, not cut
+        assert proc.wait(timeout=60) == 0
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)
+    finally:
+        proc.kill()
+        proc.stderr.close()

@@ -133,12 +133,14 @@ class Model:
 
     def warm_up(self) -> float:
         """Run the forwards a decoding needs once (one row, a block's draft, a 2L verification, with and without a
-        cache) so that a compiled model (``load(..., compile=True)``) compiles now rather than inside the first
-        request; returns the seconds it took."""
+        cache; alone and packed with another row) so that a compiled model (``load(..., compile=True)``) compiles
+        now rather than inside the first request; returns the seconds it took."""
         t0 = time.perf_counter()
         ids = [self.adapter.mask_id - 1 if self.adapter.mask_id > 0 else 1] * 5
         for cfg in (DecodeConfig(method="ar", max_new_tokens=3), DecodeConfig(method="s2d2", max_new_tokens=12)):
-            self.generate([ids], cfg.replace(stop_token_ids=(), generation_config="none"), batch_size=1)
+            for batch in (1, 2):
+                self.generate([ids] * batch, cfg.replace(stop_token_ids=(), generation_config="none"),
+                              batch_size=batch)
         return time.perf_counter() - t0
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], config: DecodeConfig | None = None,
@@ -291,7 +293,15 @@ class Model:
 
     def _validate_config(self, cfg: DecodeConfig) -> None:
         """Refuse, before any decoding starts, options this model cannot honour: stop token ids outside its
-        vocabulary (they could never be generated, so decoding would silently ignore them)."""
+        vocabulary (they could never be generated, so decoding would silently ignore them), and a block size or a
+        token budget that alone exceeds its context (whatever the prompt)."""
+        context = self.adapter.max_positions
+        if cfg.method != "ar" and cfg.block_size > context:
+            raise ConfigError(f"block_size {cfg.block_size} is larger than the model's context of {context} "
+                              "positions.")
+        if cfg.max_new_tokens >= context:  # the prompt needs one position at least
+            raise ConfigError(f"max_new_tokens ({cfg.max_new_tokens}) leaves no room for a prompt in the model's "
+                              f"context of {context} positions.")
         vocab = self.adapter.vocab_size
         bad = next((t for t in cfg.stop_token_ids or () if t >= vocab), None)
         if bad is not None:
@@ -385,8 +395,9 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
 
     ``dtype="auto"`` computes in float32 on CPU (bfloat16 is several times slower there) and in the checkpoint's
     ``torch_dtype`` on GPU. ``adapter``: a peft LoRA adapter (directory or hub id) merged into the weights at load
-    (no peft needed: the merge is ``W += alpha / r * B @ A``). ``compile``: compile the single-row forward with
-    ``torch.compile`` (the first forwards compile it; :meth:`Model.warm_up` does that up front), falling back to
+    (no peft needed: the merge is ``W += alpha / r * B @ A``). ``compile``: compile the forwards with ``torch.compile``
+    (the single-row forward whole, the packed forward's token-wise parts; the first forwards compile them,
+    :meth:`Model.warm_up` does that up front), falling back to
     eager with one warning where compilation is not available (docs/decoding.md "Compiled forwards").
     """
     dev = _resolve_device(device)

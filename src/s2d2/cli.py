@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -236,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests waiting for a slot beyond --max-batch; more are answered 429 (default: 64)")
     sv.add_argument("--timeout", type=float, default=600.0,
                     help="seconds after which an unfinished request is cancelled, 504 (default: 600)")
+    sv.add_argument("--api-key", default=os.environ.get("S2D2_API_KEY"),
+                    help="require this key as 'Authorization: Bearer KEY' on every /v1 route (default: the "
+                         "S2D2_API_KEY environment variable; unset: no key)")
+    sv.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                    help="larger request bodies are answered 413 (default: 8 MiB)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM, seconds in-flight requests may take to finish before they are cut (default: 30)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     _add_config_flags(sv)  # the server's defaults for every request
 
@@ -571,7 +579,8 @@ def _serve(ns: argparse.Namespace) -> int:
     if not 0 <= ns.port <= 65535:
         raise S2D2Error(f"--port must be between 0 and 65535, got {ns.port}.")
     cfg = ServerConfig(model_name=ns.served_model_name or ns.model, max_batch=ns.max_batch, max_queue=ns.max_queue,
-                       timeout_s=ns.timeout, defaults=config_from_args(ns))
+                       timeout_s=ns.timeout, defaults=config_from_args(ns), api_key=ns.api_key,
+                       max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout)
     model = _load_model(ns, ns.device)
     model.resolve_config(cfg.defaults)  # the defaults must suit this model before any request arrives
     serve(model, cfg, host=ns.host, port=ns.port, log_level=ns.log_level)

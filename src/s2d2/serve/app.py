@@ -12,7 +12,9 @@ are module-level handlers over the app's :class:`AppState`, so one process may h
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -75,14 +77,49 @@ def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
     app.exception_handler(Exception)(_internal_error)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     # registered as the decorators would: same order, and operation ids (handler name + path) as before the split
     app.get("/", response_class=HTMLResponse)(playground)
     app.get("/health")(health)
     app.get("/metrics")(prometheus)
-    app.get("/v1/models")(models)
-    app.post("/v1/completions")(completions)
-    app.post("/v1/chat/completions")(chat_completions)
+    keyed = [Depends(_authorize)]  # every /v1 route: the API key, when the server has one
+    app.get("/v1/models", dependencies=keyed)(models)
+    app.post("/v1/completions", dependencies=keyed)(completions)
+    app.post("/v1/chat/completions", dependencies=keyed)(chat_completions)
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` is a 413, told by its Content-Length before anything is
+    read, or (a chunked body) as soon as the bytes received pass the limit."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        received = 0
+
+        async def counted() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than the server's limit of {self.max_bytes} bytes."
+
+    async def _too_large(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        scope["app"].state.s2d2.metrics.requests.labels(_endpoint(scope), "413").inc()
+        await APIError(413, self._message(), code="body_too_large").response()(scope, receive, send)
 
 
 @asynccontextmanager
@@ -94,8 +131,27 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ errors
+def _endpoint(scope: dict[str, Any]) -> str:
+    """The metrics label of a request: its path when that is one of the app's routes, else ``unmatched`` (so that
+    unknown paths, which anyone may send, cannot grow the label set)."""
+    path = scope.get("path", "")
+    return path if any(getattr(r, "path", None) == path for r in scope["app"].routes) else "unmatched"
+
+
+async def _authorize(request: Request) -> None:
+    """A 401 unless the request carries the server's API key as a bearer token (no key set: anyone may call)."""
+    key = _state(request).cfg.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "a valid API key is required (send it as 'Authorization: Bearer KEY').",
+                       error_type="authentication_error", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    _state(request).metrics.requests.labels(request.url.path, str(exc.status)).inc()
+    _state(request).metrics.requests.labels(_endpoint(request.scope), str(exc.status)).inc()
     return exc.response()
 
 
@@ -104,7 +160,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return await _api_error(request, APIError(exc.status_code, str(exc.detail)))
+    if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's body parsing, on bytes that are not UTF-8
+        return await _api_error(request, APIError(400, "the request body is not valid UTF-8 JSON.",
+                                                  code="invalid_json"))
+    code = "body_too_large" if exc.status_code == 413 else None
+    return await _api_error(request, APIError(exc.status_code, str(exc.detail), code=code))
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -137,7 +197,7 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     state = _state(request)
     model = state.model
     if body.suffix:
-        raise APIError(400, "suffix is not supported.", param="suffix")
+        raise APIError(400, "suffix is not supported.", param="suffix", code="unsupported")
     prompts = completion_prompts(body.prompt)
     decode_cfg = decode_config(model, state.cfg, body, body.max_tokens, "max_tokens")
     ids = [encode_prompt(model, p, decode_cfg, i if len(prompts) > 1 else None) for i, p in enumerate(prompts)]
@@ -149,16 +209,17 @@ async def chat_completions(body: ChatRequest, request: Request) -> Any:
     state = _state(request)
     model = state.model
     if body.max_tokens is not None and body.max_completion_tokens is not None:
-        raise APIError(400, "give max_tokens or max_completion_tokens, not both.", param="max_completion_tokens")
+        raise APIError(400, "give max_tokens or max_completion_tokens, not both.", param="max_completion_tokens",
+                       code="invalid_value")
     if body.top_logprobs:
-        raise APIError(400, "logprobs are not supported.", param="top_logprobs")
+        raise APIError(400, "logprobs are not supported.", param="top_logprobs", code="unsupported")
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     decode_cfg = decode_config(model, state.cfg, body, limit, "max_tokens")
     messages = [chat_message(m, i) for i, m in enumerate(body.messages)]
     try:
         text = model.apply_chat_template(messages, **(body.chat_template_kwargs or {}))
     except S2D2Error as e:
-        raise APIError(400, str(e), param="messages") from None
+        raise APIError(400, str(e), param="messages", code="invalid_prompt") from None
     ids = [encode_prompt(model, text, decode_cfg, None)]
     return await _respond(state, request, "/v1/chat/completions", body, ids, decode_cfg, chat=True)
 
@@ -177,17 +238,20 @@ async def _respond(state: AppState, request: Request, endpoint: str, body: BaseR
     worker.submit(tickets)  # 429 when the queue is full
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
-    if body.stream:
+    if body.stream:  # (a streamed response notices a disconnect itself: its generator is closed)
         stream = ResponseStream(request, worker, endpoint, body, tickets, prompt_ids, decode_cfg, rid=rid,
                                 created=created, start=start, chat=chat, echo=echo)
         return StreamingResponse(stream.events(), media_type="text/event-stream")
+    watcher = asyncio.create_task(_cancel_on_disconnect(request, worker, tickets))
     try:
         results = await _collect(worker, request, tickets, decode_cfg)
     except asyncio.CancelledError:
         for t in tickets:
             worker.cancel(t)
         raise
-    if results is None:  # the client went away
+    finally:
+        watcher.cancel()
+    if results is None or (watcher.done() and not watcher.cancelled()):  # the client went away
         metrics.requests.labels(endpoint, "499").inc()
         return Response(status_code=499)
     generations = [g for g, _ in results]
@@ -207,6 +271,18 @@ async def _respond(state: AppState, request: Request, endpoint: str, body: BaseR
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
             "model": cfg.model_name, "choices": choices, "usage": usage(prompt_ids, generations),
             "s2d2": total_stats(generations)}
+
+
+async def _cancel_on_disconnect(request: Request, worker: EngineWorker, tickets: list[Ticket]) -> None:
+    """Wait for the client of a non-streamed request to go away and cancel its tickets the moment it does (their
+    slots free at the engine's next step); cancelled when the response is ready."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # noqa: BLE001 - a broken connection is a client gone too
+        pass
+    for t in tickets:
+        worker.cancel(t)
 
 
 async def _collect(worker: EngineWorker, request: Request, tickets: list[Ticket],
@@ -233,7 +309,15 @@ async def _collect(worker: EngineWorker, request: Request, tickets: list[Ticket]
 
 def serve(model: Model, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
           log_level: str = "info") -> None:
-    """Run the server until interrupted."""
+    """Run the server until interrupted. On SIGTERM (or Ctrl-C) it stops accepting connections, lets in-flight
+    requests finish for up to ``cfg.shutdown_timeout_s`` seconds, cuts the rest, and returns."""
     import uvicorn
 
-    uvicorn.run(create_app(model, cfg), host=host, port=port, log_level=log_level)
+    # uvicorn drains, then raises the signal again for the handler it found: a no-op one lets serve() return, so
+    # that a drained SIGTERM ends the process with status 0 (not killed by the signal)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        uvicorn.run(create_app(model, cfg), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=cfg.shutdown_timeout_s)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

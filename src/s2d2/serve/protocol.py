@@ -12,6 +12,7 @@ Everything here is pure (no engine, no event loop), so the worker, the streaming
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from s2d2.config import DecodeConfig
 from s2d2.core.stats import DecodeStats
 from s2d2.errors import S2D2Error
 
+SEED_MAX = 2**63 - 1  # the largest seed a request may send (with n choices: 2**63 - n)
 # DecodeConfig fields a request may set as extra body fields (the standard OpenAI names map onto the rest)
 _EXTRA_FIELDS = frozenset(f.name for f in fields(DecodeConfig) if f.init) - {"max_new_tokens", "generation_config"}
 
@@ -38,15 +40,22 @@ class ServerConfig:
     timeout_s: float = 600.0  # a request still unfinished after this long is cancelled (504)
     defaults: DecodeConfig = field(default_factory=DecodeConfig)
     max_n: int = 8  # choices per request
+    api_key: str | None = None  # when set, every /v1/* request must carry it as ``Authorization: Bearer KEY``
+    max_body_bytes: int = 8 * 2**20  # a larger request body is answered 413
+    shutdown_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish before they are cut
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_n"):
+        for name in ("max_batch", "max_n", "max_body_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise S2D2Error(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise S2D2Error(f"max_queue must be an integer >= 0, got {self.max_queue!r}.")
         if not self.timeout_s > 0:
             raise S2D2Error(f"timeout must be > 0 seconds, got {self.timeout_s!r}.")
+        if not self.shutdown_timeout_s >= 0:
+            raise S2D2Error(f"shutdown timeout must be >= 0 seconds, got {self.shutdown_timeout_s!r}.")
+        if self.api_key is not None and not self.api_key.strip():
+            raise S2D2Error("the API key must not be empty.")
 
 
 class APIError(Exception):
@@ -66,9 +75,10 @@ class APIError(Exception):
 # ------------------------------------------------------------------------------------------------ request bodies
 class BaseRequest(BaseModel):
     """Fields common to completions and chat. Unknown fields are kept (``model_extra``) and must be DecodeConfig
-    fields; a wrong type or range is a 400."""
+    fields; a wrong type or range is a 400. Types are strict (as JSON has them): ``true`` is not the integer 1, nor
+    ``"0.5"`` a number."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     max_tokens: int | None = None
@@ -97,10 +107,10 @@ class CompletionRequest(BaseRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, Any]]  # required: tool calls, the one case OpenAI lets it be null, are not served
     name: str | None = None
 
 
@@ -112,10 +122,26 @@ class ChatRequest(BaseRequest):
 
 
 # ------------------------------------------------------------------------------------------------ body -> decoding
+# what a field that takes one of several types expects, in words (pydantic reports one error per member of the union,
+# located at a member's tag such as ``prompt.list[int]``, which names no field a client sent)
+_UNION_FIELDS = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string or a list of strings",
+    "logprobs": "a boolean or an integer",
+    "content": "a string or a list of content parts",
+}
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\]|none|literal\[.*\])$")
+
+
 def validation_message(exc: RequestValidationError) -> APIError:
     """The first validation error as one sentence, naming the field."""
     err = exc.errors()[0] if exc.errors() else {}
     loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    while loc and _UNION_TAG.match(loc[-1]):  # a union member's tag: the field is what precedes it
+        loc.pop()
+        if loc and loc[-1] in _UNION_FIELDS and err.get("type") != "missing":
+            return APIError(400, f"field {'.'.join(loc)!r} must be {_UNION_FIELDS[loc[-1]]}.", param=".".join(loc),
+                            code="invalid_value")
     if err.get("type") == "json_invalid":
         return APIError(400, "the request body is not valid JSON.", code="invalid_json")
     if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
@@ -134,7 +160,7 @@ def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) ->
     if isinstance(prompt, str):
         return [prompt]
     if not prompt:
-        raise APIError(400, "prompt must not be empty.", param="prompt")
+        raise APIError(400, "prompt must not be empty.", param="prompt", code="invalid_prompt")
     if all(isinstance(x, int) for x in prompt):
         return [list(prompt)]  # type: ignore[arg-type]
     return list(prompt)  # type: ignore[arg-type]
@@ -147,16 +173,25 @@ def decode_config(model: Model, cfg: ServerConfig, body: BaseRequest, max_tokens
         raise APIError(400, f"model {body.model!r} is not served here; this server serves {cfg.model_name!r}.",
                        param="model", code="model_not_found")
     if not 1 <= body.n <= cfg.max_n:
-        raise APIError(400, f"n must be between 1 and {cfg.max_n}, got {body.n}.", param="n")
+        raise APIError(400, f"n must be between 1 and {cfg.max_n}, got {body.n}.", param="n",
+                       code="invalid_value")
+    if body.seed is not None and not 0 <= body.seed <= SEED_MAX - body.n:
+        # choice k draws from a seed derived from seed + k: every one must stay a 63-bit integer (what clients and
+        # other servers take a seed to be)
+        raise APIError(400, f"seed must be between 0 and 2**63 - n ({SEED_MAX - body.n}), got {body.seed}.",
+                       param="seed", code="invalid_value")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name) not in (None, 0, 0.0):
-            raise APIError(400, f"{name} is not supported (only 0).", param=name)
+            raise APIError(400, f"{name} is not supported (only 0).", param=name, code="unsupported")
     if body.logit_bias:
-        raise APIError(400, "logit_bias is not supported.", param="logit_bias")
+        raise APIError(400, "logit_bias is not supported.", param="logit_bias", code="unsupported")
     if body.logprobs not in (None, False, 0):
-        raise APIError(400, "logprobs are not supported.", param="logprobs")
+        raise APIError(400, "logprobs are not supported.", param="logprobs", code="unsupported")
     extra = dict(body.model_extra or {})
     unknown = sorted(set(extra) - _EXTRA_FIELDS)
+    if "max_new_tokens" in unknown:
+        raise APIError(400, f"unknown field 'max_new_tokens'; a request's token budget is {max_param}.",
+                       param="max_new_tokens", code="unknown_field")
     if unknown:
         raise APIError(400, f"unknown field {unknown[0]!r}; s2d2's own fields are: {', '.join(sorted(_EXTRA_FIELDS))}.",
                        param=unknown[0], code="unknown_field")
@@ -177,8 +212,9 @@ def decode_config(model: Model, cfg: ServerConfig, body: BaseRequest, max_tokens
     except S2D2Error as e:
         param = next((k for k in sorted(changes, key=len, reverse=True) if k in str(e)), None)
         if param == "max_new_tokens":
-            raise APIError(400, str(e).replace("max_new_tokens", max_param), param=max_param) from None
-        raise APIError(400, str(e), param=param) from None
+            raise APIError(400, str(e).replace("max_new_tokens", max_param), param=max_param,
+                           code="invalid_value") from None
+        raise APIError(400, str(e), param=param, code="invalid_value") from None
 
 
 def encode_prompt(model: Model, prompt: str | list[int], cfg: DecodeConfig, index: int | None) -> list[int]:
@@ -188,7 +224,8 @@ def encode_prompt(model: Model, prompt: str | list[int], cfg: DecodeConfig, inde
     except S2D2Error as e:
         where = f"prompt {index}: " if index is not None else ""
         message = where + str(e).replace("max_new_tokens", "max_tokens")  # the request's name for it
-        raise APIError(400, message, param="prompt" if index is None else f"prompt.{index}") from None
+        raise APIError(400, message, param="prompt" if index is None else f"prompt.{index}",
+                       code="invalid_prompt") from None
 
 
 def chat_message(m: ChatMessage, index: int) -> dict[str, str]:
@@ -198,11 +235,11 @@ def chat_message(m: ChatMessage, index: int) -> dict[str, str]:
         for part in m.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise APIError(400, f"message {index}: only text content parts are supported.",
-                               param=f"messages.{index}.content")
+                               param=f"messages.{index}.content", code="unsupported")
             parts.append(part["text"])
         content = "".join(parts)
     else:
-        content = m.content or ""
+        content = m.content
     return {"role": "system" if m.role == "developer" else m.role, "content": content}
 
 
