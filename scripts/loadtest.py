@@ -4,7 +4,7 @@ For each method it starts its own ``s2d2 serve --model MODEL --method METHOD`` o
 up, then for each concurrency level runs that many client threads (the openai client, streaming, so the time to
 first token is seen) for ``--seconds``, each sending arith test prompts one after another. Reported per (method,
 concurrency): requests, errors, p50/p99 latency, p50/p99 time to first token, generated tokens/s, and the server's
-resident memory (RSS) before and after. ``--soak-minutes`` then keeps the highest concurrency running against the
+resident memory (RSS, the API process and its engine processes) before and after. ``--soak-minutes`` then keeps the highest concurrency running against the
 last method's server and samples its RSS every 30 s (growth over the soak is the leak check).
 
 Bounded: every level stops after ``--seconds`` or ``--max-requests``, the soak after its minutes, and the server
@@ -41,11 +41,15 @@ def free_port() -> int:
 
 
 def rss_mib(pid: int) -> float:
-    """Resident memory of a process, MiB (Linux /proc)."""
+    """Resident memory of a process and its children (the server's engine processes), MiB (Linux /proc)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total = int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_mib(int(child))
+    return total
 
 
 def start_server(model: str, method: str, max_batch: int, max_queue: int) -> tuple[subprocess.Popen, str]:

@@ -64,8 +64,7 @@ def stream(events: list[Event | BaseException],
     request: Any = Connected()
 
     async def run() -> tuple[list[str], Ticket]:
-        generator: Any = None  # the engine would sample with it; no engine here
-        ticket = Ticket(asyncio.get_running_loop(), [1, 2], decode_cfg, generator, None, float("inf"))
+        ticket = Ticket(asyncio.get_running_loop(), [1, 2], decode_cfg, 0, float("inf"))
         for event in events:
             ticket.events.put_nowait(event)
         response = ResponseStream(request, worker, ENDPOINT, body, [ticket], [[1, 2]], decode_cfg, rid="chatcmpl-x",

@@ -44,10 +44,12 @@ def bundled() -> s2d2.Model:
     return s2d2.load("bundled")
 
 
-def start_server(model: s2d2.Model, **overrides) -> SimpleNamespace:
+def start_server(model: s2d2.Model, source: Any = None, **overrides) -> SimpleNamespace:
+    """The app over ``model`` (engine processes loading ``source``, when given) served on a free loopback port."""
     cfg = ServerConfig(**{"model_name": "bundled", "max_batch": 4, "max_queue": 2, "timeout_s": 60.0,
                           "defaults": DecodeConfig(max_new_tokens=MAX_NEW), **overrides})
-    server = uvicorn.Server(uvicorn.Config(create_app(model, cfg), host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(model, cfg, source), host="127.0.0.1", port=0,
+                                           log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

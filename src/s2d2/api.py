@@ -218,14 +218,17 @@ class Model:
         """Positions a prompt and its ``max_new_tokens`` occupy, rounded up to whole blocks."""
         return sequence_length(prompt_len, cfg.block_size, cfg.max_new_tokens, self.adapter.blocks_from_prompt_end)
 
-    def row_generators(self, cfg: DecodeConfig, count: int, choices: int = 1) -> list[torch.Generator]:
-        """One generator per row, for ``count`` rows that are ``choices`` consecutive samples of each prompt: prompt
+    def row_seeds(self, cfg: DecodeConfig, count: int, choices: int = 1) -> list[int]:
+        """One seed per row, for ``count`` rows that are ``choices`` consecutive samples of each prompt: prompt
         ``i`` draws from ``seed + i`` and its further choices from seeds derived from that (``row_seed``; a seed is
         drawn from torch's global RNG when ``cfg.seed`` is None), so a row's samples depend on its seed alone, never
         on what shares its batch."""
         seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)))
-        return [torch.Generator(device=self.device).manual_seed(row_seed(seed, j // choices, j % choices))
-                for j in range(count)]
+        return [row_seed(seed, j // choices, j % choices) for j in range(count)]
+
+    def row_generators(self, cfg: DecodeConfig, count: int, choices: int = 1) -> list[torch.Generator]:
+        """A generator seeded with each of :meth:`row_seeds`."""
+        return [torch.Generator(device=self.device).manual_seed(s) for s in self.row_seeds(cfg, count, choices)]
 
     def stop_check(self, cfg: DecodeConfig) -> Callable[[list[int]], bool] | None:
         """What ends a row at a block boundary once its text holds one of ``cfg.stop`` (None without stop strings)."""
@@ -399,6 +402,8 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
     (the single-row forward whole, the packed forward's token-wise parts; the first forwards compile them,
     :meth:`Model.warm_up` does that up front), falling back to
     eager with one warning where compilation is not available (docs/decoding.md "Compiled forwards").
+    ``device="meta"`` reads the model's files but not its weights: a model that tokenizes, formats and checks
+    requests but cannot decode (what the server's API process holds; its engine processes load the weights).
     """
     dev = _resolve_device(device)
     if name_or_path == BUNDLED:

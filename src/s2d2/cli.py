@@ -237,6 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests waiting for a slot beyond --max-batch; more are answered 429 (default: 64)")
     sv.add_argument("--timeout", type=float, default=600.0,
                     help="seconds after which an unfinished request is cancelled, 504 (default: 600)")
+    sv.add_argument("--data-parallel-size", "--dp", type=int, default=1, metavar="N",
+                    help="engine processes, each with its own copy of the model (on CUDA, its own GPU: cuda:0 .. "
+                         "cuda:N-1; on a CPU, --threads each, default the idle cores / N); requests go to the "
+                         "least-loaded one (default: 1)")
     sv.add_argument("--api-key", default=os.environ.get("S2D2_API_KEY"),
                     help="require this key as 'Authorization: Bearer KEY' on every /v1 route (default: the "
                          "S2D2_API_KEY environment variable; unset: no key)")
@@ -578,12 +582,27 @@ def _serve(ns: argparse.Namespace) -> int:
         raise S2D2Error(f"s2d2 serve needs the serve extra (pip install 's2d2[serve]'): {e}.") from None
     if not 0 <= ns.port <= 65535:
         raise S2D2Error(f"--port must be between 0 and 65535, got {ns.port}.")
+    from s2d2.api import load
+    from s2d2.serve.core import ModelSource
+
     cfg = ServerConfig(model_name=ns.served_model_name or ns.model, max_batch=ns.max_batch, max_queue=ns.max_queue,
                        timeout_s=ns.timeout, defaults=config_from_args(ns), api_key=ns.api_key,
-                       max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout)
-    model = _load_model(ns, ns.device)
+                       max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
+                       data_parallel_size=ns.data_parallel_size)
+    if ns.threads is not None and ns.threads < 1:
+        raise S2D2Error(f"--threads must be at least 1, got {ns.threads}.")
+    # The API process tokenizes and formats with the model's files alone (no weights: the meta device); each engine
+    # process loads the weights itself, with its share of the idle cores on a CPU.
+    model = load(ns.model, device="meta", dtype=ns.dtype)
     model.resolve_config(cfg.defaults)  # the defaults must suit this model before any request arrives
-    serve(model, cfg, host=ns.host, port=ns.port, log_level=ns.log_level)
+    threads = ns.threads
+    if threads is None and not ns.device.startswith("cuda"):
+        import torch
+
+        threads = max(1, auto_threads(torch.get_num_threads()) // ns.data_parallel_size)
+    source = ModelSource(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile,
+                         threads=threads)
+    serve(model, cfg, host=ns.host, port=ns.port, log_level=ns.log_level, source=source)
     return 0
 
 

@@ -51,10 +51,14 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
         raise ModelLoadError(f"{model_dir} names no mask token (config.json mask_token_id); "
                              "a block-diffusion model needs one.")
     decoder_config = family.decoder_config(config)
-    tensors = load_weights(model_dir, device=str(device))
-    if lora_dir is not None:
-        tensors = merge_lora(tensors, lora_dir)
-    model = Decoder.from_hf_weights(decoder_config, tensors, device, dtype)
+    if device.type == "meta":  # shapes, ids and tokenizer without the weights: a server's API side (no decoding)
+        with torch.device("meta"):
+            model = Decoder(decoder_config, device=device, dtype=dtype).eval().requires_grad_(False)
+    else:
+        tensors = load_weights(model_dir, device=str(device))
+        if lora_dir is not None:
+            tensors = merge_lora(tensors, lora_dir)
+        model = Decoder.from_hf_weights(decoder_config, tensors, device, dtype)
     # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
     padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
     return family.from_checkpoint(model, config, special, tokenizer, padding)

@@ -33,6 +33,7 @@ from s2d2.api import Generation, Model
 from s2d2.config import DecodeConfig
 from s2d2.engine.engine import Event
 from s2d2.errors import S2D2Error
+from s2d2.serve.core import ModelSource
 from s2d2.serve.protocol import (
     APIError,
     BaseRequest,
@@ -68,11 +69,14 @@ def _state(request: Request) -> AppState:
     return request.app.state.s2d2
 
 
-def create_app(model: Model, cfg: ServerConfig) -> FastAPI:
-    """The FastAPI application serving ``model``; its engine thread starts and stops with the app."""
+def create_app(model: Model, cfg: ServerConfig, source: ModelSource | None = None) -> FastAPI:
+    """The FastAPI application serving ``model``. With ``source``, its engines are ``cfg.data_parallel_size``
+    processes that each load the model from it (``model`` then only tokenizes and formats: it may be loaded on the
+    meta device, without weights); without, one engine thread decodes with ``model`` itself. They start and stop
+    with the app."""
     metrics = Metrics()
     app = FastAPI(title="s2d2", lifespan=_lifespan)
-    app.state.s2d2 = AppState(model, cfg, EngineWorker(model, cfg, metrics), metrics)
+    app.state.s2d2 = AppState(model, cfg, EngineWorker(model, cfg, metrics, source), metrics)
     app.exception_handler(APIError)(_api_error)
     app.exception_handler(RequestValidationError)(_validation_error)
     app.exception_handler(StarletteHTTPException)(_http_error)
@@ -179,8 +183,10 @@ async def playground() -> HTMLResponse:
     return HTMLResponse((resources.files("s2d2.serve") / "playground" / "index.html").read_text(encoding="utf-8"))
 
 
-async def health(request: Request) -> dict[str, Any]:
-    return {"status": "ok", "running": _state(request).worker.outstanding}
+async def health(request: Request) -> JSONResponse:
+    """Every replica's state; 503 while none is ready (starting, restarting, or failed to load)."""
+    body = _state(request).worker.health()
+    return JSONResponse(body, status_code=200 if body["status"] in ("ok", "degraded") else 503)
 
 
 async def prometheus(request: Request) -> Response:
@@ -231,10 +237,9 @@ async def _respond(state: AppState, request: Request, endpoint: str, body: BaseR
     model, cfg, worker, metrics = state.model, state.cfg, state.worker, state.metrics
     start = time.monotonic()
     loop = asyncio.get_running_loop()
-    stop_check = model.stop_check(decode_cfg)
     rows = [x for x in prompt_ids for _ in range(body.n)]  # choice k of prompt i is row i * n + k
-    tickets = [Ticket(loop, ids, decode_cfg, generator, stop_check, start + cfg.timeout_s, body.trace)
-               for ids, generator in zip(rows, model.row_generators(decode_cfg, len(rows), body.n))]
+    tickets = [Ticket(loop, ids, decode_cfg, seed, start + cfg.timeout_s, body.trace)
+               for ids, seed in zip(rows, model.row_seeds(decode_cfg, len(rows), body.n))]
     worker.submit(tickets)  # 429 when the queue is full
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
@@ -308,16 +313,24 @@ async def _collect(worker: EngineWorker, request: Request, tickets: list[Ticket]
 
 
 def serve(model: Model, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info") -> None:
+          log_level: str = "info", source: ModelSource | None = None) -> None:
     """Run the server until interrupted. On SIGTERM (or Ctrl-C) it stops accepting connections, lets in-flight
     requests finish for up to ``cfg.shutdown_timeout_s`` seconds, cuts the rest, and returns."""
     import uvicorn
 
     # uvicorn drains, then raises the signal again for the handler it found: a no-op one lets serve() return, so
     # that a drained SIGTERM ends the process with status 0 (not killed by the signal)
+    app = create_app(model, cfg, source)
+    worker = app.state.s2d2.worker
+    worker.start()  # the engines load before the port opens, so a model that cannot load is one clear error
+    try:
+        worker.wait_ready()
+    except S2D2Error:
+        worker.stop()
+        raise
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        uvicorn.run(create_app(model, cfg), host=host, port=port, log_level=log_level,
+        uvicorn.run(app, host=host, port=port, log_level=log_level,
                     timeout_graceful_shutdown=cfg.shutdown_timeout_s)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -43,9 +43,10 @@ class ServerConfig:
     api_key: str | None = None  # when set, every /v1/* request must carry it as ``Authorization: Bearer KEY``
     max_body_bytes: int = 8 * 2**20  # a larger request body is answered 413
     shutdown_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish before they are cut
+    data_parallel_size: int = 1  # engine processes (replicas), each with its own copy of the model
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_n", "max_body_bytes"):
+        for name in ("max_batch", "max_n", "max_body_bytes", "data_parallel_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise S2D2Error(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:

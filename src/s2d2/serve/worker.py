@@ -1,29 +1,38 @@
-"""The server's engine thread and its metrics.
+"""The API side of the server's engines, and its metrics.
 
-The engine (:class:`s2d2.engine.engine.Engine`) runs on one worker thread (:class:`EngineWorker`), which owns it:
-requests reach it through a queue, it admits them between steps (continuous batching: a request takes a slot as
-soon as one frees, it never waits for the batch to drain), and it hands each request's progress back to the
-asyncio handler that waits for it. A client that disconnects, or a request past the server's timeout, is cancelled
-at the worker's next step and its slot freed.
+The engines run in engine cores (:mod:`s2d2.serve.core`): by default one process per replica
+(``--data-parallel-size``), each loading the model itself; an app made around a :class:`~s2d2.api.Model` object runs
+one core on a thread of its own process instead. :class:`EngineWorker` is what the request handlers see: it sends
+each request's generations (:class:`Ticket`) to the least-loaded ready replica, and hands each replica's events back
+to the asyncio handler that waits for them.
+
+Per replica (:class:`Replica`), one thread sends commands down its pipe (a full pipe never blocks the event loop)
+and one reads events from it, cancels what ran past its deadline, and notices when the core is gone: a core process
+that dies fails its in-flight requests with a 503 at once (none waits for a timeout) and is started again; until it
+says it is ready, ``/health`` reports it and requests go to the other replicas (a 503 when none is ready).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import multiprocessing
 import queue
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-import torch
 from fastapi import Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from s2d2.api import Generation, Model
 from s2d2.config import DecodeConfig
 from s2d2.core.stats import DecodeStats
-from s2d2.engine.engine import Engine, Event
+from s2d2.engine.engine import Event
+from s2d2.errors import S2D2Error
+from s2d2.serve.core import ModelSource, process_main, run_core
 from s2d2.serve.protocol import APIError, ServerConfig
 
 log = logging.getLogger("s2d2.serve")  # the server's one logger (not __name__: its name is what operators filter on)
@@ -38,13 +47,16 @@ class Metrics:
         self.prompt_tokens = Counter("s2d2_prompt_tokens", "prompt tokens of finished generations", registry=r)
         self.generated_tokens = Counter("s2d2_generated_tokens", "tokens generated", registry=r)
         self.forwards = Counter("s2d2_forwards", "forwards the generations took part in (summed NFE)", registry=r)
-        self.steps = Counter("s2d2_engine_steps", "batched forwards run by the engine", registry=r)
+        self.steps = Counter("s2d2_engine_steps", "batched forwards run by the engine", ["replica"], registry=r)
         self.cancelled = Counter("s2d2_generations_cancelled", "generations stopped before their end: the client "
                                  "went away (cancelled), or the server's timeout passed (timeout)", ["reason"],
                                  registry=r)
-        self.running = Gauge("s2d2_requests_running", "generations holding a batch slot", registry=r)
-        self.waiting = Gauge("s2d2_requests_waiting", "generations queued for a slot (queue depth)", registry=r)
-        self.occupancy = Gauge("s2d2_batch_occupancy", "share of the batch's slots in use", registry=r)
+        self.restarts = Counter("s2d2_engine_restarts", "engine processes started again after they stopped",
+                                ["replica"], registry=r)
+        self.running = Gauge("s2d2_requests_running", "generations holding a batch slot", ["replica"], registry=r)
+        self.waiting = Gauge("s2d2_requests_waiting", "generations queued for a slot (queue depth)", ["replica"],
+                             registry=r)
+        self.occupancy = Gauge("s2d2_batch_occupancy", "share of the batch's slots in use", ["replica"], registry=r)
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
         self.latency = Histogram("s2d2_request_latency_seconds", "time from request to its last token",
                                  buckets=buckets, registry=r)
@@ -52,70 +64,298 @@ class Metrics:
                               buckets=buckets, registry=r)
 
 
-class Ticket:
-    """One generation (one choice of one request) on its way through the engine; the handler awaits its events."""
+class EngineGone(Exception):
+    """A ticket's engine process stopped before the ticket finished."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], cfg: DecodeConfig,
-                 generator: torch.Generator, stop_check: Callable[[list[int]], bool] | None, deadline: float,
-                 trace: bool = False) -> None:
-        self.loop, self.prompt_ids, self.cfg, self.generator = loop, prompt_ids, cfg, generator
-        self.stop_check, self.deadline, self.trace = stop_check, deadline, trace
+
+class Ticket:
+    """One generation (one choice of one request) on its way through an engine; the handler awaits its events."""
+
+    _keys = itertools.count()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], cfg: DecodeConfig, seed: int,
+                 deadline: float, trace: bool = False) -> None:
+        self.loop, self.prompt_ids, self.cfg, self.seed = loop, prompt_ids, cfg, seed
+        self.deadline, self.trace = deadline, trace
+        self.key = next(Ticket._keys)  # the ticket's name in its replica's messages
         self.events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
-        self.request_id: int | None = None  # the engine's id, set by the worker
-        self.done = False  # set by the worker when the final event is sent
+        self.replica: Replica | None = None  # set when submitted
+        self.done = False  # set when the final event (or a failure) is delivered
 
     def deliver(self, item: Event | BaseException) -> None:
-        """Hand an event (or a failure) to the waiting handler; called on the worker thread."""
+        """Hand an event (or a failure) to the waiting handler; called from a replica's reader thread."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
-class EngineWorker:
-    """Owns the engine and runs it on its own thread: admits submitted tickets between steps, steps while any is
-    running, cancels what clients gave up or what ran past its deadline, and delivers every event."""
+@dataclass
+class _Load:
+    """A replica's last reported load."""
 
-    def __init__(self, model: Model, cfg: ServerConfig, metrics: Metrics) -> None:
-        self.model, self.cfg, self.metrics = model, cfg, metrics
-        self._inbox: queue.SimpleQueue[tuple[str, Ticket | None]] = queue.SimpleQueue()
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass
+class Replica:
+    """One engine core (a process, or a thread around a given model) and the two threads that talk to it."""
+
+    index: int
+    model: Model
+    cfg: ServerConfig
+    metrics: Metrics
+    source: ModelSource | None  # None: a core thread over ``model``
+    ready: bool = False
+    restarts: int = 0
+    pid: int | None = None
+    error: str | None = None  # why the last start failed, if it did
+    load: _Load = field(default_factory=_Load)
+
+    def __post_init__(self) -> None:
         self._tickets: dict[int, Ticket] = {}
-        self._outstanding = 0  # tickets submitted and not yet finished (running or waiting)
         self._lock = threading.Lock()
-        self._engine = self._new_engine()
-        self._thread = threading.Thread(target=self._run, name="s2d2-engine", daemon=True)
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
         self._stopping = False
+        self._core: Any = None  # the Process or Thread
+        self._threads: list[threading.Thread] = []
 
-    def _new_engine(self) -> Engine:
-        return Engine(self.model.adapter, self.cfg.max_batch, capacity=256, stream=True)
+    # -- life
+    def start(self) -> None:
+        """Start the core and the threads that talk to it."""
+        commands_out, commands_in = _pipe()
+        events_out, events_in = _pipe()
+        label = f"s2d2-engine-{self.index}"
+        if self.source is None:
+            self._core = threading.Thread(target=run_core, name=label, daemon=True,
+                                          args=(self.model, self.cfg.max_batch, commands_out, events_in))
+            self.ready = True
+        else:
+            context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or CUDA state
+            self._core = context.Process(target=process_main, name=label, daemon=True,
+                                         args=(self.source.for_replica(self.index), self.cfg.max_batch,
+                                               commands_out, events_in))
+        self._core.start()
+        if self.source is not None:  # the child holds its ends now; closing ours makes its death read as EOF
+            commands_out.close()
+            events_in.close()
+        self._outbox = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._send, args=(commands_in, self._outbox), daemon=True,
+                                          name=f"{label}-send"),
+                         threading.Thread(target=self._receive, args=(events_out,), daemon=True,
+                                          name=f"{label}-receive")]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the core to stop and wait for it (a process that does not stop in time is terminated)."""
+        self._stopping = True
+        self._outbox.put(("stop",))
+        self._outbox.put(None)
+        self._core.join(timeout=timeout)
+        if isinstance(self._core, multiprocessing.process.BaseProcess) and self._core.is_alive():
+            self._core.terminate()
+            self._core.join(timeout=5)
+        for t in self._threads:
+            t.join(timeout=timeout)
+
+    # -- the handlers' side
+    @property
+    def outstanding(self) -> int:
+        """Tickets submitted and not yet finished (running or waiting)."""
+        return len(self._tickets)
+
+    def submit(self, tickets: list[Ticket]) -> None:
+        """Send the tickets to the core (an :class:`EngineGone` if it stopped meanwhile)."""
+        with self._lock:  # not while the core is being replaced: a ticket is failed or sent to the new one
+            if not self.ready:
+                raise EngineGone("not ready")
+            for t in tickets:
+                t.replica = self
+                self._tickets[t.key] = t
+                self._outbox.put(("add", t.key, t.prompt_ids, t.cfg, t.seed, t.trace))
+
+    def cancel(self, ticket: Ticket, reason: str = "cancelled") -> None:
+        if not ticket.done:
+            self._outbox.put(("cancel", ticket.key, reason))
+
+    # -- threads
+    @staticmethod
+    def _send(conn: Any, outbox: queue.SimpleQueue) -> None:
+        try:
+            while (message := outbox.get()) is not None:
+                conn.send(message)
+        except (OSError, EOFError):  # the core is gone; the reader reports it
+            pass
+        finally:
+            conn.close()
+
+    def _receive(self, conn: Any) -> None:
+        try:
+            while not self._stopping:
+                if conn.poll(0.1):
+                    self._handle(conn.recv())
+                self._expire()
+        except (EOFError, OSError):
+            pass
+        finally:
+            conn.close()
+        if not self._stopping:
+            self._core_gone()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "ready":
+            self.ready, self.pid, self.error = True, message[1]["pid"], None
+            log.info("engine %d ready (pid %d, %s, %d threads)", self.index, self.pid, message[1]["device"],
+                     message[1]["threads"])
+        elif kind == "load_failed":
+            self.error = message[1]
+            log.error("engine %d could not load the model: %s", self.index, message[1])
+        elif kind == "failed":  # a step raised in the core: its requests fail, the core goes on
+            log.error("engine %d: a step failed (%s); failing its %d requests", self.index, message[2],
+                      len(message[1]))
+            for key in message[1]:
+                self._finish(key, RuntimeError(message[2]))
+        elif kind == "events":
+            _, events, steps, running, waiting = message
+            for key, event in events:
+                if event.finished:
+                    if event.finish_reason in ("cancelled", "timeout"):
+                        self.metrics.cancelled.labels(event.finish_reason).inc()
+                    self._finish(key, event)
+                elif (ticket := self._tickets.get(key)) is not None:
+                    ticket.deliver(event)
+            if steps:
+                self.metrics.steps.labels(str(self.index)).inc(steps)
+            self.load = _Load(running, waiting)
+            self._update_gauges()
+
+    def _finish(self, key: int, item: Event | BaseException) -> None:
+        with self._lock:
+            ticket = self._tickets.pop(key, None)
+        if ticket is not None:
+            ticket.done = True
+            ticket.deliver(item)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for ticket in [t for t in list(self._tickets.values()) if t.deadline < now and not t.done]:
+            ticket.deadline = float("inf")  # asked once
+            self.cancel(ticket, "timeout")
+
+    def _core_gone(self) -> None:
+        """The core process died: fail its requests now (503), then start it again."""
+        self._core.join(timeout=1)
+        code = getattr(self._core, "exitcode", None)
+        with self._lock:
+            self.ready = False
+            self._outbox.put(None)  # its sender thread ends
+            lost = list(self._tickets)
+        log.error("engine %d stopped (exit code %s); failing its %d requests and starting it again", self.index,
+                  code, len(lost))
+        for key in lost:
+            self._finish(key, EngineGone(f"exit code {code}"))
+        self._update_gauges(running=0, waiting=0)
+        if self.source is not None and self.error is None:  # a model that cannot load is not restarted in a loop
+            self.restarts += 1
+            self.metrics.restarts.labels(str(self.index)).inc()
+            self.start()
+
+    def _update_gauges(self, running: int | None = None, waiting: int | None = None) -> None:
+        running = self.load.running if running is None else running
+        waiting = self.load.waiting if waiting is None else waiting
+        label = str(self.index)
+        self.metrics.running.labels(label).set(running)
+        self.metrics.waiting.labels(label).set(waiting)
+        self.metrics.occupancy.labels(label).set(running / self.cfg.max_batch)
+
+    def health(self) -> dict[str, Any]:
+        status = "ok" if self.ready else ("failed" if self.error else "starting")
+        out: dict[str, Any] = {"replica": self.index, "status": status, "running": self.outstanding,
+                               "restarts": self.restarts, "pid": self.pid}
+        if self.error:
+            out["error"] = self.error
+        return out
+
+
+def _pipe() -> tuple[Any, Any]:
+    """A one-way pipe, as (reading end, writing end)."""
+    return multiprocessing.Pipe(duplex=False)
+
+
+class EngineWorker:
+    """The server's engines as the request handlers see them: submit, cancel, await events, convert results."""
+
+    def __init__(self, model: Model, cfg: ServerConfig, metrics: Metrics, source: ModelSource | None = None) -> None:
+        self.model, self.cfg, self.metrics = model, cfg, metrics
+        if source is None and cfg.data_parallel_size > 1:
+            raise S2D2Error("data_parallel_size > 1 needs engine processes: pass the model's source (ModelSource).")
+        count = cfg.data_parallel_size
+        self.replicas = [Replica(i, model, cfg, metrics, source) for i in range(count)]
+        self._lock = threading.Lock()
+        self._started = False
 
     def start(self) -> None:
-        self._thread.start()
+        """Start every replica (once: a later call does nothing)."""
+        if not self._started:
+            self._started = True
+            for r in self.replicas:
+                r.start()
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until every replica has loaded its model; an :class:`S2D2Error` naming the cause if one could not
+        (or ``timeout`` seconds passed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not all(r.ready for r in self.replicas):
+            failed = next((r for r in self.replicas if r.error), None)
+            if failed is not None:
+                raise S2D2Error(f"engine {failed.index} could not load the model ({failed.error}).")
+            if deadline is not None and time.monotonic() > deadline:
+                raise S2D2Error(f"the engines were not ready within {timeout:g} s.")
+            time.sleep(0.05)
 
     def stop(self) -> None:
-        self._stopping = True
-        self._inbox.put(("stop", None))
-        self._thread.join(timeout=10)
+        if self._started:
+            for r in self.replicas:
+                r.stop()
 
     @property
     def outstanding(self) -> int:
-        return self._outstanding
+        return sum(r.outstanding for r in self.replicas)
+
+    def health(self) -> dict[str, Any]:
+        """``/health``: ok when every replica is ready, degraded when some are, starting (or failed) when none."""
+        replicas = [r.health() for r in self.replicas]
+        ready = sum(r.ready for r in self.replicas)
+        status = "ok" if ready == len(replicas) else "degraded" if ready else (
+            "failed" if all(r.error for r in self.replicas) else "starting")
+        return {"status": status, "running": self.outstanding, "replicas": replicas}
 
     def submit(self, tickets: list[Ticket]) -> None:
-        """Queue tickets for the engine, all or none: a 429 when they would overflow the queue."""
+        """Send a request's tickets to the least-loaded ready replica, all or none: a 429 when they would overflow
+        its queue, a 503 when no replica is ready."""
         with self._lock:
+            ready = [r for r in self.replicas if r.ready]
+            if not ready:
+                raise APIError(503, "no engine is ready yet (starting, or restarting after a failure); retry shortly.",
+                               error_type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
+            replica = min(ready, key=lambda r: (r.outstanding, r.index))
             limit = self.cfg.max_batch + self.cfg.max_queue
-            if self._outstanding + len(tickets) > limit:
-                raise APIError(429, f"the server is busy: {self._outstanding} requests are running or queued (limit "
+            if replica.outstanding + len(tickets) > limit:
+                raise APIError(429, f"the server is busy: {replica.outstanding} requests are running or queued (limit "
                                f"{limit}); retry shortly.", error_type="rate_limit_error", code="queue_full",
                                headers={"Retry-After": "1"})
-            self._outstanding += len(tickets)
-        for t in tickets:
-            self._inbox.put(("add", t))
+            try:
+                replica.submit(tickets)
+            except EngineGone:  # it stopped between the choice and the submission
+                raise APIError(503, "the engine stopped; it is being restarted, retry shortly.",
+                               error_type="server_error", code="engine_restarting",
+                               headers={"Retry-After": "1"}) from None
 
     def cancel(self, ticket: Ticket) -> None:
-        """Ask the worker to stop a ticket (a client went away); its slot is freed at the next step."""
-        if not ticket.done:
-            self._inbox.put(("cancel", ticket))
+        """Ask the ticket's engine to stop it (a client went away); its slot is freed at the next step."""
+        if ticket.replica is not None:
+            ticket.replica.cancel(ticket)
 
-    # -- the handlers' side (event loop)
     async def next_event(self, request: Request, ticket: Ticket) -> Event | None:
         """The ticket's next event, or None once the client has disconnected (the ticket is then cancelled)."""
         while True:
@@ -126,6 +366,10 @@ class EngineWorker:
                     self.cancel(ticket)
                     return None
                 continue
+            if isinstance(item, EngineGone):
+                raise APIError(503, f"the engine decoding this request stopped ({item}); it is being restarted, "
+                               "retry shortly.", error_type="server_error", code="engine_restarting",
+                               headers={"Retry-After": "1"})
             if isinstance(item, BaseException):
                 raise APIError(500, f"decoding failed ({type(item).__name__}: {item}).", error_type="internal_error")
             if item.finished and item.finish_reason == "timeout":
@@ -143,77 +387,3 @@ class EngineWorker:
         self.metrics.generated_tokens.inc(len(g.token_ids))
         self.metrics.forwards.inc(stats.nfe)
         return g
-
-    # -- worker thread
-    def _run(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self._stopping:
-            self._drain_inbox(block=self._engine.idle)
-            self._expire()
-            if self._engine.idle:
-                continue
-            try:
-                events = self._engine.step()
-            except Exception as e:  # a bug, or memory: fail the batch's requests, keep serving the next ones
-                log.exception("engine step failed; failing its %d requests", len(self._tickets))
-                for ticket in list(self._tickets.values()):
-                    self._finish(ticket, e)
-                self._engine = self._new_engine()
-                continue
-            self.metrics.steps.inc()
-            for event in events:
-                ticket = self._tickets.get(event.request_id)
-                if ticket is None:
-                    continue
-                if event.finished:
-                    self._finish(ticket, event)
-                else:
-                    ticket.deliver(event)
-            self._update_gauges()
-
-    def _drain_inbox(self, block: bool) -> None:
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, ticket = item
-            if kind == "add" and ticket is not None:
-                # may grow the batch cache: the longest request so far sets the slots' capacity
-                ticket.request_id = self._engine.add(ticket.prompt_ids, ticket.cfg, ticket.generator, ticket.stop_check,
-                                                     ticket.trace)
-                self._tickets[ticket.request_id] = ticket
-            elif kind == "cancel" and ticket is not None:
-                self._cancel(ticket, "cancelled")
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-        self._update_gauges()
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for ticket in [t for t in self._tickets.values() if t.deadline < now]:
-            self._cancel(ticket, "timeout")
-
-    def _cancel(self, ticket: Ticket, reason: str) -> None:
-        if ticket.request_id is None or ticket.request_id not in self._tickets:
-            return
-        event = self._engine.cancel(ticket.request_id)
-        if event is not None:
-            self.metrics.cancelled.labels(reason).inc()
-            event.finish_reason = reason
-            self._finish(ticket, event)
-
-    def _finish(self, ticket: Ticket, item: Event | BaseException) -> None:
-        self._tickets.pop(ticket.request_id, None)  # type: ignore[arg-type]
-        ticket.done = True
-        with self._lock:
-            self._outstanding -= 1
-        ticket.deliver(item)
-
-    def _update_gauges(self) -> None:
-        running, waiting = self._engine.num_running, self._engine.num_waiting
-        self.metrics.running.set(running)
-        self.metrics.waiting.set(waiting)
-        self.metrics.occupancy.set(running / self.cfg.max_batch)

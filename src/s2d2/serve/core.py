@@ -1,0 +1,148 @@
+"""The engine core: the batched engine of one replica, driven by messages.
+
+A core owns a model and its :class:`~s2d2.engine.engine.Engine` and talks to the API side only through two one-way
+pipes: commands in (add a request, cancel one, stop), events out (each step's events, the engine's load). It runs
+as the main thread of a process of its own (:func:`process_main`, what ``s2d2 serve`` starts, one per replica: the
+decoding never shares a GIL with request handling, and torch's thread pool runs from a main thread, measured faster
+than from a worker thread) or, for an app made around a :class:`~s2d2.api.Model` object, as a thread of the server's
+process (:func:`run_core`, the same loop).
+
+Messages (tuples, pickled by :mod:`multiprocessing`):
+
+- in: ``("add", key, prompt_ids, config, seed, trace)``, ``("cancel", key, reason)``, ``("stop",)``
+- out: ``("ready", info)`` once the model is loaded (a process core), ``("load_failed", message)``,
+  ``("events", [(key, Event), ...], steps, running, waiting)`` after each step or command batch, and
+  ``("failed", keys, message)`` when a step raised (those requests fail; the core goes on with a fresh engine).
+
+A request is drawn with ``torch.Generator().manual_seed(seed)`` here, the generator the API side would have made:
+sampled output does not depend on where the core runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from s2d2.engine.engine import Engine, Event
+
+log = logging.getLogger("s2d2.serve")
+
+CACHE_CAPACITY = 256  # token slots per row to start with; a longer request grows them
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How an engine process loads its model (the arguments of :func:`s2d2.load`), and its CPU threads."""
+
+    name_or_path: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    adapter: str | None = None
+    compile: bool = False
+    threads: int | None = None  # torch's intra-op threads in the engine process (None: torch's default)
+
+    def for_replica(self, replica: int) -> ModelSource:
+        """The source of replica ``replica``: on CUDA, each replica takes a GPU of its own (``cuda:replica``)."""
+        if self.device.split(":")[0] == "cuda" and ":" not in self.device:
+            return ModelSource(self.name_or_path, f"cuda:{replica}", self.dtype, self.adapter, self.compile,
+                               self.threads)
+        return self
+
+
+def process_main(source: ModelSource, max_batch: int, commands: Connection, events: Connection) -> None:
+    """An engine process: load the model, say so, and run the core until told to stop (or the API side is gone)."""
+    from s2d2.api import load  # here, in the child: the parent's import does not travel with a spawned process
+
+    if source.threads is not None:
+        torch.set_num_threads(source.threads)
+    try:
+        model = load(source.name_or_path, device=source.device, dtype=source.dtype, adapter=source.adapter,
+                     compile=source.compile)
+        if source.compile:
+            model.warm_up()
+    except Exception as e:  # noqa: BLE001 - any load failure: the API side reports it
+        events.send(("load_failed", f"{type(e).__name__}: {e}"))
+        raise SystemExit(1) from None
+    events.send(("ready", {"pid": os.getpid(), "device": str(model.device), "threads": torch.get_num_threads()}))
+    run_core(model, max_batch, commands, events)
+
+
+def run_core(model: Any, max_batch: int, commands: Connection, events: Connection) -> None:
+    """Serve commands until ``("stop",)`` or until the command pipe closes: between steps, admit and cancel what
+    the commands say; step while any request runs; send every step's events."""
+    torch.set_grad_enabled(False)
+    core = _Core(model, max_batch)
+    try:
+        while True:
+            # idle: wait for a command; busy: take what has arrived and go on stepping
+            if core.engine.idle and not commands.poll(0.5):
+                continue
+            while commands.poll(0):
+                message = commands.recv()
+                if message[0] == "stop":
+                    return
+                core.handle(message)
+            out, steps = core.take(), 0
+            if not core.engine.idle:
+                try:
+                    out += core.step()
+                    steps = 1
+                except Exception as e:  # a bug, or memory: fail this batch's requests, keep serving the next ones
+                    log.exception("engine step failed; failing its %d requests", len(core.keys))
+                    events.send(("failed", list(core.keys.values()), f"{type(e).__name__}: {e}"))
+                    core = _Core(model, max_batch)
+                    continue
+            if out or steps:
+                events.send(("events", out, steps, core.engine.num_running, core.engine.num_waiting))
+    except (EOFError, OSError):  # the API side is gone: nothing is left to serve
+        return
+    finally:
+        events.close()
+
+
+class _Core:
+    """One engine and the mapping between its request ids and the API side's ticket keys."""
+
+    def __init__(self, model: Any, max_batch: int) -> None:
+        self.model = model
+        self.engine = Engine(model.adapter, max_batch, capacity=CACHE_CAPACITY, stream=True)
+        self.keys: dict[int, int] = {}  # engine request id -> ticket key
+        self.ids: dict[int, int] = {}  # ticket key -> engine request id
+        self._pending: list[tuple[int, Event]] = []  # cancellations' final events, sent with the next message
+
+    def handle(self, message: tuple) -> None:
+        if message[0] == "add":
+            _, key, prompt_ids, cfg, seed, trace = message
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
+            # may grow the batch cache: the longest request so far sets the slots' capacity
+            rid = self.engine.add(prompt_ids, cfg, generator, self.model.stop_check(cfg), trace)
+            self.keys[rid], self.ids[key] = key, rid
+        elif message[0] == "cancel":
+            _, key, reason = message
+            rid = self.ids.pop(key, None)
+            event = self.engine.cancel(rid) if rid is not None else None
+            if event is not None:
+                self.keys.pop(rid, None)
+                event.finish_reason = reason
+                self._pending.append((key, event))
+
+    def take(self) -> list[tuple[int, Event]]:
+        out, self._pending = self._pending, []
+        return out
+
+    def step(self) -> list[tuple[int, Event]]:
+        out = []
+        for event in self.engine.step():
+            key = self.keys.get(event.request_id)
+            if key is None:
+                continue
+            if event.finished:
+                del self.keys[event.request_id]
+                self.ids.pop(key, None)
+            out.append((key, event))
+        return out
