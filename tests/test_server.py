@@ -444,8 +444,8 @@ def test_a_body_over_the_limit_is_a_413(bundled):
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
-    """`s2d2 serve` on SIGTERM: stops accepting connections, lets the running request finish (a complete 200), then
-    exits with status 0."""
+    """`s2d2 serve` on SIGTERM (to the server and to its engine process, as a service manager sends it): stops
+    accepting connections, lets the running request finish (a complete 200), then exits with status 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "s2d2", "serve", "--model", "bundled", "--port", "0",
                              "--shutdown-timeout", "60"], stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
@@ -465,7 +465,9 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
             while running(url) < 1:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
+            engine = json.loads(get(url, "/health"))["replicas"][0]["pid"]
             proc.send_signal(signal.SIGTERM)
+            os.kill(engine, signal.SIGTERM)  # as systemd signals every process of the service: engines wait
             status, payload, _ = answer.result(timeout=120)
         assert status == 200 and payload["usage"]["completion_tokens"] == 120  # drained, not cut
         assert proc.wait(timeout=60) == 0

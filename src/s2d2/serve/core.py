@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -58,6 +59,11 @@ def process_main(source: ModelSource, max_batch: int, commands: Connection, even
     """An engine process: load the model, say so, and run the core until told to stop (or the API side is gone)."""
     from s2d2.api import load  # here, in the child: the parent's import does not travel with a spawned process
 
+    # Signals are the API process's to act on: a SIGTERM to the whole process group (systemd's default) or a Ctrl-C
+    # must let the server drain, not kill its engines mid-request. The engine stops when told, or when the API
+    # process is gone (its pipe closes).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if source.threads is not None:
         torch.set_num_threads(source.threads)
     try:
@@ -86,7 +92,11 @@ def run_core(model: Any, max_batch: int, commands: Connection, events: Connectio
                 message = commands.recv()
                 if message[0] == "stop":
                     return
-                core.handle(message)
+                try:
+                    core.handle(message)
+                except Exception as e:  # noqa: BLE001 - a request the engine refuses fails alone
+                    log.exception("engine refused a request")
+                    events.send(("failed", [message[1]], f"{type(e).__name__}: {e}"))
             out, steps = core.take(), 0
             if not core.engine.idle:
                 try:
