@@ -122,6 +122,8 @@ def run_level(url: str, prompts: list[str], concurrency: int, seconds: float, ma
             r = one_request(client, prompts[k % len(prompts)], max_tokens)
             with lock:
                 results.append(r)
+            if r.get("error", "").startswith(("429", "503")):
+                time.sleep(1.0)  # the server's Retry-After, as a client that retries would wait
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
@@ -159,15 +161,15 @@ def health(url: str) -> dict[str, Any]:
 def kill_engine(url: str, prompts: list[str], concurrency: int, seconds: float, max_tokens: int) -> dict[str, Any]:
     """Run ``concurrency`` clients and SIGKILL engine 0 halfway: the errors the clients saw, and the seconds until
     ``/health`` reports every engine ready again."""
-    pid = health(url)["replicas"][0]["pid"]
+    before = health(url)["replicas"][0]
     box: dict[str, Any] = {}
     runner = threading.Thread(target=lambda: box.update(run_level(url, prompts, concurrency, seconds, 10**9,
                                                                   max_tokens)))
     runner.start()
     time.sleep(seconds / 2)
-    os.kill(pid, signal.SIGKILL)
+    os.kill(before["pid"], signal.SIGKILL)
     killed = time.monotonic()
-    while health(url)["status"] != "ok":
+    while (h := health(url))["status"] != "ok" or h["replicas"][0]["restarts"] == before["restarts"]:
         time.sleep(0.05)
     recovered = time.monotonic() - killed
     runner.join()

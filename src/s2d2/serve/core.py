@@ -72,10 +72,20 @@ def process_main(source: ModelSource, max_batch: int, commands: Connection, even
         if source.compile:
             model.warm_up()
     except Exception as e:  # noqa: BLE001 - any load failure: the API side reports it
-        events.send(("load_failed", f"{type(e).__name__}: {e}"))
+        _tell(events, ("load_failed", f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
-    events.send(("ready", {"pid": os.getpid(), "device": str(model.device), "threads": torch.get_num_threads()}))
-    run_core(model, max_batch, commands, events)
+    if _tell(events, ("ready", {"pid": os.getpid(), "device": str(model.device),
+                                "threads": torch.get_num_threads()})):
+        run_core(model, max_batch, commands, events)
+
+
+def _tell(events: Connection, message: tuple) -> bool:
+    """Send ``message``; False when the API side has gone meanwhile (it stopped while this engine loaded)."""
+    try:
+        events.send(message)
+        return True
+    except OSError:
+        return False
 
 
 def run_core(model: Any, max_batch: int, commands: Connection, events: Connection) -> None:
