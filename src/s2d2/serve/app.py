@@ -238,7 +238,7 @@ async def _respond(state: AppState, request: Request, endpoint: str, body: BaseR
     start = time.monotonic()
     loop = asyncio.get_running_loop()
     rows = [x for x in prompt_ids for _ in range(body.n)]  # choice k of prompt i is row i * n + k
-    tickets = [Ticket(loop, ids, decode_cfg, seed, start + cfg.timeout_s, body.trace)
+    tickets = [Ticket(loop, ids, decode_cfg, seed, start + cfg.timeout_s, body.trace, stream=body.stream)
                for ids, seed in zip(rows, model.row_seeds(decode_cfg, len(rows), body.n))]
     worker.submit(tickets)  # 429 when the queue is full
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex

@@ -9,7 +9,8 @@ process (:func:`run_core`, the same loop).
 
 Messages (tuples, pickled by :mod:`multiprocessing`):
 
-- in: ``("add", key, prompt_ids, config, seed, trace)``, ``("cancel", key, reason)``, ``("stop",)``
+- in: ``("add", key, prompt_ids, config, seed, trace, stream)``, ``("cancel", key, reason)``, ``("stop",)``
+  (``stream`` False: only the request's final event is sent, not one per step)
 - out: ``("ready", info)`` once the model is loaded (a process core), ``("load_failed", message)``,
   ``("events", [(key, Event), ...], steps, running, waiting)`` after each step or command batch, and
   ``("failed", keys, message)`` when a step raised (those requests fail; the core goes on with a fresh engine).
@@ -133,21 +134,25 @@ class _Core:
         self.engine = Engine(model.adapter, max_batch, capacity=CACHE_CAPACITY, stream=True)
         self.keys: dict[int, int] = {}  # engine request id -> ticket key
         self.ids: dict[int, int] = {}  # ticket key -> engine request id
+        self.quiet: set[int] = set()  # engine request ids whose progress events nobody reads (not streamed)
         self._pending: list[tuple[int, Event]] = []  # cancellations' final events, sent with the next message
 
     def handle(self, message: tuple) -> None:
         if message[0] == "add":
-            _, key, prompt_ids, cfg, seed, trace = message
+            _, key, prompt_ids, cfg, seed, trace, stream = message
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
             # may grow the batch cache: the longest request so far sets the slots' capacity
             rid = self.engine.add(prompt_ids, cfg, generator, self.model.stop_check(cfg), trace)
             self.keys[rid], self.ids[key] = key, rid
+            if not stream:
+                self.quiet.add(rid)
         elif message[0] == "cancel":
             _, key, reason = message
             rid = self.ids.pop(key, None)
             event = self.engine.cancel(rid) if rid is not None else None
             if event is not None:
                 self.keys.pop(rid, None)
+                self.quiet.discard(rid)
                 event.finish_reason = reason
                 self._pending.append((key, event))
 
@@ -159,10 +164,11 @@ class _Core:
         out = []
         for event in self.engine.step():
             key = self.keys.get(event.request_id)
-            if key is None:
+            if key is None or (not event.finished and event.request_id in self.quiet):
                 continue
             if event.finished:
                 del self.keys[event.request_id]
                 self.ids.pop(key, None)
+                self.quiet.discard(event.request_id)
             out.append((key, event))
         return out

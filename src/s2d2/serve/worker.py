@@ -74,9 +74,10 @@ class Ticket:
     _keys = itertools.count()
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], cfg: DecodeConfig, seed: int,
-                 deadline: float, trace: bool = False) -> None:
+                 deadline: float, trace: bool = False, stream: bool = True) -> None:
         self.loop, self.prompt_ids, self.cfg, self.seed = loop, prompt_ids, cfg, seed
         self.deadline, self.trace = deadline, trace
+        self.stream = stream  # False: only the final event is wanted (the engine sends no other)
         self.key = next(Ticket._keys)  # the ticket's name in its replica's messages
         self.events: asyncio.Queue[Event | BaseException] = asyncio.Queue()
         self.replica: Replica | None = None  # set when submitted
@@ -171,7 +172,7 @@ class Replica:
             for t in tickets:
                 t.replica = self
                 self._tickets[t.key] = t
-                self._outbox.put(("add", t.key, t.prompt_ids, t.cfg, t.seed, t.trace))
+                self._outbox.put(("add", t.key, t.prompt_ids, t.cfg, t.seed, t.trace, t.stream))
 
     def cancel(self, ticket: Ticket, reason: str = "cancelled") -> None:
         if not ticket.done:
