@@ -24,6 +24,7 @@ is killed at the end whatever happens. Loopback only. Run alone on the machine (
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,11 @@ def rss_mib(pid: int) -> float:
     return total
 
 
-def start_server(model: str, method: str, max_batch: int, max_queue: int, replicas: int = 1,
-                 threads: int | None = None) -> tuple[subprocess.Popen, str]:
+@contextlib.contextmanager
+def serving(model: str, method: str, max_batch: int, max_queue: int, replicas: int = 1,
+            threads: int | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``s2d2 serve`` on a free loopback port (served as ``loadtest``), once its engines are ready: yields the
+    process and its URL, and stops it on the way out."""
     port = free_port()
     cmd = [sys.executable, "-m", "s2d2.cli", "serve", "--model", model, "--port", str(port), "--method", method,
            "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning",
@@ -72,15 +77,22 @@ def start_server(model: str, method: str, max_batch: int, max_queue: int, replic
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while True:
+    try:
+        while True:  # the engines load before the port opens
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit(f"the server did not start: {' '.join(cmd)}") from None
+                time.sleep(0.2)
+        yield proc, url
+    finally:
+        proc.terminate()
         try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return proc, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise SystemExit(f"the server did not start: {' '.join(cmd)}")
-            time.sleep(0.2)
+            proc.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def one_request(client: openai.OpenAI, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -225,8 +237,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     servers = [(m, r) for m in args.methods for r in args.replicas]
     for i, (method, replicas) in enumerate(servers):
-        proc, url = start_server(args.model, method, args.max_batch, args.max_queue, replicas, args.threads)
-        try:
+        with serving(args.model, method, args.max_batch, args.max_queue, replicas, args.threads) as (proc, url):
             run_level(url, prompts, 2 * replicas, 3.0, 20, args.max_tokens)  # warm-up
             for c in args.concurrency:
                 before = rss_mib(proc.pid)
@@ -261,12 +272,6 @@ def main() -> None:
                 print(f"\nsoak: {method}, {max(args.concurrency)} clients, {args.soak_minutes:g} min: {requests} "
                       f"requests, {errors} errors, RSS {samples[0][1]:.0f} -> {samples[-1][1]:.0f} MiB "
                       f"({growth:+.1%})")
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"model": args.model, "max_tokens": args.max_tokens,

@@ -3,7 +3,8 @@
 On the bundled model, the first ``--n`` arith test problems, ``--max-tokens`` each, greedy ``--method``:
 
 1. **Offline**: ``Model.generate(..., batch_size=1)`` in a process of its own, ``--threads`` threads.
-2. **One client**: ``s2d2 serve --threads T`` (the engine in its own process), the same prompts one after another
+2. **One client**: ``s2d2 serve --threads T`` (the engine in its own process; started as ``scripts/loadtest.py``
+   starts it), the same prompts one after another
    from one client, non-streamed and streamed (the openai client). Tokens/s against offline is the serving cost.
 3. **Replicas**: ``--data-parallel-size 1`` and ``2`` (``--threads 1`` each), ``--concurrency`` clients sending the
    prompts of a shared list (each prompt ``--repeat`` times), generated tokens/s over the whole run.
@@ -22,13 +23,14 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from loadtest import serving  # (scripts/ is on the path of a script run from it)
 
 OFFLINE = """
 import json, sys, time, torch
@@ -81,42 +83,12 @@ def child(code: str, *args: object) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-class Server:
-    """``s2d2 serve`` on a free loopback port, stopped on exit."""
-
-    def __init__(self, *flags: str) -> None:
-        import socket
-        import urllib.request
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "s2d2", "serve", "--port", str(self.port),
-                                      "--log-level", "warning", *flags], stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while True:  # the engines load before the port opens
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
-                    return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start") from None
-                time.sleep(0.1)
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-
-
 def one_client(args: argparse.Namespace, prompts: list[str], stream: bool) -> dict:
     import openai
 
-    with Server("--threads", str(args.threads), "--method", args.method) as server:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="-", max_retries=0)
-        kw = dict(model="bundled", max_tokens=args.max_tokens)
+    with serving("bundled", args.method, 16, 64, threads=args.threads) as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
+        kw = dict(model="loadtest", max_tokens=args.max_tokens)
         for p in prompts[:3]:
             client.completions.create(prompt=p, **kw)
         t0, tokens = time.perf_counter(), 0
@@ -133,11 +105,9 @@ def one_client(args: argparse.Namespace, prompts: list[str], stream: bool) -> di
 def replicas(args: argparse.Namespace, prompts: list[str], count: int) -> dict:
     import openai
 
-    with Server("--threads", "1", "--data-parallel-size", str(count), "--method", args.method,
-                "--max-queue", "256") as server:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="-", max_retries=0,
-                               timeout=600)
-        kw = dict(model="bundled", max_tokens=args.max_tokens)
+    with serving("bundled", args.method, 16, 256, replicas=count, threads=1) as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=600)
+        kw = dict(model="loadtest", max_tokens=args.max_tokens)
         work = prompts * args.repeat
 
         def send(p: str) -> int:

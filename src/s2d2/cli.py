@@ -309,9 +309,7 @@ def _load_model(ns: argparse.Namespace, device: str) -> typing.Any:
 
     from s2d2.api import load
 
-    if ns.threads is not None and ns.threads < 1:
-        raise S2D2Error(f"--threads must be at least 1, got {ns.threads}.")
-    threads = ns.threads or auto_threads(torch.get_num_threads())
+    threads = _threads(ns)
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     model = load(ns.model, device=device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile)
@@ -321,6 +319,16 @@ def _load_model(ns: argparse.Namespace, device: str) -> typing.Any:
         state = "compiled" if model.adapter.model.compiled else "not compiled (eager; see the warning above)"
         print(f"[s2d2] forward {state}, warm-up {seconds:.1f} s", file=sys.stderr, flush=True)
     return model
+
+
+def _threads(ns: argparse.Namespace, processes: int = 1) -> int:
+    """The CPU threads each of ``processes`` decoding processes computes with: ``--threads``, or by default its
+    share of :func:`auto_threads` (at least 1)."""
+    import torch
+
+    if ns.threads is not None and ns.threads < 1:
+        raise S2D2Error(f"--threads must be at least 1, got {ns.threads}.")
+    return ns.threads or max(1, auto_threads(torch.get_num_threads()) // processes)
 
 
 def idle_cores(seconds: float = 0.05) -> float | None:
@@ -589,17 +597,11 @@ def _serve(ns: argparse.Namespace) -> int:
                        timeout_s=ns.timeout, defaults=config_from_args(ns), api_key=ns.api_key,
                        max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
                        data_parallel_size=ns.data_parallel_size)
-    if ns.threads is not None and ns.threads < 1:
-        raise S2D2Error(f"--threads must be at least 1, got {ns.threads}.")
     # The API process tokenizes and formats with the model's files alone (no weights: the meta device); each engine
     # process loads the weights itself, with its share of the idle cores on a CPU.
+    threads = None if ns.device.startswith("cuda") and ns.threads is None else _threads(ns, ns.data_parallel_size)
     model = load(ns.model, device="meta", dtype=ns.dtype)
     model.resolve_config(cfg.defaults)  # the defaults must suit this model before any request arrives
-    threads = ns.threads
-    if threads is None and not ns.device.startswith("cuda"):
-        import torch
-
-        threads = max(1, auto_threads(torch.get_num_threads()) // ns.data_parallel_size)
     source = ModelSource(ns.model, device=ns.device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile,
                          threads=threads)
     serve(model, cfg, host=ns.host, port=ns.port, log_level=ns.log_level, source=source)

@@ -318,8 +318,6 @@ def serve(model: Model, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 
     requests finish for up to ``cfg.shutdown_timeout_s`` seconds, cuts the rest, and returns."""
     import uvicorn
 
-    # uvicorn drains, then raises the signal again for the handler it found: a no-op one lets serve() return, so
-    # that a drained SIGTERM ends the process with status 0 (not killed by the signal)
     app = create_app(model, cfg, source)
     worker = app.state.s2d2.worker
     worker.start()  # the engines load before the port opens, so a model that cannot load is one clear error
@@ -328,6 +326,8 @@ def serve(model: Model, cfg: ServerConfig, host: str = "127.0.0.1", port: int = 
     except S2D2Error:
         worker.stop()
         raise
+    # uvicorn drains, then raises the signal again for the handler it found: a no-op one lets serve() return, so
+    # that a drained SIGTERM ends the process with status 0 (not killed by the signal)
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level,

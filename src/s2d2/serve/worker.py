@@ -255,19 +255,18 @@ class Replica:
                   code, len(lost))
         for key in lost:
             self._finish(key, EngineGone(f"exit code {code}"))
-        self._update_gauges(running=0, waiting=0)
+        self.load = _Load()
+        self._update_gauges()
         if self.source is not None and self.error is None:  # a model that cannot load is not restarted in a loop
             self.restarts += 1
             self.metrics.restarts.labels(str(self.index)).inc()
             self.start()
 
-    def _update_gauges(self, running: int | None = None, waiting: int | None = None) -> None:
-        running = self.load.running if running is None else running
-        waiting = self.load.waiting if waiting is None else waiting
+    def _update_gauges(self) -> None:
         label = str(self.index)
-        self.metrics.running.labels(label).set(running)
-        self.metrics.waiting.labels(label).set(waiting)
-        self.metrics.occupancy.labels(label).set(running / self.cfg.max_batch)
+        self.metrics.running.labels(label).set(self.load.running)
+        self.metrics.waiting.labels(label).set(self.load.waiting)
+        self.metrics.occupancy.labels(label).set(self.load.running / self.cfg.max_batch)
 
     def health(self) -> dict[str, Any]:
         status = "ok" if self.ready else ("failed" if self.error else "starting")
