@@ -274,8 +274,8 @@ MUTATIONS: list[Mutation] = [
         "packed_order_not_restored",
         "the engine hands packed logits back in attention-group order, not in the rows' order",
         "engine/runner.py",
-        "        scored = Scored(part, choices.rows(start, start + len(part)))\n        out[k] =",
-        "        scored = Scored(part, choices.rows(start, start + len(part)))\n        out[len(out) - 1 - k] =",
+        "        out[k] = specs[k].finish_logits(part)",
+        "        out[len(out) - 1 - k] = specs[len(out) - 1 - k].finish_logits(part)",
     ),
     Mutation(
         "batched_commit_wrong_slot",
@@ -332,15 +332,15 @@ MUTATIONS: list[Mutation] = [
         "choices_rows_shifted",
         "each row of a packed batch gets the greedy choices of the rows one place further",
         "engine/runner.py",
-        "        scored = Scored(part, choices.rows(start, start + len(part)))",
-        "        scored = Scored(part, choices.rows(start + 1, start + 1 + len(part)))",
+        "        bounds[k], start = (start, start + count), start + count",
+        "        bounds[k], start = (start + 1, start + 1 + count), start + count",
     ),
     Mutation(
         "row_seeds_shared",
         "every row of a generate call draws from the same seed instead of seed + i",
         "api.py",
-        "manual_seed(row_seed(seed, j // choices, j % choices))",
-        "manual_seed(row_seed(seed, 0, j % choices))",
+        "return [row_seed(seed, j // choices, j % choices) for j in range(count)]",
+        "return [row_seed(seed, 0, j % choices) for j in range(count)]",
     ),
     Mutation(
         "edits_reach_the_prompt",
@@ -497,7 +497,50 @@ MUTATIONS: list[Mutation] = [
         '{"positions": [start + i for i in offsets]',
         '{"positions": [start + i + 1 for i in offsets]',
     ),
+    Mutation(
+        "packed_kernel_skips_the_residual",
+        "the packed forward's dense block returns the MLP output without the residual stream",
+        "models/decoder.py",
+        "    return x + down(F.silu(gate) * up)",
+        "    return down(F.silu(gate) * up)",
+    ),
+    Mutation(
+        "non_streamed_disconnect_not_watched",
+        "a non-streamed request whose client went away is not cancelled (decodes to its end)",
+        "serve/app.py",
+        "    for t in tickets:\n        worker.cancel(t)\n\n\nasync def _collect(",
+        "    pass\n\n\nasync def _collect(",
+    ),
+    Mutation(
+        "dead_engine_requests_hang",
+        "an engine process that dies does not fail its in-flight requests",
+        "serve/worker.py",
+        "        for key in lost:\n            self._finish(key, EngineGone(f\"exit code {code}\"))",
+        "        pass",
+    ),
+    Mutation(
+        "api_key_not_checked",
+        "a server started with an API key serves requests without one",
+        "serve/app.py",
+        "    if key is None:\n        return",
+        "    if True:\n        return",
+    ),
+    Mutation(
+        "quiet_request_loses_its_end",
+        "the engine core drops the final event of a non-streamed request too",
+        "serve/core.py",
+        "(not event.finished and event.request_id in self.quiet)",
+        "(event.request_id in self.quiet)",
+    ),
+    Mutation(
+        "seed_bound_ignores_n",
+        "a request's seed may be up to 2**63 - 1 whatever n (choice k's seed passes the bound)",
+        "serve/protocol.py",
+        "0 <= body.seed <= SEED_MAX - body.n",
+        "0 <= body.seed <= SEED_MAX",
+    ),
 ]
+
 
 
 @dataclass

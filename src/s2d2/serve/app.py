@@ -249,14 +249,14 @@ async def _respond(state: AppState, request: Request, endpoint: str, body: BaseR
         return StreamingResponse(stream.events(), media_type="text/event-stream")
     watcher = asyncio.create_task(_cancel_on_disconnect(request, worker, tickets))
     try:
-        results = await _collect(worker, request, tickets, decode_cfg)
+        results = await _collect(worker, tickets, decode_cfg)
     except asyncio.CancelledError:
         for t in tickets:
             worker.cancel(t)
         raise
     finally:
         watcher.cancel()
-    if results is None or (watcher.done() and not watcher.cancelled()):  # the client went away
+    if watcher.done() and not watcher.cancelled():  # the client went away (its tickets were cancelled)
         metrics.requests.labels(endpoint, "499").inc()
         return Response(status_code=499)
     generations = [g for g, _ in results]
@@ -290,21 +290,15 @@ async def _cancel_on_disconnect(request: Request, worker: EngineWorker, tickets:
         worker.cancel(t)
 
 
-async def _collect(worker: EngineWorker, request: Request, tickets: list[Ticket],
-                   decode_cfg: DecodeConfig) -> list[tuple[Generation, Event]] | None:
-    """Every ticket's finished result, in order; None once the client has gone away (all tickets then cancelled)."""
+async def _collect(worker: EngineWorker, tickets: list[Ticket],
+                   decode_cfg: DecodeConfig) -> list[tuple[Generation, Event]]:
+    """Every ticket's finished result, in order (the client is watched by :func:`_cancel_on_disconnect`)."""
     results = []
     try:
         for ticket in tickets:
-            while True:
-                event = await worker.next_event(request, ticket)
-                if event is None:
-                    for t in tickets:
-                        worker.cancel(t)
-                    return None
-                if event.finished:
-                    results.append((worker.generation(event, decode_cfg), event))
-                    break
+            while not (event := await worker.next_event(None, ticket)).finished:
+                pass
+            results.append((worker.generation(event, decode_cfg), event))
     except APIError:
         for t in tickets:
             worker.cancel(t)

@@ -356,16 +356,20 @@ class EngineWorker:
         if ticket.replica is not None:
             ticket.replica.cancel(ticket)
 
-    async def next_event(self, request: Request, ticket: Ticket) -> Event | None:
-        """The ticket's next event, or None once the client has disconnected (the ticket is then cancelled)."""
+    async def next_event(self, request: Request | None, ticket: Ticket) -> Event | None:
+        """The ticket's next event, or None once the client of ``request`` has disconnected (the ticket is then
+        cancelled; polled while no event comes for 0.25 s). ``request`` None: the caller watches the client."""
         while True:
-            try:
-                item = await asyncio.wait_for(ticket.events.get(), timeout=0.25)
-            except asyncio.TimeoutError:  # not the builtin before Python 3.11
-                if await request.is_disconnected():
-                    self.cancel(ticket)
-                    return None
-                continue
+            if request is None:
+                item = await ticket.events.get()
+            else:
+                try:
+                    item = await asyncio.wait_for(ticket.events.get(), timeout=0.25)
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
+                    if await request.is_disconnected():
+                        self.cancel(ticket)
+                        return None
+                    continue
             if isinstance(item, EngineGone):
                 raise APIError(503, f"the engine decoding this request stopped ({item}); it is being restarted, "
                                "retry shortly.", error_type="server_error", code="engine_restarting",
