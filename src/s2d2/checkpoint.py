@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,12 @@ from s2d2.errors import ConfigError, ModelLoadError
 from s2d2.files import parse_json_file
 
 __all__ = [
+    "CheckpointTensors",
     "SpecialIds",
     "load_tokenizer",
     "load_weights",
     "merge_lora",
+    "open_weights",
     "read_chat_template",
     "read_config",
     "read_generation_defaults",
@@ -114,24 +117,81 @@ def read_config(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------- weights
 
 
-def _load_safetensors(path: Path, device: str, names: set[str] | None = None) -> dict[str, torch.Tensor]:
-    """All tensors of one safetensors file (or only ``names``), as a ModelLoadError if it cannot be read."""
+# Bytes read through one open file before it is opened afresh. A safetensors file is memory-mapped, and a map kept
+# open keeps every page read through it resident: loading a whole checkpoint through one map holds the file in
+# memory beside the model's own copy (2x the weights). Reopening drops the pages already copied into the model.
+READ_BUDGET = 32 << 20
+
+
+def _corrupt(path: Path, error: Exception) -> ModelLoadError:
+    reason = str(error).splitlines()[0].rstrip(".") if str(error) else type(error).__name__
+    return ModelLoadError(f"weights file {path} is corrupt or truncated ({reason}).")
+
+
+def _open_safetensors(path: Path, device: str) -> Any:
+    """``safe_open`` on ``path``, as a ModelLoadError if the file is missing or its header cannot be read."""
     from safetensors import safe_open
 
     if not path.is_file():
         raise ModelLoadError(f"weights file {path} is missing.")
     try:
-        with safe_open(str(path), framework="pt", device=device) as f:
-            keys = f.keys() if names is None else [k for k in f.keys() if k in names]
-            return {k: f.get_tensor(k) for k in keys}
-    except ModelLoadError:
-        raise
+        return safe_open(str(path), framework="pt", device=device)
     except Exception as e:  # safetensors raises its own error type for bad headers and short files
-        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
-        raise ModelLoadError(f"weights file {path} is corrupt or truncated ({reason}).") from None
+        raise _corrupt(path, e) from None
 
 
-def _load_sharded(model_dir: Path, index_path: Path, device: str) -> dict[str, torch.Tensor]:
+class CheckpointTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint's tensors by Hugging Face name, each read from its safetensors file when asked for.
+
+    Construction reads only the files' headers (so a missing, corrupt or truncated file is an error before any
+    weight is read). A tensor comes from the file's memory map without a copy; after :data:`READ_BUDGET` bytes
+    read from one file it is opened afresh, so that a loader that copies each tensor into its model and drops it
+    holds at most a few tensors of the file beside the model, not the file. Iteration follows the files, so such a
+    loader reads each file once, front to back.
+    """
+
+    def __init__(self, names_by_file: Mapping[Path, list[str]], device: str = "cpu") -> None:
+        self._file_of = {name: path for path, names in names_by_file.items() for name in names}
+        self._device = device
+        self._open: tuple[Path, Any] | None = None
+        self._read = 0
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self._file_of[name]  # a KeyError for an unknown name, as a Mapping should
+        if self._open is None or self._open[0] != path or self._read >= READ_BUDGET:
+            self._open, self._read = None, 0  # drop the old map before mapping again
+            self._open = (path, _open_safetensors(path, self._device))
+        try:
+            tensor = self._open[1].get_tensor(name)
+        except Exception as e:  # a header that points past the data, an unknown dtype
+            raise _corrupt(path, e) from None
+        self._read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._file_of)
+
+    def __len__(self) -> int:
+        return len(self._file_of)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._file_of
+
+    def close(self) -> None:
+        """Drop the open file (tensors already returned stay valid)."""
+        self._open = None
+
+
+def _names_in(path: Path) -> list[str]:
+    """The tensor names in one safetensors file's header, in file order."""
+    f = _open_safetensors(path, "cpu")
+    try:
+        return list(f.keys())
+    except Exception as e:
+        raise _corrupt(path, e) from None
+
+
+def _sharded_names(model_dir: Path, index_path: Path) -> dict[Path, list[str]]:
     weight_map = read_json(index_path).get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise ModelLoadError(f"{index_path} has no valid weight_map (a JSON object of weight name to file name).")
@@ -141,18 +201,19 @@ def _load_sharded(model_dir: Path, index_path: Path, device: str) -> dict[str, t
     for file in by_file:  # check every shard first, so a missing one is reported before any large read
         if not (model_dir / file).is_file():
             raise ModelLoadError(f"shard {file} named in {index_path.name} is missing from {model_dir}.")
-    tensors: dict[str, torch.Tensor] = {}
+    out: dict[Path, list[str]] = {}
     for file, names in by_file.items():
-        got = _load_safetensors(model_dir / file, device, names)
-        absent = sorted(names - got.keys())
+        present = _names_in(model_dir / file)
+        absent = sorted(names - set(present))
         if absent:
             raise ModelLoadError(f"shard {file} lacks weight {absent[0]!r} that {index_path.name} places in it.")
-        tensors.update(got)
-    return tensors
+        out[model_dir / file] = [n for n in present if n in names]
+    return out
 
 
-def load_weights(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint, by Hugging Face name, loaded from safetensors only.
+def open_weights(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> CheckpointTensors:
+    """The checkpoint's tensors, by Hugging Face name, read lazily from safetensors only
+    (:class:`CheckpointTensors`: what a loader that must not hold the file beside the model reads from).
 
     Looks for ``model.safetensors``, then a sharded ``model.safetensors.index.json``, then any ``*.safetensors``
     files. Pickle checkpoints (``*.bin``, ``*.pt``) are refused, never opened.
@@ -160,25 +221,29 @@ def load_weights(model_dir: str | os.PathLike[str], device: str | torch.device =
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist.")
-    device = str(device)
     single = model_dir / "model.safetensors"
-    if single.is_file():
-        return _load_safetensors(single, device)
     index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return _load_sharded(model_dir, index, device)
-    files = sorted(p for p in model_dir.glob("*.safetensors") if p.is_file())
-    if files:
-        tensors: dict[str, torch.Tensor] = {}
-        for p in files:
-            tensors.update(_load_safetensors(p, device))
-        return tensors
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-    if pickles:
-        raise ModelLoadError(
-            f"model directory {model_dir} holds only pickle weights ({pickles[0]}), "
-            f"and only safetensors checkpoints are supported.")
-    raise ModelLoadError(f"model directory {model_dir} holds no safetensors weights.")
+    if single.is_file():
+        names = {single: _names_in(single)}
+    elif index.is_file():
+        names = _sharded_names(model_dir, index)
+    else:
+        files = sorted(p for p in model_dir.glob("*.safetensors") if p.is_file())
+        if not files:
+            pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+            if pickles:
+                raise ModelLoadError(
+                    f"model directory {model_dir} holds only pickle weights ({pickles[0]}), "
+                    f"and only safetensors checkpoints are supported.")
+            raise ModelLoadError(f"model directory {model_dir} holds no safetensors weights.")
+        names = {p: _names_in(p) for p in files}
+    return CheckpointTensors(names, str(device))
+
+
+def load_weights(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint, by Hugging Face name, as a dict (:func:`open_weights`, all read at once)."""
+    weights = open_weights(model_dir, device)
+    return {name: weights[name] for name in weights}
 
 
 # ------------------------------------------------------------------------------------------------ tokenizer
@@ -198,10 +263,40 @@ _LORA_NEUTRAL: dict[str, tuple[Any, ...]] = {
 _LORA_KEY = re.compile(r"^base_model\.model\.(?P<base>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight$")
 
 
-def merge_lora(tensors: dict[str, torch.Tensor], adapter_dir: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+class _LoraMerged(Mapping[str, torch.Tensor]):
+    """``base`` with each target weight merged with its LoRA update as it is read (``W + scale * B @ A``, computed in
+    float32 and cast back), so that merging holds one updated weight at a time, never the whole model twice."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], pairs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 scale: float) -> None:
+        self._base, self._pairs, self._scale = base, pairs, scale
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        w = self._base[name]
+        if name not in self._pairs:
+            return w
+        a, b = self._pairs[name]
+        if (b.shape[0], a.shape[1]) != tuple(w.shape):
+            raise ModelLoadError(f"the adapter's update for {name!r} has shape {(b.shape[0], a.shape[1])}, the weight "
+                                 f"{tuple(w.shape)}.")
+        return (w.float() + self._scale * (b.float() @ a.float()).to(w.device)).to(w.dtype)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._base)
+
+    def __len__(self) -> int:
+        return len(self._base)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._base
+
+
+def merge_lora(tensors: Mapping[str, torch.Tensor], adapter_dir: str | os.PathLike[str]) -> Mapping[str, torch.Tensor]:
     """Merge a peft LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``) into ``tensors`` (Hugging
     Face names): ``W += scale * B @ A`` per target, computed in float32, ``scale = lora_alpha / r`` (``/ sqrt(r)``
-    with ``use_rslora``). Options this merge cannot honour, and targets the checkpoint lacks, are ModelLoadErrors.
+    with ``use_rslora``). Returns a read-only view of ``tensors`` that merges each target as it is read. Options this
+    merge cannot honour, and targets the checkpoint lacks, are ModelLoadErrors here; an update whose shape differs
+    from its weight's is one when that weight is read.
     """
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / "adapter_config.json"
@@ -220,27 +315,26 @@ def merge_lora(tensors: dict[str, torch.Tensor], adapter_dir: str | os.PathLike[
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelLoadError(f"adapter directory {adapter_dir} has no adapter_model.safetensors.")
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in _load_safetensors(weights, "cpu").items():
+    adapter = CheckpointTensors({weights: _names_in(weights)})
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for name in adapter:
         match = _LORA_KEY.match(name)
         if match is None:
             raise ModelLoadError(f"{weights.name} holds {name!r}, which is not a LoRA A/B weight of a target module.")
-        pairs.setdefault(match["base"] + ".weight", {})[match["ab"]] = tensor
-    merged = dict(tensors)
-    for base, ab in sorted(pairs.items()):
-        if base not in merged:
+        found.setdefault(match["base"] + ".weight", {})[match["ab"]] = adapter[name]
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for base, ab in sorted(found.items()):
+        if base not in tensors:
             module = base.rsplit(".", 2)[-2]
             raise ModelLoadError(f"the adapter targets {base!r} (module {module!r}), which this checkpoint does not "
                                  "have.")
         if set(ab) != {"A", "B"}:
             raise ModelLoadError(f"the adapter has only lora_{next(iter(ab))} for {base!r}.")
-        w = merged[base]
-        delta = ab["B"].float() @ ab["A"].float()
-        if delta.shape != w.shape:
-            raise ModelLoadError(f"the adapter's update for {base!r} has shape {tuple(delta.shape)}, the weight "
-                                 f"{tuple(w.shape)}.")
-        merged[base] = (w.float() + scale * delta.to(w.device)).to(w.dtype)
-    return merged
+        if ab["B"].shape[1] != ab["A"].shape[0]:
+            raise ModelLoadError(f"the adapter's lora_B for {base!r} has {ab['B'].shape[1]} columns but its lora_A "
+                                 f"{ab['A'].shape[0]} rows.")
+        pairs[base] = (ab["A"], ab["B"])
+    return _LoraMerged(tensors, pairs, scale)
 
 
 def load_tokenizer(model_dir: str | os.PathLike[str]) -> Tokenizer:

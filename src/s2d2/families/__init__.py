@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from s2d2.checkpoint import SpecialIds, load_weights, merge_lora
+from s2d2.checkpoint import SpecialIds, merge_lora, open_weights
 from s2d2.errors import ModelLoadError
 from s2d2.families.base import FamilyAdapter
 from s2d2.families.d2f import DreamAdapter, LLaDAAdapter
@@ -55,10 +55,12 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
         with torch.device("meta"):
             model = Decoder(decoder_config, device=device, dtype=dtype).eval().requires_grad_(False)
     else:
-        tensors = load_weights(model_dir, device=str(device))
-        if lora_dir is not None:
-            tensors = merge_lora(tensors, lora_dir)
+        # Read lazily and copied into the model tensor by tensor: loading needs the model's memory, not the file's
+        # as well (the weights are read on the CPU and moved, so on an accelerator the host holds a few tensors).
+        weights = open_weights(model_dir)
+        tensors = merge_lora(weights, lora_dir) if lora_dir is not None else weights
         model = Decoder.from_hf_weights(decoder_config, tensors, device, dtype)
+        weights.close()
     # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
     padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
     return family.from_checkpoint(model, config, special, tokenizer, padding)

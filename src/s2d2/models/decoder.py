@@ -488,7 +488,7 @@ class Decoder(nn.Module):
 
     # ---------------------------------------------------------------- weights
     def load_hf_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up.
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up, reading each of ``tensors`` once, in its order.
 
         Each of these is a :class:`ModelLoadError` naming the tensor: a weight the model needs is missing or has
         the wrong shape; a weight holds NaN or Inf; the checkpoint holds a tensor the model would not use (a sign
@@ -511,16 +511,21 @@ class Decoder(nn.Module):
                 f"the checkpoint holds {len(unexpected)} tensor(s) that this config.json does not use, first "
                 f"{unexpected[0]!r} (does config.json describe this checkpoint?).")
         with torch.no_grad():
-            for name, (param, rows) in own.items():
-                if name not in tensors:
-                    continue
+            # In the source's order, one tensor at a time, each cast while it is copied into place: a lazily read
+            # checkpoint (:class:`~s2d2.checkpoint.CheckpointTensors`) then never holds more than a few of its
+            # tensors beside the model, and no cast makes a tensor-sized temporary.
+            for name in tensors:
+                if name not in own:
+                    continue  # an ignored tensor (checked above)
+                param, rows = own[name]
                 src = tensors[name]
                 target = param[rows] if rows is not None else param
                 if tuple(src.shape) != tuple(target.shape):
                     raise ModelLoadError(
                         f"weight {name!r} has shape {tuple(src.shape)}, but config.json implies {tuple(target.shape)}.")
                 _check_finite(name, src)
-                target.copy_(src.to(param.dtype))
+                target.copy_(src)
+                del src
 
     def _untie_if_different(self, head: torch.Tensor, embed: torch.Tensor | None) -> None:
         """Give a tied model its own LM head when the checkpoint's ``lm_head.weight`` differs from the embedding.

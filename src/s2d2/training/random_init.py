@@ -396,13 +396,14 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def write_random_model(
-    out_dir: str | os.PathLike[str], family: str = "sdar", seed: int = 0, **overrides: Any,
+    out_dir: str | os.PathLike[str], family: str = "sdar", seed: int = 0,
+    weights_dtype: torch.dtype = torch.float32, **overrides: Any,
 ) -> Path:
     """Write a tiny random model of ``family`` to ``out_dir`` (created if needed) and return its path.
 
     ``overrides`` replace ``config.json`` fields (e.g. ``hidden_size=32``, ``num_hidden_layers=1``,
-    ``tie_word_embeddings=True``, ``model_type="qwen3"``); the weights follow the resulting config. The same
-    seed and overrides always give the same files.
+    ``tie_word_embeddings=True``, ``model_type="qwen3"``); the weights follow the resulting config and are saved in
+    ``weights_dtype`` (drawn in float32, then cast). The same seed and overrides always give the same files.
     """
     if family not in FAMILIES:
         raise ConfigError(f"unknown model family {family!r}; known families: {', '.join(FAMILIES)}.")
@@ -436,7 +437,7 @@ def write_random_model(
             _write_llada_files(out, tok)
         else:
             _write_dream_files(out, tok)
-        tensors = model.hf_state_dict()
+        tensors = {name: t.to(weights_dtype) for name, t in model.hf_state_dict().items()}
         _save_sharded(out, tensors, num_shards=2)
         if family in LORA_TARGETS:  # the D2F adapter that makes the base model a block-diffusion decoder
             write_lora_adapter(out / LORA_ADAPTER_DIR, tensors, LORA_TARGETS[family], seed=seed)
@@ -456,5 +457,6 @@ def write_random_model(
         "model_max_length": int(config["max_position_embeddings"]),
         "chat_template": CHAT_TEMPLATE,
     })
-    save_file(model.hf_state_dict(), str(out / "model.safetensors"), metadata={"format": "pt"})
+    tensors = {name: t.to(weights_dtype) for name, t in model.hf_state_dict().items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     return out
