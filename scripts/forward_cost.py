@@ -8,6 +8,8 @@ a forward costs nearly the same whatever its rows, more tokens per forward is fr
 S2D2's extra rows (drafts, 2L verification) cost as much as they save.
 
     python scripts/forward_cost.py --out benchmarks/bundled-arith      # run alone on the CPU (about a minute)
+    python scripts/forward_cost.py --model /tmp/sdar-1.7b --dtype bfloat16 --counts 1 2 4 8 16 32 64 \
+        --repeats 3 --warmup 2 --out benchmarks/sdar-1.7b-random/bfloat16  # a real size (scripts/sized_checkpoint.py)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from s2d2.engine.runner import ForwardTimer, run_batch
 from s2d2.models.batching import ForwardSpec
 
 
-def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats: int) -> list[float]:
+def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats: int, warmup: int) -> list[float]:
     """Milliseconds of ``repeats`` forwards of ``requests`` requests with ``rows`` query rows each."""
     adapter = model.adapter
     cache = adapter.new_batch_cache(requests, cache_len + rows + 8)
@@ -36,10 +38,10 @@ def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats
                        torch.arange(cache_len, cache_len + rows, device=device), mask, num_store=0, logits_from=0)
     times, timer = [], ForwardTimer(device)  # synchronises CUDA around the forward
     with torch.inference_mode():
-        for i in range(repeats + 3):
+        for i in range(repeats + warmup):
             with timer:
                 run_batch(adapter, [spec] * requests, cache, list(range(requests)))
-            if i >= 3:  # warm-up
+            if i >= warmup:
                 times.append(timer.elapsed * 1000)
     return times
 
@@ -52,15 +54,18 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for forward_cost.json / .png")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024],
+                        help="query rows per forward to measure")
+    parser.add_argument("--warmup", type=int, default=3, help="forwards run before timing each shape")
     args = parser.parse_args()
     model = s2d2.load(args.model, device=args.device, dtype=args.dtype)
-    counts = [1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256, 512, 1024]
+    counts = args.counts
     records = []
     print("| query rows | one request: median ms (min) | n requests x 1 row: median ms (min) |")
     print("|---|---|---|")
     for n in counts:
-        one = measure(model, 1, n, args.cache, args.repeats)
-        many = measure(model, n, 1, args.cache, args.repeats)
+        one = measure(model, 1, n, args.cache, args.repeats, args.warmup)
+        many = measure(model, n, 1, args.cache, args.repeats, args.warmup)
         records.append({"rows": n, "one_request_ms": statistics.median(one), "one_request_min_ms": min(one),
                         "many_requests_ms": statistics.median(many), "many_requests_min_ms": min(many)})
         r = records[-1]
@@ -69,9 +74,9 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "forward_cost.json").write_text(json.dumps({"model": args.model, "cache": args.cache, "device": args.device,
-                                                          "threads": torch.get_num_threads(), "records": records},
-                                                         indent=1))
+        meta = {"model": args.model, "cache": args.cache, "device": args.device, "dtype": str(model.dtype),
+                "threads": torch.get_num_threads()}
+        (out / "forward_cost.json").write_text(json.dumps({**meta, "records": records}, indent=1))
         import matplotlib
 
         matplotlib.use("Agg")

@@ -417,3 +417,83 @@ def test_routing_features_are_computed_only_for_batches_that_read_them(model):
         done.update({e.request_id: e.token_ids for e in engine.step() if e.finished})
     for rid, (p, c) in ids.items():
         assert done[rid] == reference(model, p, DecodeConfig(**c, max_new_tokens=16))[0], c
+
+
+# ------------------------------------------------------------------------------ rows longer than the shared slots
+
+
+OWN_FAMILIES = ["sdar", "fast_dllm_v2", "llada2", "d2f_llada"]
+
+
+@pytest.mark.parametrize("family", OWN_FAMILIES)
+@pytest.mark.parametrize("name", ["ar", "dynamic", "s2d2-A", "s2d2-prefix"])
+def test_a_long_row_gets_buffers_of_its_own_and_gives_batch_1_tokens(family_model, family, name):
+    """Rows longer than the shared slots decode in buffers of their own, beside short rows in the shared ones (and
+    each other): tokens and forward counts equal batch 1's, the shared capacity never grows, and the buffers are
+    returned when the rows end."""
+    model = family_model(family)
+    fields = {**METHODS.get(name, {}), **({"method": "s2d2", "block_size": 8, "prefix_cache": True}
+                                        if name == "s2d2-prefix" else {})}
+    cfg = model.resolve_config(DecodeConfig(**fields, max_new_tokens=24, stop_token_ids=(), generation_config="none"))
+    rng = random.Random(7)
+    batch = [[rng.randrange(200) for _ in range(n)] for n in (5, 70, 9, 90, 3)]  # two need more than 64 slots
+    alone = [decode(model.adapter, p, cfg, model.adapter.new_cache(256)) for p in batch]
+    engine = Engine(model.adapter, 4, capacity=64)
+    ids = [engine.add(p, cfg) for p in batch]
+    seen_own: set[int] = set()
+    got: dict[int, tuple[list[int], s2d2.DecodeStats]] = {}
+    while not engine.idle:
+        for event in engine.step():
+            if event.finished:
+                got[event.request_id] = (event.token_ids, event.stats)
+        seen_own |= set(engine.cache.own)
+    assert len(seen_own) == 2 and engine.cache.capacity == 64 and engine.cache.own == {}
+    for rid, (tokens, _, stats) in zip(ids, alone):
+        assert got[rid][0] == tokens
+        assert (got[rid][1].nfe, got[rid][1].verify_forwards) == (stats.nfe, stats.verify_forwards)
+
+
+class _Pool:
+    """A device with ``size`` bytes for the rows' own buffers: what is free is what they do not hold."""
+
+    def __init__(self, engine: Engine, size: int) -> None:
+        self.engine, self.size = engine, size
+
+    def __call__(self, device) -> int:
+        return self.size - self.engine.cache.own_bytes
+
+
+def test_a_long_row_waits_for_memory_and_one_that_never_fits_is_refused(model, monkeypatch):
+    import s2d2.engine.engine as engine_module
+    from s2d2.engine.memory import MARGIN, kv_bytes_per_token, row_bytes
+
+    cfg = model.resolve_config(DecodeConfig(method="s2d2", block_size=4, max_new_tokens=16, stop_token_ids=()))
+    long_a, long_b, short = [7] * 80, [9] * 84, [3, 4, 5]
+    engine = Engine(model.adapter, 3, capacity=32)
+    capacity = engine_capacity(engine, long_b, cfg)
+    need = row_bytes(model.adapter.model.config, model.dtype, capacity, 12, 84 + 8)
+    held = capacity * kv_bytes_per_token(model.adapter.model.config, model.dtype)  # a long row's own buffers
+    pool = _Pool(engine, int(need / (1 - MARGIN) + held / 2))  # room for one long row at a time
+    monkeypatch.setattr(engine_module, "free_memory", pool)
+    ra, rb, rs = engine.add(long_a, cfg), engine.add(long_b, cfg), engine.add(short, cfg)
+    engine.step()
+    assert set(engine._rows) == {ra, rs} and [w.request_id for w in engine._waiting] == [rb]  # b waits, s passes
+    got = _run_to_end(engine)
+    for rid, prompt in ((ra, long_a), (rb, long_b), (rs, short)):
+        assert got[rid] == decode(model.adapter, prompt, cfg, model.adapter.new_cache(256))[0]
+    pool.size = need // 2  # now not even one long row fits
+    rc = engine.add(long_a, cfg)
+    events = engine.step()
+    refused = next(e for e in events if e.request_id == rc)
+    assert refused.finished and refused.finish_reason == "refused" and refused.token_ids == []
+    assert refused.error.startswith("the request needs ") and refused.error.endswith("shorten the prompt or "
+                                                                                         "max_tokens.")
+    assert engine.idle
+
+
+def engine_capacity(engine: Engine, prompt: list[int], cfg: DecodeConfig) -> int:
+    """The cache slots the engine gives ``prompt`` (what Engine.add computes)."""
+    rid = engine.add(prompt, cfg)
+    capacity = engine._waiting[-1].capacity
+    engine.cancel(rid)
+    return capacity

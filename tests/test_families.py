@@ -43,6 +43,8 @@ def test_an_unknown_model_type_is_one_sentence():
     ({"model_type": "sdar", "precision": "amp_bf16"}, torch.float32),  # only LLaDA's config means it so
     ({"model_type": "Dream"}, torch.float32),
 ])
-def test_auto_dtype_is_the_checkpoints_training_dtype_on_an_accelerator(config, want):
+def test_auto_dtype_is_the_checkpoints_training_dtype_on_an_accelerator(config, want, monkeypatch):
     assert _resolve_dtype("auto", config, torch.device("cuda"), Path("m")) == want
+    # on a CPU the model's size decides, not the checkpoint (tests/test_memory.py); without native bf16, float32
+    monkeypatch.setattr("s2d2.api.cpu_has_bf16", lambda: False)
     assert _resolve_dtype("auto", config, torch.device("cpu"), Path("m")) == torch.float32

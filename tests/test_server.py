@@ -476,3 +476,27 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tmp_path):
     finally:
         proc.kill()
         proc.stderr.close()
+
+
+def test_a_long_request_gets_its_own_cache_or_a_503_when_memory_is_short(server, bundled, monkeypatch):
+    """A request longer than the shared slots (256 tokens) decodes in buffers of its own, beside short ones; when the
+    memory for them cannot be had, it alone is refused: a 503 (code insufficient_memory) saying why, in one
+    sentence, and the server serves on."""
+    import s2d2.engine.engine as engine_module
+
+    long_prompt = " ".join(p.prompt for p in PROBLEMS)[:900]
+    assert len(bundled.encode(long_prompt)) + MAX_NEW > 256
+    want = expected(bundled, [long_prompt, PROBLEMS[0].prompt])
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda p: server.client.completions.create(model="bundled", prompt=p,
+                                                                         max_tokens=MAX_NEW),
+                                [long_prompt, PROBLEMS[0].prompt]))
+    assert [a.choices[0].text for a in answers] == [g.text for g in want]
+    monkeypatch.setattr(engine_module, "free_memory", lambda device: 1 << 20)  # 1 MiB left
+    status, payload, _ = post(server.url, {"model": "bundled", "prompt": long_prompt, "max_tokens": MAX_NEW})
+    assert status == 503 and payload["error"]["code"] == "insufficient_memory"
+    message = payload["error"]["message"]
+    assert message.startswith("the request needs ") and "\n" not in message and message.endswith(".")
+    short = server.client.completions.create(model="bundled", prompt=PROBLEMS[0].prompt, max_tokens=MAX_NEW)
+    assert short.choices[0].text == want[1].text  # short requests use the shared slots: no memory asked
+    wait_idle(server.url)

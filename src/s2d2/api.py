@@ -29,10 +29,12 @@ from s2d2.core.sampling import row_seed
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.engine.engine import BatchStats, Engine
+from s2d2.engine.memory import BatchPlan, plan_batch
 from s2d2.engine.runner import run_batch
 from s2d2.errors import ConfigError, InputError, ModelLoadError
-from s2d2.families import build_adapter, family_for
+from s2d2.families import build_adapter, decoder_config_for, family_for
 from s2d2.families.base import FamilyAdapter
+from s2d2.models.decoder import Decoder
 
 BUNDLED = "bundled"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,10 +72,17 @@ class Model:
         # take these values (DecodeConfig.generation_config="auto", the default)
         self.generation_defaults = dict(generation_defaults or {})
         self.last_batch_stats: BatchStats | None = None  # the engine's figures for the last generate() call
+        # the rows the last generate() / loglikelihoods() call decoded together, and the memory that allowed them
+        self.last_batch_plan: BatchPlan | None = None
 
     @property
     def device(self) -> torch.device:
         return self.adapter.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (what ``load(..., dtype="auto")`` chose)."""
+        return self.adapter.model.embed.weight.dtype
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens added); text that is not valid UTF-8 is an :class:`InputError`.
@@ -144,14 +153,16 @@ class Model:
         return time.perf_counter() - t0
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], config: DecodeConfig | None = None,
-                 *, batch_size: int = DEFAULT_BATCH_SIZE, trace: bool = False, progress: bool | str = False,
+                 *, batch_size: int | str = DEFAULT_BATCH_SIZE, trace: bool = False, progress: bool | str = False,
                  **overrides: Any) -> list[Generation]:
         """Decode each prompt (text, or a list of token ids) with ``config`` (fields may be overridden by keyword).
 
         Sampling fields the config leaves unset (temperature, top_k, top_p) take the checkpoint's
         generation_config.json values (:attr:`generation_defaults`) unless ``generation_config="none"``.
 
-        Up to ``batch_size`` prompts decode together, one batched forward per step, each at its own pace; a
+        Up to ``batch_size`` prompts decode together (``"auto"``: as many as fit in the free memory, up to 64 on a
+        CPU and 256 on a GPU; an explicit size that does not fit is a ConfigError before anything is allocated;
+        :attr:`last_batch_plan` says what was chosen), one batched forward per step, each at its own pace; a
         finished prompt's place goes to the next (continuous batching, :class:`s2d2.engine.engine.Engine`). Results do
         not depend on the batch: greedy output and per-prompt stats equal batch 1's (up to float rounding at exact
         logit ties), and sampling is reproducible per prompt: prompt ``i`` draws from a generator seeded with
@@ -172,7 +183,12 @@ class Model:
                     raise
                 raise InputError(f"prompt {i}: {e}") from None
         capacity = max(self._positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
-        engine = Engine(self.adapter, min(batch_size, len(encoded)), capacity)
+        # the largest forward of a row is its prefill (the prompt and a block); the most logit rows, a verification
+        # that also drafts the next block
+        self.last_batch_plan = plan_batch(
+            self.adapter.model.config, self.dtype, self.device, batch_size, len(encoded), capacity,
+            logit_rows=3 * cfg.block_size, query_rows=max(len(ids) for ids in encoded) + 2 * cfg.block_size)
+        engine = Engine(self.adapter, self.last_batch_plan.rows, capacity)
         stop_check = self.stop_check(cfg)
         order = {engine.add(ids, cfg, generator, stop_check, trace): i
                  for i, (ids, generator) in enumerate(zip(encoded, self.row_generators(cfg, len(encoded))))}
@@ -181,6 +197,8 @@ class Model:
                   dynamic_ncols=True, disable=not progress) as bar:
             while not engine.idle:
                 for event in engine.step():
+                    if event.finish_reason == "refused":  # not with one capacity for all rows, but never silently
+                        raise ConfigError(event.error or "the engine refused a prompt for want of memory.")
                     if event.finished:
                         results[order[event.request_id]] = event
                         bar.update(1)
@@ -249,7 +267,7 @@ class Model:
 
     @torch.inference_mode()
     def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                       batch_size: int = DEFAULT_BATCH_SIZE) -> list[tuple[float, bool]]:
+                       batch_size: int | str = DEFAULT_BATCH_SIZE) -> list[tuple[float, bool]]:
         """For each ``(context ids, continuation ids)``: the log-probability of the continuation given the context in
         the model's AR mode (block size 1: each token conditioned on everything before it), and whether it is the
         greedy continuation. One forward per pair, batched: the verifier's forward (the 2L construction for
@@ -272,8 +290,15 @@ class Model:
             rows.append((ids, len(ids) - len(continuation)))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths batch together
-        for start in range(0, len(order), check_batch_size(batch_size)):
-            chunk = order[start:start + batch_size]
+        if not order:
+            return results
+        longest = adapter.verify_spec(rows[order[0]][0], 0, 0, rows[order[0]][1]).num_rows  # the first chunk's
+        self.last_batch_plan = plan_batch(
+            self.adapter.model.config, self.dtype, self.device, check_batch_size(batch_size), len(order), longest,
+            logit_rows=max(len(ids) - first + 1 for ids, first in rows), query_rows=longest)
+        step = self.last_batch_plan.rows
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
             specs = [adapter.verify_spec(rows[i][0], 0, 0, rows[i][1]) for i in chunk]
             cache = adapter.new_batch_cache(len(chunk), max(spec.num_rows for spec in specs))
             for i, logits in zip(chunk, run_batch(adapter, specs, cache, list(range(len(chunk))))):
@@ -396,12 +421,15 @@ def load(name_or_path: str = BUNDLED, *, device: str = "cpu", dtype: str = "auto
          adapter: str | None = None, compile: bool = False) -> Model:
     """Load a model: ``"bundled"``, a local Hugging Face-format directory, or a hub id.
 
-    ``dtype="auto"`` computes in float32 on CPU (bfloat16 is several times slower there) and in the checkpoint's
-    ``torch_dtype`` on GPU. ``adapter``: a peft LoRA adapter (directory or hub id) merged into the weights at load
-    (no peft needed: the merge is ``W += alpha / r * B @ A``). ``compile``: compile the forwards with ``torch.compile``
-    (the single-row forward whole, the packed forward's token-wise parts; the first forwards compile them,
-    :meth:`Model.warm_up` does that up front), falling back to
-    eager with one warning where compilation is not available (docs/decoding.md "Compiled forwards").
+    ``dtype="auto"`` computes in the checkpoint's ``torch_dtype`` on an accelerator; on a CPU, in bfloat16 for a
+    model of :data:`CPU_BF16_MIN_PARAMS` parameters or more where the CPU has native bfloat16 (1.6-3.3x faster at
+    real sizes), else in float32 (where greedy S2D2 == AR holds exactly; :attr:`Model.dtype` says which).
+    Weights are read tensor by tensor into the model's dtype and device: loading needs the model's memory, not the
+    checkpoint file's as well. ``adapter``: a peft LoRA adapter (directory or hub id) merged into the weights at load
+    (no peft needed: the merge is ``W += alpha / r * B @ A``). ``compile``: compile the forwards with
+    ``torch.compile`` (the single-row forward whole, the packed forward's token-wise parts; the first forwards compile
+    them, :meth:`Model.warm_up` does that up front), falling back to eager with one warning where compilation is not
+    available (docs/decoding.md "Compiled forwards").
     ``device="meta"`` reads the model's files but not its weights: a model that tokenizes, formats and checks
     requests but cannot decode (what the server's API process holds; its engine processes load the weights).
     """
@@ -438,10 +466,32 @@ def _resolve_device(device: str) -> torch.device:
     return dev
 
 
+# On a CPU with native bfloat16 arithmetic, models from this size on compute in bfloat16 under dtype="auto": a packed
+# forward of 1 and 16 rows is 1.6x and 2.3x faster than float32 at 143M parameters and 1.6x and 3.3x at SDAR-1.7B's
+# 2.0B, while the bundled 3.7M model runs at the same speed in both (BENCHMARKS.md, "Real-sized checkpoints";
+# scripts/dtype_cost.py). Below it float32 costs nothing and keeps greedy S2D2 == AR exact.
+CPU_BF16_MIN_PARAMS = 100_000_000
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (x86 AVX512-BF16 or AMX); elsewhere bfloat16 is emulated."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except RuntimeError:
+        return False
+
+
+def _num_parameters(config: dict[str, Any]) -> int:
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        return sum(p.numel() for p in Decoder(decoder_config_for(config), device="meta").parameters())
+
+
 def _resolve_dtype(dtype: str, config: dict[str, Any], device: torch.device, model_dir: Path) -> torch.dtype:
     if dtype == "auto":
         if device.type == "cpu":
-            return torch.float32
+            native = cpu_has_bf16()
+            return torch.bfloat16 if native and _num_parameters(config) >= CPU_BF16_MIN_PARAMS else torch.float32
         trained = family_for(config, model_dir / "config.json").checkpoint_dtype(config)
         return _DTYPES.get(trained or "float32", torch.float32)
     if dtype not in _DTYPES:

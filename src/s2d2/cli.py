@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="*", help="the prompt text (several: decoded together, see --batch-size)")
     gen.add_argument("--prompts-file", default=None, metavar="FILE",
                      help="more prompts, one per line (\\n inside a line stands for a newline)")
-    gen.add_argument("--batch-size", type=int, default=None,
-                     help=f"prompts decoded together, one batched forward per step (default: {DEFAULT_BATCH_SIZE})")
+    gen.add_argument("--batch-size", type=_batch_arg, default=None,
+                     help="prompts decoded together, one batched forward per step: a number, or auto (default: as "
+                          "many as fit in the free memory, up to 64 on a CPU, 256 on a GPU)")
     _add_model_flags(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--chat-template-kwargs", default=None, metavar="JSON",
@@ -159,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(with --chat)")
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
     gen.add_argument("--trace", default=None, metavar="FILE",
-                     help="write each prompt's step trace as JSON lines (schema s2d2.trace/1; `s2d2 trace plot` draws it)")
+                     help="write each prompt's step trace as JSON lines (schema s2d2.trace/1; `s2d2 trace plot` "
+                          "draws it)")
     _add_config_flags(gen)
 
     ev = sub.add_parser("eval", help="accuracy and decoding stats on a task with checkable answers")
@@ -171,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", help="train, validation, test (wordy: also generalisation)")
     _add_model_flags(ev)
     ev.add_argument("--json", action="store_true", help='print {"accuracy": ..., "n": ..., "stats": {...}}')
-    ev.add_argument("--batch-size", type=int, default=None,
-                    help=f"problems decoded together (default: {DEFAULT_BATCH_SIZE})")
+    ev.add_argument("--batch-size", type=_batch_arg, default=None,
+                    help=f"problems decoded together: a number, or auto (default: {DEFAULT_BATCH_SIZE})")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     ev.add_argument("--samples", default=None, metavar="FILE",
                     help="also write one JSON line per problem (text, correct, NFE and the row's other counters)")
@@ -192,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add a throughput section: AR, dynamic and S2D2 at these batch sizes (e.g. 1 4 16 64)")
     be.add_argument("--no-grid", action="store_true", help="with --batch-sizes: only the throughput section")
     be.add_argument("--config", default=None, metavar="FILE",
-                    help="add this config file's setting (`s2d2 tune` writes one) to the grid and the throughput section")
+                    help="add this config file's setting (`s2d2 tune` writes one) to the grid and the throughput "
+                         "section")
 
     tr_ = sub.add_parser("trace", help="draw a step trace (`s2d2 generate --trace FILE`)")
     trace_sub = tr_.add_subparsers(dest="trace_command", required=True)
@@ -217,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what fastest means: tokens per forward (exact) or measured tokens/s at batch 1")
     tu.add_argument("--timed", type=int, default=3, help="with tokens_per_s: how many candidates to time (default 3)")
     tu.add_argument("--repeats", type=int, default=3, help="with tokens_per_s: timed rounds (default 3)")
-    tu.add_argument("--batch-size", type=int, default=None,
-                    help=f"problems decoded together in the exact pass (default: {DEFAULT_BATCH_SIZE})")
+    tu.add_argument("--batch-size", type=_batch_arg, default=None,
+                    help=f"problems decoded together in the exact pass: a number, or auto (default: "
+                         f"{DEFAULT_BATCH_SIZE})")
     tu.add_argument("--quick", action="store_true", help="a 3-setting search space (for tests)")
     tu.add_argument("--exact-only", action="store_true",
                     help="search only S2D2 settings whose verification keeps AR's tokens (no relax, no "
@@ -287,6 +291,7 @@ def _generate(ns: argparse.Namespace) -> int:
     if ns.chat:
         texts = [model.apply_chat_template([{"role": "user", "content": t}], **template_kwargs) for t in texts]
     outs = model.generate(texts, cfg, batch_size=batch_size, trace=trace_file is not None)
+    _say_plan(model)
     if trace_file is not None:
         with trace_file:
             for i, out in enumerate(outs):
@@ -313,6 +318,10 @@ def _load_model(ns: argparse.Namespace, device: str) -> typing.Any:
     if threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     model = load(ns.model, device=device, dtype=ns.dtype, adapter=ns.adapter, compile=ns.compile)
+    if ns.dtype == "auto" and model.device.type == "cpu" and model.dtype != torch.float32:
+        params = sum(p.numel() for p in model.adapter.model.parameters())
+        print(f"[s2d2] dtype auto: {str(model.dtype).removeprefix('torch.')} ({params / 1e9:.2f}B parameters, native "
+              "bfloat16 on this CPU; --dtype float32 keeps greedy S2D2 == AR exact)", file=sys.stderr, flush=True)
     if ns.compile:
         print("[s2d2] compiling the forward (torch.compile, one-time warm-up) ...", file=sys.stderr, flush=True)
         seconds = model.warm_up()
@@ -375,7 +384,24 @@ def auto_threads(most: int, idle: float | None = None) -> int:
     return max(1, min(most, int(idle + 0.5)))
 
 
-def _batch_size(value: int | None) -> int:
+def _say_plan(model: typing.Any) -> None:
+    """One line on stderr when ``--batch-size auto`` decoded fewer rows together than it would have with more memory."""
+    plan = model.last_batch_plan
+    if plan is not None and plan.limited:
+        print(f"[s2d2] {plan.describe()}: memory bounds the batch", file=sys.stderr, flush=True)
+
+
+def _batch_arg(text: str) -> int | str:
+    """``--batch-size``: ``auto`` or a whole number (argparse reports anything else in its usage message)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor auto") from None
+
+
+def _batch_size(value: int | str | None) -> int | str:
     return DEFAULT_BATCH_SIZE if value is None else check_batch_size(value)
 
 
@@ -425,6 +451,7 @@ def _eval(ns: argparse.Namespace) -> int:
         model = _load_model(ns, dp.device(ns.device))
         result = evaluate(model, cfg, ns.task, ns.n, ns.split, batch_size=batch_size, dp=dp,
                           progress=not ns.no_progress)
+        _say_plan(model)
     if not dp.is_main:
         return 0
     if samples is not None:
@@ -612,8 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``s2d2`` console script."""
     ns = build_parser().parse_args(argv)
     try:
-        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "tune": _tune, "trace": _trace, "serve": _serve,
-                    "train": _train, "init-random": _init_random}
+        commands = {"generate": _generate, "eval": _eval, "bench": _bench, "tune": _tune, "trace": _trace,
+                    "serve": _serve, "train": _train, "init-random": _init_random}
         return commands[ns.command](ns)
     except S2D2Error as e:
         print(f"s2d2: error: {e}", file=sys.stderr)

@@ -320,17 +320,21 @@ class DecodeConfig:
         return data
 
 
-# Prompts decoded together by default (Model.generate's batch_size, --batch-size): the fastest on a 2-core CPU for
-# the bundled model for AR, dynamic and S2D2 configuration A (BENCHMARKS.md, "Batched decoding"). The KV cache takes
-# batch x (prompt + max_new_tokens) token slots; lower it for long contexts on large checkpoints.
-DEFAULT_BATCH_SIZE = 64
+# Rows decoded together by default (Model.generate's and loglikelihoods' batch_size, --batch-size): "auto" takes as
+# many as fit in the memory left beside the weights, up to 64 on a CPU (the fastest batch for the bundled model for
+# AR, dynamic and S2D2 configuration A: BENCHMARKS.md, "Batched decoding") and 256 on a GPU (s2d2.engine.memory).
+DEFAULT_BATCH_SIZE: int | str = "auto"
 # Seeds are 64-bit (torch.Generator.manual_seed); row seeds derived from one wrap around modulo this.
 SEED_LIMIT = 2**64
 
 
-def check_batch_size(value: Any) -> int:
-    """A batch size (prompts decoded together) must be an integer >= 1; returns it."""
-    _check_int("batch_size", value, 1)
+def check_batch_size(value: Any) -> int | str:
+    """A batch size (rows decoded together) must be an integer >= 1 or ``"auto"`` (as many as fit in memory);
+    returns it."""
+    if value == "auto":
+        return value
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1 or 'auto', got {value!r}.")
     return value
 
 

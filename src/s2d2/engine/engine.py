@@ -33,7 +33,9 @@ from s2d2.core.routing import reads_features
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
+from s2d2.engine.memory import MARGIN, free_memory, row_bytes
 from s2d2.engine.runner import ForwardTimer, forward_packed, request_spec, run, score_packed
+from s2d2.errors import ConfigError
 from s2d2.families.base import FamilyAdapter
 from s2d2.models.batching import ForwardSpec, pack
 from s2d2.models.cache import SlotCache
@@ -48,10 +50,11 @@ class Event:
     new_token_ids: list[int]
     finished: bool = False
     token_ids: list[int] | None = None  # the whole generation (stop token excluded), when finished
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+    finish_reason: str | None = None  # "stop", "length", "cancelled", or "refused" (no memory for it: ``error``)
     stats: DecodeStats | None = None
     trace: list[dict] | None = None  # the request's step trace (s2d2.core.trace), when finished and traced
     trace_events: list[dict] | None = None  # streaming a traced request: the trace events recorded since the last
+    error: str | None = None  # why a refused request was refused, in one sentence
 
 
 @dataclass
@@ -114,7 +117,8 @@ class Engine:
     """
 
     def __init__(self, adapter: FamilyAdapter, max_batch_size: int, capacity: int = 256, stream: bool = False) -> None:
-        check_batch_size(max_batch_size)
+        if check_batch_size(max_batch_size) == "auto":
+            raise ConfigError("the engine takes a number of slots; s2d2.engine.memory.plan_batch chooses one.")
         self.adapter = adapter
         self.cache = adapter.new_batch_cache(max_batch_size, capacity)
         self.stats = BatchStats()
@@ -165,6 +169,7 @@ class Engine:
         if row is None:
             return None
         row.steps.close()
+        self.cache.release(row.slot)
         heapq.heappush(self._free, row.slot)
         generated = row.state.seq.generated() if row.state.seq is not None else []
         row.state.stats.num_tokens = len(generated)
@@ -187,7 +192,7 @@ class Engine:
                 num_rows, num_padded = specs[0].num_rows, 0
             else:
                 slots = [r.slot for r in rows]
-                batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device)
+                batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device, self.cache.own)
                 with self._timer:
                     packed = forward_packed(self.adapter, batch, specs, self.cache, slots)
                 # the numerical stage: every row's greedy choices at once, one transfer for the whole step
@@ -211,16 +216,43 @@ class Engine:
         return events
 
     def _admit(self, events: list[Event]) -> None:
+        deferred: list[_Waiting] = []  # long requests waiting for memory that running ones will give back
         while self._waiting and self._free:
             w = self._waiting.popleft()
+            if w.capacity > self.cache.capacity and not self._own_memory(w, events, deferred):
+                continue
             slot = heapq.heappop(self._free)
-            self.cache.ensure_capacity(w.capacity)
+            if w.capacity > self.cache.capacity:  # longer than the shared slots: buffers of its own, while it runs
+                self.cache.give_own(slot, w.capacity)
             state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
             cache.reset()  # the slot's last request is gone: this row starts from an empty cache
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.traits, w.generator, w.stop_check, state)
             row = _Row(w.request_id, slot, cache, steps, state, reads_features(w.config, w.trace))
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
+        self._waiting.extendleft(reversed(deferred))  # first in the queue again, in their order
+
+    def _own_memory(self, w: _Waiting, events: list[Event], deferred: list[_Waiting]) -> bool:
+        """Whether a request longer than the shared slots can have buffers of its own now. If not, it waits for
+        the memory of running long requests (``deferred``), or, when even all of that would not be enough, it is
+        refused (a final event with the reason)."""
+        model = self.adapter.model
+        dtype = model.embed.weight.dtype
+        need = row_bytes(model.config, dtype, w.capacity, 3 * w.config.block_size,
+                         len(w.prompt_ids) + 2 * w.config.block_size)
+        free = int(free_memory(self.adapter.device) * (1 - MARGIN))
+        if need <= free:
+            return True
+        held = self.cache.own_bytes
+        if need <= free + held:
+            deferred.append(w)
+            return False
+        reason = (f"the request needs {need / 2**30:.1f} GiB for its {w.capacity}-token cache and activations, but "
+                  f"{(free + held) / 2**30:.1f} GiB can be had on {self.adapter.device.type}; shorten the prompt or "
+                  f"max_tokens.")
+        events.append(Event(w.request_id, [], True, [], "refused", DecodeStats(prompt_tokens=len(w.prompt_ids)),
+                            error=reason))
+        return False
 
     def _advance(self, row: _Row, scored: Scored | None, events: list[Event], first: bool = False) -> None:
         """Send a row its forward's scored logits and take its next forward (keeping the rows it asks to keep);
@@ -234,6 +266,7 @@ class Engine:
         except StopIteration as done:
             token_ids, finish_reason, stats = done.value
             del self._rows[row.request_id]
+            self.cache.release(row.slot)
             heapq.heappush(self._free, row.slot)
             self.stats.num_tokens += len(token_ids)
             trace = row.state.trace.events if row.state.trace is not None else None

@@ -77,7 +77,7 @@ class DataParallel:
         """The device this rank decodes on: ``cuda`` (or ``cuda:k``) becomes this rank's own GPU."""
         return f"cuda:{self.local_rank}" if requested.startswith("cuda") and self.world_size > 1 else requested
 
-    def generate(self, model: Model, prompts: Sequence[Any], cfg: DecodeConfig, batch_size: int,
+    def generate(self, model: Model, prompts: Sequence[Any], cfg: DecodeConfig, batch_size: int | str,
                  progress: bool | str = False) -> list[Generation]:
         """``model.generate(prompts, cfg, batch_size)`` split across the ranks; every rank gets all outputs, in order.
         ``progress``: the main rank shows a bar of its own prompts (as ``Model.generate``)."""

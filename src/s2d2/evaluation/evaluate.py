@@ -35,7 +35,7 @@ class EvalResult:
 
 
 def evaluate(model: Model, cfg: DecodeConfig, task: str = "arith", n: int = 500, split: str = "test",
-             batch_size: int = DEFAULT_BATCH_SIZE, dp: DataParallel | None = None,
+             batch_size: int | str = DEFAULT_BATCH_SIZE, dp: DataParallel | None = None,
              progress: bool = False) -> EvalResult:
     """Decode the first ``n`` problems of ``split`` with ``cfg`` (``batch_size`` at a time) and score the answers;
     with ``dp`` each rank of a data-parallel job decodes its shard and every rank gets the whole result.

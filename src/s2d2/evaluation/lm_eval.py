@@ -59,8 +59,9 @@ def decode_config_from_model_args(args: dict[str, Any]) -> DecodeConfig:
     return DecodeConfig.from_dict(values)
 
 
-def _parse_batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
-    """lm-eval's batch_size model argument as an int."""
+def _parse_batch_size(batch_size: int | str, max_batch_size: int | None) -> int | str:
+    """lm-eval's batch_size model argument: an int, or ``"auto"`` (``auto:N`` too: s2d2's memory plan needs no
+    re-search), which ``max_batch_size`` turns into that number."""
     text = str(batch_size)
     if text.startswith("auto"):
         return check_batch_size(int(max_batch_size)) if max_batch_size else DEFAULT_BATCH_SIZE
@@ -78,8 +79,8 @@ class S2D2LM(LM):
     def __init__(self, pretrained: str = "bundled", device: str | None = None, dtype: str = "auto",
                  batch_size: int | str = 1, max_batch_size: int | None = None, adapter: str | None = None,
                  compile: bool = False, **decode_args: Any) -> None:
-        # lm-eval passes batch_size (an int, or "auto"/"auto:N", which has no memory search to do here: it means
-        # max_batch_size if given, else s2d2's default) and max_batch_size
+        # lm-eval passes batch_size (an int, or "auto"/"auto:N": s2d2's memory plan, s2d2.engine.memory, or
+        # max_batch_size if given) and max_batch_size
         super().__init__()
         if decode_args.get("config"):  # an `s2d2 tune` result; the other model_args win over it
             decode_args = {**DecodeConfig.file_fields(str(decode_args.pop("config"))), **decode_args}
@@ -108,7 +109,7 @@ class S2D2LM(LM):
         self.stats = DecodeStats()  # summed over every request served
 
     @classmethod
-    def wrap(cls, model: Model, batch_size: int = 1, config: DecodeConfig | None = None) -> S2D2LM:
+    def wrap(cls, model: Model, batch_size: int | str = 1, config: DecodeConfig | None = None) -> S2D2LM:
         """The lm-eval model around an already loaded :class:`s2d2.Model` (one process; ``s2d2 tune`` uses it)."""
         lm = cls.__new__(cls)
         LM.__init__(lm)
@@ -163,8 +164,10 @@ class S2D2LM(LM):
         outputs: list[str] = [""] * len(requests)
         bar = tqdm(total=len(requests), desc="s2d2 generate_until", disable=disable_tqdm or len(requests) < 2)
         for cfg, indices in groups.items():
-            for start in range(0, len(indices), self.batch_size * 4):  # chunks, so progress and the log move
-                chunk = indices[start:start + self.batch_size * 4]
+            # chunks of a few batches, so progress and the log move
+            size = 4 * (self.batch_size if isinstance(self.batch_size, int) else 64)
+            for start in range(0, len(indices), size):
+                chunk = indices[start:start + size]
                 gens = self.model.generate([requests[i].args[0] for i in chunk], cfg, batch_size=self.batch_size)
                 self.stats = DecodeStats.total([self.stats, self.model.summed_stats(gens)])
                 for i, gen in zip(chunk, gens):

@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from s2d2.api import Model
-from s2d2.config import DecodeConfig
+from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig
 from s2d2.core.stats import DecodeStats
 from s2d2.errors import ConfigError
 from s2d2.evaluation.bench import Setting, run_bench
@@ -108,7 +108,8 @@ class TuneResult:
 
 def tune(model: Model, prompts: list[str], checker: Callable[[int, str], bool], space: list[Setting],
          max_drop: float = 1.0, objective: str = "tokens_per_forward", timed: int = 3, repeats: int = 3,
-         batch_size: int = 64, dp: DataParallel | None = None, progress: bool = False) -> TuneResult:
+         batch_size: int | str = DEFAULT_BATCH_SIZE, dp: DataParallel | None = None,
+         progress: bool = False) -> TuneResult:
     """Search ``space`` on ``prompts`` (the validation split; ``checker(i, text)`` scores prompt i) for the best
     setting by ``objective`` whose accuracy is within ``max_drop`` points of AR's."""
     dp = dp or DataParallel()
@@ -163,7 +164,7 @@ def search(exact: Callable[[Setting], tuple[float, dict[str, Any]]], space: list
     return TuneResult(records, ar_accuracy, winner)
 
 
-def lm_eval_exact(model: Model, task_name: str, split: str, limit: int, batch_size: int,
+def lm_eval_exact(model: Model, task_name: str, split: str, limit: int, batch_size: int | str,
                   metric: str | None = None) -> Callable[[Setting], tuple[float, dict[str, Any]]]:
     """``exact`` for :func:`search` over an lm-eval generation task: each setting runs lm-eval's own evaluator on the
     task's ``split`` documents (``validation``: its validation split, refused if it has none), up to ``limit``; the

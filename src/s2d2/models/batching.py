@@ -11,7 +11,8 @@ scores, not matmuls; :attr:`PackedBatch.num_padded` counts it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,6 +63,10 @@ class AttentionGroup:
     attn_mask: torch.Tensor  # [num_batch_rows, 1, width, key_len] bool
     width: int
     key_len: int
+    # a group of one batch row whose slot has buffers of its own (BatchKVCache.give_own): its slot, and where its
+    # rows' K/V go in those buffers (after its committed tokens)
+    own_slot: int | None = None
+    own_start: int = 0
 
     @property
     def num_padded(self) -> int:
@@ -78,8 +83,12 @@ class PackedBatch:
 
     tokens: torch.Tensor  # [N]
     positions: torch.Tensor  # [N]
-    slot_of_row: torch.Tensor  # [N] cache slot each query row writes its K/V into
-    cache_pos: torch.Tensor  # [N] position in that slot (after the slot's committed tokens)
+    # The first num_shared query rows belong to slots in the shared buffers; for each of them, the slot it writes its
+    # K/V into and the position there (after the slot's committed tokens). The rows after them belong to slots with
+    # buffers of their own, and write through their groups (AttentionGroup.own_slot).
+    num_shared: int
+    slot_of_row: torch.Tensor  # [num_shared]
+    cache_pos: torch.Tensor  # [num_shared]
     groups: tuple[AttentionGroup, ...]
     logits_index: torch.Tensor  # [R] packed rows that get logits, packed batch row by packed batch row
     logits_counts: tuple[int, ...]  # how many of those each packed batch row owns
@@ -114,9 +123,14 @@ def attention_groups(sizes: list[int]) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device: torch.device) -> PackedBatch:
-    """Pack ``specs`` (one per batch row) whose rows live in cache ``slots`` holding ``lengths`` committed tokens."""
-    grouping = attention_groups([s.num_rows for s in specs])
+def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device: torch.device,
+         own_slots: Collection[int] = ()) -> PackedBatch:
+    """Pack ``specs`` (one per batch row) whose rows live in cache ``slots`` holding ``lengths`` committed tokens;
+    a row whose slot is in ``own_slots`` (buffers of its own) attends in a group of its own."""
+    alone = [i for i, slot in enumerate(slots) if slot in own_slots]
+    shared = [i for i in range(len(specs)) if slots[i] not in own_slots]
+    grouping = [[shared[k] for k in g] for g in attention_groups([specs[i].num_rows for i in shared])]
+    grouping += [[i] for i in alone]
     order = [i for g in grouping for i in g]
     specs = [specs[i] for i in order]
     # one host-to-tensor copy for every per-batch-row integer (tiny tensor ops cost microseconds each)
@@ -131,11 +145,16 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
     for g in grouping:
         last = first + len(g)
         n_rows = sum(s.num_rows for s in specs[first:last])
-        groups.append(_group(specs[first:last], [lengths[i] for i in order[first:last]], size_t[first:last],
-                             length_t[first:last], slots_t[first:last],
-                             [slots[i] for i in order[first:last]], slice(first_row, first_row + n_rows),
-                             local[first_row:first_row + n_rows], row_of[first_row:first_row + n_rows] - first))
+        group = _group(specs[first:last], [lengths[i] for i in order[first:last]], size_t[first:last],
+                       length_t[first:last], slots_t[first:last], [slots[i] for i in order[first:last]],
+                       slice(first_row, first_row + n_rows), local[first_row:first_row + n_rows],
+                       row_of[first_row:first_row + n_rows] - first)
+        if g[0] in alone:
+            group = replace(group, slot_range=None, own_slot=slots[g[0]], own_start=lengths[g[0]])
+        groups.append(group)
         first, first_row = last, first_row + n_rows
+    # the rows of shared slots come first (their groups were packed first)
+    num_shared = sum(specs[k].num_rows for k in range(len(shared)))
     # the rows that get logits, from the host values (a nonzero() over a device mask would wait for the device)
     wanted, start = [], 0
     for spec in specs:
@@ -144,8 +163,9 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
     return PackedBatch(
         tokens=torch.cat([s.tokens for s in specs]),
         positions=torch.cat([s.positions for s in specs]),
-        slot_of_row=slots_t[row_of],
-        cache_pos=length_t[row_of] + local,
+        num_shared=num_shared,
+        slot_of_row=slots_t[row_of[:num_shared]],
+        cache_pos=(length_t[row_of] + local)[:num_shared],
         groups=tuple(groups),
         logits_index=torch.tensor(wanted, dtype=torch.long, device=device),
         logits_counts=tuple(s.logits_end - s.logits_from for s in specs),

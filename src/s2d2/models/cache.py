@@ -46,10 +46,14 @@ class KVCache:
 class BatchKVCache:
     """K/V buffers for ``num_slots`` independent rows (the engine's batch), each with its own committed length.
 
-    Layout per layer: ``[num_slots, num_kv_heads, capacity, head_dim]``. Slot ``s`` holds one request's committed
-    tokens in ``[0, lengths[s])``; a batched forward writes each row's K/V into the slots right after them (scratch
-    until committed), exactly as :class:`KVCache` does for a single row. A finished request's slot is reused by the
-    next one after :meth:`SlotCache.reset`.
+    Layout per layer: ``[num_slots, num_kv_heads, capacity, head_dim]``, shared by the slots. Slot ``s`` holds one
+    request's committed tokens in ``[0, lengths[s])``; a batched forward writes each row's K/V into the slots right
+    after them (scratch until committed), exactly as :class:`KVCache` does for a single row. A finished request's
+    slot is reused by the next one after :meth:`SlotCache.reset`.
+
+    A request longer than the shared ``capacity`` gets buffers of its own for its slot (:meth:`give_own`,
+    ``[num_kv_heads, its capacity, head_dim]`` per layer) for as long as it runs (:meth:`release`): one long request
+    takes memory for itself alone, and never grows every slot to its length.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_slots: int, capacity: int,
@@ -59,22 +63,38 @@ class BatchKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.lengths = [0] * num_slots
         self.capacity = capacity
+        # slot -> its own per-layer key and value buffers [num_kv_heads, capacity, head_dim] (a long request's)
+        self.own: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
     def slot(self, index: int) -> SlotCache:
         """The single-row view of slot ``index`` that a row's decoding loop reads and commits through."""
         return SlotCache(self, index)
 
-    def ensure_capacity(self, capacity: int) -> None:
-        """Grow every slot to at least ``capacity`` token slots, keeping what they hold (a longer request arrived)."""
-        if capacity <= self.capacity:
-            return
-        capacity = max(capacity, 2 * self.capacity)
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                new = old.new_zeros(old.shape[0], old.shape[1], capacity, old.shape[3])
-                new[:, :, : self.capacity] = old
-                buffers[i] = new
-        self.capacity = capacity
+    def give_own(self, index: int, capacity: int) -> None:
+        """Give slot ``index`` buffers of its own for ``capacity`` token slots (zeroed: a masked padding key must not
+        be NaN, whose zero weight would still poison the attention output)."""
+        layer = self.keys[0]
+        shape = (layer.shape[1], capacity, layer.shape[3])
+        self.own[index] = ([layer.new_zeros(shape) for _ in self.keys], [layer.new_zeros(shape) for _ in self.keys])
+
+    def release(self, index: int) -> None:
+        """Return slot ``index``'s own buffers, if it has them (its request ended); it uses the shared ones again."""
+        self.own.pop(index, None)
+
+    def capacity_of(self, index: int) -> int:
+        """Token slots of slot ``index``: its own buffers' or the shared capacity."""
+        own = self.own.get(index)
+        return self.capacity if own is None else int(own[0][0].shape[1])
+
+    @property
+    def max_capacity(self) -> int:
+        """The most token slots any slot has (the positions a forward may reach)."""
+        return max([self.capacity, *(int(keys[0].shape[1]) for keys, _ in self.own.values())])
+
+    @property
+    def own_bytes(self) -> int:
+        """Bytes the slots' own buffers take."""
+        return sum(t.numel() * t.element_size() for keys, values in self.own.values() for t in (*keys, *values))
 
 
 class SlotCache:
@@ -82,7 +102,7 @@ class SlotCache:
 
     def __init__(self, batch: BatchKVCache, index: int) -> None:
         self.batch, self.index = batch, index
-        self._views: tuple[int, list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._views: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # of the shared buffers
 
     @property
     def keys(self) -> list[torch.Tensor]:
@@ -95,11 +115,13 @@ class SlotCache:
         return self._layer_views()[1]
 
     def _layer_views(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        # rebuilt only when ensure_capacity has replaced the buffers (the capacity changes exactly then)
-        if self._views is None or self._views[0] != self.batch.capacity:
+        own = self.batch.own.get(self.index)
+        if own is not None:
+            return own
+        if self._views is None:  # built once: the shared buffers never change
             b, i = self.batch, self.index
-            self._views = (b.capacity, [k[i] for k in b.keys], [v[i] for v in b.values])
-        return self._views[1], self._views[2]
+            self._views = ([k[i] for k in b.keys], [v[i] for v in b.values])
+        return self._views
 
     @property
     def length(self) -> int:
@@ -107,7 +129,7 @@ class SlotCache:
 
     @property
     def capacity(self) -> int:
-        return self.batch.capacity
+        return self.batch.capacity_of(self.index)
 
     def reset(self) -> None:
         """Forget the slot's committed tokens (a new request takes it)."""

@@ -457,16 +457,29 @@ class Decoder(nn.Module):
         caller commits them), as :meth:`forward` does for one row.
         """
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k
-            cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v
-            if len(batch.groups) == 1:
+            shared = batch.num_shared
+            if shared == k.shape[0]:  # every row in the shared buffers: one write
+                cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k
+                cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v
+            elif shared:
+                cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k[:shared]
+                cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v[:shared]
+            if len(batch.groups) == 1 and shared:
                 return self._group_attention(q, cache.keys[i], cache.values[i], batch.groups[0])
             attn = q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
             for g in batch.groups:
-                attn[g.rows] = self._group_attention(q[g.rows], cache.keys[i], cache.values[i], g)
+                if g.own_slot is None:
+                    keys, values = cache.keys[i], cache.values[i]
+                else:  # a slot with buffers of its own: its rows' K/V go there, and it attends over them alone
+                    own_keys, own_values = cache.own[g.own_slot]
+                    keys, values = own_keys[i], own_values[i]
+                    end = g.own_start + g.rows.stop - g.rows.start
+                    keys[:, g.own_start:end] = k[g.rows].transpose(0, 1)
+                    values[:, g.own_start:end] = v[g.rows].transpose(0, 1)
+                attn[g.rows] = self._group_attention(q[g.rows], keys, values, g)
             return attn
 
-        cos, sin = self._rope(batch.positions, cache.capacity)  # [N, 1, head_dim]
+        cos, sin = self._rope(batch.positions, cache.max_capacity)  # [N, 1, head_dim]
         return self._stack(batch.tokens, cos, sin, attend, batch.logits_index, self._kernels)
 
     def _group_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -474,7 +487,9 @@ class Decoder(nn.Module):
         """Attention of one group's query rows ``[n, heads, head_dim]`` over their slots; returns ``[n, q_size]``."""
         c = self.config
         b, width = int(g.attn_mask.shape[0]), g.width
-        if g.slot_range is not None:
+        if g.own_slot is not None:  # the slot's own buffers [kv_heads, capacity, head_dim]
+            keys, values = keys[None, :, :g.key_len], values[None, :, :g.key_len]
+        elif g.slot_range is not None:
             keys = keys[g.slot_range[0]:g.slot_range[1], :, :g.key_len]
             values = values[g.slot_range[0]:g.slot_range[1], :, :g.key_len]
         else:

@@ -34,7 +34,9 @@ from s2d2.engine.engine import Engine, Event
 
 log = logging.getLogger("s2d2.serve")
 
-CACHE_CAPACITY = 256  # token slots per row to start with; a longer request grows them
+# token slots per row in the shared cache; a longer request gets buffers of its own while it runs (or waits for
+# memory, or is refused: BatchKVCache.give_own, Engine._admit)
+CACHE_CAPACITY = 256
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,6 @@ class _Core:
         if message[0] == "add":
             _, key, prompt_ids, cfg, seed, trace, stream = message
             generator = torch.Generator(device=self.model.device).manual_seed(seed)
-            # may grow the batch cache: the longest request so far sets the slots' capacity
             rid = self.engine.add(prompt_ids, cfg, generator, self.model.stop_check(cfg), trace)
             self.keys[rid], self.ids[key] = key, rid
             if not stream:

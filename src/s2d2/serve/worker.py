@@ -376,6 +376,9 @@ class EngineWorker:
                                headers={"Retry-After": "1"})
             if isinstance(item, BaseException):
                 raise APIError(500, f"decoding failed ({type(item).__name__}: {item}).", error_type="internal_error")
+            if item.finished and item.finish_reason == "refused":
+                raise APIError(503, item.error or "there is no memory for this request.", error_type="server_error",
+                               code="insufficient_memory")
             if item.finished and item.finish_reason == "timeout":
                 raise APIError(504, f"the request did not finish within the server's timeout of "
                                f"{self.cfg.timeout_s:g} s.", error_type="timeout_error", code="timeout")
