@@ -7,6 +7,9 @@
 # Usage: bash scripts/bench_all.sh [section ...]   sections: wordy grid batched host pipelined relaxed prefix
 #                                                             compile threads dp tune serve (default: all)
 #        SOAK_MINUTES=0 skips the serving soak (default 10 minutes).
+#        bash scripts/bench_all.sh real   the SDAR-1.7B-shaped measurements ("Real-sized checkpoints", about 40
+#        minutes; not in the default run: it writes a 4 GB checkpoint to $SIZED from the published files in
+#        $PUBLISHED, default ../shared/checkpoints)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/s2d2 ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -65,6 +68,19 @@ for s in "${sections[@]}"; do
     serve)
       python scripts/loadtest.py --methods s2d2 ar --concurrency 1 4 16 --seconds 30 --soak-minutes "${SOAK_MINUTES:-10}" \
         --out benchmarks/bundled-arith/loadtest.json ;;
+    real)
+      SIZED=${SIZED:-/tmp/sdar-1.7b}
+      PUBLISHED=${PUBLISHED:-../shared/checkpoints}
+      [ -f "$SIZED/model.safetensors" ] || python scripts/sized_checkpoint.py \
+        --published "$PUBLISHED/JetLM__SDAR-1.7B-Chat" --bpe "$PUBLISHED/_qwen2-bpe" --out "$SIZED"
+      python scripts/load_memory.py "$SIZED" --dtypes bfloat16 float32
+      for dt in bfloat16 float32; do
+        python scripts/forward_cost.py --model "$SIZED" --dtype $dt --counts 1 2 4 8 16 32 64 --repeats 3 --warmup 2 \
+          --out benchmarks/sdar-1.7b-random/$dt
+      done
+      python scripts/dtype_cost.py --model "$SIZED" --out benchmarks/sdar-1.7b-random/dtype_cost.json
+      python scripts/long_context.py --model "$SIZED" --long-tokens 16000 --short 15 \
+        --out benchmarks/sdar-1.7b-random/long_context.json ;;
     *) echo "unknown section: $s" >&2; exit 2 ;;
   esac
 done

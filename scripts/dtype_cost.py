@@ -1,5 +1,5 @@
 """float32 against bfloat16 on the CPU, by model size: the milliseconds of one packed forward (1 and 16 requests of
-one query row over a 64-token cache) for the bundled model, random models of ~25M and ~140M parameters, and any
+one query row over a 64-token cache) for the bundled model, random models of 34M and 143M parameters, and any
 ``--model`` given (e.g. the SDAR-1.7B-shaped checkpoint of scripts/sized_checkpoint.py). This is what decides
 ``dtype="auto"`` on a CPU (s2d2.api.cpu_dtype). Shapes run in shuffled rounds; prints a table of medians and writes
 ``--out`` JSON.
@@ -25,8 +25,8 @@ from s2d2.training.random_init import write_random_model
 sys.path.insert(0, str(Path(__file__).parent))
 from forward_cost import measure  # noqa: E402
 
-SIZES = {  # random models between the bundled one and the real ones
-    "random-25M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+SIZES = {  # random models between the bundled one and the real ones (34M and 143M parameters)
+    "random-34M": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
                        num_key_value_heads=4, head_dim=64, vocab_size=8192),
     "random-143M": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=10, num_attention_heads=8,
                         num_key_value_heads=4, head_dim=128, vocab_size=8192),
@@ -55,7 +55,7 @@ def main() -> None:
                 random.shuffle(cases)
                 for dtype, n in cases:
                     times.setdefault((dtype, n), []).extend(measure(models[dtype], n, 1, 64, args.repeats, 0))
-            row = {"model": name, "params": params}
+            row = {"model": Path(name).name, "params": params}  # a directory's name, not the machine's path
             for (dtype, n), ms in sorted(times.items()):
                 row[f"{dtype}_{n}_ms"] = round(statistics.median(ms), 2)
             for n in (1, 16):

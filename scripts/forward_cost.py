@@ -74,26 +74,35 @@ def main() -> None:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        meta = {"model": args.model, "cache": args.cache, "device": args.device, "dtype": str(model.dtype),
+        meta = {"model": Path(args.model).name, "cache": args.cache, "device": args.device, "dtype": str(model.dtype),
                 "threads": torch.get_num_threads()}
         (out / "forward_cost.json").write_text(json.dumps({**meta, "records": records}, indent=1))
-        import matplotlib
+        plot(out / "forward_cost.json")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        ax.plot(counts, [r["one_request_ms"] for r in records], marker="o", label="one request, n query rows")
-        ax.plot(counts, [r["many_requests_ms"] for r in records], marker="s", label="n requests, 1 query row each")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("query rows in the forward")
-        ax.set_ylabel("ms per forward (median)")
-        ax.set_title(f"{args.model}: cost of one forward (cache {args.cache} tokens per request)", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "forward_cost.png", dpi=120)
+def plot(path: Path) -> None:
+    """Draw ``forward_cost.png`` beside a ``forward_cost.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    records, counts = data["records"], [r["rows"] for r in data["records"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(counts, [r["one_request_ms"] for r in records], marker="o", label="one request, n query rows")
+    ax.plot(counts, [r["many_requests_ms"] for r in records], marker="s", label="n requests, 1 query row each")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("query rows in the forward")
+    ax.set_ylabel("ms per forward (median)")
+    dtype = str(data.get("dtype", "")).removeprefix("torch.")
+    ax.set_title(f"{data['model']} {dtype}: cost of one forward (cache {data['cache']} tokens per request)",
+                 fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
 
 
 if __name__ == "__main__":

@@ -65,13 +65,13 @@ def rss_mib(pid: int) -> float:
 
 @contextlib.contextmanager
 def serving(model: str, method: str, max_batch: int, max_queue: int, replicas: int = 1,
-            threads: int | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """``s2d2 serve`` on a free loopback port (served as ``loadtest``), once its engines are ready: yields the
-    process and its URL, and stops it on the way out."""
+            threads: int | None = None, extra: tuple[str, ...] = ()) -> Iterator[tuple[subprocess.Popen, str]]:
+    """``s2d2 serve`` on a free loopback port (served as ``loadtest``; ``extra``: more flags), once its engines are
+    ready: yields the process and its URL, and stops it on the way out."""
     port = free_port()
     cmd = [sys.executable, "-m", "s2d2.cli", "serve", "--model", model, "--port", str(port), "--method", method,
            "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--log-level", "warning",
-           "--served-model-name", "loadtest", "--data-parallel-size", str(replicas)]
+           "--served-model-name", "loadtest", "--data-parallel-size", str(replicas), *extra]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     proc = subprocess.Popen(cmd)

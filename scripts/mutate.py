@@ -539,6 +539,48 @@ MUTATIONS: list[Mutation] = [
         "0 <= body.seed <= SEED_MAX - body.n",
         "0 <= body.seed <= SEED_MAX",
     ),
+    Mutation(
+        "checkpoint_map_kept_open",
+        "the loader reads a whole safetensors file through one memory map (its pages stay resident beside the model)",
+        "checkpoint.py",
+        "self._read >= READ_BUDGET:",
+        "self._read >= READ_BUDGET * 1_000_000:",
+    ),
+    Mutation(
+        "own_buffers_never_released",
+        "a long request's own K/V buffers outlive it",
+        "models/cache.py",
+        "        self.own.pop(index, None)",
+        "        pass",
+    ),
+    Mutation(
+        "own_rows_lose_their_keys",
+        "a row with its own buffers writes zeros for its keys",
+        "models/decoder.py",
+        "                    keys[:, g.own_start:end] = k[g.rows].transpose(0, 1)",
+        "                    keys[:, g.own_start:end] = 0",
+    ),
+    Mutation(
+        "plan_ignores_the_margin",
+        "batch size auto fills all the free memory, keeping nothing back",
+        "engine/memory.py",
+        "usable = int(free * (1 - MARGIN))",
+        "usable = int(free)",
+    ),
+    Mutation(
+        "long_request_never_waits",
+        "a long request that could fit once other long requests end is refused instead of waiting",
+        "engine/engine.py",
+        "        if need <= free + held:",
+        "        if False:",
+    ),
+    Mutation(
+        "large_masks_cached",
+        "every attention mask is cached, a long prompt's prefill mask too",
+        "models/batching.py",
+        "        if mask.numel() <= self.max_elements:",
+        "        if True:",
+    ),
 ]
 
 

@@ -164,3 +164,15 @@ def test_cached_draft_equals_uncached_forward(model, cache_ver, draft_ver, first
     uncached = adapter.model(torch.tensor(prefix + block), torch.arange(n), adapter.new_cache(n), full)[12:]
     uncached = uncached.index_fill_(-1, adapter.banned_ids, float("-inf"))
     assert torch.allclose(cached, uncached, atol=1e-5)
+
+
+def test_small_masks_are_cached_and_a_long_prompts_are_not():
+    """Decoding's small masks are built once; a long prefill's mask (prompt length squared) is not kept, so a
+    long-context server does not hold one per prompt length."""
+    cpu = torch.device("cpu")
+    small = draft_mask(8, 4, 0, True, True, cpu)
+    assert draft_mask(8, 4, 0, True, True, cpu) is small
+    big = draft_mask(1000, 4, 0, True, True, cpu)
+    assert big.shape == (1004, 1004) and draft_mask(1000, 4, 0, True, True, cpu) is not big
+    assert torch.equal(draft_mask(1000, 4, 0, True, True, cpu), big)
+    assert all(m.numel() <= draft_mask.max_elements for m in draft_mask.masks.values())

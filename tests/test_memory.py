@@ -33,7 +33,7 @@ def test_the_cache_of_sdar_1_7b_takes_112_kib_per_token_in_bf16() -> None:
     assert kv_bytes_per_token(config, torch.float32) == 224 * 1024
     # a row is its cache plus its largest forward's activations (its prefill: 2k rows of hidden states)
     per_row = row_bytes(config, torch.bfloat16, 2048, logit_rows=12, query_rows=2048)
-    assert 2048 * 112 * 1024 < per_row < 2 * 2048 * 112 * 1024
+    assert 2048 * 112 * 1024 < per_row < 2.5 * 2048 * 112 * 1024
 
 
 def test_auto_takes_what_fits_up_to_the_device_limit() -> None:
@@ -43,7 +43,7 @@ def test_auto_takes_what_fits_up_to_the_device_limit() -> None:
     plan = plan_batch(config, torch.bfloat16, CPU, "auto", 100, 2048, 12, 2048, free=19 * GIB)
     assert plan.rows == int(19 * GIB * (1 - MARGIN)) // per_row >= 8  # the issue's target: at least 8 at 2k
     assert plan.auto and plan.limited and plan.rows * per_row <= 19 * GIB
-    assert plan.describe() == f"batch size auto: {plan.rows} rows of 344.3 MiB each ({plan.rows * per_row / GIB:.1f} " \
+    assert plan.describe() == f"batch size auto: {plan.rows} rows of 440.3 MiB each ({plan.rows * per_row / GIB:.1f} " \
                               "GiB; 19.0 GiB free)"
     small = plan_batch(config, torch.bfloat16, CPU, "auto", 3, 2048, 12, 2048, free=19 * GIB)
     assert (small.rows, small.limited) == (3, False)  # never more rows than there are
@@ -68,31 +68,34 @@ def test_free_memory_is_what_the_host_has() -> None:
     assert 0 < free <= total
 
 
+def _row(model: s2d2.Model, prompts: list[str], max_new_tokens: int) -> int:
+    """The bytes Model.generate counts per row for ``prompts``."""
+    cfg = model.resolve_config(max_new_tokens=max_new_tokens)
+    capacity = max(model._positions_needed(len(model.encode(p)), cfg) for p in prompts) + 3 * cfg.block_size
+    query = max(len(model.encode(p)) for p in prompts) + 2 * cfg.block_size
+    return row_bytes(model.adapter.model.config, model.dtype, capacity, 3 * cfg.block_size, query)
+
+
 def test_generate_refuses_a_batch_that_cannot_fit_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:
     model = s2d2.load("bundled")
-    per_row = row_bytes(model.adapter.model.config, model.dtype, 64, 12, 64)
-    monkeypatch.setattr(memory, "free_memory", lambda device: 3 * per_row)
+    monkeypatch.setattr(memory, "free_memory", lambda device: int(2.5 * _row(model, ["1+1="], 8) / (1 - MARGIN)))
 
     def no_engine(*args, **kwargs):
         raise AssertionError("an engine was built")
 
     monkeypatch.setattr(s2d2.api, "Engine", no_engine)
     with pytest.raises(ConfigError, match=r"batch_size 8 needs .* MiB for 8 rows .* rows fit; use batch_size auto or at "
-                                          r"most [1-7]\.$"):
+                                          r"most 2\.$"):
         model.generate(["1+1="] * 8, max_new_tokens=8, batch_size=8)
     with pytest.raises(ConfigError, match="batch_size 8 needs"):
-        model.loglikelihoods([([5] * 100, [6])] * 8, batch_size=8)
+        model.loglikelihoods([([5] * 20, [6])] * 8, batch_size=8)
 
 
 def test_auto_decodes_what_fits_and_says_so(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     model = s2d2.load("bundled")
     prompts = ["12+7=", "3+4=", "8+8=", "20+1=", "5+9="]
     expected = model.generate(prompts, max_new_tokens=8, batch_size=1)
-    cfg = model.resolve_config(max_new_tokens=8)
-    capacity = max(model._positions_needed(len(model.encode(p)), cfg) for p in prompts) + 3 * cfg.block_size
-    query = max(len(model.encode(p)) for p in prompts) + 2 * cfg.block_size
-    per_row = row_bytes(model.adapter.model.config, model.dtype, capacity, 3 * cfg.block_size, query)
-    monkeypatch.setattr(memory, "free_memory", lambda device: int(2.5 * per_row / (1 - MARGIN)))
+    monkeypatch.setattr(memory, "free_memory", lambda device: int(2.5 * _row(model, prompts, 8) / (1 - MARGIN)))
     outs = model.generate(prompts, max_new_tokens=8)  # batch_size "auto" by default: 2 rows fit
     assert model.last_batch_plan.rows == 2 and model.last_batch_plan.limited
     assert [o.token_ids for o in outs] == [o.token_ids for o in expected]  # batch == batch 1

@@ -21,7 +21,6 @@ which writes the prompt's block-aligned prefix):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -30,11 +29,11 @@ from tokenizers import Tokenizer
 from s2d2.checkpoint import SpecialIds
 from s2d2.errors import ModelLoadError
 from s2d2.families.sdar import QWEN_WEIGHT_NAMES, SDARAdapter, draft_mask, prefix_draft_mask
-from s2d2.models.batching import ForwardSpec
+from s2d2.models.batching import ForwardSpec, MaskCache
 from s2d2.models.decoder import Decoder, DecoderConfig
 
 
-@lru_cache(maxsize=1024)
+@MaskCache
 def _verify_mask(num_causal: int, num_next: int, device: torch.device) -> torch.Tensor:
     """``num_causal`` causal rows, then ``num_next`` rows that see all of them and each other."""
     n = num_causal + num_next

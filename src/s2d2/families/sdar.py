@@ -18,7 +18,6 @@ Forwards (reference §1.5, §1.8, §1.13; ``cache_len`` is always a multiple of 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from functools import lru_cache
 from typing import Any
 
 import torch
@@ -26,13 +25,13 @@ from tokenizers import Tokenizer
 
 from s2d2.checkpoint import SpecialIds
 from s2d2.core.requests import FamilyTraits
-from s2d2.models.batching import ForwardSpec
+from s2d2.models.batching import ForwardSpec, MaskCache
 from s2d2.models.cache import BatchKVCache, KVCache
 from s2d2.models.decoder import QWEN_WEIGHT_NAMES as QWEN_WEIGHT_NAMES  # SDAR's (Qwen3's) checkpoint names, re-exported
 from s2d2.models.decoder import Decoder, DecoderConfig
 
 
-@lru_cache(maxsize=1024)
+@MaskCache
 def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bool, draft_ver: bool,
                device: torch.device, prompt_rows: int = 0, num_blocks: int = 1) -> torch.Tensor:
     """Local mask ``[P + R, P + R]`` (True = may attend) for ``num_pending`` pending rows, then ``R = num_blocks *
@@ -58,7 +57,7 @@ def draft_mask(num_pending: int, block_size: int, first_mask: int, cache_ver: bo
     return mask
 
 
-@lru_cache(maxsize=1024)
+@MaskCache
 def prefix_draft_mask(num_pending: int, num_cached: int, block_size: int, first_mask: int, device: torch.device,
                       num_blocks: int = 1) -> torch.Tensor:
     """:func:`draft_mask` with the AR-consistent cache and ``draft_ver`` for a block whose first ``num_cached``
@@ -68,7 +67,7 @@ def prefix_draft_mask(num_pending: int, num_cached: int, block_size: int, first_
     return mask[num_cached:, num_cached:].contiguous()
 
 
-@lru_cache(maxsize=1024)
+@MaskCache
 def verify_mask(num_first: int, span_offset: int, device: torch.device, num_next: int = 0) -> torch.Tensor:
     """Local 2L mask: ``num_first`` causal rows, then one mask row per span position (span starts at ``span_offset``),
     then ``num_next`` rows drafting the next block.

@@ -11,8 +11,11 @@ scores, not matmuls; :attr:`PackedBatch.num_padded` counts it.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import functools
+from collections import OrderedDict
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -103,6 +106,32 @@ class PackedBatch:
     def num_padded(self) -> int:
         """Padding query rows in the attention layouts."""
         return sum(g.num_padded for g in self.groups)
+
+
+class MaskCache:
+    """A least-recently-used cache for a function building attention masks, keeping only masks of at most
+    ``max_elements`` entries: decoding builds the same few small masks (a block's draft, a 2L verification) over and
+    over, while a prompt's prefill mask grows with the prompt's square (a 16k-token prompt's is 256 MiB) and is built
+    once per prompt length, so caching every mask would hold memory without bound on a long-context server."""
+
+    def __init__(self, build: Callable[..., torch.Tensor], max_entries: int = 1024,
+                 max_elements: int = 1 << 16) -> None:
+        self.build, self.max_entries, self.max_elements = build, max_entries, max_elements
+        self.masks: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        functools.update_wrapper(self, build)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        key = (args, tuple(sorted(kwargs.items())))
+        mask = self.masks.get(key)
+        if mask is not None:
+            self.masks.move_to_end(key)
+            return mask
+        mask = self.build(*args, **kwargs)
+        if mask.numel() <= self.max_elements:
+            self.masks[key] = mask
+            if len(self.masks) > self.max_entries:
+                self.masks.popitem(last=False)
+        return mask
 
 
 # a batch row joins the current attention group while it is at most this many times the group's shortest row
