@@ -55,10 +55,11 @@ def completion(url: str, prompt: str, **fields) -> tuple[int, dict]:
 
 
 def test_an_engine_process_answers_as_generate_does(bundled):
-    s = start()
+    s = start(max_batch="auto")
     try:
         info = health(s.url)
         assert info["replicas"][0]["pid"] not in (None, os.getpid())  # its own process
+        assert info["replicas"][0]["slots"] == 64  # auto, on a CPU, for a model this small: the CPU limit
         prompts = [p.prompt for p in PROBLEMS[:3]]
         for prompt, want in zip(prompts, expected(bundled, prompts)):
             status, payload = completion(s.url, prompt)

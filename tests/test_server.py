@@ -500,3 +500,21 @@ def test_a_long_request_gets_its_own_cache_or_a_503_when_memory_is_short(server,
     short = server.client.completions.create(model="bundled", prompt=PROBLEMS[0].prompt, max_tokens=MAX_NEW)
     assert short.choices[0].text == want[1].text  # short requests use the shared slots: no memory asked
     wait_idle(server.url)
+
+
+def test_max_batch_auto_takes_the_slots_that_fit(bundled, monkeypatch):
+    """``--max-batch auto`` (the default): the engine takes as many slots as fit in the free memory, up to the CPU's
+    limit of 64; /health says how many."""
+    from s2d2.engine import memory
+    from s2d2.serve.core import CACHE_CAPACITY
+
+    per_slot = memory.row_bytes(bundled.adapter.model.config, bundled.dtype, CACHE_CAPACITY, 96, CACHE_CAPACITY)
+    for free, slots in ((1 << 40, 64), (int(5.5 * per_slot / (1 - memory.MARGIN)), 5)):
+        monkeypatch.setattr(memory, "free_memory", lambda device, free=free: free)
+        s = start_server(bundled, max_batch="auto")
+        try:
+            assert json.loads(get(s.url, "/health"))["replicas"][0]["slots"] == slots
+            answer = s.client.completions.create(model="bundled", prompt=PROBLEMS[0].prompt, max_tokens=MAX_NEW)
+            assert answer.choices[0].text == expected(bundled, [PROBLEMS[0].prompt])[0].text
+        finally:
+            stop_server(s)

@@ -236,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--served-model-name", default=None, help="the model name clients send (default: --model)")
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--max-batch", type=int, default=16, help="requests decoded together (default: 16)")
+    sv.add_argument("--max-batch", type=_batch_arg, default="auto",
+                    help="requests decoded together per engine: a number, or auto (default: as many as fit in the "
+                         "memory left beside the weights, up to 64 on a CPU, 256 on a GPU)")
     sv.add_argument("--max-queue", type=int, default=64,
                     help="requests waiting for a slot beyond --max-batch; more are answered 429 (default: 64)")
     sv.add_argument("--timeout", type=float, default=600.0,

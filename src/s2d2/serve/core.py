@@ -11,7 +11,8 @@ Messages (tuples, pickled by :mod:`multiprocessing`):
 
 - in: ``("add", key, prompt_ids, config, seed, trace, stream)``, ``("cancel", key, reason)``, ``("stop",)``
   (``stream`` False: only the request's final event is sent, not one per step)
-- out: ``("ready", info)`` once the model is loaded (a process core), ``("load_failed", message)``,
+- out: ``("ready", info)`` once the model is loaded (a process core; ``info["slots"]``: the engine's slots, what
+  ``max_batch="auto"`` chose), ``("load_failed", message)``,
   ``("events", [(key, Event), ...], steps, running, waiting)`` after each step or command batch, and
   ``("failed", keys, message)`` when a step raised (those requests fail; the core goes on with a fresh engine).
 
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from s2d2.engine.engine import Engine, Event
+from s2d2.engine.memory import AUTO_LIMIT, AUTO_LIMIT_OTHER, plan_batch
 
 log = logging.getLogger("s2d2.serve")
 
@@ -58,7 +60,19 @@ class ModelSource:
         return self
 
 
-def process_main(source: ModelSource, max_batch: int, commands: Connection, events: Connection) -> None:
+def engine_slots(model: Any, max_batch: int | str) -> int:
+    """The engine's slots: ``max_batch``, or with ``"auto"`` as many as fit in the free memory (each slot's shared
+    cache of :data:`CACHE_CAPACITY` tokens and a forward over all of them), up to the device's limit; an explicit
+    number that cannot fit is a ConfigError sentence."""
+    limit = AUTO_LIMIT.get(model.device.type, AUTO_LIMIT_OTHER) if max_batch == "auto" else max_batch
+    # the most logit rows a request's forward asks for: a verification that drafts the next block, at block 32
+    plan = plan_batch(model.adapter.model.config, model.dtype, model.device, max_batch, limit, CACHE_CAPACITY,
+                      logit_rows=96, query_rows=CACHE_CAPACITY)
+    log.info("engine slots: %s", plan.describe())
+    return plan.rows
+
+
+def process_main(source: ModelSource, max_batch: int | str, commands: Connection, events: Connection) -> None:
     """An engine process: load the model, say so, and run the core until told to stop (or the API side is gone)."""
     from s2d2.api import load  # here, in the child: the parent's import does not travel with a spawned process
 
@@ -74,12 +88,13 @@ def process_main(source: ModelSource, max_batch: int, commands: Connection, even
                      compile=source.compile)
         if source.compile:
             model.warm_up()
+        slots = engine_slots(model, max_batch)
     except Exception as e:  # noqa: BLE001 - any load failure: the API side reports it
         _tell(events, ("load_failed", f"{type(e).__name__}: {e}"))
         raise SystemExit(1) from None
     if _tell(events, ("ready", {"pid": os.getpid(), "device": str(model.device),
-                                "threads": torch.get_num_threads()})):
-        run_core(model, max_batch, commands, events)
+                                "threads": torch.get_num_threads(), "slots": slots})):
+        run_core(model, slots, commands, events)
 
 
 def _tell(events: Connection, message: tuple) -> bool:

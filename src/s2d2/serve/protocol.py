@@ -35,7 +35,9 @@ class ServerConfig:
     """How the server runs: its batch, queue and timeout limits, and the decoding defaults of its requests."""
 
     model_name: str  # the name clients send as ``model`` (and /v1/models lists)
-    max_batch: int = 16  # requests decoded together (engine slots)
+    # requests decoded together (engine slots): a number, or "auto": as many as fit in the memory left beside the
+    # weights, up to 64 on a CPU and 256 on a GPU (s2d2.engine.memory), chosen by each engine once it has loaded
+    max_batch: int | str = "auto"
     max_queue: int = 64  # requests waiting for a slot beyond those; more are answered 429
     timeout_s: float = 600.0  # a request still unfinished after this long is cancelled (504)
     defaults: DecodeConfig = field(default_factory=DecodeConfig)
@@ -47,8 +49,12 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_n", "max_body_bytes", "data_parallel_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise S2D2Error(f"{name} must be an integer >= 1, got {getattr(self, name)!r}.")
+            value = getattr(self, name)
+            if name == "max_batch" and value == "auto":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                extra = " or auto" if name == "max_batch" else ""
+                raise S2D2Error(f"{name} must be an integer >= 1{extra}, got {value!r}.")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise S2D2Error(f"max_queue must be an integer >= 0, got {self.max_queue!r}.")
         if not self.timeout_s > 0:

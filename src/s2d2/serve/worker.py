@@ -32,7 +32,7 @@ from s2d2.config import DecodeConfig
 from s2d2.core.stats import DecodeStats
 from s2d2.engine.engine import Event
 from s2d2.errors import S2D2Error
-from s2d2.serve.core import ModelSource, process_main, run_core
+from s2d2.serve.core import ModelSource, engine_slots, process_main, run_core
 from s2d2.serve.protocol import APIError, ServerConfig
 
 log = logging.getLogger("s2d2.serve")  # the server's one logger (not __name__: its name is what operators filter on)
@@ -110,6 +110,7 @@ class Replica:
     pid: int | None = None
     error: str | None = None  # why the last start failed, if it did
     load: _Load = field(default_factory=_Load)
+    slots: int = 0  # the engine's slots (what max_batch "auto" chose), known once it is ready
 
     def __post_init__(self) -> None:
         self._tickets: dict[int, Ticket] = {}
@@ -126,8 +127,9 @@ class Replica:
         events_out, events_in = _pipe()
         label = f"s2d2-engine-{self.index}"
         if self.source is None:
+            self.slots = engine_slots(self.model, self.cfg.max_batch)
             self._core = threading.Thread(target=run_core, name=label, daemon=True,
-                                          args=(self.model, self.cfg.max_batch, commands_out, events_in))
+                                          args=(self.model, self.slots, commands_out, events_in))
             self.ready = True
         else:
             context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or CUDA state
@@ -205,9 +207,9 @@ class Replica:
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "ready":
-            self.ready, self.pid, self.error = True, message[1]["pid"], None
-            log.info("engine %d ready (pid %d, %s, %d threads)", self.index, self.pid, message[1]["device"],
-                     message[1]["threads"])
+            self.ready, self.pid, self.error, self.slots = True, message[1]["pid"], None, message[1]["slots"]
+            log.info("engine %d ready (pid %d, %s, %d threads, %d slots)", self.index, self.pid, message[1]["device"],
+                     message[1]["threads"], self.slots)
         elif kind == "load_failed":
             self.error = message[1]
             log.error("engine %d could not load the model: %s", self.index, message[1])
@@ -266,12 +268,12 @@ class Replica:
         label = str(self.index)
         self.metrics.running.labels(label).set(self.load.running)
         self.metrics.waiting.labels(label).set(self.load.waiting)
-        self.metrics.occupancy.labels(label).set(self.load.running / self.cfg.max_batch)
+        self.metrics.occupancy.labels(label).set(self.load.running / self.slots if self.slots else 0.0)
 
     def health(self) -> dict[str, Any]:
         status = "ok" if self.ready else ("failed" if self.error else "starting")
         out: dict[str, Any] = {"replica": self.index, "status": status, "running": self.outstanding,
-                               "restarts": self.restarts, "pid": self.pid}
+                               "slots": self.slots, "restarts": self.restarts, "pid": self.pid}
         if self.error:
             out["error"] = self.error
         return out
@@ -339,7 +341,7 @@ class EngineWorker:
                 raise APIError(503, "no engine is ready yet (starting, or restarting after a failure); retry shortly.",
                                error_type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
             replica = min(ready, key=lambda r: (r.outstanding, r.index))
-            limit = self.cfg.max_batch + self.cfg.max_queue
+            limit = replica.slots + self.cfg.max_queue
             if replica.outstanding + len(tickets) > limit:
                 raise APIError(429, f"the server is busy: {replica.outstanding} requests are running or queued (limit "
                                f"{limit}); retry shortly.", error_type="rate_limit_error", code="queue_full",
