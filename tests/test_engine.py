@@ -177,35 +177,44 @@ def test_sampled_rows_depend_only_on_their_seed(model):
 
 
 def _committed(engine: Engine, slot: int, length: int) -> list[torch.Tensor]:
-    return [buf[slot, :, :length].clone() for buf in engine.cache.keys + engine.cache.values]
+    view = engine.cache.slot(slot)  # the shared buffers' slot, or the slot's own buffers
+    return [buf[:, :length].clone() for buf in view.keys + view.values]
 
 
-def test_every_step_leaves_each_rows_committed_cache_unchanged(model):
+@pytest.mark.parametrize("capacity", [128, 16], ids=["shared-slots", "own-buffers"])
+def test_every_step_leaves_each_rows_committed_cache_unchanged(model, capacity):
     """Invariant 1, per row: a step only appends to a row's committed K/V (drafts and verifications commit
-    nothing), and what a row committed equals its batch-1 cache."""
+    nothing), and what a row committed equals its batch-1 cache; in the shared slots, and in buffers of a row's own
+    (every row here is longer than 16 tokens)."""
     cfg = DecodeConfig(method="s2d2", block_size=4, policy="mask_span_length", min_span=1, max_new_tokens=16,
                        stop_token_ids=())
     batch = prompts(3, seed=9)
-    engine = Engine(model.adapter, 3, capacity=128)
+    engine = Engine(model.adapter, 3, capacity=capacity)
     ids = [engine.add(p, cfg) for p in batch]
     engine.step()  # admits all three
+    assert len(engine.cache.own) == (3 if capacity == 16 else 0)
     steps = 0
     finished = {}
+    last: dict[int, tuple[int, list[torch.Tensor]]] = {}  # each slot's committed K/V before its row's last step
     while not engine.idle:
-        before = {s: (engine.cache.lengths[s], _committed(engine, s, engine.cache.lengths[s])) for s in range(3)}
+        running = {r.slot for r in engine._rows.values()}
+        before = {s: (engine.cache.lengths[s], _committed(engine, s, engine.cache.lengths[s])) for s in running}
+        last.update(before)
         for event in engine.step():
             if event.finished:
                 finished[event.request_id] = event
         steps += 1
-        for s, (length, kv) in before.items():
+        for s in running & {r.slot for r in engine._rows.values()}:  # rows still running: their K/V are there
+            length, kv = before[s]
             assert engine.cache.lengths[s] >= length
             for a, b in zip(kv, _committed(engine, s, length)):
                 assert torch.equal(a, b), (s, steps)
     for slot, (rid, p) in enumerate(zip(ids, batch)):
         cache = model.adapter.new_cache(128)
         decode(model.adapter, p, cfg, cache)
-        n = cache.length
-        for got, want in zip(_committed(engine, slot, n), [k[:, :n] for k in cache.keys + cache.values]):
+        n, kv = last[slot]
+        assert 0 < n <= cache.length
+        for got, want in zip(kv, [k[:, :n] for k in cache.keys + cache.values]):
             assert torch.allclose(got, want, atol=1e-5)
         assert finished[rid].token_ids == decode(model.adapter, p, cfg, model.adapter.new_cache(128))[0]
 
