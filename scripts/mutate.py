@@ -575,6 +575,20 @@ MUTATIONS: list[Mutation] = [
         "        if False:",
     ),
     Mutation(
+        "shared_weights_copied",
+        "a decoder over a transformers model copies its weights instead of sharing them",
+        "models/decoder.py",
+        "setattr(module, attr, nn.Parameter(tensor.detach(), requires_grad=False))  # the same storage",
+        "setattr(module, attr, nn.Parameter(tensor.detach().clone(), requires_grad=False))",
+    ),
+    Mutation(
+        "split_parts_out_of_order",
+        "a shared q/k/v or gate/up runs its parts in the checkpoint's name order, not the fused matrix's",
+        "models/decoder.py",
+        "for _, name in sorted(parts)]",
+        "for _, name in sorted(parts, key=lambda part: part[1])]",
+    ),
+    Mutation(
         "large_masks_cached",
         "every attention mask is cached, a long prompt's prefill mask too",
         "models/batching.py",

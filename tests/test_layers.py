@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("s2d2.families",),
     ("s2d2.engine",),
     ("s2d2.api",),
-    ("s2d2.evaluation", "s2d2.serve"),
+    ("s2d2.evaluation", "s2d2.serve", "s2d2.hf"),
     ("s2d2.training",),
     ("s2d2.cli", "s2d2.lm_eval", "s2d2"),  # the package itself: the public API, imported by no module inside
     ("s2d2.__main__",),

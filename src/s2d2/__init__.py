@@ -20,12 +20,13 @@ if TYPE_CHECKING:
     from s2d2.config import DecodeConfig
     from s2d2.core.stats import DecodeStats
     from s2d2.errors import ConfigError, InputError, ModelLoadError, S2D2Error
+    from s2d2.hf import from_transformers
 
 # The public names, loaded on first use (PEP 562): `s2d2 --help` and `s2d2.cli` must not pay for importing torch
 # (about 1.2 s on an idle 2-core machine, several seconds on a busy one) before they know what the user asked for.
 _WHERE = {"Generation": "s2d2.api", "Model": "s2d2.api", "load": "s2d2.api", "DecodeConfig": "s2d2.config",
           "DecodeStats": "s2d2.core.stats", "ConfigError": "s2d2.errors", "InputError": "s2d2.errors",
-          "ModelLoadError": "s2d2.errors", "S2D2Error": "s2d2.errors"}
+          "ModelLoadError": "s2d2.errors", "S2D2Error": "s2d2.errors", "from_transformers": "s2d2.hf"}
 
 
 def __getattr__(name: str) -> Any:
@@ -49,6 +50,7 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "S2D2Error",
+    "from_transformers",
     "load",
 ]
 __version__ = "0.1.0"

@@ -47,9 +47,7 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
     """Instantiate the native module for ``config``, load its safetensors weights (with the LoRA adapter in
     ``lora_dir`` merged in), and wrap it in its family adapter."""
     family = family_for(config, model_dir / "config.json")
-    if special.mask_id is None:
-        raise ModelLoadError(f"{model_dir} names no mask token (config.json mask_token_id); "
-                             "a block-diffusion model needs one.")
+    _check_mask(special, str(model_dir))
     decoder_config = family.decoder_config(config)
     if device.type == "meta":  # shapes, ids and tokenizer without the weights: a server's API side (no decoding)
         with torch.device("meta"):
@@ -61,6 +59,19 @@ def build_adapter(model_dir: Path, config: dict[str, Any], special: SpecialIds, 
         tensors = merge_lora(weights, lora_dir) if lora_dir is not None else weights
         model = Decoder.from_hf_weights(decoder_config, tensors, device, dtype)
         weights.close()
+    return wrap_decoder(model, config, special, tokenizer)
+
+
+def _check_mask(special: SpecialIds, where: str) -> None:
+    if special.mask_id is None:
+        raise ModelLoadError(f"{where} names no mask token (config.json mask_token_id); "
+                             "a block-diffusion model needs one.")
+
+
+def wrap_decoder(model: Decoder, config: dict[str, Any], special: SpecialIds, tokenizer: Tokenizer,
+                 where: str = "config.json") -> FamilyAdapter:
+    """The family adapter of ``config`` around a built network ``model`` (its weights loaded or shared)."""
+    _check_mask(special, where)
     # Rows past the tokenizer's vocabulary are padding that was never trained: never emit them.
-    padding = range(tokenizer.get_vocab_size(with_added_tokens=True), decoder_config.vocab_size)
-    return family.from_checkpoint(model, config, special, tokenizer, padding)
+    padding = range(tokenizer.get_vocab_size(with_added_tokens=True), model.config.vocab_size)
+    return family_for(config, where).from_checkpoint(model, config, special, tokenizer, padding)

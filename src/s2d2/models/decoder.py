@@ -226,6 +226,29 @@ class Kernels:
 EAGER_KERNELS = Kernels()
 
 
+class SplitLinear(nn.Module):
+    """A linear map over weight matrices kept apart, their outputs concatenated: what one fused matrix computes, over
+    another model's separate q/k/v (or gate/up) tensors, shared rather than copied (:meth:`Decoder.sharing`)."""
+
+    def __init__(self, weights: list[nn.Parameter], biases: list[nn.Parameter] | None = None) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList(weights)
+        self.biases = nn.ParameterList(biases) if biases else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        biases = list(self.biases) if self.biases is not None else [None] * len(self.weights)
+        return torch.cat([F.linear(x, w, b) for w, b in zip(self.weights, biases)], dim=-1)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The fused matrix's values (a copy: for export, never for the forward)."""
+        return torch.cat(list(self.weights))
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return torch.cat(list(self.biases)) if self.biases is not None else None
+
+
 class _Layer(nn.Module):
     def __init__(self, c: DecoderConfig, index: int, device: Any, dtype: torch.dtype) -> None:
         super().__init__()
@@ -340,6 +363,59 @@ class Decoder(nn.Module):
         model.inv_freq = model._inv_freq(device)
         model.load_hf_state_dict(tensors)
         return model.eval().requires_grad_(False)
+
+    @classmethod
+    def sharing(cls, config: DecoderConfig, tensors: Mapping[str, torch.Tensor]) -> Decoder:
+        """A decoder whose weights *are* ``tensors`` (another model's parameters by checkpoint name, e.g. a
+        transformers model's ``named_parameters()``): nothing is copied or cast, so it computes on their device and
+        in their dtype, and sees any change made to them. Where this decoder fuses q/k/v or gate/up, a
+        :class:`SplitLinear` runs over the separate tensors. The names are checked as :meth:`load_hf_state_dict`
+        checks a checkpoint's; routed experts (stored stacked here) cannot be shared, a ModelLoadError."""
+        first = next(iter(tensors.values()))
+        with torch.device("meta"):
+            model = cls(config, device="meta", dtype=first.dtype)
+        layout = model._hf_layout()
+        model._check_names(tensors, layout)
+        parents = {id(m): (parent, name) for parent in model.modules() for name, m in parent.named_children()}
+        owners = {id(p): (module, name) for module in model.modules()
+                  for name, p in module.named_parameters(recurse=False)}
+        fused: dict[int, list[tuple[int, str]]] = {}
+        for name, (param, rows) in layout.items():
+            if name not in tensors:
+                continue  # a tied head
+            tensor = tensors[name]
+            target = param[rows] if rows is not None else param
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, but the config implies "
+                                     f"{tuple(target.shape)}.")
+            if rows is None:
+                module, attr = owners[id(param)]
+                setattr(module, attr, nn.Parameter(tensor.detach(), requires_grad=False))  # the same storage
+            elif isinstance(rows, slice) or (isinstance(rows, tuple) and len(rows) == 1):  # a part of a fused matrix
+                start = rows.start if isinstance(rows, slice) else rows[0].start
+                fused.setdefault(id(param), []).append((start, name))
+            else:
+                raise ModelLoadError(f"weight {name!r} is one routed expert's, which this decoder stores stacked with "
+                                     "the others; a mixture-of-experts model cannot share its weights (load it from "
+                                     "its directory with s2d2.load).")
+        for param_id, parts in fused.items():  # a fused matrix (or bias): its module becomes a SplitLinear
+            module, attr = owners[param_id]
+            parent, child = parents[id(module)]
+            split = getattr(parent, child)
+            shared = [nn.Parameter(tensors[name].detach(), requires_grad=False) for _, name in sorted(parts)]
+            if not isinstance(split, SplitLinear):
+                split = SplitLinear(shared) if attr == "weight" else SplitLinear([], shared)
+                setattr(parent, child, split)
+            elif attr == "weight":
+                split.weights = nn.ParameterList(shared)
+            else:
+                split.biases = nn.ParameterList(shared)
+        left = [name for name, p in model.named_parameters() if p.is_meta]
+        if left:
+            raise ModelLoadError(f"the model has no tensor for {len(left)} weight(s) of this decoder, first "
+                                 f"{left[0]!r}.")
+        model.inv_freq = model._inv_freq(first.device)
+        return model.eval()
 
     # ------------------------------------------------------------------ cache
     def new_cache(self, capacity: int) -> KVCache:
@@ -515,16 +591,7 @@ class Decoder(nn.Module):
         if self.lm_head is None and head_name in tensors:
             self._untie_if_different(tensors[head_name], tensors.get(embed_name))
         own = self._hf_layout()
-        missing = [name for name in own if name not in tensors]
-        if self.lm_head is None:
-            missing = [m for m in missing if m != head_name]
-        if missing:
-            raise ModelLoadError(f"the checkpoint lacks {len(missing)} weight(s), first {missing[0]!r}.")
-        unexpected = sorted(n for n in tensors if n not in own and not IGNORED_CHECKPOINT_TENSORS.search(n))
-        if unexpected:
-            raise ModelLoadError(
-                f"the checkpoint holds {len(unexpected)} tensor(s) that this config.json does not use, first "
-                f"{unexpected[0]!r} (does config.json describe this checkpoint?).")
+        self._check_names(tensors, own)
         with torch.no_grad():
             # In the source's order, one tensor at a time, each cast while it is copied into place: a lazily read
             # checkpoint (:class:`~s2d2.checkpoint.CheckpointTensors`) then never holds more than a few of its
@@ -541,6 +608,19 @@ class Decoder(nn.Module):
                 _check_finite(name, src)
                 target.copy_(src)
                 del src
+
+    def _check_names(self, tensors: Mapping[str, torch.Tensor], own: Mapping[str, Any]) -> None:
+        """A ModelLoadError if a weight this decoder needs is missing from ``tensors`` (a tied head aside), or if
+        ``tensors`` holds one it would not use (:data:`IGNORED_CHECKPOINT_TENSORS` aside)."""
+        head_name = self.config.layout.lm_head
+        missing = [name for name in own if name not in tensors and not (self.lm_head is None and name == head_name)]
+        if missing:
+            raise ModelLoadError(f"the checkpoint lacks {len(missing)} weight(s), first {missing[0]!r}.")
+        unexpected = sorted(n for n in tensors if n not in own and not IGNORED_CHECKPOINT_TENSORS.search(n))
+        if unexpected:
+            raise ModelLoadError(
+                f"the checkpoint holds {len(unexpected)} tensor(s) that this config.json does not use, first "
+                f"{unexpected[0]!r} (does config.json describe this checkpoint?).")
 
     def _untie_if_different(self, head: torch.Tensor, embed: torch.Tensor | None) -> None:
         """Give a tied model its own LM head when the checkpoint's ``lm_head.weight`` differs from the embedding.

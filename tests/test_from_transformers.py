@@ -1,0 +1,198 @@
+"""``s2d2.from_transformers``: S2D2 on a model a user already loaded with transformers (issue 31, first step).
+
+The s2d2 model must decode exactly as ``s2d2.load`` of the same directory (token for token, forward for forward, for
+every method), share the transformers model's tensors (no copy: same storage, no growth of resident memory by the
+model's size, and a change to the transformers weights is seen), and refuse what it cannot use in one sentence.
+Models: tiny ``init-random`` checkpoints loaded with transformers' own Qwen3 class (SDAR's layout, ``model_type``
+qwen3) and, for Fast-dLLM v2, its Qwen2 class under a config class named as the published remote code names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import s2d2
+from s2d2 import DecodeConfig, ModelLoadError
+from s2d2.training.random_init import write_random_model
+
+transformers = pytest.importorskip("transformers")
+
+METHODS = {
+    "ar": dict(method="ar"),
+    "static": dict(method="static", block_size=4, steps=2),
+    "dynamic": dict(method="dynamic", block_size=8, threshold=0.5),
+    "s2d2": dict(method="s2d2", block_size=8),
+    "s2d2-prefix": dict(method="s2d2", block_size=8, prefix_cache=True),
+}
+PROMPTS = ["hello world", "12+30=", "The cat sat on the"]
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_model(tmp_path_factory.mktemp("qwen3"), seed=4, model_type="qwen3")
+
+
+@pytest.fixture(scope="module")
+def loaded(qwen3_dir: Path):
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(qwen3_dir))
+    tok = transformers.AutoTokenizer.from_pretrained(str(qwen3_dir))
+    return hf, tok
+
+
+def _same(a: list[s2d2.Generation], b: list[s2d2.Generation]) -> None:
+    assert [g.token_ids for g in a] == [g.token_ids for g in b]
+    assert [g.stats.nfe for g in a] == [g.stats.nfe for g in b]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_it_decodes_as_s2d2_load_does(loaded, qwen3_dir, name):
+    hf, tok = loaded
+    ours, reference = s2d2.from_transformers(hf, tok), s2d2.load(str(qwen3_dir))
+    cfg = DecodeConfig(**METHODS[name], max_new_tokens=24, stop_token_ids=())
+    _same(ours.generate(PROMPTS, cfg), reference.generate(PROMPTS, cfg))
+    _same(ours.generate(PROMPTS, cfg, batch_size=1), reference.generate(PROMPTS, cfg, batch_size=1))
+
+
+def test_greedy_s2d2_verifying_every_step_is_ar(loaded):
+    ours = s2d2.from_transformers(*loaded)
+    ar = ours.generate(PROMPTS, method="ar", max_new_tokens=24, stop_token_ids=())
+    every = ours.generate(PROMPTS, method="s2d2", block_size=4, policy="mask_span_length", min_span=1,
+                          max_new_tokens=24, stop_token_ids=())
+    assert [g.token_ids for g in every] == [g.token_ids for g in ar]
+
+
+def test_the_weights_are_shared_not_copied(loaded):
+    hf, tok = loaded
+    ours = s2d2.from_transformers(hf, tok)
+    theirs = {p.data_ptr() for p in hf.parameters()}
+    assert all(p.data_ptr() in theirs for p in ours.adapter.model.parameters())
+    assert ours.dtype == hf.dtype and ours.device == hf.device
+    # the tokenizer is the transformers tokenizer's own backend: the same ids
+    assert ours.encode("12+30= hello <|im_end|>") == tok.encode("12+30= hello <|im_end|>", add_special_tokens=False)
+    before = ours.generate("hello", method="ar", max_new_tokens=8, stop_token_ids=())[0].token_ids
+    with torch.no_grad():  # a change to the transformers model is a change to the s2d2 model: one set of weights
+        hf.get_output_embeddings().weight.mul_(-1)
+    try:
+        after = ours.generate("hello", method="ar", max_new_tokens=8, stop_token_ids=())[0].token_ids
+    finally:
+        with torch.no_grad():
+            hf.get_output_embeddings().weight.mul_(-1)
+    assert after != before
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096
+
+
+def test_resident_memory_does_not_grow_by_the_model(tmp_path):
+    path = write_random_model(tmp_path, seed=1, model_type="qwen3", hidden_size=512, intermediate_size=1536,
+                              num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+                              vocab_size=8192)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    size = sum(p.numel() * p.element_size() for p in hf.parameters())
+    s2d2.from_transformers(hf)  # warm: imports and one-time allocations
+    before = _rss()
+    ours = s2d2.from_transformers(hf)  # the tokenizer read from the model's directory (name_or_path)
+    assert _rss() - before < 0.1 * size, f"{(_rss() - before) / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+    assert ours.generate("1+1=", max_new_tokens=4)[0].stats.num_tokens == 4
+
+
+def test_tied_embeddings_are_shared_too(tmp_path):
+    path = write_random_model(tmp_path, seed=2, model_type="qwen3", tie_word_embeddings=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    ours = s2d2.from_transformers(hf)
+    assert ours.adapter.model.lm_head is None
+    cfg = DecodeConfig(method="s2d2", block_size=4, max_new_tokens=16, stop_token_ids=())
+    _same(ours.generate(PROMPTS, cfg), s2d2.load(str(path)).generate(PROMPTS, cfg))
+
+
+def test_a_fast_dllm_v2_model_as_its_remote_code_loads_it(family_dir):
+    """Fast-dLLM v2's published code subclasses Qwen2 under ``model_type`` Fast_dLLM_Qwen; the same here, with
+    transformers' Qwen2 network and the checkpoint's own config.json fields (bd_size, the added mask token)."""
+    path = family_dir("fast_dllm_v2")
+
+    class FastDLLMConfig(transformers.Qwen2Config):
+        model_type = "Fast_dLLM_Qwen"
+
+    config = FastDLLMConfig(**json.loads((path / "config.json").read_text()))
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    from s2d2.checkpoint import load_weights
+
+    missing, unexpected = hf.load_state_dict(load_weights(path), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied: the checkpoint has no head of its own
+    hf.tie_weights()
+    hf.name_or_path = str(path)
+    ours, reference = s2d2.from_transformers(hf), s2d2.load(str(path))
+    assert ours.adapter.family == "fast_dllm_v2"
+    assert ours.adapter.default_block_size == reference.adapter.default_block_size
+    for name in ("ar", "dynamic", "s2d2"):
+        cfg = DecodeConfig(**{k: v for k, v in METHODS[name].items() if k != "block_size"}, max_new_tokens=16,
+                           stop_token_ids=(), generation_config="none")
+        _same(ours.generate(PROMPTS, cfg), reference.generate(PROMPTS, cfg))
+
+
+def _one_sentence(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message and message.endswith("."), message
+    return message
+
+
+def test_what_it_cannot_use_is_refused_in_one_sentence(loaded, family_dir):
+    hf, tok = loaded
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64))
+    with pytest.raises(ModelLoadError, match="model_type 'gpt2' in model.config is not supported") as err:
+        s2d2.from_transformers(gpt2, tok)
+    _one_sentence(err)
+    with pytest.raises(ModelLoadError, match="needs a transformers model object") as err:
+        s2d2.from_transformers("JetLM/SDAR-1.7B-Chat")
+    _one_sentence(err)
+    with pytest.raises(ModelLoadError, match="without a fast backend") as err:
+        s2d2.from_transformers(hf, object())
+    _one_sentence(err)
+
+    norm = hf.model.norm.weight
+    try:
+        hf.model.norm.weight = torch.nn.Parameter(norm.detach().to(torch.float16))
+        with pytest.raises(ModelLoadError, match="float16, float32; s2d2 shares weights of one floating dtype") as err:
+            s2d2.from_transformers(hf, tok)
+        _one_sentence(err)
+        hf.model.norm.weight = torch.nn.Parameter(torch.empty(norm.shape, device="meta"))
+        with pytest.raises(ModelLoadError, match="spread over cpu, meta") as err:
+            s2d2.from_transformers(hf, tok)
+        _one_sentence(err)
+    finally:
+        hf.model.norm.weight = norm
+
+    from s2d2.checkpoint import load_weights, read_config
+    from s2d2.families import decoder_config_for
+    from s2d2.models.decoder import Decoder
+
+    moe = family_dir("llada2")
+    with pytest.raises(ModelLoadError, match="routed expert") as err:
+        Decoder.sharing(decoder_config_for(read_config(moe)), load_weights(moe))
+    _one_sentence(err)
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch):
+    """README.md, "Using a model you loaded with transformers": its bash line, then its Python block, as written."""
+    import re
+    import subprocess
+    import sys
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Using a model you loaded with transformers", 1)[1].split("\n## ", 1)[0]
+    command = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1).split("#")[0].split()
+    code = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    assert command[:2] == ["s2d2", "init-random"]
+    from s2d2.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(command[1:]) == 0
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids, nfe = out.stdout.strip().rsplit(" ", 1)
+    assert len(json.loads(ids)) == 16 and 1 <= int(nfe) <= 16
