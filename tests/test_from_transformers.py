@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import s2d2
+import s2d2.hf
 from s2d2 import DecodeConfig, ModelLoadError
 from s2d2.training.random_init import write_random_model
 
@@ -186,7 +187,8 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## Using a model you loaded with transformers", 1)[1].split("\n## ", 1)[0]
     command = re.search(r"```bash\n(.*?)\n```", section, re.S).group(1).split("#")[0].split()
-    code = re.search(r"```python\n(.*?)\n```", section, re.S).group(1)
+    first, second = re.findall(r"```python\n(.*?)\n```", section, re.S)
+    code = first + "\n" + second + "\nassert __import__('torch').equal(ids, same), 'generate and s2d2.hf.generate'\n"
     assert command[:2] == ["s2d2", "init-random"]
     from s2d2.cli import main
 
@@ -196,3 +198,81 @@ def test_the_readme_example_runs(tmp_path, monkeypatch):
     assert out.returncode == 0, out.stderr[-2000:]
     ids, nfe = out.stdout.strip().rsplit(" ", 1)
     assert len(json.loads(ids)) == 16 and 1 <= int(nfe) <= 16
+
+
+# --------------------------------------------------------------------------- through transformers' generate
+
+
+@pytest.fixture(scope="module")
+def left_padded(loaded):
+    hf, tok = loaded
+    tok.padding_side = "left"
+    return tok(PROMPTS, return_tensors="pt", padding=True)
+
+
+def _expected(ours: s2d2.Model, inputs, **fields) -> list[list[int]]:
+    """Each row as transformers returns it: the padded input, the generated ids and the stop token that ended it."""
+    outs = ours.generate(PROMPTS, DecodeConfig(generation_config="none", **fields))
+    return [row + g.token_ids + ([g.stop_token_id] if g.stop_token_id is not None else [])
+            for row, g in zip(inputs["input_ids"].tolist(), outs)]
+
+
+def _strip(rows: list[list[int]], pad: int) -> list[list[int]]:
+    out = []
+    for row in rows:
+        row = list(row)
+        while row and row[-1] == pad:
+            row.pop()
+        out.append(row)
+    return out
+
+
+@pytest.mark.parametrize("fields", [dict(method="s2d2", block_size=8), dict(method="ar"),
+                                    dict(method="dynamic", block_size=4, threshold=0.6)], ids=["s2d2", "ar", "dynamic"])
+def test_model_generate_with_custom_generate_decodes_with_s2d2(loaded, left_padded, fields):
+    hf, tok = loaded
+    ours = s2d2.from_transformers(hf, tok)
+    out = hf.generate(**left_padded, custom_generate=s2d2.hf.CUSTOM_GENERATE, trust_remote_code=True,
+                      max_new_tokens=20, do_sample=False, **fields)
+    assert out.shape[0] == len(PROMPTS) and torch.equal(out[:, :left_padded["input_ids"].shape[1]],
+                                                       left_padded["input_ids"])
+    pad = hf.generation_config.pad_token_id
+    want = _expected(ours, left_padded, max_new_tokens=20, temperature=0.0, **fields)
+    assert _strip(out.tolist(), pad) == _strip(want, pad)
+    direct = s2d2.hf.generate(hf, **left_padded, max_new_tokens=20, do_sample=False, **fields)
+    assert torch.equal(direct, out)
+
+
+def test_generation_config_fields_map_onto_the_decode_config(loaded, left_padded):
+    hf, tok = loaded
+    n = left_padded["input_ids"].shape[1]
+    free = s2d2.hf.generate(hf, **left_padded, max_new_tokens=16, do_sample=False, method="s2d2", block_size=4)
+    stop = int(free[1, n + 5])  # row 1's sixth new token ends every row that generates it
+    out = s2d2.hf.generate(hf, **left_padded, max_new_tokens=16, do_sample=False, method="s2d2", block_size=4,
+                           eos_token_id=stop, pad_token_id=0)
+    row, first = out[1, n:].tolist(), free[1, n:].tolist().index(stop)  # where it first generates the stop token
+    assert row[:first + 1] == free[1, n:n + first + 1].tolist() and row[first] == stop  # ended by it, kept
+    assert set(row[first + 1:]) <= {0}  # then padding
+    # max_length counts the input; greedy S2D2 verifying every step is AR through generate too
+    ar = s2d2.hf.generate(hf, **left_padded, max_length=n + 12, do_sample=False, method="ar")
+    every = s2d2.hf.generate(hf, **left_padded, max_length=n + 12, do_sample=False, method="s2d2", block_size=4,
+                             policy="mask_span_length", min_span=1)
+    assert ar.shape[1] <= n + 12 and torch.equal(ar, every)
+    # sampling follows do_sample / temperature / top_k / top_p, drawn from torch's global generator
+    torch.manual_seed(3)
+    a = s2d2.hf.generate(hf, **left_padded, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40)
+    torch.manual_seed(3)
+    b = s2d2.hf.generate(hf, **left_padded, max_new_tokens=12, do_sample=True, temperature=0.9, top_k=40)
+    greedy = s2d2.hf.generate(hf, **left_padded, max_new_tokens=12, do_sample=False)
+    assert torch.equal(a, b) and not torch.equal(a, greedy)
+
+
+def test_what_generate_cannot_honour_is_one_sentence(loaded, left_padded):
+    hf, _ = loaded
+    for kwargs, message in [(dict(streamer=object()), "does not support streamer"),
+                            (dict(return_dict_in_generate=True), "returns the sequences tensor only"),
+                            (dict(frobnicate=1), "'frobnicate', which is neither"),
+                            (dict(method="beam"), "method must be one of")]:
+        with pytest.raises(s2d2.ConfigError, match=message) as err:
+            s2d2.hf.generate(hf, **left_padded, max_new_tokens=4, **kwargs)
+        _one_sentence(err)

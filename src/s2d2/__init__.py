@@ -29,7 +29,12 @@ _WHERE = {"Generation": "s2d2.api", "Model": "s2d2.api", "load": "s2d2.api", "De
           "ModelLoadError": "s2d2.errors", "S2D2Error": "s2d2.errors", "from_transformers": "s2d2.hf"}
 
 
+_SUBMODULES = ("hf",)  # public submodules, reachable as s2d2.hf after a plain `import s2d2`
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"s2d2.{name}")
     if name not in _WHERE:
         raise AttributeError(f"module 's2d2' has no attribute {name!r}")
     value = getattr(importlib.import_module(_WHERE[name]), name)
@@ -38,7 +43,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_WHERE])
+    return sorted([*globals(), *_WHERE, *_SUBMODULES])
 
 
 __all__ = [

@@ -49,6 +49,7 @@ class Generation:
     finish_reason: str  # "stop" (a stop token or stop string was generated) or "length" (max_new_tokens reached)
     stats: DecodeStats
     trace: list[dict[str, Any]] | None = None  # the step trace (s2d2.core.trace, schema s2d2.trace/1) with trace=True
+    stop_token_id: int | None = None  # the stop token that ended it (finish_reason "stop" without a stop string)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``s2d2 generate --json`` object."""
@@ -203,7 +204,8 @@ class Model:
                         results[order[event.request_id]] = event
                         bar.update(1)
         self.last_batch_stats = engine.stats
-        return [self.to_generation(e.token_ids, e.finish_reason, e.stats, cfg, e.trace) for e in results]
+        return [self.to_generation(e.token_ids, e.finish_reason, e.stats, cfg, e.trace, e.stop_token_id)
+                for e in results]
 
     def resolve_config(self, config: DecodeConfig | None = None, **overrides: Any) -> DecodeConfig:
         """``config`` (default: DecodeConfig()) with ``overrides`` and the checkpoint's sampling defaults applied,
@@ -255,7 +257,8 @@ class Model:
         return lambda done: find_stop(self.decode(done), cfg.stop) >= 0
 
     def to_generation(self, token_ids: list[int], finish_reason: str, stats: DecodeStats,
-                      cfg: DecodeConfig, trace: list[dict[str, Any]] | None = None) -> Generation:
+                      cfg: DecodeConfig, trace: list[dict[str, Any]] | None = None,
+                      stop_token_id: int | None = None) -> Generation:
         """A row's result as a :class:`Generation`: its text, cut before the first stop string (the tokens then end
         with the one completing it, and the finish reason is ``"stop"``)."""
         text = self.decode(token_ids)
@@ -263,7 +266,8 @@ class Model:
             token_ids = token_ids[:next(k for k in range(1, len(token_ids) + 1)
                                         if find_stop(self.decode(token_ids[:k]), cfg.stop) >= 0)]
             text, finish_reason, stats.num_tokens = text[:cut], "stop", len(token_ids)
-        return Generation(text, token_ids, finish_reason, stats, trace)
+            stop_token_id = None  # a stop string ended it
+        return Generation(text, token_ids, finish_reason, stats, trace, stop_token_id)
 
     @torch.inference_mode()
     def loglikelihoods(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]],

@@ -11,8 +11,12 @@ they expose (``config.to_dict()``, ``named_parameters()``, ``generation_config``
 
 from __future__ import annotations
 
+import copy
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from s2d2.api import Model
 from s2d2.checkpoint import (
@@ -22,12 +26,20 @@ from s2d2.checkpoint import (
     read_special_ids,
     read_template_tokens,
 )
-from s2d2.config import SAMPLING_DEFAULTS
-from s2d2.errors import ModelLoadError
+from s2d2.config import SAMPLING_DEFAULTS, DecodeConfig
+from s2d2.errors import ConfigError, ModelLoadError
 from s2d2.families import family_for, wrap_decoder
 from s2d2.models.decoder import Decoder
 
-__all__ = ["from_transformers"]
+__all__ = ["CUSTOM_GENERATE", "from_transformers", "generate"]
+
+# The directory to pass as ``custom_generate`` to a transformers model's ``generate`` (with ``trust_remote_code=True``,
+# which transformers asks for any local directory): its ``custom_generate/generate.py`` calls :func:`generate`.
+CUSTOM_GENERATE = str(Path(__file__).resolve().parent / "hf_generate")
+
+# generate()'s own arguments that s2d2 has no use for: fine when unset (None, or an empty list), refused when set
+_UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
+                "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus")
 
 
 def from_transformers(model: Any, tokenizer: Any = None) -> Model:
@@ -112,3 +124,74 @@ def _template_tokens(tokenizer: Any, directory: Path) -> dict[str, str]:
         if isinstance(value, str):
             out[key] = value
     return out
+
+
+def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: Any = None, *,
+             tokenizer: Any = None, **kwargs: Any) -> torch.Tensor:
+    """transformers' ``model.generate`` contract, decoded by s2d2: returns ``[batch, prompt + new]`` token ids, each
+    row its input (padding kept) followed by its generated tokens, the stop token that ended it, then
+    ``pad_token_id`` up to the longest row, as transformers returns them.
+
+    ``inputs`` / ``input_ids`` ``[batch, length]`` (or ``[length]``), left-padded rows with their ``attention_mask``
+    (or none, in which case ``pad_token_id`` marks padding), each decoded as its own prompt. The standard
+    ``GenerationConfig`` fields (from ``generation_config``, else the model's, updated by keyword arguments) map onto
+    :class:`~s2d2.config.DecodeConfig`: ``max_new_tokens`` (or ``max_length`` minus the input length),
+    ``do_sample`` (False: greedy), ``temperature``, ``top_k``, ``top_p``, ``eos_token_id`` (the stop tokens),
+    ``stop_strings``; every other keyword is a DecodeConfig field (``method``, ``block_size``, ...). What s2d2 cannot
+    honour (logits processors, streamers, assistant models, ``return_dict_in_generate``, unknown arguments) is a
+    ConfigError sentence. The s2d2 model over ``model`` (:func:`from_transformers`) is made once and kept with it.
+    """
+    ids = kwargs.pop("input_ids", None) if inputs is None else inputs
+    if ids is None:
+        raise ConfigError("generate needs input_ids (or inputs).")
+    ids = ids[None] if ids.dim() == 1 else ids
+    attention_mask = kwargs.pop("attention_mask", None)
+    for name in _UNSUPPORTED:
+        value = kwargs.pop(name, None)
+        if value is not None and not (isinstance(value, (list, tuple)) and not value) and value is not False:
+            raise ConfigError(f"s2d2's generate does not support {name}.")
+    for name in ("use_model_defaults", "kwargs"):
+        kwargs.pop(name, None)
+    gen = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    s2d2_fields = {f.name for f in fields(DecodeConfig) if f.init}
+    hf_fields = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(gen, k) and k not in s2d2_fields - {
+        "max_new_tokens", "temperature", "top_k", "top_p"}}
+    if hf_fields:
+        gen.update(**hf_fields)
+    unknown = sorted(k for k in kwargs if k not in s2d2_fields)
+    if unknown:
+        raise ConfigError(f"generate got {unknown[0]!r}, which is neither a GenerationConfig nor a DecodeConfig field.")
+    if getattr(gen, "return_dict_in_generate", False):
+        raise ConfigError("s2d2's generate returns the sequences tensor only (return_dict_in_generate is not "
+                          "supported).")
+    s2d2_model = _cached_model(model, tokenizer)
+    eos = _ids(gen.eos_token_id)
+    pad = gen.pad_token_id if isinstance(gen.pad_token_id, int) else (eos[0] if eos else 0)
+    if attention_mask is None:
+        attention_mask = (ids != pad) if gen.pad_token_id is not None else torch.ones_like(ids)
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(ids, attention_mask)]
+    max_new = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length - ids.shape[1]
+    sampling = {"temperature": float(gen.temperature or 1.0), "top_k": int(gen.top_k or 0),
+                "top_p": float(gen.top_p if gen.top_p is not None else 1.0)} if gen.do_sample else {"temperature": 0.0}
+    stops = [gen.stop_strings] if isinstance(gen.stop_strings, str) else list(gen.stop_strings or [])
+    config = DecodeConfig(max_new_tokens=max_new, **sampling, **({"stop_token_ids": eos} if eos else {}),
+                          **({"stop": tuple(stops)} if stops else {}), generation_config="none")
+    outs = s2d2_model.generate(prompts, config.replace(**kwargs) if kwargs else config)
+    rows = [o.token_ids + ([o.stop_token_id] if o.stop_token_id is not None else []) for o in outs]
+    width = max(len(r) for r in rows)
+    new = torch.full((len(rows), width), pad, dtype=ids.dtype, device=ids.device)
+    for i, r in enumerate(rows):
+        new[i, :len(r)] = torch.tensor(r, dtype=ids.dtype)
+    return torch.cat([ids, new], dim=1)
+
+
+def _cached_model(model: Any, tokenizer: Any) -> Model:
+    """The s2d2 model over ``model``, made once per tokenizer and weights (kept on the model object; made again if
+    its tensors moved: ``.to()`` replaces them)."""
+    first = next(model.parameters())
+    key = (id(tokenizer), first.data_ptr(), first.dtype, str(first.device))
+    cached = model.__dict__.get("_s2d2_model")
+    if cached is None or cached[0] != key:
+        cached = (key, from_transformers(model, tokenizer))
+        model.__dict__["_s2d2_model"] = cached
+    return cached[1]

@@ -55,6 +55,7 @@ class Event:
     trace: list[dict] | None = None  # the request's step trace (s2d2.core.trace), when finished and traced
     trace_events: list[dict] | None = None  # streaming a traced request: the trace events recorded since the last
     error: str | None = None  # why a refused request was refused, in one sentence
+    stop_token_id: int | None = None  # the stop token that ended the request, when one did (not in token_ids)
 
 
 @dataclass
@@ -270,7 +271,8 @@ class Engine:
             heapq.heappush(self._free, row.slot)
             self.stats.num_tokens += len(token_ids)
             trace = row.state.trace.events if row.state.trace is not None else None
-            events.append(Event(row.request_id, token_ids[row.reported:], True, token_ids, finish_reason, stats, trace))
+            events.append(Event(row.request_id, token_ids[row.reported:], True, token_ids, finish_reason, stats, trace,
+                                stop_token_id=_stop_token(row.state)))
             return
         if not self.stream:
             return
@@ -283,3 +285,12 @@ class Engine:
 
     def _spec(self, row: _Row) -> ForwardSpec:
         return request_spec(self.adapter, row.pending, self.cache.lengths[row.slot])
+
+
+def _stop_token(state: RowState) -> int | None:
+    """The stop token a finished row committed at its end (None: it ended at its length, or at a stop string)."""
+    seq = state.seq
+    if seq is None or not seq.stopped or seq.limit >= len(seq.tokens):
+        return None
+    token = seq.tokens[seq.limit]
+    return token if token in seq.stop_ids else None
