@@ -111,15 +111,17 @@ def test_tied_embeddings_are_shared_too(tmp_path):
     _same(ours.generate(PROMPTS, cfg), s2d2.load(str(path)).generate(PROMPTS, cfg))
 
 
-def test_a_fast_dllm_v2_model_as_its_remote_code_loads_it(family_dir):
-    """Fast-dLLM v2's published code subclasses Qwen2 under ``model_type`` Fast_dLLM_Qwen; the same here, with
-    transformers' Qwen2 network and the checkpoint's own config.json fields (bd_size, the added mask token)."""
-    path = family_dir("fast_dllm_v2")
+@pytest.mark.parametrize("family, model_type", [("fast_dllm_v2", "Fast_dLLM_Qwen"), ("d2f_dream", "Dream")])
+def test_a_qwen2_layout_model_as_its_remote_code_loads_it(family_dir, family, model_type):
+    """Fast-dLLM v2's and Dream's published code subclass Qwen2 under their own ``model_type``; the same here, with
+    transformers' Qwen2 network and the checkpoint's own config.json fields (bd_size, the mask token)."""
+    path = family_dir(family)
 
-    class FastDLLMConfig(transformers.Qwen2Config):
-        model_type = "Fast_dLLM_Qwen"
+    class RemoteConfig(transformers.Qwen2Config):
+        pass
 
-    config = FastDLLMConfig(**json.loads((path / "config.json").read_text()))
+    RemoteConfig.model_type = model_type
+    config = RemoteConfig(**json.loads((path / "config.json").read_text()))
     hf = transformers.Qwen2ForCausalLM(config).eval()
     from s2d2.checkpoint import load_weights
 
@@ -128,7 +130,7 @@ def test_a_fast_dllm_v2_model_as_its_remote_code_loads_it(family_dir):
     hf.tie_weights()
     hf.name_or_path = str(path)
     ours, reference = s2d2.from_transformers(hf), s2d2.load(str(path))
-    assert ours.adapter.family == "fast_dllm_v2"
+    assert ours.adapter.family == reference.adapter.family
     assert ours.adapter.default_block_size == reference.adapter.default_block_size
     for name in ("ar", "dynamic", "s2d2"):
         cfg = DecodeConfig(**{k: v for k, v in METHODS[name].items() if k != "block_size"}, max_new_tokens=16,
@@ -276,3 +278,56 @@ def test_what_generate_cannot_honour_is_one_sentence(loaded, left_padded):
         with pytest.raises(s2d2.ConfigError, match=message) as err:
             s2d2.hf.generate(hf, **left_padded, max_new_tokens=4, **kwargs)
         _one_sentence(err)
+
+
+# ------------------------------------------------------------------------------------- lm-eval as the authors run it
+
+
+def _lm_eval_samples(model: str, model_args: str, out: Path, gen_kwargs: str | None = None) -> list[dict]:
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "s2d2.lm_eval", "--model", model, "--model_args", model_args, "--tasks",
+           "s2d2_arith", "--limit", "4", "--device", "cpu", "--output_path", str(out), "--log_samples"]
+    if gen_kwargs:
+        cmd += ["--gen_kwargs", gen_kwargs]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (samples,) = out.rglob("samples_s2d2_arith_*.jsonl")
+    return sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda d: d["doc_id"])
+
+
+@pytest.mark.slow  # two lm-eval subprocesses
+def test_lm_eval_hf_with_s2d2_plugged_in_equals_the_s2d2_model(qwen3_dir, tmp_path):
+    """``lm_eval --model hf --gen_kwargs custom_generate=...,method=s2d2`` (transformers' model, s2d2's decoding
+    through its generate) and ``--model s2d2`` with the same settings log the same responses; lm-eval's stop
+    sequences reach s2d2 as stop strings (its stopping criteria)."""
+    settings = "method=dynamic,block_size=8,threshold=0.1"  # many tokens per step: unlike AR's output
+    plugged = _lm_eval_samples("hf", f"pretrained={qwen3_dir}", tmp_path / "hf",
+                               f"custom_generate={s2d2.hf.CUSTOM_GENERATE},trust_remote_code=True,{settings}")
+    ours = _lm_eval_samples("s2d2", f"pretrained={qwen3_dir},{settings}", tmp_path / "s2d2")
+    plain = _lm_eval_samples("hf", f"pretrained={qwen3_dir}", tmp_path / "plain")  # transformers' own AR decoding
+    assert [d["doc_id"] for d in plugged] == [d["doc_id"] for d in ours] == [0, 1, 2, 3]
+    assert [d["resps"] for d in plugged] == [d["resps"] for d in ours]
+    assert [d["resps"] for d in plain] != [d["resps"] for d in ours]  # the plugged route really decoded with s2d2
+
+
+def test_lm_evals_stopping_criteria_become_stop_strings(loaded, left_padded):
+    """lm-eval's ``MultiTokenEOSCriteria`` (one per ``until`` string) stop s2d2 where the string is generated."""
+    hf, tok = loaded
+    from lm_eval.models.utils_hf import stop_sequences_criteria
+
+    n = left_padded["input_ids"].shape[1]
+    free = s2d2.hf.generate(hf, **left_padded, max_new_tokens=16, do_sample=False, method="ar")
+    text = tok.decode(free[1, n:].tolist(), skip_special_tokens=True)
+    stop = text[3:5]  # two characters from the middle of row 1's output
+    criteria = stop_sequences_criteria(tok, [stop], n, len(PROMPTS))
+    out = s2d2.hf.generate(hf, **left_padded, max_new_tokens=16, do_sample=False, method="ar",
+                           stopping_criteria=criteria)
+    cut = tok.decode([t for t in out[1, n:].tolist() if t != hf.generation_config.pad_token_id],
+                     skip_special_tokens=True)
+    assert stop in cut and cut.index(stop) + len(stop) >= len(cut) - 2 and len(cut) < len(text)
+    with pytest.raises(s2d2.ConfigError, match="stopping criteria that stop on a string"):
+        s2d2.hf.generate(hf, **left_padded, max_new_tokens=4, stopping_criteria=[object()])

@@ -38,8 +38,10 @@ __all__ = ["CUSTOM_GENERATE", "from_transformers", "generate"]
 CUSTOM_GENERATE = str(Path(__file__).resolve().parent / "hf_generate")
 
 # generate()'s own arguments that s2d2 has no use for: fine when unset (None, or an empty list), refused when set
-_UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
+_UNSUPPORTED = ("logits_processor", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus")
+# arguments of the transformers forward that decoding through s2d2 makes moot (it always caches)
+_MOOT = ("use_cache", "use_model_defaults", "kwargs")
 
 
 def from_transformers(model: Any, tokenizer: Any = None) -> Model:
@@ -139,7 +141,8 @@ def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: 
     ``do_sample`` (False: greedy), ``temperature``, ``top_k``, ``top_p``, ``eos_token_id`` (the stop tokens),
     ``stop_strings``; every other keyword is a DecodeConfig field (``method``, ``block_size``, ...). What s2d2 cannot
     honour (logits processors, streamers, assistant models, ``return_dict_in_generate``, unknown arguments) is a
-    ConfigError sentence. The s2d2 model over ``model`` (:func:`from_transformers`) is made once and kept with it.
+    ConfigError sentence; ``stopping_criteria`` that each stop on a string (lm-eval's) become stop strings. The
+    s2d2 model over ``model`` (:func:`from_transformers`) is made once and kept with it.
     """
     ids = kwargs.pop("input_ids", None) if inputs is None else inputs
     if ids is None:
@@ -150,8 +153,9 @@ def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: 
         value = kwargs.pop(name, None)
         if value is not None and not (isinstance(value, (list, tuple)) and not value) and value is not False:
             raise ConfigError(f"s2d2's generate does not support {name}.")
-    for name in ("use_model_defaults", "kwargs"):
+    for name in _MOOT:
         kwargs.pop(name, None)
+    criteria_stops = _stop_strings(kwargs.pop("stopping_criteria", None))
     gen = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     s2d2_fields = {f.name for f in fields(DecodeConfig) if f.init}
     hf_fields = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(gen, k) and k not in s2d2_fields - {
@@ -174,6 +178,7 @@ def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: 
     sampling = {"temperature": float(gen.temperature or 1.0), "top_k": int(gen.top_k or 0),
                 "top_p": float(gen.top_p if gen.top_p is not None else 1.0)} if gen.do_sample else {"temperature": 0.0}
     stops = [gen.stop_strings] if isinstance(gen.stop_strings, str) else list(gen.stop_strings or [])
+    stops += [x for x in criteria_stops if x not in stops]
     config = DecodeConfig(max_new_tokens=max_new, **sampling, **({"stop_token_ids": eos} if eos else {}),
                           **({"stop": tuple(stops)} if stops else {}), generation_config="none")
     outs = s2d2_model.generate(prompts, config.replace(**kwargs) if kwargs else config)
@@ -183,6 +188,19 @@ def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: 
     for i, r in enumerate(rows):
         new[i, :len(r)] = torch.tensor(r, dtype=ids.dtype)
     return torch.cat([ids, new], dim=1)
+
+
+def _stop_strings(criteria: Any) -> list[str]:
+    """The stop strings of ``stopping_criteria`` made of criteria that each stop on one string (a ``sequence``
+    attribute: lm-eval's ``MultiTokenEOSCriteria``, what ``lm_eval --model hf`` passes for a task's ``until``);
+    any other criterion is a ConfigError sentence."""
+    if not criteria:
+        return []
+    stops = [getattr(c, "sequence", None) for c in criteria]
+    if not all(isinstance(x, str) for x in stops):
+        raise ConfigError("s2d2's generate supports stopping criteria that stop on a string (a 'sequence' attribute, "
+                          "as lm-eval's are); use stop_strings otherwise.")
+    return stops
 
 
 def _cached_model(model: Any, tokenizer: Any) -> Model:

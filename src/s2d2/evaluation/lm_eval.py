@@ -258,6 +258,9 @@ def _device_flag(args: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with the ``s2d2`` model registered and the bundled tasks on the include path."""
+    # lm-eval fills its model registry with its own models only while the registry is empty, so the s2d2 model,
+    # registered first, would hide them (`--model hf`): load lm-eval's entries now, beside ours.
+    import lm_eval.models  # noqa: F401
     from lm_eval.__main__ import cli_evaluate
 
     args = list(sys.argv[1:] if argv is None else argv)
