@@ -23,7 +23,7 @@ from single_row import run_commit, run_draft, run_verify
 import s2d2
 import s2d2.engine.runner
 from s2d2 import DecodeConfig
-from s2d2.engine.engine import Engine
+from s2d2.engine.engine import Engine, row_capacity
 from s2d2.engine.runner import decode
 
 NEAR_TIE = 1e-4
@@ -479,7 +479,7 @@ def test_a_long_row_waits_for_memory_and_one_that_never_fits_is_refused(model, m
     cfg = model.resolve_config(DecodeConfig(method="s2d2", block_size=4, max_new_tokens=16, stop_token_ids=()))
     long_a, long_b, short = [7] * 80, [9] * 84, [3, 4, 5]
     engine = Engine(model.adapter, 3, capacity=32)
-    capacity = engine_capacity(engine, long_b, cfg)
+    capacity = row_capacity(model.adapter, len(long_b), cfg)
     need = row_bytes(model.adapter.model.config, model.dtype, capacity, 12, 84 + 8)
     held = capacity * kv_bytes_per_token(model.adapter.model.config, model.dtype)  # a long row's own buffers
     pool = _Pool(engine, int(need / (1 - MARGIN) + held / 2))  # room for one long row at a time
@@ -498,11 +498,3 @@ def test_a_long_row_waits_for_memory_and_one_that_never_fits_is_refused(model, m
     assert refused.error.startswith("the request needs ") and refused.error.endswith("shorten the prompt or "
                                                                                          "max_tokens.")
     assert engine.idle
-
-
-def engine_capacity(engine: Engine, prompt: list[int], cfg: DecodeConfig) -> int:
-    """The cache slots the engine gives ``prompt`` (what Engine.add computes)."""
-    rid = engine.add(prompt, cfg)
-    capacity = engine._waiting[-1].capacity
-    engine.cancel(rid)
-    return capacity

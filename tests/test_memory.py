@@ -13,7 +13,8 @@ import s2d2
 import s2d2.engine.memory as memory
 from s2d2.api import CPU_BF16_MIN_PARAMS, _resolve_dtype
 from s2d2.cli import main
-from s2d2.engine.memory import AUTO_LIMIT, MARGIN, kv_bytes_per_token, plan_batch, row_bytes
+from s2d2.engine.engine import row_capacity
+from s2d2.engine.memory import AUTO_LIMIT, MARGIN, kv_bytes_per_token, plan_batch, request_rows, row_bytes
 from s2d2.errors import ConfigError
 from s2d2.families import decoder_config_for
 
@@ -71,9 +72,9 @@ def test_free_memory_is_what_the_host_has() -> None:
 def _row(model: s2d2.Model, prompts: list[str], max_new_tokens: int) -> int:
     """The bytes Model.generate counts per row for ``prompts``."""
     cfg = model.resolve_config(max_new_tokens=max_new_tokens)
-    capacity = max(model._positions_needed(len(model.encode(p)), cfg) for p in prompts) + 3 * cfg.block_size
-    query = max(len(model.encode(p)) for p in prompts) + 2 * cfg.block_size
-    return row_bytes(model.adapter.model.config, model.dtype, capacity, 3 * cfg.block_size, query)
+    longest = max(len(model.encode(p)) for p in prompts)
+    return row_bytes(model.adapter.model.config, model.dtype, row_capacity(model.adapter, longest, cfg),
+                     *request_rows(longest, cfg.block_size))
 
 
 def test_generate_refuses_a_batch_that_cannot_fit_before_allocating(monkeypatch: pytest.MonkeyPatch) -> None:

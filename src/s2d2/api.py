@@ -28,8 +28,8 @@ from s2d2.config import DEFAULT_BATCH_SIZE, DecodeConfig, check_batch_size
 from s2d2.core.sampling import row_seed
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
-from s2d2.engine.engine import BatchStats, Engine
-from s2d2.engine.memory import BatchPlan, plan_batch
+from s2d2.engine.engine import BatchStats, Engine, row_capacity
+from s2d2.engine.memory import BatchPlan, plan_batch, request_rows
 from s2d2.engine.runner import run_batch
 from s2d2.errors import ConfigError, InputError, ModelLoadError
 from s2d2.families import build_adapter, decoder_config_for, family_for
@@ -183,12 +183,10 @@ class Model:
                 if len(items) == 1:
                     raise
                 raise InputError(f"prompt {i}: {e}") from None
-        capacity = max(self._positions_needed(len(ids), cfg) for ids in encoded) + 3 * cfg.block_size
-        # the largest forward of a row is its prefill (the prompt and a block); the most logit rows, a verification
-        # that also drafts the next block
-        self.last_batch_plan = plan_batch(
-            self.adapter.model.config, self.dtype, self.device, batch_size, len(encoded), capacity,
-            logit_rows=3 * cfg.block_size, query_rows=max(len(ids) for ids in encoded) + 2 * cfg.block_size)
+        longest = max(len(ids) for ids in encoded)
+        capacity = row_capacity(self.adapter, longest, cfg)
+        self.last_batch_plan = plan_batch(self.adapter.model.config, self.dtype, self.device, batch_size, len(encoded),
+                                          capacity, *request_rows(longest, cfg.block_size))
         engine = Engine(self.adapter, self.last_batch_plan.rows, capacity)
         stop_check = self.stop_check(cfg)
         order = {engine.add(ids, cfg, generator, stop_check, trace): i

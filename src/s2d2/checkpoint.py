@@ -26,6 +26,7 @@ from s2d2.files import parse_json_file
 __all__ = [
     "CheckpointTensors",
     "SpecialIds",
+    "as_token_ids",
     "load_tokenizer",
     "load_weights",
     "merge_lora",
@@ -452,7 +453,8 @@ def _as_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _as_ids(value: Any) -> tuple[int, ...]:
+def as_token_ids(value: Any) -> tuple[int, ...]:
+    """Token ids from a config value (an id or a list of them), invalid entries dropped, duplicates once, in order."""
     values = value if isinstance(value, (list, tuple)) else [value]
     out: list[int] = []
     for v in values:
@@ -479,11 +481,11 @@ def read_special_ids(
     def token_id(token: str) -> int | None:
         return tokenizer.token_to_id(token) if tokenizer is not None else None
 
-    eos = _as_ids(_read_optional_json(model_dir / "generation_config.json").get("eos_token_id"))
+    eos = as_token_ids(_read_optional_json(model_dir / "generation_config.json").get("eos_token_id"))
     if not eos:
-        eos = _as_ids(config.get("eos_token_id"))
+        eos = as_token_ids(config.get("eos_token_id"))
     if not eos:
-        eos = _as_ids([token_id(t) for t in _EOS_TOKENS])
+        eos = as_token_ids([token_id(t) for t in _EOS_TOKENS])
 
     mask_id = _as_id(config.get("mask_token_id"))
     if mask_id is None:

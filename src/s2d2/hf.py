@@ -21,6 +21,7 @@ import torch
 from s2d2.api import Model
 from s2d2.checkpoint import (
     SpecialIds,
+    as_token_ids,
     load_tokenizer,
     read_chat_template,
     read_special_ids,
@@ -40,6 +41,8 @@ CUSTOM_GENERATE = str(Path(__file__).resolve().parent / "hf_generate")
 # generate()'s own arguments that s2d2 has no use for: fine when unset (None, or an empty list), refused when set
 _UNSUPPORTED = ("logits_processor", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
                 "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus")
+# fields of both GenerationConfig and DecodeConfig, read from the generation config
+_BOTH = frozenset({"max_new_tokens", "temperature", "top_k", "top_p"})
 # arguments of the transformers forward that decoding through s2d2 makes moot (it always caches)
 _MOOT = ("use_cache", "use_model_defaults", "kwargs")
 
@@ -72,7 +75,7 @@ def from_transformers(model: Any, tokenizer: Any = None) -> Model:
     directory = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
     tok = _backend_tokenizer(tokenizer, directory)
     special = read_special_ids(directory, config, tok)
-    eos = _ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    eos = as_token_ids(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
     if eos:  # the loaded model's generation config, which may differ from its directory's file
         special = SpecialIds(special.mask_id, eos)
     adapter = wrap_decoder(decoder, config, special, tok, "model.config")
@@ -99,11 +102,6 @@ def _backend_tokenizer(tokenizer: Any, directory: Path) -> Any:
         return backend
     raise ModelLoadError(f"the tokenizer is a {type(tokenizer).__name__} without a fast backend; pass a fast "
                          "tokenizer (use_fast=True) or a tokenizers.Tokenizer.")
-
-
-def _ids(value: Any) -> tuple[int, ...]:
-    values = value if isinstance(value, (list, tuple)) else [value]
-    return tuple(dict.fromkeys(v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0))
 
 
 def _generation_defaults(generation_config: Any) -> dict[str, Any]:
@@ -158,8 +156,8 @@ def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: 
     criteria_stops = _stop_strings(kwargs.pop("stopping_criteria", None))
     gen = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
     s2d2_fields = {f.name for f in fields(DecodeConfig) if f.init}
-    hf_fields = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(gen, k) and k not in s2d2_fields - {
-        "max_new_tokens", "temperature", "top_k", "top_p"}}
+    # a GenerationConfig field goes to the generation config (the four both configs have too: they are mapped below)
+    hf_fields = {k: kwargs.pop(k) for k in list(kwargs) if hasattr(gen, k) and (k not in s2d2_fields or k in _BOTH)}
     if hf_fields:
         gen.update(**hf_fields)
     unknown = sorted(k for k in kwargs if k not in s2d2_fields)
@@ -169,7 +167,7 @@ def generate(model: Any, inputs: torch.Tensor | None = None, generation_config: 
         raise ConfigError("s2d2's generate returns the sequences tensor only (return_dict_in_generate is not "
                           "supported).")
     s2d2_model = _cached_model(model, tokenizer)
-    eos = _ids(gen.eos_token_id)
+    eos = as_token_ids(gen.eos_token_id)
     pad = gen.pad_token_id if isinstance(gen.pad_token_id, int) else (eos[0] if eos else 0)
     if attention_mask is None:
         attention_mask = (ids != pad) if gen.pad_token_id is not None else torch.ones_like(ids)

@@ -33,7 +33,7 @@ from s2d2.core.routing import reads_features
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
-from s2d2.engine.memory import MARGIN, free_memory, row_bytes
+from s2d2.engine.memory import MARGIN, format_bytes, free_memory, request_rows, row_bytes
 from s2d2.engine.runner import ForwardTimer, forward_packed, request_spec, run, score_packed
 from s2d2.errors import ConfigError
 from s2d2.families.base import FamilyAdapter
@@ -142,9 +142,7 @@ class Engine:
         ``trace`` records its step trace (:mod:`s2d2.core.trace`), returned with its final event."""
         rid = self._next_id
         self._next_id += 1
-        # positions of prompt + max_new_tokens in whole blocks, plus the scratch rows a forward writes after them
-        capacity = (sequence_length(len(prompt_ids), config.block_size, config.max_new_tokens,
-                                    self.adapter.blocks_from_prompt_end) + 3 * config.block_size)
+        capacity = row_capacity(self.adapter, len(prompt_ids), config)
         self._waiting.append(_Waiting(rid, list(prompt_ids), config, generator, stop_check, capacity, trace))
         return rid
 
@@ -220,10 +218,11 @@ class Engine:
         deferred: list[_Waiting] = []  # long requests waiting for memory that running ones will give back
         while self._waiting and self._free:
             w = self._waiting.popleft()
-            if w.capacity > self.cache.capacity and not self._own_memory(w, events, deferred):
+            own = w.capacity > self.cache.capacity  # longer than the shared slots: buffers of its own, while it runs
+            if own and not self._own_memory(w, events, deferred):
                 continue
             slot = heapq.heappop(self._free)
-            if w.capacity > self.cache.capacity:  # longer than the shared slots: buffers of its own, while it runs
+            if own:
                 self.cache.give_own(slot, w.capacity)
             state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
             cache.reset()  # the slot's last request is gone: this row starts from an empty cache
@@ -238,9 +237,8 @@ class Engine:
         the memory of running long requests (``deferred``), or, when even all of that would not be enough, it is
         refused (a final event with the reason)."""
         model = self.adapter.model
-        dtype = model.embed.weight.dtype
-        need = row_bytes(model.config, dtype, w.capacity, 3 * w.config.block_size,
-                         len(w.prompt_ids) + 2 * w.config.block_size)
+        need = row_bytes(model.config, model.embed.weight.dtype, w.capacity,
+                         *request_rows(len(w.prompt_ids), w.config.block_size))
         free = int(free_memory(self.adapter.device) * (1 - MARGIN))
         if need <= free:
             return True
@@ -248,8 +246,8 @@ class Engine:
         if need <= free + held:
             deferred.append(w)
             return False
-        reason = (f"the request needs {need / 2**30:.1f} GiB for its {w.capacity}-token cache and activations, but "
-                  f"{(free + held) / 2**30:.1f} GiB can be had on {self.adapter.device.type}; shorten the prompt or "
+        reason = (f"the request needs {format_bytes(need)} for its {w.capacity}-token cache and activations, but "
+                  f"{format_bytes(free + held)} can be had on {self.adapter.device.type}; shorten the prompt or "
                   f"max_tokens.")
         events.append(Event(w.request_id, [], True, [], "refused", DecodeStats(prompt_tokens=len(w.prompt_ids)),
                             error=reason))
@@ -285,6 +283,13 @@ class Engine:
 
     def _spec(self, row: _Row) -> ForwardSpec:
         return request_spec(self.adapter, row.pending, self.cache.lengths[row.slot])
+
+
+def row_capacity(adapter: FamilyAdapter, prompt_len: int, config: DecodeConfig) -> int:
+    """The cache slots a request needs: its prompt and ``max_new_tokens`` in whole blocks, and the scratch rows a
+    forward writes after them."""
+    return (sequence_length(prompt_len, config.block_size, config.max_new_tokens, adapter.blocks_from_prompt_end)
+            + 3 * config.block_size)
 
 
 def _stop_token(state: RowState) -> int | None:

@@ -33,6 +33,12 @@ def kv_bytes_per_token(config: DecoderConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def request_rows(prompt_len: int, block_size: int) -> tuple[int, int]:
+    """A decoding request's ``(logit_rows, query_rows)`` for :func:`row_bytes`: its most logit rows are a verification
+    that also drafts the next block (three blocks), its largest forward its prefill (the prompt and the block)."""
+    return 3 * block_size, prompt_len + 2 * block_size
+
+
 def row_bytes(config: DecoderConfig, dtype: torch.dtype, capacity: int, logit_rows: int, query_rows: int) -> int:
     """Bytes one row of the batch needs: its cache of ``capacity`` tokens, and while a forward runs, the activations of
     up to ``query_rows`` query rows (its prefill is the largest: the prompt and a block), ``logit_rows`` of which get
@@ -101,11 +107,11 @@ class BatchPlan:
     def describe(self) -> str:
         """One line for a log: the rows, their memory and the memory that was free."""
         how = "batch size auto: " if self.auto else "batch size "
-        return (f"{how}{self.rows} rows of {_size(self.row_bytes)} each ({_size(self.rows * self.row_bytes)}; "
-                f"{_size(self.free_bytes)} free)")
+        return (f"{how}{self.rows} rows of {format_bytes(self.row_bytes)} each ({format_bytes(self.rows * self.row_bytes)}; "
+                f"{format_bytes(self.free_bytes)} free)")
 
 
-def _size(nbytes: int) -> str:
+def format_bytes(nbytes: int) -> str:
     """``nbytes`` in the largest binary unit it fills (``1.5 GiB``, ``12.0 MiB``, ``512 KiB``)."""
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
         if nbytes >= scale:
@@ -126,8 +132,8 @@ def plan_batch(config: DecoderConfig, dtype: torch.dtype, device: torch.device, 
     fitting = usable // per_row
     if fitting < 1:
         raise ConfigError(
-            f"one row of {capacity} tokens needs {_size(per_row)} for its cache and activations, but only "
-            f"{_size(free)} is free on {device.type}; shorten the prompt or max_new_tokens, or free memory.")
+            f"one row of {capacity} tokens needs {format_bytes(per_row)} for its cache and activations, but only "
+            f"{format_bytes(free)} is free on {device.type}; shorten the prompt or max_new_tokens, or free memory.")
     if batch_size == "auto":
         limit = AUTO_LIMIT.get(device.type, AUTO_LIMIT_OTHER)
         return BatchPlan(min(rows, limit, fitting), per_row, free, auto=True, limited=fitting < min(rows, limit))
@@ -135,7 +141,7 @@ def plan_batch(config: DecoderConfig, dtype: torch.dtype, device: torch.device, 
     taken = min(batch_size, rows)
     if taken > fitting:
         raise ConfigError(
-            f"batch_size {batch_size} needs {_size(taken * per_row)} for {taken} rows of {capacity} tokens "
-            f"({_size(per_row)} each), but {_size(free)} is free on {device.type} and {fitting} rows fit; "
+            f"batch_size {batch_size} needs {format_bytes(taken * per_row)} for {taken} rows of {capacity} tokens "
+            f"({format_bytes(per_row)} each), but {format_bytes(free)} is free on {device.type} and {fitting} rows fit; "
             f"use batch_size auto or at most {fitting}.")
     return BatchPlan(taken, per_row, free, auto=False)

@@ -152,6 +152,13 @@ class DecoderConfig:
             raise ModelLoadError(f"config.json has a field of the wrong type ({e}).") from None
 
 
+def _check_shape(name: str, tensor: torch.Tensor, target: torch.Tensor) -> None:
+    """A ModelLoadError if checkpoint tensor ``name`` does not have the shape of the part of the model it fills."""
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise ModelLoadError(
+            f"weight {name!r} has shape {tuple(tensor.shape)}, but config.json implies {tuple(target.shape)}.")
+
+
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     """A ModelLoadError if a floating-point checkpoint tensor holds NaN or Inf (a corrupt or diverged checkpoint)."""
     if not tensor.is_floating_point():
@@ -286,11 +293,11 @@ class _Layer(nn.Module):
 def _swiglu_layout(prefix: str, names: tuple[str, str, str], gate_up: torch.Tensor, down: torch.Tensor, inter: int,
                    expert: int | None = None) -> dict[str, tuple[torch.Tensor, Any]]:
     """The gate / up / down ``names`` of one SwiGLU MLP (of ``expert`` in stacked expert weights)."""
-    at = () if expert is None else (expert,)
     gate_name, up_name, down_name = names
-    return {prefix + gate_name: (gate_up, (*at, slice(0, inter))),
-            prefix + up_name: (gate_up, (*at, slice(inter, 2 * inter))),
-            prefix + down_name: (down, at[0] if at else None)}
+    gate, up = slice(0, inter), slice(inter, 2 * inter)
+    if expert is not None:
+        gate, up = (expert, gate), (expert, up)
+    return {prefix + gate_name: (gate_up, gate), prefix + up_name: (gate_up, up), prefix + down_name: (down, expert)}
 
 
 class _Fallback:
@@ -384,16 +391,12 @@ class Decoder(nn.Module):
             if name not in tensors:
                 continue  # a tied head
             tensor = tensors[name]
-            target = param[rows] if rows is not None else param
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise ModelLoadError(f"weight {name!r} has shape {tuple(tensor.shape)}, but the config implies "
-                                     f"{tuple(target.shape)}.")
+            _check_shape(name, tensor, param[rows] if rows is not None else param)
             if rows is None:
                 module, attr = owners[id(param)]
                 setattr(module, attr, nn.Parameter(tensor.detach(), requires_grad=False))  # the same storage
-            elif isinstance(rows, slice) or (isinstance(rows, tuple) and len(rows) == 1):  # a part of a fused matrix
-                start = rows.start if isinstance(rows, slice) else rows[0].start
-                fused.setdefault(id(param), []).append((start, name))
+            elif isinstance(rows, slice):  # a part of a fused matrix
+                fused.setdefault(id(param), []).append((rows.start, name))
             else:
                 raise ModelLoadError(f"weight {name!r} is one routed expert's, which this decoder stores stacked with "
                                      "the others; a mixture-of-experts model cannot share its weights (load it from "
@@ -534,10 +537,7 @@ class Decoder(nn.Module):
         """
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             shared = batch.num_shared
-            if shared == k.shape[0]:  # every row in the shared buffers: one write
-                cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k
-                cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v
-            elif shared:
+            if shared:  # the rows of slots in the shared buffers come first
                 cache.keys[i][batch.slot_of_row, :, batch.cache_pos] = k[:shared]
                 cache.values[i][batch.slot_of_row, :, batch.cache_pos] = v[:shared]
             if len(batch.groups) == 1 and shared:
@@ -602,9 +602,7 @@ class Decoder(nn.Module):
                 param, rows = own[name]
                 src = tensors[name]
                 target = param[rows] if rows is not None else param
-                if tuple(src.shape) != tuple(target.shape):
-                    raise ModelLoadError(
-                        f"weight {name!r} has shape {tuple(src.shape)}, but config.json implies {tuple(target.shape)}.")
+                _check_shape(name, src, target)
                 _check_finite(name, src)
                 target.copy_(src)
                 del src
