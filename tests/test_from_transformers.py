@@ -331,3 +331,16 @@ def test_lm_evals_stopping_criteria_become_stop_strings(loaded, left_padded):
     assert stop in cut and cut.index(stop) + len(stop) >= len(cut) - 2 and len(cut) < len(text)
     with pytest.raises(s2d2.ConfigError, match="stopping criteria that stop on a string"):
         s2d2.hf.generate(hf, **left_padded, max_new_tokens=4, stopping_criteria=[object()])
+
+
+@pytest.mark.parametrize("file", [{"temperature": 0.7, "top_p": 0.9}, {"do_sample": True, "temperature": 0.6,
+                                                                       "top_k": 20}, {}],
+                         ids=["sampling-without-do_sample", "do_sample", "none"])
+def test_sampling_defaults_are_read_as_s2d2_load_reads_them(tmp_path, file):
+    """The loaded model's generation config gives the defaults its directory's generation_config.json gives
+    ``s2d2.load`` (the serving convention: a temperature without do_sample counts)."""
+    path = write_random_model(tmp_path, seed=6, model_type="qwen3")
+    data = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**data, **file}))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    assert s2d2.from_transformers(hf).generation_defaults == s2d2.load(str(path)).generation_defaults

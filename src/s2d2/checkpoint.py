@@ -27,6 +27,7 @@ __all__ = [
     "CheckpointTensors",
     "SpecialIds",
     "as_token_ids",
+    "generation_defaults",
     "load_tokenizer",
     "load_weights",
     "merge_lora",
@@ -426,16 +427,21 @@ def read_template_tokens(model_dir: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def read_generation_defaults(model_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The sampling defaults a checkpoint's ``generation_config.json`` sets, as DecodeConfig fields.
+    """The sampling defaults a checkpoint's ``generation_config.json`` sets, as DecodeConfig fields
+    (:func:`generation_defaults` of the file's contents; none without the file)."""
+    path = Path(model_dir) / "generation_config.json"
+    return generation_defaults(_read_optional_json(path), str(path))
+
+
+def generation_defaults(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The sampling defaults a generation config's ``data`` sets, as DecodeConfig fields.
 
     The serving convention (vLLM's ``--generation-config auto``): ``temperature``, ``top_k`` and ``top_p`` that
-    the file sets become the defaults of requests that leave them unset. Only keys present in the file count
-    (transformers' own defaults, such as top_k 50, do not). One difference from vLLM, which ignores ``do_sample``:
-    ``"do_sample": false`` means greedy, as it does in transformers, so the file's temperature is not used then.
-    A value of the wrong type or range is a ModelLoadError naming the file and key.
+    ``data`` sets become the defaults of requests that leave them unset. Only keys present count (transformers' own
+    defaults, such as top_k 50, do not). One difference from vLLM, which ignores ``do_sample``: ``"do_sample": false``
+    means greedy, as it does in transformers, so the temperature is not used then. A value of the wrong type or range
+    is a ModelLoadError naming ``where`` and the key.
     """
-    path = Path(model_dir) / "generation_config.json"
-    data = _read_optional_json(path)
     if data.get("do_sample") is False:
         defaults: dict[str, Any] = {"temperature": 0.0}
     else:
@@ -445,7 +451,7 @@ def read_generation_defaults(model_dir: str | os.PathLike[str]) -> dict[str, Any
     try:
         DecodeConfig(**defaults)
     except ConfigError as e:
-        raise ModelLoadError(f"{path} holds an invalid sampling default: {e}") from None
+        raise ModelLoadError(f"{where} holds an invalid sampling default: {e}") from None
     return defaults
 
 

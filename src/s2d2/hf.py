@@ -22,12 +22,13 @@ from s2d2.api import Model
 from s2d2.checkpoint import (
     SpecialIds,
     as_token_ids,
+    generation_defaults,
     load_tokenizer,
     read_chat_template,
     read_special_ids,
     read_template_tokens,
 )
-from s2d2.config import SAMPLING_DEFAULTS, DecodeConfig
+from s2d2.config import DecodeConfig
 from s2d2.errors import ConfigError, ModelLoadError
 from s2d2.families import family_for, wrap_decoder
 from s2d2.models.decoder import Decoder
@@ -105,15 +106,12 @@ def _backend_tokenizer(tokenizer: Any, directory: Path) -> Any:
 
 
 def _generation_defaults(generation_config: Any) -> dict[str, Any]:
-    """The sampling defaults a loaded model's ``GenerationConfig`` sets, as :func:`s2d2.checkpoint
-    .read_generation_defaults` reads them from a file: only values that differ from transformers' defaults count
-    (``to_diff_dict``), and ``do_sample=False`` means greedy."""
+    """The sampling defaults a loaded model's ``GenerationConfig`` sets, read as ``s2d2.load`` reads the checkpoint's
+    file (:func:`s2d2.checkpoint.generation_defaults`) from the fields that differ from transformers' defaults
+    (``to_diff_dict``: an explicit ``do_sample=False`` is a default there, so it cannot be told from an absent one)."""
     if generation_config is None or not hasattr(generation_config, "to_diff_dict"):
         return {}
-    data = generation_config.to_diff_dict()
-    if not getattr(generation_config, "do_sample", False):
-        return {"temperature": 0.0} if "do_sample" in data else {}
-    return {k: data[k] for k in SAMPLING_DEFAULTS if data.get(k) is not None}
+    return generation_defaults(generation_config.to_diff_dict(), "the model's generation_config")
 
 
 def _template_tokens(tokenizer: Any, directory: Path) -> dict[str, str]:
