@@ -62,7 +62,7 @@ def from_transformers(model: Any, tokenizer: Any = None) -> Model:
     if not hasattr(model, "config") or not hasattr(model, "named_parameters"):
         raise ModelLoadError(f"from_transformers needs a transformers model object, not a {type(model).__name__}.")
     config = model.config.to_dict()
-    family_for(config, "model.config")  # an unsupported model_type, before anything else
+    family = family_for(config, "model.config")  # an unsupported model_type, before anything else
     params = dict(model.named_parameters())
     devices = sorted({str(p.device) for p in params.values()})
     if len(devices) > 1:
@@ -72,7 +72,7 @@ def from_transformers(model: Any, tokenizer: Any = None) -> Model:
     if len(dtypes) > 1 or not next(iter(params.values())).is_floating_point():
         raise ModelLoadError(f"the model's weights are {', '.join(dtypes)}; s2d2 shares weights of one floating "
                              "dtype (quantised weights are not supported).")
-    decoder = Decoder.sharing(family_for(config).decoder_config(config), params)
+    decoder = Decoder.sharing(family.decoder_config(config), params)
     directory = Path(str(getattr(model, "name_or_path", "") or "")).expanduser()
     tok = _backend_tokenizer(tokenizer, directory)
     special = read_special_ids(directory, config, tok)
