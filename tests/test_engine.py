@@ -403,6 +403,35 @@ def test_a_greedy_engine_step_reads_the_device_once(family_model, monkeypatch, n
         assert per_step and max(per_step) == 1, (model.adapter.family, per_step)
 
 
+_SAMPLED = dict(temperature=0.8, top_p=0.95, seed=3)
+
+
+@pytest.mark.parametrize("name", ["ar", "dynamic", "s2d2-A", "s2d2-always", "s2d2-pipelined"])
+def test_a_sampled_or_mixed_engine_step_reads_the_device_once(family_model, monkeypatch, name):
+    """Issue 28, sampled rows: each row draws on the device from its own generator (its drafts, acceptance and
+    residual draw, its AR tokens), and the step reads every row's draws with the greedy rows' choices in one
+    transfer, at batch 1 too; a batch mixing sampled and greedy rows decodes every row as batch 1 does."""
+    for family in ("sdar", "fast_dllm_v2", "d2f_dream"):
+        model = family_model(family)
+        fields = dict(_STEP_READS[name], max_new_tokens=16, stop_token_ids=())
+        configs = [DecodeConfig(**fields, **_SAMPLED).replace(seed=3 + i) if i % 2 == 0 else DecodeConfig(**fields)
+                   for i in range(5)]
+        batch, results = prompts(5, seed=17), {}
+        for size in (5, 1):
+            engine = Engine(model.adapter, max_batch_size=size)
+            ids = {engine.add(p, c, torch.Generator().manual_seed(c.seed) if c.seed is not None else None): k
+                   for k, (p, c) in enumerate(zip(batch, configs))}
+            count, per_step, done = _count_to_host(monkeypatch), [], {}
+            while not engine.idle:
+                count[0] = 0
+                done.update({ids[e.request_id]: e.token_ids for e in engine.step() if e.finished})
+                per_step.append(count[0])
+            monkeypatch.undo()
+            assert per_step and max(per_step) == 1, (family, size, per_step)
+            results[size] = done
+        assert results[5] == results[1], family
+
+
 def test_routing_features_are_computed_only_for_batches_that_read_them(model):
     """The stage leaves out entropy, margin and collision when no row's routing reads them; a batch mixing such rows
     with score-policy rows decodes every row as batch 1 does."""

@@ -16,16 +16,17 @@ from s2d2.core.requests import (
     CommitRequest,
     DraftRequest,
     FinalizeRequest,
+    HostRead,
     KeepRows,
+    RowInput,
     RowRequest,
-    Scored,
     VerifyRequest,
 )
-from s2d2.core.sampling import choose_tokens, describe, token_probs
+from s2d2.core.sampling import choice_table, choose_tokens, read_choices, token_probs
 from s2d2.core.state import BlockState, Draft, Sequence, Span
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
-from s2d2.core.verify import Verdict, accept_greedy, accept_sampled
+from s2d2.core.verify import Verdict, accept_greedy, read_sampled_verdict, sampled_verdict
 
 
 def _confident_rest(masked: Iterable[int], commits: dict[int, int], draft: Draft, threshold: float) -> dict[int, int]:
@@ -71,27 +72,27 @@ class Forwards:
             self.stats.commit_forwards += 1
 
     def open_block(self, seq: Sequence, block: BlockState, generator: torch.Generator | None,
-                   carried: Carried | None = None) -> Generator[RowRequest, Scored | None, int]:
+                   carried: Carried | None = None) -> Generator[RowRequest, RowInput, int]:
         """Shifted logits: the block's first token, decoded in AR mode from the row before it (drawn with the
         decoding temperature). That row is ``carried`` from the verification that finished the previous block, or
         comes from a forward writing the previous block (or the prompt) to the cache and predicting from its last
         row."""
         cfg = self.cfg
         if carried is not None and carried.token and carried.block_start == block.start:
-            scored = carried.rows
             self.stats.fused_drafts += 1
             self._trace_forward("fused_token")
-        else:
-            self._count_cache_write()
-            self._trace_forward("finalize")
-            scored = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+            return carried.draft.tokens[0]  # drawn by the verification that computed the row
+        self._count_cache_write()
+        self._trace_forward("finalize")
+        scored = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
         if cfg.greedy:
             return scored.choices.tokens[0]
-        probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        return int(choose_tokens(probs, False, generator)[0])
+        probs = token_probs(scored.logits[:1], cfg.temperature, cfg.top_k, cfg.top_p)
+        values = yield HostRead(choose_tokens(probs, False, generator).double())
+        return int(values[0])
 
     def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None, num_blocks: int = 1,
-              carried: Carried | None = None) -> Generator[RowRequest, Scored | None, Draft]:
+              carried: Carried | None = None) -> Generator[RowRequest, RowInput, Draft]:
         """One diffusion-mode forward over the block (or the ``num_blocks`` blocks in flight that ``block`` spans);
         tokens drawn at every offset. A draft ``carried`` from the verification that finished the previous block or
         sub-block takes the forward's place when it is this draft.
@@ -102,27 +103,32 @@ class Forwards:
         cfg = self.cfg
         if (carried is not None and not carried.token
                 and (carried.block_start, carried.first_mask) == (block.start, block.first_mask)):
-            scored = carried.rows  # drafted by the verify forward that finished the previous block or sub-block
             self.stats.fused_drafts += 1
             self._trace_forward("fused_draft")
-        else:
-            if not cfg.fuse_commit and self.cache.length < block.start:
-                self._count_cache_write()
-                self._trace_forward("commit")
-                yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
-            self._trace_forward("draft")
-            scored = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
-                                        cfg.cache_ver, cfg.draft_ver, num_blocks, self._cache_prefix)
-            self.stats.draft_forwards += 1
+            return carried.draft  # drafted by the verify forward that finished the previous block or sub-block
+        if not cfg.fuse_commit and self.cache.length < block.start:
+            self._count_cache_write()
+            self._trace_forward("commit")
+            yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+        self._trace_forward("draft")
+        scored = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
+                                    cfg.cache_ver, cfg.draft_ver, num_blocks, self._cache_prefix)
+        self.stats.draft_forwards += 1
         if cfg.greedy:  # the executor's choices are the draft: argmax of the plain softmax
             return Draft(scored.choices)
-        # sampled: this row's own distribution and draws (one transfer of its own; see docs/decoding.md)
-        probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        return Draft(describe(probs, choose_tokens(probs, False, generator)), probs)
+        # sampled: this row's own distribution and draws, read with the batch's other rows (docs/decoding.md)
+        probs, table = self._sample(scored.logits, generator)
+        return Draft(read_choices((yield HostRead(table)), features=True), probs)
+
+    def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sampled draft on the device: the distribution of each row and its :func:`choice_table` (flat) with
+        a token drawn from each row, for a :class:`HostRead`."""
+        probs = token_probs(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
+        return probs, choice_table(probs, choose_tokens(probs, False, generator)).flatten()
 
     def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
                          span: Span, draft: Draft, generator: torch.Generator | None
-                         ) -> Generator[RowRequest, Scored | None,
+                         ) -> Generator[RowRequest, RowInput,
                                         tuple[routing.RouterState, Verdict | None, dict[int, int], Carried | None]]:
         """One S2D2 routing decision on the span of ``unit`` and, if it says so, the verification: returns the next
         router state, the verdict (None when not verified), the commits it decides (``offset: token``: the
@@ -145,7 +151,7 @@ class Forwards:
 
     def verify(self, seq: Sequence, block: BlockState, unit: BlockState, span: Span, draft: Draft,
                generator: torch.Generator | None
-               ) -> Generator[RowRequest, Scored | None, tuple[Verdict, Carried | None]]:
+               ) -> Generator[RowRequest, RowInput, tuple[Verdict, Carried | None]]:
         """One AR-mode forward scoring the span's drafts, then speculative acceptance; returns the verdict and what
         the forward carried for the next draft or AR token (None: nothing usable).
 
@@ -174,12 +180,29 @@ class Forwards:
         scored = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         verifier, following = scored.rows(0, span.length), scored.rows(span.length)
         self.stats.verify_forwards += 1
+        # the rows that make the next draft if every draft is accepted (shifted logits: the next block's first token)
+        if finishes_block:
+            ahead_rows = following.rows(0, 1) if self.shifted else following
+        elif finishes_unit:  # offsets span.end.. read from the span's last row and the draft rows but the last; the
+            # committed offsets before them get placeholder rows, as a draft's own are never read either
+            ahead_rows = following.rows(0, -1).pad_front(span.end)
+        else:
+            ahead_rows = None
         if cfg.greedy:
             verdict = accept_greedy(drafted, verifier.logits, self.relax, argmax=verifier.choices.tokens)
+            ahead = None if ahead_rows is None else Draft(ahead_rows.choices)
         else:
+            # Acceptance and, when this forward may make the next draft, that draft's draws: made on the device
+            # now (the draft's are dropped unless every draft is accepted) and read together, one read per forward.
             q = token_probs(verifier.logits, cfg.temperature, cfg.top_k, cfg.top_p)
             p = draft.probs[span.start:span.end]
-            verdict = accept_sampled(drafted, p, q, generator, self.relax)
+            tables = [sampled_verdict(drafted, p, q, generator, self.relax)]
+            if ahead_rows is not None:
+                ahead_probs, table = self._sample(ahead_rows.logits, generator)
+                tables.append(table)
+            values = yield HostRead(torch.cat(tables))
+            verdict = read_sampled_verdict(values[:len(tables[0])], drafted, self.relax)
+            ahead = None if ahead_rows is None else Draft(read_choices(values[len(tables[0]):], True), ahead_probs)
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
@@ -192,11 +215,9 @@ class Forwards:
         if verdict.num_accepted == span.length:
             if finishes_block:
                 keep_to = block.start + block.size  # the finished block's causal K/V, as fuse_commit writes them
-                carried = Carried(block.start + block.size, 0, following, token=self.shifted)
+                carried = Carried(block.start + block.size, 0, ahead, token=self.shifted)
             elif finishes_unit:
-                # offsets span.end.. read from the span's last row and the draft rows but the last; the committed
-                # offsets before them get placeholder rows, as a draft's own are never read either
-                carried = Carried(block.start, span.end, following.rows(0, -1).pad_front(span.end))
+                carried = Carried(block.start, span.end, ahead)
         if keep_to > self.cache.length:
             yield KeepRows(keep_to - self.cache.length)
         return verdict, carried

@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 
 from s2d2.core.sampling import Choices, greedy_choices
-from s2d2.core.state import Sequence
+from s2d2.core.state import Draft, Sequence
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
 
@@ -98,14 +98,24 @@ class KeepRows:
 
 
 @dataclass(frozen=True)
+class HostRead:
+    """Not a forward: a sampled row asks for the values it computed on the device after its forward (its draws, and
+    what it reads of them), flattened to one float64 vector. It is sent them back as a list of floats. An
+    engine reads every row's request of a step, and the greedy rows' choices, in one transfer (issue 28)."""
+
+    values: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Scored:
-    """A forward's logit rows (``[n, V]``, on the model's device) and their greedy :class:`Choices` on the host:
-    argmax, its probability and the distribution's features under the plain softmax. Greedy decoding reads only
-    the choices; sampling transforms the logits itself. Executors build the choices of a whole batch with one
-    transfer (:meth:`of` for one row's logits)."""
+    """A forward's logit rows (``[n, V]``, on the model's device) and, for a greedy row, their greedy
+    :class:`Choices` on the host: argmax, its probability and the distribution's features under the plain softmax.
+    Greedy decoding reads only the choices; a sampled row transforms the logits itself (its ``choices`` are None)
+    and reads its draws with a :class:`HostRead`. Executors build the choices of a whole batch with one transfer
+    (:meth:`of` for one row's logits)."""
 
     logits: torch.Tensor
-    choices: Choices
+    choices: Choices | None
 
     @classmethod
     def of(cls, logits: torch.Tensor, features: bool = True) -> Scored:
@@ -114,30 +124,33 @@ class Scored:
 
     def rows(self, start: int, stop: int | None = None) -> Scored:
         """Rows ``start .. stop - 1``."""
-        return Scored(self.logits[start:stop], self.choices.rows(start, stop))
+        return Scored(self.logits[start:stop], None if self.choices is None else self.choices.rows(start, stop))
 
     def pad_front(self, count: int) -> Scored:
         """``count`` copies of the first row before the rows (placeholders for offsets nobody reads)."""
-        return Scored(torch.cat([self.logits[:1].expand(count, -1), self.logits]), self.choices.pad_front(count))
+        return Scored(torch.cat([self.logits[:1].expand(count, -1), self.logits]),
+                      None if self.choices is None else self.choices.pad_front(count))
 
 
 @dataclass(frozen=True)
 class Carried:
-    """Logit rows a verification computed for what comes next, handed by the loop to the next draft (or, shifted
-    logits, to the next block's AR token) so that it costs no forward: the draft of the block at ``block_start``
-    from offset ``first_mask`` on, or with ``token`` the row that predicts position ``block_start``."""
+    """The next draft, made from rows a verification computed (handed by the loop to the next draft, or, shifted
+    logits, to the next block's AR token, so that it costs no forward): the draft of the block at ``block_start``
+    from offset ``first_mask`` on, or with ``token`` a one-row draft whose token is the one at ``block_start``."""
 
     block_start: int
     first_mask: int
-    rows: Scored
+    draft: Draft
     token: bool = False
 
 
 ForwardRequest = DraftRequest | VerifyRequest | CommitRequest | FinalizeRequest
-RowRequest = ForwardRequest | KeepRows
-# A row's decoding as a generator: it yields the forward it needs next (or rows to keep), is sent that forward's
-# Scored logits (None for a commit or KeepRows), and returns (generated ids, finish reason, stats) when done.
-RowSteps = Generator[RowRequest, "Scored | None", "tuple[list[int], str, DecodeStats]"]
+RowRequest = ForwardRequest | KeepRows | HostRead
+# A row's decoding as a generator: it yields the forward it needs next (or rows to keep, or values to read), is sent
+# that forward's Scored logits (None for a commit or KeepRows; the values, a list of floats, for a HostRead), and
+# returns (generated ids, finish reason, stats) when done.
+RowInput = Scored | list[float] | None
+RowSteps = Generator[RowRequest, RowInput, "tuple[list[int], str, DecodeStats]"]
 
 
 @dataclass

@@ -10,7 +10,7 @@ confidence threshold and the acceptance estimators read.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -76,11 +76,12 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     return entropy / math.log(probs.shape[-1])
 
 
-def describe(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None = None,
-             features: bool = True) -> Choices:
-    """The :class:`Choices` of ``probs`` (``[n, V]``) with ``tokens`` (``[n]``) chosen (``confidence``: their
-    probabilities, when not those of ``probs``; ``features``: also the routing features), in one transfer: every
-    value goes to the host as one float64 table (exact for token ids and float32 values)."""
+def choice_table(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None = None,
+                 features: bool = True) -> torch.Tensor:
+    """The :class:`Choices` of ``probs`` (``[n, V]``) with ``tokens`` (``[n]``) chosen, still on the device: an
+    ``[n, 2]`` float64 table (token, confidence), ``[n, 5]`` with ``features`` (entropy, margin, collision too);
+    float64 holds token ids and float32 values exactly. ``confidence``: the tokens' probabilities, when not those of
+    ``probs``. :func:`read_choices` turns the table, once on the host, into :class:`Choices`."""
     if confidence is None:
         confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
     columns = [tokens.to(torch.float64), confidence.double()]
@@ -88,16 +89,34 @@ def describe(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor
         top2 = torch.topk(probs, 2, dim=-1).values
         columns += [normalized_entropy(probs).double(), (top2[:, 0] - top2[:, 1]).double(),
                     probs.square().sum(dim=-1).double()]
-    table = list(zip(*torch.stack(columns, dim=-1).tolist())) or [()] * len(columns)
-    return Choices(tuple(int(t) for t in table[0]), *(tuple(c) for c in table[1:]))
+    return torch.stack(columns, dim=-1)
+
+
+def read_choices(values: Sequence[float], features: bool) -> Choices:
+    """The :class:`Choices` of a :func:`choice_table` read to the host as one flat sequence (row after row)."""
+    width = 5 if features else 2
+    columns = [tuple(values[c::width]) for c in range(width)]
+    return Choices(tuple(int(t) for t in columns[0]), *columns[1:])
+
+
+def describe(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None = None,
+             features: bool = True) -> Choices:
+    """The :class:`Choices` of ``probs`` with ``tokens`` chosen (:func:`choice_table`), read to the host at once:
+    one transfer for any number of rows."""
+    return read_choices(choice_table(probs, tokens, confidence, features).flatten().tolist(), features)
+
+
+def greedy_table(logits: torch.Tensor, features: bool = True) -> torch.Tensor:
+    """The :func:`choice_table` of each logit row's argmax under the plain softmax (what greedy decoding reads;
+    ``features``: also what the routing policies read), on the device."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    confidence, tokens = probs.max(dim=-1)
+    return choice_table(probs, tokens, confidence, features)
 
 
 def greedy_choices(logits: torch.Tensor, features: bool = True) -> Choices:
-    """Argmax of each logit row under the plain softmax, with its :class:`Choices` (what greedy decoding reads;
-    ``features``: also what the routing policies read)."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    confidence, tokens = probs.max(dim=-1)
-    return describe(probs, tokens, confidence, features)
+    """:func:`greedy_table` read to the host (one transfer)."""
+    return read_choices(greedy_table(logits, features).flatten().tolist(), features)
 
 
 def choose_tokens(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:

@@ -28,7 +28,6 @@ With neutral values the exact functions run unchanged, so the output is bit-iden
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -61,7 +60,8 @@ def _typical(q: torch.Tensor, index: torch.Tensor, relax: Relaxation) -> torch.T
     return q.gather(-1, index).squeeze(-1) > bound
 
 
-def _thresholded(ratio: torch.Tensor, drafted: list[int], first: int, relax: Relaxation) -> tuple[tuple[int, int], ...]:
+def _thresholded(ratio: Sequence[float], drafted: list[int], first: int,
+                 relax: Relaxation) -> tuple[tuple[int, int], ...]:
     """The later drafts (after the first rejection ``first``) whose ratio reaches the threshold."""
     if relax.ratio_threshold is None:
         return ()
@@ -91,33 +91,54 @@ def accept_greedy(drafted: list[int], q_logits: torch.Tensor, relax: Relaxation 
     return Verdict(len(drafted), None)
 
 
-def accept_sampled(
+def sampled_verdict(
     drafted: list[int],
     p: torch.Tensor,  # [n, V] draft distribution the tokens were drawn from
     q: torch.Tensor,  # [n, V] verifier distribution, same transform
     generator: torch.Generator | None,
     relax: Relaxation | None = None,
-) -> Verdict:
-    """Speculative sampling: accept ``d_i`` w.p. ``min(1, q_i(d_i)/p_i(d_i))``; resample the first rejection. With
-    ``relax``: the ratio raised to ``ratio_tempering``, typical acceptance as a second way in, and the ratio
-    threshold after the first rejection (the draws are the same ones)."""
+) -> torch.Tensor:
+    """Speculative sampling on the device, without reading anything back: accept ``d_i`` w.p.
+    ``min(1, q_i(d_i)/p_i(d_i))``, resample the first rejection from the residual. With ``relax``: the ratio raised
+    to ``ratio_tempering``, typical acceptance as a second way in (the ratio threshold reads the ratios on the host).
+
+    Returns ``[first rejected offset (n: none), correction, ratio_0 .. ratio_{n-1}]`` as float64, for
+    :func:`read_sampled_verdict` once on the host; an engine reads every row's at once (one transfer per step). The
+    generator gives ``n`` uniforms, then one residual draw, every time: the draw is made before anyone knows whether
+    a draft was rejected, and is dropped when none was, so a row's stream never depends on a host read."""
+    n = len(drafted)
     index = torch.tensor(drafted, device=p.device)[:, None]
     p_d = p.gather(-1, index).squeeze(-1).clamp_min(1e-12)
     q_d = q.gather(-1, index).squeeze(-1)
-    u = torch.rand(len(drafted), generator=generator, device=p.device)
-    relaxed = relax is not None and not relax.neutral
+    u = torch.rand(n, generator=generator, device=p.device)
     ratio = torch.clamp(q_d / p_d, max=1.0)
-    if relaxed:
+    if relax is not None and not relax.neutral:
         ratio = ratio ** relax.ratio_tempering
-        rejected = ((u >= ratio) & ~_typical(q, index, relax)).tolist()
+        rejected = (u >= ratio) & ~_typical(q, index, relax)
     else:
-        rejected = (u >= ratio).tolist()
-    if True not in rejected:
-        return Verdict(len(drafted), None)
-    f = rejected.index(True)
-    residual = (q[f] - p[f]).clamp_min(0.0)
-    total = float(residual.sum())
+        rejected = u >= ratio
+    # the first rejected offset (argmax returns the first maximum), n when none was rejected
+    first = torch.where(rejected.any(), rejected.to(torch.uint8).argmax(), n)
+    at = first.clamp(max=n - 1).view(1)
+    q_f = q.index_select(0, at)[0]
+    residual = (q_f - p.index_select(0, at)[0]).clamp_min(0.0)
+    total = residual.sum()
     # The residual is empty only when q <= p everywhere, i.e. q == p up to rounding; then q itself is exact.
-    dist = residual / total if total > 0.0 and math.isfinite(total) else q[f]
-    extra = _thresholded(ratio, drafted, f, relax) if relaxed else ()
-    return Verdict(f, int(torch.multinomial(dist, 1, generator=generator)), extra)
+    dist = torch.where((total > 0.0) & total.isfinite(), residual / total, q_f)
+    correction = torch.multinomial(dist, 1, generator=generator)
+    return torch.cat([first.view(1).double(), correction.double(), ratio.double()])
+
+
+def read_sampled_verdict(values: Sequence[float], drafted: list[int], relax: Relaxation | None = None) -> Verdict:
+    """The :class:`Verdict` of a :func:`sampled_verdict` read to the host."""
+    first = int(values[0])
+    if first == len(drafted):
+        return Verdict(first, None)
+    extra = _thresholded(values[2:], drafted, first, relax) if relax is not None and not relax.neutral else ()
+    return Verdict(first, int(values[1]), extra)
+
+
+def accept_sampled(drafted: list[int], p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None,
+                   relax: Relaxation | None = None) -> Verdict:
+    """:func:`sampled_verdict`, read to the host at once (one row's verification; an engine batches the reads)."""
+    return read_sampled_verdict(sampled_verdict(drafted, p, q, generator, relax).tolist(), drafted, relax)

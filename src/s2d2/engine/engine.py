@@ -3,9 +3,9 @@
 Each request is a row running the per-row algorithm (:func:`s2d2.core.loop.decode_steps`) in its own slot of a
 :class:`~s2d2.models.cache.BatchKVCache`. A step collects the forward every active row needs next, whatever its
 kind (a draft, a 2L verification, a verification that also drafts the next block, a commit), runs them as one
-packed forward (:mod:`s2d2.models.batching`, :func:`s2d2.engine.runner.forward_packed`), computes every row's greedy
-choices in one numerical stage (one device-to-host transfer per step, :func:`s2d2.engine.runner.score_packed`), and
-hands each row its :class:`~s2d2.core.requests.Scored` logits.
+packed forward (:mod:`s2d2.models.batching`, :func:`s2d2.engine.runner.forward_packed`) and hands each row its
+:class:`~s2d2.core.requests.Scored` logits in one numerical stage (:meth:`Engine._score`): the greedy rows' choices
+of the whole batch and the sampled rows' draws (made on the device) reach the host in one transfer per step.
 A step with a single active row runs that row's own forward unpacked (:func:`s2d2.engine.runner.run` on its cache
 slot), so batch 1 costs what the plain loop costs.
 The engine only schedules: it never decides what a row does, so a row's tokens and forward counts are those of
@@ -28,13 +28,22 @@ import torch
 
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.core.loop import decode_steps
-from s2d2.core.requests import CommitRequest, ForwardRequest, KeepRows, RowState, RowSteps, Scored
+from s2d2.core.requests import CommitRequest, ForwardRequest, HostRead, KeepRows, RowInput, RowState, RowSteps, Scored
 from s2d2.core.routing import reads_features
+from s2d2.core.sampling import greedy_table, read_choices
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
 from s2d2.engine.memory import MARGIN, format_bytes, free_memory, request_rows, row_bytes
-from s2d2.engine.runner import ForwardTimer, forward_packed, request_spec, run, score_packed
+from s2d2.engine.runner import (
+    ForwardTimer,
+    forward_packed,
+    packed_bounds,
+    read_together,
+    request_spec,
+    run,
+    split_packed,
+)
 from s2d2.errors import ConfigError
 from s2d2.families.base import FamilyAdapter
 from s2d2.models.batching import ForwardSpec, pack
@@ -94,7 +103,9 @@ class _Row:
     steps: RowSteps
     state: RowState
     features: bool  # its routing reads the drafts' distribution features (core.routing.reads_features)
+    greedy: bool  # reads its forwards' greedy choices; a sampled row draws on the device and reads with HostRead
     pending: ForwardRequest | None = None
+    read: HostRead | None = None  # values the row asked to read, waiting for the step's one transfer
     reported: int = 0  # generated tokens already sent in events (streaming)
     trace_reported: int = 0  # trace events already sent in events (streaming a traced request)
 
@@ -187,15 +198,14 @@ class Engine:
             if len(rows) == 1:  # one row: its own forward, unpacked, so batch 1 costs what the plain loop costs
                 with self._timer:
                     logits = run(self.adapter, specs[0], rows[0].cache)
-                scored = [Scored.of(logits, rows[0].features)]
+                parts, bounds = [logits], [(0, len(logits), 0)]
                 num_rows, num_padded = specs[0].num_rows, 0
             else:
                 slots = [r.slot for r in rows]
                 batch = pack(specs, slots, [self.cache.lengths[s] for s in slots], self.adapter.device, self.cache.own)
                 with self._timer:
-                    packed = forward_packed(self.adapter, batch, specs, self.cache, slots)
-                # the numerical stage: every row's greedy choices at once, one transfer for the whole step
-                scored = score_packed(batch, specs, packed, any(r.features for r in rows))
+                    logits = forward_packed(self.adapter, batch, specs, self.cache, slots)
+                parts, bounds = split_packed(batch, specs, logits), packed_bounds(batch, specs)
                 num_rows, num_padded = batch.num_rows, batch.num_padded
             elapsed = self._timer.elapsed
             self.stats.steps += 1
@@ -204,15 +214,44 @@ class Engine:
             self.stats.padded_rows += num_padded
             self.stats.forward_time_s += elapsed
             t1 = time.perf_counter()
-            for row, spec, out in zip(rows, specs, scored):
+            for row, spec in zip(rows, specs):
                 row.state.stats.forward_time_s += elapsed
                 row.state.stats.query_rows += spec.num_rows
                 if row.state.trace is not None:
                     row.state.trace.forward_done(spec.num_rows, elapsed)
-                self._advance(row, None if isinstance(row.pending, CommitRequest) else out, events)
+            self._score(rows, parts, logits, bounds, events)
             self.stats.row_time_s += time.perf_counter() - t1
         self.stats.time_s += time.perf_counter() - t0
         return events
+
+    def _score(self, rows: list[_Row], parts: list[torch.Tensor], logits: torch.Tensor,
+               bounds: list[tuple[int, int, int]], events: list[Event]) -> None:
+        """The step's numerical stage: hands every row its forward's logits and reads what the rows need to the
+        host in one transfer (issue 28). Sampled rows get their logits first and draw on the device, each from its
+        own generator (:class:`HostRead`); then the greedy rows' choices of the whole ``logits`` (the step's logit
+        rows; row ``k``'s are ``bounds[k]``: start, stop, front padding) and those draws cross together."""
+        commits = {k for k, row in enumerate(rows) if isinstance(row.pending, CommitRequest)}  # no logits to read
+        greedy = [k for k, row in enumerate(rows) if row.greedy and k not in commits]
+        for k, row in enumerate(rows):
+            if k in commits:
+                self._advance(row, None, events)
+            elif not row.greedy:
+                self._advance(row, Scored(parts[k], None), events)
+        features = any(rows[k].features for k in greedy)
+        reading = [row for row in rows if row.read is not None]
+        tables = [greedy_table(logits, features)] if greedy else []
+        values = read_together(tables + [row.read.values for row in reading])
+        if greedy:
+            choices = read_choices(values.pop(0), features)
+            for k in greedy:
+                start, stop, pad = bounds[k]
+                self._advance(rows[k], Scored(parts[k], choices.rows(start, stop).pad_front(pad)), events)
+        while reading:  # (a row reads once per forward; one that read again would wait for a second transfer here)
+            for row, read in zip(reading, values):
+                row.read = None
+                self._advance(row, read, events)
+            reading = [row for row in reading if row.read is not None]
+            values = read_together([row.read.values for row in reading])
 
     def _admit(self, events: list[Event]) -> None:
         deferred: list[_Waiting] = []  # long requests waiting for memory that running ones will give back
@@ -227,7 +266,7 @@ class Engine:
             state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
             cache.reset()  # the slot's last request is gone: this row starts from an empty cache
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.traits, w.generator, w.stop_check, state)
-            row = _Row(w.request_id, slot, cache, steps, state, reads_features(w.config, w.trace))
+            row = _Row(w.request_id, slot, cache, steps, state, reads_features(w.config, w.trace), w.config.greedy)
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
         self._waiting.extendleft(reversed(deferred))  # first in the queue again, in their order
@@ -253,14 +292,17 @@ class Engine:
                             error=reason))
         return False
 
-    def _advance(self, row: _Row, scored: Scored | None, events: list[Event], first: bool = False) -> None:
-        """Send a row its forward's scored logits and take its next forward (keeping the rows it asks to keep);
-        report its progress or its end."""
+    def _advance(self, row: _Row, sent: RowInput, events: list[Event], first: bool = False) -> None:
+        """Send a row its forward's scored logits (or the values it asked to read) and take its next forward (keeping
+        the rows it asks to keep) or read; report its progress or its end."""
         try:
-            request = next(row.steps) if first else row.steps.send(scored)
+            request = next(row.steps) if first else row.steps.send(sent)
             while isinstance(request, KeepRows):  # not a forward: the row's slot keeps rows its last forward wrote
                 row.cache.commit(request.count)
                 request = row.steps.send(None)
+            if isinstance(request, HostRead):  # read with the step's other rows (_score), then sent back
+                row.pending, row.read = None, request
+                return
             row.pending = request
         except StopIteration as done:
             token_ids, finish_reason, stats = done.value

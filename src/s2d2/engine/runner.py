@@ -21,7 +21,9 @@ from s2d2.core.requests import (
     DraftRequest,
     FinalizeRequest,
     ForwardRequest,
+    HostRead,
     KeepRows,
+    RowInput,
     RowState,
     RowSteps,
     Scored,
@@ -55,26 +57,29 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
             tracer.forward_done(spec.num_rows, timer.elapsed)
         return logits
 
-    return drive(decode_steps(prompt_ids, cfg, cache, adapter.traits, generator, stop_check, state), cache, forward)
+    return drive(decode_steps(prompt_ids, cfg, cache, adapter.traits, generator, stop_check, state), cache, forward,
+                 cfg.greedy)
 
 
-def drive(steps: RowSteps, cache: KVCache | SlotCache,
-          forward: Callable[[ForwardRequest], torch.Tensor | None]) -> tuple[list[int], str, DecodeStats]:
+def drive(steps: RowSteps, cache: KVCache | SlotCache, forward: Callable[[ForwardRequest], torch.Tensor | None],
+          greedy: bool = True) -> tuple[list[int], str, DecodeStats]:
     """Run one row's decoding to its end: each forward it asks for through ``forward`` (which returns its logits,
-    sent back :class:`Scored`), each :class:`KeepRows` on ``cache``; returns what the row returns (ids, finish
-    reason, stats)."""
-    scored = None
+    sent back :class:`Scored`, with their greedy choices for a ``greedy`` row), each :class:`KeepRows` on
+    ``cache``, each :class:`HostRead` at once; returns what the row returns (ids, finish reason, stats)."""
+    sent: RowInput = None
     while True:
         try:
-            request = steps.send(scored)
+            request = steps.send(sent)
         except StopIteration as done:
             return done.value
         if isinstance(request, KeepRows):
             cache.commit(request.count)
-            scored = None
+            sent = None
+        elif isinstance(request, HostRead):
+            sent = request.values.tolist()
         else:
             logits = forward(request)
-            scored = None if logits is None else Scored.of(logits)
+            sent = None if logits is None else Scored(logits, greedy_choices(logits) if greedy else None)
 
 
 def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int) -> ForwardSpec:
@@ -147,17 +152,27 @@ def split_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Ten
     return out
 
 
-def score_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Tensor,
-                 features: bool = True) -> list[Scored]:
-    """Each row's :class:`Scored` logits out of the packed ones: the greedy choices of every row of the batch are
-    computed together and cross to the host in one transfer, whatever the number of rows (issue 28);
-    ``features``: also the routing features (:func:`s2d2.core.routing.reads_features` of some row)."""
-    choices = greedy_choices(logits, features)
-    parts = split_packed(batch, specs, logits)
-    bounds, start = {}, 0
+def packed_bounds(batch: PackedBatch, specs: list[ForwardSpec]) -> list[tuple[int, int, int]]:
+    """Each row's logit rows in the packed logits (in ``specs`` order): start, stop, and the front padding its
+    :meth:`~s2d2.models.batching.ForwardSpec.finish_logits` adds."""
+    bounds: list[tuple[int, int, int]] = [(0, 0, 0)] * len(specs)
+    start = 0
     for k, count in zip(batch.order, batch.logits_counts):  # each row's packed rows, in packed order
-        bounds[k], start = (start, start + count), start + count
-    return [Scored(part, choices.rows(*bounds[k]).pad_front(specs[k].pad_front)) for k, part in enumerate(parts)]
+        bounds[k], start = (start, start + count, specs[k].pad_front), start + count
+    return bounds
+
+
+def read_together(tables: list[torch.Tensor]) -> list[list[float]]:
+    """Device tensors read to the host in ONE transfer (as float64, exact for token ids and float32 values),
+    each flattened: how an engine step reads all its rows' numbers at once (issue 28)."""
+    if not tables:
+        return []
+    flat = torch.cat([t.flatten().double() for t in tables]).tolist()
+    out, start = [], 0
+    for t in tables:
+        out.append(flat[start:start + t.numel()])
+        start += t.numel()
+    return out
 
 
 class ForwardTimer:
