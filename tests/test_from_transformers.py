@@ -4,7 +4,8 @@ The s2d2 model must decode exactly as ``s2d2.load`` of the same directory (token
 every method), share the transformers model's tensors (no copy: same storage, no growth of resident memory by the
 model's size, and a change to the transformers weights is seen), and refuse what it cannot use in one sentence.
 Models: tiny ``init-random`` checkpoints loaded with transformers' own Qwen3 class (SDAR's layout, ``model_type``
-qwen3) and, for Fast-dLLM v2, its Qwen2 class under a config class named as the published remote code names it.
+qwen3); for Fast-dLLM v2 and Dream, its Qwen2 class under a config class named as the published remote code names
+it; for LLaDA and LLaDA2, a module with the published classes' parameter names (their checkpoints' names).
 """
 
 from __future__ import annotations
@@ -170,14 +171,55 @@ def test_what_it_cannot_use_is_refused_in_one_sentence(loaded, family_dir):
     finally:
         hf.model.norm.weight = norm
 
-    from s2d2.checkpoint import load_weights, read_config
-    from s2d2.families import decoder_config_for
-    from s2d2.models.decoder import Decoder
 
-    moe = family_dir("llada2")
-    with pytest.raises(ModelLoadError, match="routed expert") as err:
-        Decoder.sharing(decoder_config_for(read_config(moe)), load_weights(moe))
-    _one_sentence(err)
+class _PublishedLayout(torch.nn.Module):
+    """A transformers model object as the published remote code of LLaDA (``LLaDAModelLM``) and LLaDA2
+    (``LLaDA2MoeModelLM``) loads it, for what ``from_transformers`` reads of one: parameters under the published
+    class's names (which are its checkpoint's names: ``from_pretrained`` loads them one to one, routed experts as
+    separate modules), a config of its ``model_type``, its directory. The published code itself is never run here."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        from s2d2.checkpoint import load_weights
+
+        fields = json.loads((directory / "config.json").read_text())
+        self.config = type("RemoteConfig", (transformers.PretrainedConfig,), {"model_type": fields["model_type"]})(
+            **fields)
+        self.name_or_path = str(directory)
+        for name, tensor in load_weights(directory).items():
+            *path, leaf = name.split(".")
+            module = self
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, torch.nn.Module())
+                module = getattr(module, part)
+            module.register_parameter(leaf, torch.nn.Parameter(tensor, requires_grad=False))
+
+
+@pytest.mark.parametrize("family", ["d2f_llada", "llada2"])
+def test_llada_and_llada2_in_their_published_layout_decode_as_s2d2_load(family_dir, family):
+    """LLaDA (OLMo names, fused or separate projections as its checkpoint has them) and LLaDA2 (routed experts, one
+    module each): every weight shared, and every method decodes as ``s2d2.load`` of the directory."""
+    path = family_dir(family)
+    hf = _PublishedLayout(path)
+    ours, reference = s2d2.from_transformers(hf), s2d2.load(str(path))
+    theirs = {p.data_ptr() for p in hf.parameters()}
+    assert all(p.data_ptr() in theirs for p in ours.adapter.model.parameters())
+    assert ours.adapter.family == reference.adapter.family
+    for name in ("ar", "dynamic", "s2d2"):
+        cfg = DecodeConfig(**{k: v for k, v in METHODS[name].items() if k != "block_size"}, max_new_tokens=16,
+                           stop_token_ids=(), generation_config="none")
+        _same(ours.generate(PROMPTS, cfg), reference.generate(PROMPTS, cfg))
+        _same(ours.generate(PROMPTS, cfg, batch_size=1), reference.generate(PROMPTS, cfg, batch_size=1))
+    from s2d2.models.moe import MoEMLP
+
+    moes = [m for m in ours.adapter.model.modules() if isinstance(m, MoEMLP)]
+    assert bool(moes) == (family == "llada2")
+    assert all(m.gate_up is None and len(m.gate) == len(m.up) == len(m.down) == m.config.num_experts for m in moes)
+    # what s2d2 writes back as checkpoint tensors are theirs, under their names
+    state = ours.adapter.model.hf_state_dict()
+    mine = dict(hf.named_parameters())
+    assert set(state) == set(mine) and all(torch.equal(state[n], t) for n, t in mine.items())
 
 
 def test_the_readme_example_runs(tmp_path, monkeypatch):

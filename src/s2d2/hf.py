@@ -52,12 +52,13 @@ def from_transformers(model: Any, tokenizer: Any = None) -> Model:
     """An s2d2 :class:`~s2d2.api.Model` over a transformers model object, sharing its weights (nothing copied).
 
     ``model``: a loaded causal LM of a supported family (``model.config.model_type`` one of s2d2's: ``sdar`` /
-    ``qwen3``, ``Fast_dLLM_Qwen``, ``llada``, ``Dream``), all its parameters on one device in one floating dtype.
+    ``qwen3``, ``Fast_dLLM_Qwen``, ``llada``, ``llada2_moe``, ``Dream``), all its parameters on one device in one
+    floating dtype.
     ``tokenizer``: a transformers fast tokenizer (its ``backend_tokenizer`` is used, so ids are identical), a
     ``tokenizers.Tokenizer``, or None to read the one in the model's directory (``model.name_or_path``).
     Refused in one sentence (:class:`~s2d2.errors.ModelLoadError`): an unsupported ``model_type``, weights spread over
-    devices (a ``device_map``), quantised or mixed-dtype weights, routed experts (LLaDA2: load it with
-    :func:`s2d2.load`), a slow tokenizer, a config without a mask token.
+    devices (a ``device_map``), quantised or mixed-dtype weights, a slow tokenizer, a config without a mask token.
+    Routed experts (LLaDA2) are shared one expert at a time, as the model holds them.
     """
     if not hasattr(model, "config") or not hasattr(model, "named_parameters"):
         raise ModelLoadError(f"from_transformers needs a transformers model object, not a {type(model).__name__}.")

@@ -377,7 +377,8 @@ class Decoder(nn.Module):
         transformers model's ``named_parameters()``): nothing is copied or cast, so it computes on their device and
         in their dtype, and sees any change made to them. Where this decoder fuses q/k/v or gate/up, a
         :class:`SplitLinear` runs over the separate tensors. The names are checked as :meth:`load_hf_state_dict`
-        checks a checkpoint's; routed experts (stored stacked here) cannot be shared, a ModelLoadError."""
+        checks a checkpoint's. Routed experts are kept per expert (:meth:`MoEMLP.share_experts`), as the other model
+        holds them."""
         first = next(iter(tensors.values()))
         with torch.device("meta"):
             model = cls(config, device="meta", dtype=first.dtype)
@@ -387,6 +388,7 @@ class Decoder(nn.Module):
         owners = {id(p): (module, name) for module in model.modules()
                   for name, p in module.named_parameters(recurse=False)}
         fused: dict[int, list[tuple[int, str]]] = {}
+        experts: dict[int, tuple[MoEMLP, dict[tuple[str, int], torch.Tensor]]] = {}
         for name, (param, rows) in layout.items():
             if name not in tensors:
                 continue  # a tied head
@@ -397,10 +399,14 @@ class Decoder(nn.Module):
                 setattr(module, attr, nn.Parameter(tensor.detach(), requires_grad=False))  # the same storage
             elif isinstance(rows, slice):  # a part of a fused matrix
                 fused.setdefault(id(param), []).append((rows.start, name))
-            else:
-                raise ModelLoadError(f"weight {name!r} is one routed expert's, which this decoder stores stacked with "
-                                     "the others; a mixture-of-experts model cannot share its weights (load it from "
-                                     "its directory with s2d2.load).")
+            else:  # a routed expert's gate or up (``(e, rows)``) or down (``e``) in the stacked expert weights
+                module, _ = owners[id(param)]
+                e, part = rows if isinstance(rows, tuple) else (rows, None)
+                kind = "down" if part is None else "gate" if part.start == 0 else "up"
+                experts.setdefault(id(module), (module, {}))[1][kind, e] = tensor
+        for moe, given in experts.values():  # the experts are another model's separate tensors: kept per expert
+            moe.share_experts(*([given[kind, e] for e in range(moe.config.num_experts)]
+                                 for kind in ("gate", "up", "down")))
         for param_id, parts in fused.items():  # a fused matrix (or bias): its module becomes a SplitLinear
             module, attr = owners[param_id]
             parent, child = parents[id(module)]
@@ -671,7 +677,12 @@ class Decoder(nn.Module):
             out[p + names.router] = (moe.router, None)
             out[p + names.expert_bias] = (moe.expert_bias, None)
             for e in range(c.moe.num_experts):
-                out.update(_swiglu_layout(p + names.experts.format(e=e), names.swiglu, moe.gate_up, moe.down, inter, e))
+                prefix = p + names.experts.format(e=e)
+                if moe.gate_up is not None:  # stacked
+                    out.update(_swiglu_layout(prefix, names.swiglu, moe.gate_up, moe.down, inter, e))
+                else:  # per expert (MoEMLP.share_experts)
+                    out.update({prefix + name: (weights[e], None)
+                                for name, weights in zip(names.swiglu, (moe.gate, moe.up, moe.down))})
             if moe.shared_gate_up is not None:
                 out.update(_swiglu_layout(p + names.shared_experts, names.swiglu, moe.shared_gate_up.weight,
                                           moe.shared_down.weight, inter * c.moe.num_shared_experts))

@@ -65,7 +65,9 @@ def route(logits: torch.Tensor, expert_bias: torch.Tensor, c: MoEConfig) -> tupl
 
 
 class MoEMLP(nn.Module):
-    """Routed experts (stacked: ``gate_up [E, 2I, H]``, ``down [E, H, I]``) plus shared experts."""
+    """Routed experts plus shared experts. The routed experts' weights are stacked (``gate_up [E, 2I, H]``, ``down
+    [E, H, I]``), or, once :meth:`share_experts` gave them, per expert (``gate``, ``up``: ``E x [I, H]``, ``down``:
+    ``E x [H, I]``, another model's tensors); each expert runs on its own tokens either way."""
 
     def __init__(self, c: MoEConfig, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
@@ -75,7 +77,9 @@ class MoEMLP(nn.Module):
         self.router = nn.Parameter(torch.zeros(c.num_experts, h, device=device, dtype=torch.float32))
         self.expert_bias = nn.Parameter(torch.zeros(c.num_experts, device=device, dtype=torch.float32))
         self.gate_up = nn.Parameter(torch.zeros(c.num_experts, 2 * i, h, **kw))
-        self.down = nn.Parameter(torch.zeros(c.num_experts, h, i, **kw))
+        self.down: nn.Parameter | nn.ParameterList = nn.Parameter(torch.zeros(c.num_experts, h, i, **kw))
+        self.gate: nn.ParameterList | None = None  # per-expert weights (share_experts)
+        self.up: nn.ParameterList | None = None
         shared = i * c.num_shared_experts
         self.shared_gate_up = nn.Linear(h, 2 * shared, bias=False, **kw) if shared else None
         self.shared_down = nn.Linear(shared, h, bias=False, **kw) if shared else None
@@ -100,8 +104,23 @@ class MoEMLP(nn.Module):
         y_sorted = x.new_empty(flat.numel(), x.shape[-1])
         xs, start = x[token[order]], 0
         for e, n in zip(used.tolist(), counts.tolist()):
-            gate, up = F.linear(xs[start:start + n], self.gate_up[e]).chunk(2, dim=-1)
+            part = xs[start:start + n]
+            if self.gate_up is not None:
+                gate, up = F.linear(part, self.gate_up[e]).chunk(2, dim=-1)
+            else:
+                gate, up = F.linear(part, self.gate[e]), F.linear(part, self.up[e])
             y_sorted[start:start + n] = F.linear(F.silu(gate) * up, self.down[e])
             start += n
         y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted) * weights.reshape(-1, 1)
         return torch.zeros_like(x).index_add_(0, token, y)
+
+    def share_experts(self, gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor]) -> None:
+        """Use another model's per-expert tensors (expert ``e``: ``gate[e]``, ``up[e]`` ``[I, H]``, ``down[e]``
+        ``[H, I]``) as the routed experts' weights, shared, not copied, in place of the stacked ones (a
+        transformers model's experts are separate modules; stacking them would copy every expert)."""
+        def shared(tensors: list[torch.Tensor]) -> nn.ParameterList:
+            return nn.ParameterList(nn.Parameter(t.detach(), requires_grad=False) for t in tensors)
+
+        del self.gate_up, self.down  # registered parameters: removed before other kinds of value take the names
+        self.gate_up: nn.Parameter | None = None
+        self.gate, self.up, self.down = shared(gate), shared(up), shared(down)
