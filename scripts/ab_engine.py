@@ -7,8 +7,10 @@ warm-up batch; rounds are shuffled, medians printed side by side with the ratio 
 (temperature 0.8, top-p 0.95, seed 0): then each version must give the same outputs in every round, but the two
 versions may draw differently (a change of the random stream), so their outputs are not compared.
 
+With ``--reads`` it counts instead of timing: the device reads (host reads of a tensor) in each engine step.
+
 Usage: python scripts/ab_engine.py BEFORE_SRC AFTER_SRC [--n 200] [--batch-sizes 16 64] [--rounds 3] [--sampled]
-       [--out F]
+       [--reads] [--out F]
 """
 
 from __future__ import annotations
@@ -44,10 +46,39 @@ print(json.dumps({"tokens_per_s": stats["tokens_per_s"], "host_share": stats["ho
                   "tokens": [o.token_ids for o in outs]}))
 """
 
+# --reads: the device reads (host reads of a tensor) in each engine step, counted instead of timed
+READS = """
+import json, statistics, sys
+import torch
+import s2d2
+from s2d2.engine.engine import Engine
+from s2d2.evaluation.tasks import wordy
+fields, batch, n = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+model = s2d2.load("bundled")
+prompts = [p.prompt for p in wordy.generate("test", n, seed=0)]
+count, per_step = [0], []
+for name in ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
+    real = getattr(torch.Tensor, name)
+    def counted(self, *a, _real=real, **k):
+        count[0] += 1
+        return _real(self, *a, **k)
+    setattr(torch.Tensor, name, counted)
+step = Engine.step
+def counted_step(self):
+    count[0] = 0
+    out = step(self)
+    per_step.append(count[0])
+    return out
+Engine.step = counted_step
+outs = model.generate(prompts, s2d2.DecodeConfig(**fields), batch_size=batch)
+print(json.dumps({"median_reads": statistics.median(per_step), "max_reads": max(per_step), "steps": len(per_step),
+                  "nfe": sum(o.stats.nfe for o in outs), "tokens": [o.token_ids for o in outs]}))
+"""
 
-def measure(src: str, fields: dict, batch: int, n: int) -> dict:
+
+def measure(src: str, fields: dict, batch: int, n: int, child: str = CHILD) -> dict:
     env = {**os.environ, "PYTHONPATH": src}
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(fields), str(batch), str(n)], env=env,
+    done = subprocess.run([sys.executable, "-c", child, json.dumps(fields), str(batch), str(n)], env=env,
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -61,8 +92,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sampled", action="store_true", help="sample (temperature 0.8, top-p 0.95, seed 0)")
     parser.add_argument("--out", default=None, help="also write every measurement (JSON lines)")
+    parser.add_argument("--reads", action="store_true", help="count device reads per engine step (once per "
+                        "version and cell) instead of timing")
     args = parser.parse_args()
     sampling = {"temperature": 0.8, "top_p": 0.95, "seed": 0} if args.sampled else {}
+    if args.reads:
+        print("| method | batch | reads / step before: median | max | after: median | max |")
+        print("|---|---|---|---|---|---|")
+        for method in METHODS:
+            for batch in args.batch_sizes:
+                got = {v: measure(getattr(args, v), {**METHODS[method], **sampling}, batch, args.n, READS)
+                       for v in ("before", "after")}
+                print(f"| {method} | {batch} | {got['before']['median_reads']:g} | {got['before']['max_reads']} | "
+                      f"{got['after']['median_reads']:g} | {got['after']['max_reads']} |", flush=True)
+        return
     cells = [(v, m, b) for v in ("before", "after") for m in METHODS for b in args.batch_sizes] * args.rounds
     random.Random(0).shuffle(cells)
     records = []

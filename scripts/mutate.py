@@ -146,8 +146,8 @@ MUTATIONS: list[Mutation] = [
         "sampled_residual_wrong",
         "the first rejection is resampled from q instead of the residual max(0, q - p)",
         "core/verify.py",
-        "residual = (q[f] - p[f]).clamp_min(0.0)",
-        "residual = q[f].clamp_min(0.0)",
+        "residual = (q_f - p.index_select(0, at)[0]).clamp_min(0.0)",
+        "residual = q_f.clamp_min(0.0)",
     ),
     Mutation(
         "sampled_ratio_inverted",
@@ -174,10 +174,9 @@ MUTATIONS: list[Mutation] = [
         "stats_fused_counted_as_forward",
         "a draft fused into a verify forward is also counted as a draft forward",
         "core/forwards.py",
-        "            scored = carried.rows  # drafted by the verify forward that finished the previous block or "
-        "sub-block\n            self.stats.fused_drafts += 1\n",
-        "            scored = carried.rows\n            self.stats.fused_drafts += 1\n"
-        "            self.stats.draft_forwards += 1\n",
+        "            self.stats.fused_drafts += 1\n            self._trace_forward(\"fused_draft\")\n",
+        "            self.stats.fused_drafts += 1\n            self.stats.draft_forwards += 1\n"
+        "            self._trace_forward(\"fused_draft\")\n",
     ),
     Mutation(
         "top_k_off_by_one",
@@ -304,8 +303,8 @@ MUTATIONS: list[Mutation] = [
         "ar_token_always_greedy",
         "a block's opening AR token is its argmax even when sampling (the reference's behaviour)",
         "core/forwards.py",
-        "        return int(choose_tokens(probs, False, generator)[0])",
-        "        return int(choose_tokens(probs, True, generator)[0])",
+        "        values = yield HostRead(choose_tokens(probs, False, generator).double())",
+        "        values = yield HostRead(choose_tokens(probs, True, generator).double())",
     ),
     Mutation(
         "sub_blocks_ignored",
@@ -332,8 +331,8 @@ MUTATIONS: list[Mutation] = [
         "choices_rows_shifted",
         "each row of a packed batch gets the greedy choices of the rows one place further",
         "engine/runner.py",
-        "        bounds[k], start = (start, start + count), start + count",
-        "        bounds[k], start = (start + 1, start + 1 + count), start + count",
+        "        bounds[k], start = (start, start + count, specs[k].pad_front), start + count",
+        "        bounds[k], start = (start + 1, start + 1 + count, specs[k].pad_front), start + count",
     ),
     Mutation(
         "row_seeds_shared",
@@ -587,6 +586,41 @@ MUTATIONS: list[Mutation] = [
         "models/decoder.py",
         "for _, name in sorted(parts)]",
         "for _, name in sorted(parts, key=lambda part: part[1])]",
+    ),
+    Mutation(
+        "sampled_reads_handed_to_the_wrong_rows",
+        "the step's one transfer hands each sampled row the values another row asked for",
+        "engine/engine.py",
+        "            for row, read in zip(reading, values):",
+        "            for row, read in zip(reading, values[1:] + values[:1]):",
+    ),
+    Mutation(
+        "sampled_first_rejection_from_the_end",
+        "sampled acceptance takes the last rejected offset as the first",
+        "core/verify.py",
+        "rejected.to(torch.uint8).argmax()",
+        "(rejected.to(torch.uint8).flip(0).argmax() * -1 + n - 1)",
+    ),
+    Mutation(
+        "sampled_carried_draft_redrawn_from_the_verifier",
+        "a sampled verification's carried next draft is drawn from the verifier's rows, not the rows after the span",
+        "core/forwards.py",
+        "ahead_probs, table = self._sample(ahead_rows.logits, generator)",
+        "ahead_probs, table = self._sample(scored.logits[:len(ahead_rows.logits)], generator)",
+    ),
+    Mutation(
+        "shared_experts_gate_and_up_swapped",
+        "a shared MoE expert runs its up projection as the gate and the gate as up",
+        "models/decoder.py",
+        'kind = "down" if part is None else "gate" if part.start == 0 else "up"',
+        'kind = "down" if part is None else "up" if part.start == 0 else "gate"',
+    ),
+    Mutation(
+        "restart_never_pauses",
+        "an engine that keeps dying is restarted at once every time (a restart loop)",
+        "serve/worker.py",
+        "        pause = RESTART_BACKOFF_S * 2 ** (self._quick_deaths - 2) if self._quick_deaths > 1 else 0.0",
+        "        pause = 0.0",
     ),
     Mutation(
         "large_masks_cached",

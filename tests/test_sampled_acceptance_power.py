@@ -178,7 +178,7 @@ def test_sampled_s2d2_draws_the_transformed_ar_chain(block_size):
 def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeypatch):
     """Reference §8.4: p handed to acceptance must be exactly the distribution each draft token was sampled from."""
     drawn, handed = [], []
-    real_choose, real_accept = s2d2.core.forwards.choose_tokens, s2d2.core.forwards.accept_sampled
+    real_choose, real_accept = s2d2.core.forwards.choose_tokens, s2d2.core.forwards.sampled_verdict
 
     def choose(probs, greedy, generator):
         drawn.append(probs.clone())
@@ -189,7 +189,7 @@ def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeyp
         return real_accept(drafted, p, q, generator, relax)
 
     monkeypatch.setattr(s2d2.core.forwards, "choose_tokens", choose)
-    monkeypatch.setattr(s2d2.core.forwards, "accept_sampled", accept)
+    monkeypatch.setattr(s2d2.core.forwards, "sampled_verdict", accept)
     cfg = DecodeConfig(method="s2d2", policy="mask_span_length", min_span=1, block_size=4, temperature=TEMPERATURE,
                        top_k=TOP_K, top_p=TOP_P, max_new_tokens=NUM_NEW, stop_token_ids=(), fuse_draft=False)
     adapter = TableAdapter()
@@ -200,13 +200,13 @@ def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeyp
 
 
 def test_the_test_rejects_a_draft_distribution_distorted_as_p_to_the_0_9(monkeypatch):
-    real = s2d2.core.forwards.accept_sampled
+    real = s2d2.core.forwards.sampled_verdict
 
     def distorted(drafted, p, q, generator, relax=None):
         warped = p ** 0.9
         return real(drafted, warped / warped.sum(dim=-1, keepdim=True), q, generator, relax)
 
-    monkeypatch.setattr(s2d2.core.forwards, "accept_sampled", distorted)
+    monkeypatch.setattr(s2d2.core.forwards, "sampled_verdict", distorted)
     assert transition_pvalue(transition_counts(2)) < 1e-4
 
 

@@ -127,6 +127,16 @@ def test_sampled_p_equal_q_accepts_even_the_largest_uniform(monkeypatch: pytest.
     assert accept_sampled([0, 1], p, p.clone(), None) == Verdict(2, None)
 
 
+def test_sampled_commits_up_to_the_first_of_several_rejections() -> None:
+    """Positions 1 and 3 are both certain rejections (q gives their drafts 0): the verdict stops at the first, and
+    its correction comes from position 1's residual (token 2), never position 3's (token 3)."""
+    certain = [0.0, 1.0, 0.0, 0.0]
+    p = torch.tensor([certain, [0.5, 0.5, 0.0, 0.0], certain, [0.0, 1.0, 0.0, 0.0]])
+    q = torch.tensor([certain, [0.0, 0.5, 0.5, 0.0], certain, [0.0, 0.0, 0.0, 1.0]])
+    for seed in range(20):
+        assert accept_sampled([1, 0, 1, 1], p, q, _seeded(seed)) == Verdict(1, 2)
+
+
 def test_sampled_zero_q_rejects_and_corrects_from_one_hot_residual() -> None:
     # position 0: p == q, accepted with certainty.
     # position 1: draft 0 has q = 0, so it is always rejected; residual (q - p)+ = [0, 0, 0.5, 0] -> token 2.
