@@ -125,6 +125,41 @@ def test_a_killed_engine_fails_its_requests_at_once_and_comes_back(bundled):
         stop_server(s)
 
 
+def test_an_engine_that_keeps_dying_is_restarted_after_growing_pauses_then_given_up(monkeypatch):
+    """The first quick death restarts at once; the next ones wait RESTART_BACKOFF_S, then twice that (shown in
+    /health); after MAX_QUICK_RESTARTS quick deaths in a row the replica is failed, with the reason, and requests get
+    a 503 saying so instead of a restart loop."""
+    import s2d2.serve.worker as worker
+
+    monkeypatch.setattr(worker, "RESTART_BACKOFF_S", 2.0)
+    monkeypatch.setattr(worker, "MAX_QUICK_RESTARTS", 2)
+    s = start()
+    try:
+        for deaths in (1, 2, 3):
+            pid = health(s.url)["replicas"][0]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed, pauses = time.monotonic(), []
+            deadline = killed + 60
+            while (info := health(s.url)["replicas"][0])["status"] == "starting" or (info["status"] == "ok"
+                                                                                     and info["pid"] == pid):
+                pauses.append(info.get("next_start_in_s"))
+                assert time.monotonic() < deadline, info
+                time.sleep(0.05)
+            if deaths == 1:  # at once: no pause was announced
+                assert info["status"] == "ok" and not any(pauses) and info["restarts"] == 1
+            elif deaths == 2:  # the second quick death in a row waits RESTART_BACKOFF_S before starting again
+                assert info["status"] == "ok" and 0 < max(p for p in pauses if p) <= 2.0, pauses
+                assert time.monotonic() - killed >= 2.0 and info["restarts"] == 2
+        assert info["status"] == "failed" and info["restarts"] == 2
+        assert info["error"].startswith("the engine stopped 3 times in a row within 60 s of starting"), info
+        assert health(s.url)["status"] == "failed"
+        status, payload = completion(s.url, PROBLEMS[3].prompt)
+        assert status == 503 and payload["error"]["code"] == "engine_failed"
+        assert payload["error"]["message"].startswith("no engine can serve: the engine stopped 3 times"), payload
+    finally:
+        stop_server(s)
+
+
 def test_serve_with_weights_that_cannot_load_is_one_sentence(random_model_dir, tmp_path, capsys):
     from s2d2.cli import main
 

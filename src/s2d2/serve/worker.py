@@ -8,8 +8,10 @@ to the asyncio handler that waits for them.
 
 Per replica (:class:`Replica`), one thread sends commands down its pipe (a full pipe never blocks the event loop)
 and one reads events from it, cancels what ran past its deadline, and notices when the core is gone: a core process
-that dies fails its in-flight requests with a 503 at once (none waits for a timeout) and is started again; until it
-says it is ready, ``/health`` reports it and requests go to the other replicas (a 503 when none is ready).
+that dies fails its in-flight requests with a 503 at once (none waits for a timeout) and is started again (after a
+growing pause when it keeps dying soon after starting, and not after :data:`MAX_QUICK_RESTARTS` such deaths in a
+row); until it says it is ready, ``/health`` reports it and requests go to the other replicas (a 503 when none is
+ready).
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ from s2d2.serve.core import ModelSource, engine_slots, process_main, run_core
 from s2d2.serve.protocol import APIError, ServerConfig
 
 log = logging.getLogger("s2d2.serve")  # the server's one logger (not __name__: its name is what operators filter on)
+
+# An engine process that dies is started again at once. One that keeps dying soon after it starts (out of memory
+# at every start, a bad device) is started again after a pause that doubles each time, and given up after a few
+# tries (the replica is then "failed" in /health, with the reason), instead of restarting in a loop.
+STABLE_S = 60.0  # an engine that ran this long before it died is restarted at once, and its count starts over
+RESTART_BACKOFF_S = 1.0  # the pause before the second quick restart in a row; doubled for each one after it
+MAX_QUICK_RESTARTS = 5  # quick restarts in a row before giving up
 
 
 class Metrics:
@@ -119,6 +128,10 @@ class Replica:
         self._stopping = False
         self._core: Any = None  # the Process or Thread
         self._threads: list[threading.Thread] = []
+        self._started_at = 0.0
+        self._quick_deaths = 0  # deaths within STABLE_S of their start, in a row
+        self._next_start = 0.0  # when a paused restart will start (time.monotonic), while it waits
+        self._stop_event = threading.Event()  # cuts a restart's pause short when the server stops
 
     # -- life
     def start(self) -> None:
@@ -126,6 +139,7 @@ class Replica:
         commands_out, commands_in = _pipe()
         events_out, events_in = _pipe()
         label = f"s2d2-engine-{self.index}"
+        self._started_at = time.monotonic()
         if self.source is None:
             self.slots = engine_slots(self.model, self.cfg.max_batch)
             self._core = threading.Thread(target=run_core, name=label, daemon=True,
@@ -151,6 +165,7 @@ class Replica:
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the core to stop and wait for it (a process that does not stop in time is terminated)."""
         self._stopping = True
+        self._stop_event.set()
         self._outbox.put(("stop",))
         self._outbox.put(None)
         self._core.join(timeout=timeout)
@@ -259,10 +274,27 @@ class Replica:
             self._finish(key, EngineGone(f"exit code {code}"))
         self.load = _Load()
         self._update_gauges()
-        if self.source is not None and self.error is None:  # a model that cannot load is not restarted in a loop
-            self.restarts += 1
-            self.metrics.restarts.labels(str(self.index)).inc()
-            self.start()
+        if self.source is None or self.error is not None:  # a model that cannot load is not restarted in a loop
+            return
+        quick = time.monotonic() - self._started_at < STABLE_S
+        self._quick_deaths = self._quick_deaths + 1 if quick else 0
+        if self._quick_deaths > MAX_QUICK_RESTARTS:
+            self.error = (f"the engine stopped {self._quick_deaths} times in a row within {STABLE_S:g} s of starting "
+                          f"(last exit code {code}); it is not started again")
+            log.error("engine %d: %s", self.index, self.error)
+            return
+        pause = RESTART_BACKOFF_S * 2 ** (self._quick_deaths - 2) if self._quick_deaths > 1 else 0.0
+        if pause:
+            log.warning("engine %d stopped %d times in a row soon after starting; starting it again in %g s",
+                        self.index, self._quick_deaths, pause)
+            self._next_start = time.monotonic() + pause
+            stopped = self._stop_event.wait(pause)
+            self._next_start = 0.0
+            if stopped:
+                return
+        self.restarts += 1
+        self.metrics.restarts.labels(str(self.index)).inc()
+        self.start()
 
     def _update_gauges(self) -> None:
         label = str(self.index)
@@ -276,6 +308,8 @@ class Replica:
                                "slots": self.slots, "restarts": self.restarts, "pid": self.pid}
         if self.error:
             out["error"] = self.error
+        if self._next_start:  # a restart pausing after repeated quick deaths
+            out["next_start_in_s"] = round(max(0.0, self._next_start - time.monotonic()), 1)
         return out
 
 
@@ -337,6 +371,9 @@ class EngineWorker:
         its queue, a 503 when no replica is ready."""
         with self._lock:
             ready = [r for r in self.replicas if r.ready]
+            if not ready and all(r.error for r in self.replicas):
+                raise APIError(503, f"no engine can serve: {self.replicas[0].error}.", error_type="server_error",
+                               code="engine_failed")
             if not ready:
                 raise APIError(503, "no engine is ready yet (starting, or restarting after a failure); retry shortly.",
                                error_type="server_error", code="engine_unavailable", headers={"Retry-After": "1"})
