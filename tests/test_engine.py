@@ -443,7 +443,9 @@ def test_routing_features_are_computed_only_for_batches_that_read_them(model):
     assert reads_features(DecodeConfig(method="s2d2", policy="mask_span_length"), traced=True)
     assert reads_features(DecodeConfig(method="s2d2")) and reads_features(
         DecodeConfig(method="s2d2", policy="contextual_bandit_ucb"))
-    assert not reads_features(DecodeConfig(method="s2d2", temperature=0.7))  # sampled rows describe their own
+    # a sampled row computes the features of its own drafts by the same rule; greedy rows' are the batch's
+    assert reads_features(DecodeConfig(method="s2d2", temperature=0.7))
+    assert not reads_features(DecodeConfig(method="dynamic", temperature=0.7))
     lean = greedy_choices(torch.randn(3, 11), features=False)
     assert lean.entropy is None and lean.rows(1).margin is None and len(lean.pad_front(2)) == 5
     configs = [METHODS["ar"], METHODS["s2d2-A"], METHODS["dynamic"], METHODS["s2d2-ucb"], METHODS["s2d2-always"]]

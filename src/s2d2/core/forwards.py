@@ -49,6 +49,7 @@ class Forwards:
                  tracer: Tracer | None = None) -> None:
         self.cache, self.cfg, self.stats, self.shifted, self.tracer = cache, cfg, stats, shifted_logits, tracer
         self.relax = cfg.relaxation()  # neutral: the acceptance functions run their exact rule
+        self._features = routing.reads_features(cfg, tracer is not None)  # what a sampled draft must describe
         # a block's K/V may enter the cache early only if no edit can change it afterwards
         self._fuse_draft = (cfg.fuse_draft and cfg.cache_ver and cfg.fuse_commit and cfg.editing_threshold is None
                             and cfg.block_add_threshold is None)
@@ -117,14 +118,13 @@ class Forwards:
         if cfg.greedy:  # the executor's choices are the draft: argmax of the plain softmax
             return Draft(scored.choices)
         # sampled: this row's own distribution and draws, read with the batch's other rows (docs/decoding.md)
-        probs, table = self._sample(scored.logits, generator)
-        return Draft(read_choices((yield HostRead(table)), features=True), probs)
+        probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
+        return Draft(read_choices((yield HostRead(self._draw(probs, generator))), self._features), probs)
 
-    def _sample(self, logits: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A sampled draft on the device: the distribution of each row and its :func:`choice_table` (flat) with
-        a token drawn from each row, for a :class:`HostRead`."""
-        probs = token_probs(logits, self.cfg.temperature, self.cfg.top_k, self.cfg.top_p)
-        return probs, choice_table(probs, choose_tokens(probs, False, generator)).flatten()
+    def _draw(self, probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A sampled draft on the device: a token drawn from each row of ``probs`` and their :func:`choice_table`
+        (flat; the routing features only when routing reads them), for a :class:`HostRead`."""
+        return choice_table(probs, choose_tokens(probs, False, generator), features=self._features).flatten()
 
     def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
                          span: Span, draft: Draft, generator: torch.Generator | None
@@ -194,15 +194,19 @@ class Forwards:
         else:
             # Acceptance and, when this forward may make the next draft, that draft's draws: made on the device
             # now (the draft's are dropped unless every draft is accepted) and read together, one read per forward.
-            q = token_probs(verifier.logits, cfg.temperature, cfg.top_k, cfg.top_p)
-            p = draft.probs[span.start:span.end]
+            # one transform for the verifier's rows and those after them (the next draft's)
+            probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
+            q, p = probs[:span.length], draft.probs[span.start:span.end]
             tables = [sampled_verdict(drafted, p, q, generator, self.relax)]
             if ahead_rows is not None:
-                ahead_probs, table = self._sample(ahead_rows.logits, generator)
-                tables.append(table)
+                after = probs[span.length:]
+                ahead_probs = (after[:1] if finishes_block else torch.cat([after[:1].expand(span.end, -1), after[:-1]])
+                               ) if self.shifted else after
+                tables.append(self._draw(ahead_probs, generator))
             values = yield HostRead(torch.cat(tables))
             verdict = read_sampled_verdict(values[:len(tables[0])], drafted, self.relax)
-            ahead = None if ahead_rows is None else Draft(read_choices(values[len(tables[0]):], True), ahead_probs)
+            ahead = (None if ahead_rows is None
+                     else Draft(read_choices(values[len(tables[0]):], self._features), ahead_probs))
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)

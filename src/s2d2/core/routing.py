@@ -94,8 +94,8 @@ def ucb_choose(pulls: tuple[int, ...], rewards: tuple[float, ...], bucket: int, 
 def reads_features(cfg: DecodeConfig, traced: bool = False) -> bool:
     """Whether routing reads the drafts' distribution features (entropy, margin, collision) beyond their
     confidence: the score and UCB policies do, and a trace's explanation does; so the executor computes them only
-    for batches that hold such a row (sampled rows compute their own)."""
-    return cfg.greedy and cfg.method == "s2d2" and (cfg.policy != "mask_span_length" or traced)
+    for batches that hold such a greedy row, and a sampled row only for its own drafts when it reads them."""
+    return cfg.method == "s2d2" and (cfg.policy != "mask_span_length" or traced)
 
 
 def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> tuple[bool, RouterState]:

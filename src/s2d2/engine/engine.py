@@ -76,7 +76,9 @@ class BatchStats:
     rows_computed: int = 0  # query rows the token-wise layers computed (valid rows only: rows are packed)
     padded_rows: int = 0  # padding in the attention layout (rows x longest row)
     forward_time_s: float = 0.0
-    row_time_s: float = 0.0  # the rows' own algorithm between forwards (what batch-1 decoding also spends)
+    # the rows' own algorithm between forwards and the numerical stage that feeds it (what batch-1 decoding also
+    # spends; the stage was counted as the engine's before the sampled rows joined it)
+    row_time_s: float = 0.0
     time_s: float = 0.0  # wall time inside step()
     num_tokens: int = 0
 
