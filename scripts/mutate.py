@@ -623,6 +623,20 @@ MUTATIONS: list[Mutation] = [
         "        pause = 0.0",
     ),
     Mutation(
+        "stream_interval_ignored",
+        "the engine sends every step's progress at once whatever --stream-interval says",
+        "serve/core.py",
+        "        if final or not running or now - self.sent_at >= self.interval:",
+        "        if True:",
+    ),
+    Mutation(
+        "held_progress_loses_tokens",
+        "two held progress events of a request keep only the later one's tokens",
+        "serve/core.py",
+        "return Event(first.request_id, first.new_token_ids + then.new_token_ids, trace_events=trace)",
+        "return Event(first.request_id, then.new_token_ids, trace_events=trace)",
+    ),
+    Mutation(
         "large_masks_cached",
         "every attention mask is cached, a long prompt's prefill mask too",
         "models/batching.py",

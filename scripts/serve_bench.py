@@ -15,6 +15,7 @@ Every measurement is its own process (servers are started and stopped per measur
 shuffled (seeded) order, medians reported. Run alone on the machine::
 
     python scripts/serve_bench.py --out benchmarks/bundled-arith/serve.md     # ~10 min here
+    python scripts/serve_bench.py --only "one client" --stream-intervals 0.02 0.05   # streaming alone
 """
 
 from __future__ import annotations
@@ -83,10 +84,11 @@ def child(code: str, *args: object) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def one_client(args: argparse.Namespace, prompts: list[str], stream: bool) -> dict:
+def one_client(args: argparse.Namespace, prompts: list[str], stream: bool, interval: float = 0.0) -> dict:
     import openai
 
-    with serving("bundled", args.method, 16, 64, threads=args.threads) as (_, url):
+    extra = ("--stream-interval", str(interval)) if interval else ()
+    with serving("bundled", args.method, 16, 64, threads=args.threads, extra=extra) as (_, url):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0)
         kw = dict(model="loadtest", max_tokens=args.max_tokens)
         for p in prompts[:3]:
@@ -130,6 +132,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--stream-intervals", type=float, nargs="*", default=[],
+                        help="also measure one streamed client with each of these --stream-interval values")
+    parser.add_argument("--only", nargs="*", default=None, help="measure only the cells whose name contains one of "
+                        "these (offline batch 1 is always measured: the ratios need it)")
     args = parser.parse_args()
     from s2d2.evaluation.tasks import arith
 
@@ -144,7 +150,12 @@ def main() -> None:
                                                    "thread"),
         f"1 replica, {args.concurrency} clients": lambda: replicas(args, prompts, 1),
         f"2 replicas, {args.concurrency} clients": lambda: replicas(args, prompts, 2),
+        **{f"server, one client, streamed, --stream-interval {t:g}":
+           (lambda t=t: one_client(args, prompts, True, t)) for t in args.stream_intervals},
     }
+    if args.only is not None:
+        cells = {name: run for name, run in cells.items()
+                 if name.startswith("offline") or any(part in name for part in args.only)}
     runs: dict[str, list[dict]] = {name: [] for name in cells}
     rng = random.Random(0)
     for r in range(args.rounds):
@@ -159,10 +170,13 @@ def main() -> None:
              "| measurement | tokens | tokens / s (median) | vs offline batch 1 |", "|---|---|---|---|"]
     for name in cells:
         lines.append(f"| {name} | {tokens[name]} | {rate[name]:.0f} | {rate[name] / offline:.2f}x |")
-    two, one = (rate[f"{k} replica{'s' if k > 1 else ''}, {args.concurrency} clients"] for k in (2, 1))
-    lines += ["", f"2 replicas / 1 replica at {args.concurrency} clients: {two / one:.2f}x; engine on a worker thread "
-              f"/ main thread: {rate['engine on a worker thread'] / rate['engine on the main thread']:.2f}x; "
-              f"threads: {args.threads} (offline, one client, engine), 1 per replica."]
+    two, one = (rate.get(f"{k} replica{'s' if k > 1 else ''}, {args.concurrency} clients") for k in (2, 1))
+    if two and one:
+        lines += ["", f"2 replicas / 1 replica at {args.concurrency} clients: {two / one:.2f}x."]
+    if "engine on the main thread" in rate and "engine on a worker thread" in rate:
+        lines += ["", f"engine on a worker thread / main thread: "
+                  f"{rate['engine on a worker thread'] / rate['engine on the main thread']:.2f}x."]
+    lines += ["", f"threads: {args.threads} (offline, one client, engine), 1 per replica."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

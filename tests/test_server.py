@@ -47,7 +47,7 @@ def bundled() -> s2d2.Model:
 def start_server(model: s2d2.Model, source: Any = None, **overrides) -> SimpleNamespace:
     """The app over ``model`` (engine processes loading ``source``, when given) served on a free loopback port."""
     cfg = ServerConfig(**{"model_name": "bundled", "max_batch": 4, "max_queue": 2, "timeout_s": 60.0,
-                          "defaults": DecodeConfig(max_new_tokens=MAX_NEW), **overrides})
+                          "defaults": DecodeConfig(max_new_tokens=MAX_NEW), "stream_interval_s": 0.0, **overrides})
     server = uvicorn.Server(uvicorn.Config(create_app(model, cfg, source), host="127.0.0.1", port=0,
                                            log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -162,6 +162,33 @@ def test_chat_uses_the_chat_template(server, bundled):
     assert out.choices[0].message.role == "assistant"
     assert out.choices[0].message.content == want.text
     assert out.usage.completion_tokens == len(want.token_ids)
+
+
+def test_a_stream_interval_sends_fewer_larger_chunks_of_the_same_text(bundled):
+    """--stream-interval: progress waits in the engine and goes up as one event per request; the text is the same,
+    in fewer chunks (one step per token with AR: 48 new tokens would be up to 48 chunks), and the end is not held."""
+    from s2d2.engine.engine import Event
+    from s2d2.serve.core import _joined
+
+    joined = _joined(Event(3, [1, 2], trace_events=[{"a": 1}]), Event(3, [4], trace_events=None))
+    assert joined.new_token_ids == [1, 2, 4] and joined.trace_events == [{"a": 1}] and not joined.finished
+    body = dict(model="bundled", prompt=PROBLEMS[5].prompt, max_tokens=48,
+                extra_body={"method": "ar", "stop_token_ids": []})
+    counts = {}
+    for interval in (0.0, 0.2):
+        s = start_server(bundled, stream_interval_s=interval)
+        try:
+            want = s.client.completions.create(**body).choices[0].text
+            t0 = time.monotonic()
+            chunks = list(s.client.completions.create(**body, stream=True))
+            took = time.monotonic() - t0
+            texts = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+            assert "".join(texts) == want
+            counts[interval] = len(texts)
+        finally:
+            stop_server(s)
+    assert counts[0.0] > 10  # every step's token
+    assert counts[0.2] <= took / 0.2 + 2 and counts[0.2] < counts[0.0], counts
 
 
 def test_streamed_text_equals_the_plain_answer(server, bundled):

@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "S2D2_API_KEY environment variable; unset: no key)")
     sv.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
                     help="larger request bodies are answered 413 (default: 8 MiB)")
+    sv.add_argument("--stream-interval", type=float, default=0.02, metavar="SECONDS",
+                    help="streamed responses: hold each request's new text up to this long and send it as one chunk "
+                         "(fewer, larger chunks, less work beside the engine; 0: every step) (default: 0.02)")
     sv.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM, seconds in-flight requests may take to finish before they are cut (default: 30)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -625,7 +628,7 @@ def _serve(ns: argparse.Namespace) -> int:
     cfg = ServerConfig(model_name=ns.served_model_name or ns.model, max_batch=ns.max_batch, max_queue=ns.max_queue,
                        timeout_s=ns.timeout, defaults=config_from_args(ns), api_key=ns.api_key,
                        max_body_bytes=ns.max_body_bytes, shutdown_timeout_s=ns.shutdown_timeout,
-                       data_parallel_size=ns.data_parallel_size)
+                       data_parallel_size=ns.data_parallel_size, stream_interval_s=ns.stream_interval)
     # The API process tokenizes and formats with the model's files alone (no weights: the meta device); each engine
     # process loads the weights itself, with its share of the idle cores on a CPU.
     threads = None if ns.device.startswith("cuda") and ns.threads is None else _threads(ns, ns.data_parallel_size)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -72,7 +73,8 @@ def engine_slots(model: Any, max_batch: int | str) -> int:
     return plan.rows
 
 
-def process_main(source: ModelSource, max_batch: int | str, commands: Connection, events: Connection) -> None:
+def process_main(source: ModelSource, max_batch: int | str, commands: Connection, events: Connection,
+                 stream_interval: float = 0.0) -> None:
     """An engine process: load the model, say so, and run the core until told to stop (or the API side is gone)."""
     from s2d2.api import load  # here, in the child: the parent's import does not travel with a spawned process
 
@@ -94,7 +96,7 @@ def process_main(source: ModelSource, max_batch: int | str, commands: Connection
         raise SystemExit(1) from None
     if _tell(events, ("ready", {"pid": os.getpid(), "device": str(model.device),
                                 "threads": torch.get_num_threads(), "slots": slots})):
-        run_core(model, slots, commands, events)
+        run_core(model, slots, commands, events, stream_interval)
 
 
 def _tell(events: Connection, message: tuple) -> bool:
@@ -106,11 +108,14 @@ def _tell(events: Connection, message: tuple) -> bool:
         return False
 
 
-def run_core(model: Any, max_batch: int, commands: Connection, events: Connection) -> None:
+def run_core(model: Any, max_batch: int, commands: Connection, events: Connection,
+             stream_interval: float = 0.0) -> None:
     """Serve commands until ``("stop",)`` or until the command pipe closes: between steps, admit and cancel what
-    the commands say; step while any request runs; send every step's events."""
+    the commands say; step while any request runs; send the steps' events. Streamed progress is held for up to
+    ``stream_interval`` seconds and sent as one event per request (:class:`_Outbox`); final events go at once."""
     torch.set_grad_enabled(False)
     core = _Core(model, max_batch)
+    outbox = _Outbox(events, stream_interval)
     try:
         while True:
             # idle: wait for a command; busy: take what has arrived and go on stepping
@@ -136,11 +141,43 @@ def run_core(model: Any, max_batch: int, commands: Connection, events: Connectio
                     core = _Core(model, max_batch)
                     continue
             if out or steps:
-                events.send(("events", out, steps, core.engine.num_running, core.engine.num_waiting))
+                outbox.add(out, steps, core.engine.num_running, core.engine.num_waiting)
     except (EOFError, OSError):  # the API side is gone: nothing is left to serve
         return
     finally:
         events.close()
+
+
+class _Outbox:
+    """The events going up to the API side. Every step's events would be a message each: the API process then wakes,
+    detokenizes and writes a chunk per step per request, on the cores the engine decodes on. With an ``interval``,
+    progress events wait up to that long and a request's waiting ones become one (its new tokens joined), so a
+    stream carries fewer, larger chunks; anything final (a finished request, a cancellation) sends everything at
+    once, as does an engine with nothing left running."""
+
+    def __init__(self, events: Connection, interval: float) -> None:
+        self.events, self.interval = events, interval
+        self.held: dict[int, Event] = {}  # ticket key -> its progress since the last message
+        self.steps, self.sent_at = 0, time.monotonic()
+
+    def add(self, out: list[tuple[int, Event]], steps: int, running: int, waiting: int) -> None:
+        self.steps += steps
+        final = [(key, event) for key, event in out if event.finished]
+        for key, event in out:
+            if not event.finished:
+                self.held[key] = _joined(self.held[key], event) if key in self.held else event
+        now = time.monotonic()
+        if final or not running or now - self.sent_at >= self.interval:
+            message = [*self.held.items(), *final]  # a request's progress before its end
+            self.events.send(("events", message, self.steps, running, waiting))
+            self.held, self.steps, self.sent_at = {}, 0, now
+
+
+def _joined(first: Event, then: Event) -> Event:
+    """Two progress events of one request as one: the tokens (and trace events) of both, in order."""
+    trace = None if first.trace_events is None and then.trace_events is None else [
+        *(first.trace_events or []), *(then.trace_events or [])]
+    return Event(first.request_id, first.new_token_ids + then.new_token_ids, trace_events=trace)
 
 
 class _Core:

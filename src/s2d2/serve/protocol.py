@@ -46,6 +46,9 @@ class ServerConfig:
     max_body_bytes: int = 8 * 2**20  # a larger request body is answered 413
     shutdown_timeout_s: float = 30.0  # on SIGTERM: how long in-flight requests may finish before they are cut
     data_parallel_size: int = 1  # engine processes (replicas), each with its own copy of the model
+    # streamed progress waits up to this long in the engine and goes up as one chunk per request (0: every step);
+    # 20 ms: a one-client stream 0.69x -> 0.88x offline speed on 2 cores (BENCHMARKS.md "Serving")
+    stream_interval_s: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_n", "max_body_bytes", "data_parallel_size"):
@@ -59,6 +62,8 @@ class ServerConfig:
             raise S2D2Error(f"max_queue must be an integer >= 0, got {self.max_queue!r}.")
         if not self.timeout_s > 0:
             raise S2D2Error(f"timeout must be > 0 seconds, got {self.timeout_s!r}.")
+        if not 0 <= self.stream_interval_s <= 10:
+            raise S2D2Error(f"stream interval must be between 0 and 10 seconds, got {self.stream_interval_s!r}.")
         if not self.shutdown_timeout_s >= 0:
             raise S2D2Error(f"shutdown timeout must be >= 0 seconds, got {self.shutdown_timeout_s!r}.")
         if self.api_key is not None and not self.api_key.strip():

@@ -143,13 +143,14 @@ class Replica:
         if self.source is None:
             self.slots = engine_slots(self.model, self.cfg.max_batch)
             self._core = threading.Thread(target=run_core, name=label, daemon=True,
-                                          args=(self.model, self.slots, commands_out, events_in))
+                                          args=(self.model, self.slots, commands_out, events_in,
+                                                self.cfg.stream_interval_s))
             self.ready = True
         else:
             context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited threads or CUDA state
             self._core = context.Process(target=process_main, name=label, daemon=True,
                                          args=(self.source.for_replica(self.index), self.cfg.max_batch,
-                                               commands_out, events_in))
+                                               commands_out, events_in, self.cfg.stream_interval_s))
         self._core.start()
         if self.source is not None:  # the child holds its ends now; closing ours makes its death read as EOF
             commands_out.close()
