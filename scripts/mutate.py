@@ -174,9 +174,9 @@ MUTATIONS: list[Mutation] = [
         "stats_fused_counted_as_forward",
         "a draft fused into a verify forward is also counted as a draft forward",
         "core/forwards.py",
-        "            self.stats.fused_drafts += 1\n            self._trace_forward(\"fused_draft\")\n",
-        "            self.stats.fused_drafts += 1\n            self.stats.draft_forwards += 1\n"
-        "            self._trace_forward(\"fused_draft\")\n",
+        "                self.stats.fused_drafts += 1\n                self._trace_forward(\"fused_draft\")\n",
+        "                self.stats.fused_drafts += 1\n                self.stats.draft_forwards += 1\n"
+        "                self._trace_forward(\"fused_draft\")\n",
     ),
     Mutation(
         "top_k_off_by_one",
@@ -635,6 +635,13 @@ MUTATIONS: list[Mutation] = [
         "serve/core.py",
         "return Event(first.request_id, first.new_token_ids + then.new_token_ids, trace_events=trace)",
         "return Event(first.request_id, then.new_token_ids, trace_events=trace)",
+    ),
+    Mutation(
+        "redraft_routed_like_a_draft",
+        "a redraft goes through the routing policy, which may commit its guesses unverified",
+        "core/forwards.py",
+        "        if draft.redraft:  # always verified",
+        "        if False:  # always verified",
     ),
     Mutation(
         "large_masks_cached",

@@ -28,6 +28,7 @@ CONFIGS = {
     "s2d2-always": dict(method="s2d2", block_size=4, policy="mask_span_length", min_span=1),
     "s2d2-ucb": dict(method="s2d2", block_size=8, policy="contextual_bandit_ucb"),
     "pipelined": dict(method="s2d2", block_size=4, threshold=0.3, block_add_threshold=0.5),
+    "s2d2-redraft": dict(method="s2d2", block_size=8, policy="mask_span_length", min_span=1, redraft=0.0),
 }
 FORWARD_COUNTERS = {"draft": "draft_forwards", "verify": "verify_forwards", "finalize": "prefill_or_commit",
                     "commit": "prefill_or_commit"}
@@ -43,9 +44,11 @@ def check_trace(trace: list[dict], token_ids: list[int], stats, prompt_len: int,
     kinds = [f["kind"] for f in forwards]
     assert kinds.count("draft") == stats.draft_forwards and kinds.count("verify") == stats.verify_forwards
     assert kinds.count("fused_draft") + kinds.count("fused_token") == stats.fused_drafts
+    assert kinds.count("redraft") == stats.redrafts
     assert kinds.count("finalize") + kinds.count("commit") == stats.prefill_forwards + stats.commit_forwards
-    assert all((f["rows"] > 0) == (not f["kind"].startswith("fused")) for f in forwards)
-    assert sum(not f["kind"].startswith("fused") for f in forwards) == stats.nfe
+    free = [f["kind"].startswith("fused") or f["kind"] == "redraft" for f in forwards]  # drafts without a forward
+    assert all((f["rows"] > 0) == (not no_forward) for f, no_forward in zip(forwards, free))
+    assert sum(not no_forward for no_forward in free) == stats.nfe
     # commits rebuild the output: every generated position once (edits replace), nothing outside it
     final: dict[int, int] = {}
     for s in [*steps, done]:
@@ -81,7 +84,9 @@ def check_trace(trace: list[dict], token_ids: list[int], stats, prompt_len: int,
             hows = [c["how"] for c in s["commits"] if route["span"][0] <= c["pos"] < route["span"][1]]
             assert hows.count("accepted") == verify["accepted"]
             assert hows.count("corrected") == (verify["correction"] is not None)
-        if route is not None and route["policy"].startswith("score"):
+        if route is not None and route.get("redraft"):  # a redraft is verified without asking the policy
+            assert route["verify"] and any(f["kind"] == "redraft" for f in s["forwards"]), s
+        elif route is not None and route["policy"].startswith("score"):
             assert route["expected_accepted"] == pytest.approx(
                 sum(__import__("math").prod(route["alphas"][:k + 1]) for k in range(len(route["alphas"]))), abs=1e-4)
     verifies = [s["verify"] for s in steps if s["verify"] is not None]

@@ -52,6 +52,9 @@ _HELP = {
                     "the rows after it (same tokens)",
     "fuse_draft_threshold": "s2d2: a verification carries the next block's draft rows only when its span's draft "
                             "confidences multiply to at least this (0 = always; ~0.3 on a CPU)",
+    "redraft": "greedy s2d2: after a rejection, use the verifier's rows after the correction as the next draft "
+               "(no draft forward) when the first is at least this confident; always verified, exact "
+               "(default: off)",
     "relax": "s2d2 relaxed acceptance, 0 = exact .. 1 = typical acceptance with epsilon 0.3 (not exact above 0)",
     "typical_epsilon": "typical acceptance's epsilon (expert; wins over --relax; default: from --relax)",
     "typical_delta": "typical acceptance's delta (expert; default sqrt(epsilon))",

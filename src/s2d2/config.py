@@ -134,6 +134,11 @@ class DecodeConfig:
     # the one case the next block's rows are used) reaches this: 0 = always, the fewest forwards; where rows cost
     # time (a CPU) the break-even of the forward's cost model, about 0.35 for the bundled model (docs/decoding.md)
     fuse_draft_threshold: float = 0.0
+    # After a rejection, the verifier's rows for the span positions after the correction (computed by the rejecting
+    # forward) become the next draft there, instead of a diffusion-mode forward, when the first of them is at least
+    # this confident; None: off. Lossless: the redraft is verified like any draft (s2d2, greedy; docs/decoding.md
+    # "Redrafts from the verifier").
+    redraft: float | None = None
     # write the K/V of the block's committed prefix into the cache as it grows (in the forward running anyway), so
     # that drafts and verifications carry only the rows after it; needs cache_ver, draft_ver and fuse_commit (then those K/V are
     # final), off with editing; the same tokens either way (docs/decoding.md "What a forward carries")
@@ -214,6 +219,14 @@ class DecodeConfig:
             if not self.fuse_commit:
                 raise ConfigError("block_add_threshold (pipelined blocks) needs fuse_commit: finished blocks are "
                                   "written to the cache by the next draft forward.")
+        if self.redraft is not None:
+            _check_float("redraft", self.redraft, 0.0, 1.0)
+            if self.method != "s2d2" or self.temperature != 0.0:
+                raise ConfigError("redraft applies to greedy s2d2 (temperature 0): its drafts come from the "
+                                  "verifier's argmax.")
+            if self.block_add_threshold is not None or self.editing_threshold is not None:
+                raise ConfigError("redraft cannot be combined with block_add_threshold or editing_threshold: those "
+                                  "steps need a diffusion-mode forward.")
         for name in ("min_span", "ucb_span_bins", "ucb_progress_bins", "ucb_entropy_bins", "max_new_tokens"):
             _check_int(name, getattr(self, name), 1)
         _check_int("top_k", self.top_k, 0)

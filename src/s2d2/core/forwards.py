@@ -20,6 +20,7 @@ from s2d2.core.requests import (
     KeepRows,
     RowInput,
     RowRequest,
+    Scored,
     VerifyRequest,
 )
 from s2d2.core.sampling import choice_table, choose_tokens, read_choices, token_probs
@@ -104,9 +105,13 @@ class Forwards:
         cfg = self.cfg
         if (carried is not None and not carried.token
                 and (carried.block_start, carried.first_mask) == (block.start, block.first_mask)):
-            self.stats.fused_drafts += 1
-            self._trace_forward("fused_draft")
-            return carried.draft  # drafted by the verify forward that finished the previous block or sub-block
+            if carried.redraft:  # the verifier's rows after the last step's rejection
+                self.stats.redrafts += 1
+                self._trace_forward("redraft")
+            else:  # drafted by the verify forward that finished the previous block or sub-block
+                self.stats.fused_drafts += 1
+                self._trace_forward("fused_draft")
+            return carried.draft
         if not cfg.fuse_commit and self.cache.length < block.start:
             self._count_cache_write()
             self._trace_forward("commit")
@@ -126,6 +131,13 @@ class Forwards:
         (flat; the routing features only when routing reads them), for a :class:`HostRead`."""
         return choice_table(probs, choose_tokens(probs, False, generator), features=self._features).flatten()
 
+    def _redraft(self, verdict: Verdict, span: Span, verifier: Scored) -> bool:
+        """Whether a verification's rows after its rejection become the next draft (``DecodeConfig.redraft``):
+        offsets are left in the span after the correction, and the first of them is confident enough."""
+        after = verdict.num_accepted + 1
+        return (self.cfg.redraft is not None and verdict.correction is not None and not verdict.extra
+                and after < span.length and verifier.choices.confidence[after] >= self.cfg.redraft)
+
     def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
                          span: Span, draft: Draft, generator: torch.Generator | None
                          ) -> Generator[RowRequest, RowInput,
@@ -134,10 +146,14 @@ class Forwards:
         router state, the verdict (None when not verified), the commits it decides (``offset: token``: the
         verifier's, and with ``commit_confident`` the unit's other masks whose drafts clear the threshold), and what
         the verification carried for the next draft or AR token (:meth:`verify`)."""
-        verify_now, router = routing.route(router, unit, span, draft, self.cfg)
+        if draft.redraft:  # always verified: its tokens are guesses made after a rejected token (no policy asked)
+            verify_now = True
+        else:
+            verify_now, router = routing.route(router, unit, span, draft, self.cfg)
         if self.tracer is not None:
-            self.tracer.route(verify_now, (block.start + span.start, block.start + span.end),
-                              routing.explain(router, unit, span, draft, self.cfg))
+            why = {"policy": self.cfg.policy, "redraft": True} if draft.redraft else routing.explain(
+                router, unit, span, draft, self.cfg)
+            self.tracer.route(verify_now, (block.start + span.start, block.start + span.end), why)
         if not verify_now:
             return router, None, {}, None
         verdict, carried = yield from self.verify(seq, block, unit, span, draft, generator)
@@ -222,6 +238,14 @@ class Forwards:
                 carried = Carried(block.start + block.size, 0, ahead, token=self.shifted)
             elif finishes_unit:
                 carried = Carried(block.start, span.end, ahead)
+        elif self._redraft(verdict, span, verifier):
+            # Redraft: the verifier's rows for the span offsets after the correction are a draft there, computed
+            # already (conditioned on the rejected draft, not the correction: a guess, verified like any draft);
+            # the rest of the block keeps this step's draft.
+            after = verdict.num_accepted + 1
+            carried = Carried(block.start, span.start + after,
+                              Draft(draft.choices.with_rows(span.start + after, verifier.choices.rows(after)),
+                                    redraft=True), redraft=True)
         if keep_to > self.cache.length:
             yield KeepRows(keep_to - self.cache.length)
         return verdict, carried

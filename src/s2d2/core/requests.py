@@ -142,6 +142,7 @@ class Carried:
     first_mask: int
     draft: Draft
     token: bool = False
+    redraft: bool = False  # the verifier's rows after a rejection (DecodeConfig.redraft), not a fused next draft
 
 
 ForwardRequest = DraftRequest | VerifyRequest | CommitRequest | FinalizeRequest

@@ -65,6 +65,17 @@ class Choices:
         """Rows ``start .. stop - 1``."""
         return self._map(lambda column: column[start:stop])
 
+    def with_rows(self, start: int, other: Choices) -> Choices:
+        """These rows with rows ``start .. start + len(other) - 1`` replaced by ``other``'s (a column either lacks is
+        None)."""
+        def column(mine: tuple | None, theirs: tuple | None) -> tuple | None:
+            if mine is None or theirs is None:
+                return None
+            return mine[:start] + theirs + mine[start + len(theirs):]
+
+        return Choices(*(column(getattr(self, f), getattr(other, f))
+                         for f in ("tokens", "confidence", "entropy", "margin", "collision")))
+
     def pad_front(self, count: int) -> Choices:
         """``count`` copies of the first row before the rows (placeholder rows nobody reads, as logits get them)."""
         return self._map(lambda column: column[:1] * count + column)

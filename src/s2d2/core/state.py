@@ -38,6 +38,7 @@ class Draft:
 
     choices: Choices
     probs: torch.Tensor | None = None  # [B, V] float32: what sampled drafts were drawn from (acceptance's p)
+    redraft: bool = False  # made of a rejecting verification's rows (DecodeConfig.redraft): always verified
 
     @property
     def tokens(self) -> tuple[int, ...]:

@@ -32,6 +32,7 @@ class DecodeStats:
     verify_forwards: int = 0
     commit_forwards: int = 0
     fused_drafts: int = 0  # drafts that rode along a verify forward (fuse_draft); not forwards of their own
+    redrafts: int = 0  # drafts taken from a rejecting verification's rows (redraft); not forwards either
     steps: int = 0
     proposed_tokens: int = 0
     accepted_tokens: int = 0
@@ -112,6 +113,7 @@ class DecodeStats:
         kinds = [f"draft {self.draft_forwards}", f"verify {self.verify_forwards}"] if self.verify_forwards else []
         kinds += [f"cache writes {writes}"] if writes else []
         kinds += [f"{self.fused_drafts} drafts fused into verifies"] if self.fused_drafts else []
+        kinds += [f"{self.redrafts} redrafts from verifies"] if self.redrafts else []
         breakdown = f" ({', '.join(kinds)})" if kinds else ""
         line = (f"{d['num_tokens']} tokens, NFE {d['nfe']}{breakdown}, "
                 f"{d['tokens_per_forward']:.2f} tokens/forward, {d['tokens_per_s']:.1f} tokens/s")

@@ -15,7 +15,9 @@ verifier accepted), ``corrected`` (the verifier's token where it rejected the dr
 committed a draft), ``ar`` (a token of ``method="ar"``, or a block's first token decoded in AR mode in
 shifted-logit families), ``edit`` (token editing replaced a committed token). ``forwards`` lists the forwards the step asked for, with their kind (``draft``,
 ``verify``, ``finalize``, ``commit``), their query rows, and their time (in a batch, the whole batched forward's);
-a draft or token that rode along an earlier verification is ``fused_draft`` / ``fused_token`` with 0 rows. Tracing
+a draft or token that rode along an earlier verification is ``fused_draft`` / ``fused_token`` with 0 rows, and a
+draft made of a rejecting verification's rows (``redraft``) is ``redraft`` with 0 rows (its step's ``route`` says
+``"redraft": true``: it is verified without asking the policy). Tracing
 is off unless asked for (``Model.generate(..., trace=True)``, ``s2d2 generate --trace FILE``, the server's
 ``"trace": true``): the decoder then does no tracing work at all.
 """

@@ -22,9 +22,11 @@ COLOURS = {"accepted": "#2ca02c", "corrected": "#ff7f0e", "fallback": "#1f77b4",
 LABELS = {"accepted": "accepted draft", "corrected": "verifier correction", "fallback": "fallback (confident draft)",
           "ar": "AR token", "edit": "edit"}
 DRAFTED = "#e8e8e8"  # still a mask, drafted this step
-FORWARD_SHORT = {"draft": "D", "verify": "V", "finalize": "F", "commit": "C", "fused_draft": "d", "fused_token": "t"}
+FORWARD_SHORT = {"draft": "D", "verify": "V", "finalize": "F", "commit": "C", "fused_draft": "d", "fused_token": "t",
+                 "redraft": "r"}
 FORWARD_NAMES = {"draft": "draft", "verify": "verify", "finalize": "finalize", "commit": "commit",
-                 "fused_draft": "draft carried by the last verify", "fused_token": "token carried by the last verify"}
+                 "fused_draft": "draft carried by the last verify", "fused_token": "token carried by the last verify",
+                 "redraft": "draft from the last verify's rows after its rejection"}
 METHOD_NAMES = {"ar": "AR", "static": "static", "dynamic": "dynamic", "s2d2": "S2D2"}
 
 # Sizes (inches, points). A cell is CELL_IN square in every pane while the picture fits MAX_PX at DPI on both sides;
