@@ -644,6 +644,13 @@ MUTATIONS: list[Mutation] = [
         "        if False:  # always verified",
     ),
     Mutation(
+        "sampled_redraft_keeps_the_old_p",
+        "a sampled redraft is accepted against the replaced draft's distribution instead of the rows it was drawn from",
+        "core/forwards.py",
+        "torch.cat([draft.probs[:a], redraft.probs[after:], draft.probs[b:]])",
+        "draft.probs",
+    ),
+    Mutation(
         "large_masks_cached",
         "every attention mask is cached, a long prompt's prefill mask too",
         "models/batching.py",

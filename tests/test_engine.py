@@ -382,7 +382,8 @@ def _count_to_host(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 _STEP_READS = {**METHODS, "s2d2-pipelined": dict(method="s2d2", block_size=4, block_add_threshold=0.5, threshold=0.6),
-               "s2d2-editing": dict(method="s2d2", block_size=4, editing_threshold=0.5)}
+               "s2d2-editing": dict(method="s2d2", block_size=4, editing_threshold=0.5),
+               "s2d2-redraft": dict(method="s2d2", block_size=4, policy="mask_span_length", min_span=1, redraft=0.0)}
 
 
 @pytest.mark.parametrize("name", list(_STEP_READS))
@@ -406,7 +407,7 @@ def test_a_greedy_engine_step_reads_the_device_once(family_model, monkeypatch, n
 _SAMPLED = dict(temperature=0.8, top_p=0.95, seed=3)
 
 
-@pytest.mark.parametrize("name", ["ar", "dynamic", "s2d2-A", "s2d2-always", "s2d2-pipelined"])
+@pytest.mark.parametrize("name", ["ar", "dynamic", "s2d2-A", "s2d2-always", "s2d2-pipelined", "s2d2-redraft"])
 def test_a_sampled_or_mixed_engine_step_reads_the_device_once(family_model, monkeypatch, name):
     """Issue 28, sampled rows: each row draws on the device from its own generator (its drafts, acceptance and
     residual draw, its AR tokens), and the step reads every row's draws with the greedy rows' choices in one

@@ -1,7 +1,8 @@
 """Redrafts from the verifier (issue 32, item 1): after a rejection, the verifier's rows for the span positions
 after the correction are the next draft there, instead of a diffusion-mode forward. Lossless: a redraft is always
 verified, so greedy S2D2 verifying every step stays AR token for token (every family), with and without the
-routing policy; batched equals batch 1; fewer forwards on the bundled model; refused where it cannot apply."""
+routing policy; batched equals batch 1, greedy and sampled; fewer forwards on the bundled model; refused where it
+cannot apply. The sampled distribution is tested in test_sampled_acceptance_power.py."""
 
 from __future__ import annotations
 
@@ -57,6 +58,19 @@ def test_redrafts_batched_equal_batch_1(family_model, family):
     assert sum(s.redrafts for _, _, s in alone) > 0
 
 
+def test_sampled_redrafts_depend_only_on_their_seed(family_model):
+    """Sampled: a redraft's tokens are drawn from the verifier's rows in the verification's one read; a row's draws
+    depend on its seed alone, so batched equals batch 1 (the distribution itself: test_sampled_acceptance_power)."""
+    model = family_model("sdar")
+    cfg = DecodeConfig(method="s2d2", block_size=8, policy="mask_span_length", min_span=1, redraft=0.0,
+                       temperature=0.9, top_p=0.95, seed=5, max_new_tokens=24, stop_token_ids=(),
+                       generation_config="none")
+    batch = _prompts(5, seed=4)
+    one = model.generate(batch, cfg, batch_size=1)
+    assert [o.token_ids for o in one] == [o.token_ids for o in model.generate(batch, cfg, batch_size=5)]
+    assert sum(o.stats.redrafts for o in one) > 0
+
+
 def test_redrafts_save_forwards_on_the_bundled_model_and_keep_ar_s_tokens():
     """The bundled model's wordy problems, configuration A (the score policy, which may skip a verification) and
     verifying every step: with redrafts every output is still AR's (a redraft is never committed unverified) and the
@@ -75,8 +89,8 @@ def test_redrafts_save_forwards_on_the_bundled_model_and_keep_ar_s_tokens():
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(method="dynamic", redraft=0.5), "redraft applies to greedy s2d2"),
-    (dict(method="s2d2", temperature=0.7, redraft=0.5), "redraft applies to greedy s2d2"),
+    (dict(method="dynamic", redraft=0.5), "redraft applies to method s2d2"),
+    (dict(method="ar", redraft=0.5), "redraft applies to method s2d2"),
     (dict(method="s2d2", block_add_threshold=0.5, redraft=0.5), "cannot be combined with block_add_threshold"),
     (dict(method="s2d2", redraft=1.5), "redraft"),
 ])

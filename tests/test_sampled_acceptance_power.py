@@ -134,22 +134,25 @@ def target_row(prev: int) -> torch.Tensor:
     return token_probs(_row(Q_LOGITS.roll(prev))[None], TEMPERATURE, TOP_K, TOP_P)[0]
 
 
-def transition_counts(block_size: int, seed: int = 0) -> torch.Tensor:
+def transition_counts(block_size: int, seed: int = 0, redraft: float | None = None) -> torch.Tensor:
     adapter = TableAdapter()
     cfg = DecodeConfig(method="s2d2", policy="mask_span_length", min_span=1, block_size=block_size,
-                       temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, max_new_tokens=NUM_NEW, stop_token_ids=())
+                       temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P, max_new_tokens=NUM_NEW, stop_token_ids=(),
+                       redraft=redraft)
     cache = adapter.new_cache(64)
     counts = torch.zeros(V + 1, V + 1, dtype=torch.long)
-    fused = 0
+    fused = redrafts = 0
     for i in range(N):
         gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
         tokens, _, stats = decode(adapter, PROMPT, cfg, cache, gen)
         assert len(tokens) == NUM_NEW and stats.fallback_tokens == 0  # every token came from a verification
         fused += stats.fused_drafts
+        redrafts += stats.redrafts
         seq = PROMPT[-1:] + tokens
         for a, b in zip(seq, seq[1:]):
             counts[a, b] += 1
     assert fused > 0 or block_size >= NUM_NEW + len(PROMPT), "the fused next-block draft path was exercised"
+    assert redrafts > 0 or redraft is None, "the redraft path was exercised"
     return counts
 
 
@@ -173,6 +176,12 @@ def transition_pvalue(counts: torch.Tensor) -> float:
 @pytest.mark.parametrize("block_size", [2, 4])
 def test_sampled_s2d2_draws_the_transformed_ar_chain(block_size):
     assert transition_pvalue(transition_counts(block_size)) > 1e-3
+
+
+def test_sampled_s2d2_with_redrafts_draws_the_transformed_ar_chain():
+    """Redrafts (issue 32): the tokens drawn from the verifier's rows after a rejection, accepted against the next
+    verification with those rows as p, keep the target distribution."""
+    assert transition_pvalue(transition_counts(4, redraft=0.0)) > 1e-3
 
 
 def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeypatch):

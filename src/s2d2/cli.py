@@ -52,7 +52,7 @@ _HELP = {
                     "the rows after it (same tokens)",
     "fuse_draft_threshold": "s2d2: a verification carries the next block's draft rows only when its span's draft "
                             "confidences multiply to at least this (0 = always; ~0.3 on a CPU)",
-    "redraft": "greedy s2d2: after a rejection, use the verifier's rows after the correction as the next draft "
+    "redraft": "s2d2: after a rejection, use the verifier's rows after the correction as the next draft "
                "(no draft forward) when the first is at least this confident; always verified, exact "
                "(default: off)",
     "relax": "s2d2 relaxed acceptance, 0 = exact .. 1 = typical acceptance with epsilon 0.3 (not exact above 0)",

@@ -136,8 +136,8 @@ class DecodeConfig:
     fuse_draft_threshold: float = 0.0
     # After a rejection, the verifier's rows for the span positions after the correction (computed by the rejecting
     # forward) become the next draft there, instead of a diffusion-mode forward, when the first of them is at least
-    # this confident; None: off. Lossless: the redraft is verified like any draft (s2d2, greedy; docs/decoding.md
-    # "Redrafts from the verifier").
+    # this confident; None: off. Lossless: the redraft is always verified (s2d2; docs/decoding.md "Redrafts from
+    # the verifier").
     redraft: float | None = None
     # write the K/V of the block's committed prefix into the cache as it grows (in the forward running anyway), so
     # that drafts and verifications carry only the rows after it; needs cache_ver, draft_ver and fuse_commit (then those K/V are
@@ -221,9 +221,9 @@ class DecodeConfig:
                                   "written to the cache by the next draft forward.")
         if self.redraft is not None:
             _check_float("redraft", self.redraft, 0.0, 1.0)
-            if self.method != "s2d2" or self.temperature != 0.0:
-                raise ConfigError("redraft applies to greedy s2d2 (temperature 0): its drafts come from the "
-                                  "verifier's argmax.")
+            if self.method != "s2d2":
+                raise ConfigError(f"redraft applies to method s2d2 (its drafts come from a verification), not "
+                                  f"{self.method}.")
             if self.block_add_threshold is not None or self.editing_threshold is not None:
                 raise ConfigError("redraft cannot be combined with block_add_threshold or editing_threshold: those "
                                   "steps need a diffusion-mode forward.")

@@ -20,7 +20,6 @@ from s2d2.core.requests import (
     KeepRows,
     RowInput,
     RowRequest,
-    Scored,
     VerifyRequest,
 )
 from s2d2.core.sampling import choice_table, choose_tokens, read_choices, token_probs
@@ -131,12 +130,13 @@ class Forwards:
         (flat; the routing features only when routing reads them), for a :class:`HostRead`."""
         return choice_table(probs, choose_tokens(probs, False, generator), features=self._features).flatten()
 
-    def _redraft(self, verdict: Verdict, span: Span, verifier: Scored) -> bool:
+    def _redraft(self, verdict: Verdict, span: Span, redraft: Draft | None) -> bool:
         """Whether a verification's rows after its rejection become the next draft (``DecodeConfig.redraft``):
-        offsets are left in the span after the correction, and the first of them is confident enough."""
+        offsets are left in the span after the correction, and the first of them is confident enough (the
+        probability of its argmax, or sampled of its drawn token)."""
         after = verdict.num_accepted + 1
-        return (self.cfg.redraft is not None and verdict.correction is not None and not verdict.extra
-                and after < span.length and verifier.choices.confidence[after] >= self.cfg.redraft)
+        return (redraft is not None and self.cfg.redraft is not None and verdict.correction is not None
+                and not verdict.extra and after < span.length and redraft.confidence[after] >= self.cfg.redraft)
 
     def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
                          span: Span, draft: Draft, generator: torch.Generator | None
@@ -207,6 +207,7 @@ class Forwards:
         if cfg.greedy:
             verdict = accept_greedy(drafted, verifier.logits, self.relax, argmax=verifier.choices.tokens)
             ahead = None if ahead_rows is None else Draft(ahead_rows.choices)
+            redraft = Draft(verifier.choices)  # the verifier's argmax: a redraft's tokens (redraft)
         else:
             # Acceptance and, when this forward may make the next draft, that draft's draws: made on the device
             # now (the draft's are dropped unless every draft is accepted) and read together, one read per forward.
@@ -219,10 +220,16 @@ class Forwards:
                 ahead_probs = (after[:1] if finishes_block else torch.cat([after[:1].expand(span.end, -1), after[:-1]])
                                ) if self.shifted else after
                 tables.append(self._draw(ahead_probs, generator))
+            if cfg.redraft is not None:  # a token drawn from every verifier row: those after a rejection may redraft
+                tables.append(self._draw(q, generator))
             values = yield HostRead(torch.cat(tables))
-            verdict = read_sampled_verdict(values[:len(tables[0])], drafted, self.relax)
-            ahead = (None if ahead_rows is None
-                     else Draft(read_choices(values[len(tables[0]):], self._features), ahead_probs))
+            parts, start = [], 0
+            for table in tables:
+                parts.append(values[start:start + table.numel()])
+                start += table.numel()
+            verdict = read_sampled_verdict(parts[0], drafted, self.relax)
+            ahead = None if ahead_rows is None else Draft(read_choices(parts[1], self._features), ahead_probs)
+            redraft = None if cfg.redraft is None else Draft(read_choices(parts[-1], self._features), q)
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)
@@ -238,14 +245,16 @@ class Forwards:
                 carried = Carried(block.start + block.size, 0, ahead, token=self.shifted)
             elif finishes_unit:
                 carried = Carried(block.start, span.end, ahead)
-        elif self._redraft(verdict, span, verifier):
+        elif self._redraft(verdict, span, redraft):
             # Redraft: the verifier's rows for the span offsets after the correction are a draft there, computed
             # already (conditioned on the rejected draft, not the correction: a guess, verified like any draft);
-            # the rest of the block keeps this step's draft.
+            # the rest of the block keeps this step's draft. Sampled, its tokens were drawn from those rows, which
+            # are then the distribution (p) their acceptance reads.
             after = verdict.num_accepted + 1
-            carried = Carried(block.start, span.start + after,
-                              Draft(draft.choices.with_rows(span.start + after, verifier.choices.rows(after)),
-                                    redraft=True), redraft=True)
+            a, b = span.start + after, span.end
+            probs = None if cfg.greedy else torch.cat([draft.probs[:a], redraft.probs[after:], draft.probs[b:]])
+            carried = Carried(block.start, a, Draft(draft.choices.with_rows(a, redraft.choices.rows(after)), probs,
+                                                    redraft=True), redraft=True)
         if keep_to > self.cache.length:
             yield KeepRows(keep_to - self.cache.length)
         return verdict, carried
