@@ -46,27 +46,23 @@ print(json.dumps({"tokens_per_s": stats["tokens_per_s"], "host_share": stats["ho
                   "tokens": [o.token_ids for o in outs]}))
 """
 
-# --reads: the device reads (host reads of a tensor) in each engine step, counted instead of timed
+# --reads: the device reads (host reads of a tensor) in each engine step, counted instead of timed, with the device
+# check's counter (scripts/device_check.py, its directory passed as the last argument)
 READS = """
 import json, statistics, sys
-import torch
 import s2d2
 from s2d2.engine.engine import Engine
 from s2d2.evaluation.tasks import wordy
 fields, batch, n = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+sys.path.insert(0, sys.argv[4])
+from device_check import counted_reads
 model = s2d2.load("bundled")
 prompts = [p.prompt for p in wordy.generate("test", n, seed=0)]
-count, per_step = [0], []
-for name in ("tolist", "item", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"):
-    real = getattr(torch.Tensor, name)
-    def counted(self, *a, _real=real, **k):
-        count[0] += 1
-        return _real(self, *a, **k)
-    setattr(torch.Tensor, name, counted)
+per_step = []
 step = Engine.step
 def counted_step(self):
-    count[0] = 0
-    out = step(self)
+    with counted_reads(model.device) as count:
+        out = step(self)
     per_step.append(count[0])
     return out
 Engine.step = counted_step
@@ -78,7 +74,8 @@ print(json.dumps({"median_reads": statistics.median(per_step), "max_reads": max(
 
 def measure(src: str, fields: dict, batch: int, n: int, child: str = CHILD) -> dict:
     env = {**os.environ, "PYTHONPATH": src}
-    done = subprocess.run([sys.executable, "-c", child, json.dumps(fields), str(batch), str(n)], env=env,
+    scripts = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", child, json.dumps(fields), str(batch), str(n), scripts], env=env,
                           capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

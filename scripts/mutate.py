@@ -69,8 +69,8 @@ MUTATIONS: list[Mutation] = [
         "verify_ignores_top_p",
         "the verifier's q is computed with top_p = 1.0 while p keeps top_p",
         "core/forwards.py",
-        "q = token_probs(verifier.logits, cfg.temperature, cfg.top_k, cfg.top_p)",
-        "q = token_probs(verifier.logits, cfg.temperature, cfg.top_k, 1.0)",
+        "q, p = probs[:span.length], draft.probs[span.start:span.end]",
+        "q, p = token_probs(verifier.logits, cfg.temperature, cfg.top_k, 1.0), draft.probs[span.start:span.end]",
     ),
     Mutation(
         "draft_ver_ignored",
@@ -124,8 +124,8 @@ MUTATIONS: list[Mutation] = [
         "draft_p_distorted",
         "sampled acceptance gets p ** 0.9 (renormalised) instead of the draft's own distribution",
         "core/forwards.py",
-        "            p = draft.probs[span.start:span.end]\n",
-        "            p = draft.probs[span.start:span.end] ** 0.9\n"
+        "            q, p = probs[:span.length], draft.probs[span.start:span.end]\n",
+        "            q, p = probs[:span.length], draft.probs[span.start:span.end] ** 0.9\n"
         "            p = p / p.sum(dim=-1, keepdim=True)\n",
     ),
     Mutation(
@@ -605,8 +605,9 @@ MUTATIONS: list[Mutation] = [
         "sampled_carried_draft_redrawn_from_the_verifier",
         "a sampled verification's carried next draft is drawn from the verifier's rows, not the rows after the span",
         "core/forwards.py",
-        "ahead_probs, table = self._sample(ahead_rows.logits, generator)",
-        "ahead_probs, table = self._sample(scored.logits[:len(ahead_rows.logits)], generator)",
+        "ahead_probs = ahead_of(Scored(probs[span.length:], None)).logits",
+        "ahead_probs = ahead_of(Scored(probs[:span.length].repeat(len(following.logits), 1)"
+        "[:len(following.logits)], None)).logits",
     ),
     Mutation(
         "shared_experts_gate_and_up_swapped",

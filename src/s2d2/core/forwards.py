@@ -20,7 +20,9 @@ from s2d2.core.requests import (
     KeepRows,
     RowInput,
     RowRequest,
+    Scored,
     VerifyRequest,
+    split_values,
 )
 from s2d2.core.sampling import choice_table, choose_tokens, read_choices, token_probs
 from s2d2.core.state import BlockState, Draft, Sequence, Span
@@ -131,12 +133,13 @@ class Forwards:
         return choice_table(probs, choose_tokens(probs, False, generator), features=self._features).flatten()
 
     def _redraft(self, verdict: Verdict, span: Span, redraft: Draft | None) -> bool:
-        """Whether a verification's rows after its rejection become the next draft (``DecodeConfig.redraft``):
+        """Whether a verification's rows after its rejection (``redraft``: their draft, None when the setting is
+        off) become the next draft (``DecodeConfig.redraft``):
         offsets are left in the span after the correction, and the first of them is confident enough (the
         probability of its argmax, or sampled of its drawn token)."""
         after = verdict.num_accepted + 1
-        return (redraft is not None and self.cfg.redraft is not None and verdict.correction is not None
-                and not verdict.extra and after < span.length and redraft.confidence[after] >= self.cfg.redraft)
+        return (redraft is not None and verdict.correction is not None and not verdict.extra and after < span.length
+                and redraft.confidence[after] >= self.cfg.redraft)
 
     def route_and_verify(self, router: routing.RouterState, seq: Sequence, block: BlockState, unit: BlockState,
                          span: Span, draft: Draft, generator: torch.Generator | None
@@ -196,37 +199,35 @@ class Forwards:
         scored = yield VerifyRequest(filled, block.start, block.start + span.start, ahead)
         verifier, following = scored.rows(0, span.length), scored.rows(span.length)
         self.stats.verify_forwards += 1
-        # the rows that make the next draft if every draft is accepted (shifted logits: the next block's first token)
-        if finishes_block:
-            ahead_rows = following.rows(0, 1) if self.shifted else following
-        elif finishes_unit:  # offsets span.end.. read from the span's last row and the draft rows but the last; the
-            # committed offsets before them get placeholder rows, as a draft's own are never read either
-            ahead_rows = following.rows(0, -1).pad_front(span.end)
-        else:
-            ahead_rows = None
+
+        def ahead_of(rows: Scored) -> Scored | None:
+            """Of the rows after the span's, those that make the next draft if every draft is accepted (shifted
+            logits: the next block's first token), or None."""
+            if finishes_block:
+                return rows.rows(0, 1) if self.shifted else rows
+            if finishes_unit:  # offsets span.end.. read from the span's last row and the draft rows but the last;
+                # the committed offsets before them get placeholder rows, as a draft's own are never read either
+                return rows.rows(0, -1).pad_front(span.end)
+            return None
+
+        ahead_rows = ahead_of(following)
         if cfg.greedy:
             verdict = accept_greedy(drafted, verifier.logits, self.relax, argmax=verifier.choices.tokens)
             ahead = None if ahead_rows is None else Draft(ahead_rows.choices)
-            redraft = Draft(verifier.choices)  # the verifier's argmax: a redraft's tokens (redraft)
+            redraft = None if cfg.redraft is None else Draft(verifier.choices)  # the verifier's argmax
         else:
             # Acceptance and, when this forward may make the next draft, that draft's draws: made on the device
-            # now (the draft's are dropped unless every draft is accepted) and read together, one read per forward.
+            # now (the draft's are dropped unless every draft is accepted) and read together, one read per forward;
             # one transform for the verifier's rows and those after them (the next draft's)
             probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
             q, p = probs[:span.length], draft.probs[span.start:span.end]
             tables = [sampled_verdict(drafted, p, q, generator, self.relax)]
-            if ahead_rows is not None:
-                after = probs[span.length:]
-                ahead_probs = (after[:1] if finishes_block else torch.cat([after[:1].expand(span.end, -1), after[:-1]])
-                               ) if self.shifted else after
+            if ahead_rows is not None:  # the same rows of the distributions (a Scored of probabilities)
+                ahead_probs = ahead_of(Scored(probs[span.length:], None)).logits
                 tables.append(self._draw(ahead_probs, generator))
             if cfg.redraft is not None:  # a token drawn from every verifier row: those after a rejection may redraft
                 tables.append(self._draw(q, generator))
-            values = yield HostRead(torch.cat(tables))
-            parts, start = [], 0
-            for table in tables:
-                parts.append(values[start:start + table.numel()])
-                start += table.numel()
+            parts = split_values((yield HostRead(torch.cat(tables))), tables)
             verdict = read_sampled_verdict(parts[0], drafted, self.relax)
             ahead = None if ahead_rows is None else Draft(read_choices(parts[1], self._features), ahead_probs)
             redraft = None if cfg.redraft is None else Draft(read_choices(parts[-1], self._features), q)

@@ -106,6 +106,15 @@ class HostRead:
     values: torch.Tensor
 
 
+def split_values(values: list[float], tables: list[torch.Tensor]) -> list[list[float]]:
+    """``values``, the flattened ``tables`` read to the host one after the other, back as one list per table."""
+    out, start = [], 0
+    for table in tables:
+        out.append(values[start:start + table.numel()])
+        start += table.numel()
+    return out
+
+
 @dataclass(frozen=True)
 class Scored:
     """A forward's logit rows (``[n, V]``, on the model's device) and, for a greedy row, their greedy

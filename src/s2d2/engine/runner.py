@@ -28,6 +28,7 @@ from s2d2.core.requests import (
     RowSteps,
     Scored,
     VerifyRequest,
+    split_values,
 )
 from s2d2.core.sampling import greedy_choices
 from s2d2.core.stats import DecodeStats
@@ -167,12 +168,7 @@ def read_together(tables: list[torch.Tensor]) -> list[list[float]]:
     each flattened: how an engine step reads all its rows' numbers at once (issue 28)."""
     if not tables:
         return []
-    flat = torch.cat([t.flatten().double() for t in tables]).tolist()
-    out, start = [], 0
-    for t in tables:
-        out.append(flat[start:start + t.numel()])
-        start += t.numel()
-    return out
+    return split_values(torch.cat([t.flatten().double() for t in tables]).tolist(), tables)
 
 
 class ForwardTimer:
