@@ -55,10 +55,12 @@ def test_the_default_search_space_covers_policies_estimators_blocks_and_the_gate
     assert {f.get("estimator") for f in fields} >= {None, "hard_margin_threshold"}
     assert {f["block_size"] for f in fields} == {4, 8, 16} and {f.get("skip_confident") for f in fields} >= {True}
     assert {f.get("relax") for f in fields} >= {1.0} and {f.get("commit_confident") for f in fields} >= {True}
+    assert sum(f.get("redraft") is not None for f in fields) == 9  # configuration A with redrafts, every B and t
     for f in fields:
         DecodeConfig(**f)  # every setting is valid
     exact = search_space(exact_only=True)
     assert 0 < len(exact) < len(space) and all(verification(s.fields) == "exact" for s in exact)
+    assert (len(space), len(exact)) == (144, 117)  # the counts the README states
     assert {verification(f) for f in fields} == {"none", "exact", "not exact (relax)", "not exact (commit_confident)"}
 
 

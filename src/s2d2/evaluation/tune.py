@@ -42,10 +42,10 @@ POLICIES: dict[str, dict[str, Any]] = {
 
 
 def search_space(quick: bool = False, exact_only: bool = False) -> list[Setting]:
-    """S2D2 settings: block size x threshold x policy (and estimator) x the skip_confident gate, and the relaxed
-    knobs (``relax``, ``commit_confident``) on the gated configuration A; dynamic baselines too, so that the table
-    shows what verification buys. ``quick``: a handful, for tests. ``exact_only``: only S2D2 settings whose
-    verification keeps AR's tokens (no relaxed knob, no dynamic baseline)."""
+    """S2D2 settings: block size x threshold x policy (and estimator) x the skip_confident gate, configuration A with
+    redrafts, and the relaxed knobs (``relax``, ``commit_confident``) on the gated configuration A; dynamic baselines
+    too, so that the table shows what verification buys. ``quick``: a handful, for tests. ``exact_only``: only S2D2
+    settings whose verification keeps AR's tokens (no relaxed knob, no dynamic baseline)."""
     space = _space(quick)
     if exact_only:
         space = [s for s in space if verification(s.fields) == "exact"]
@@ -67,6 +67,9 @@ def _space(quick: bool) -> list[Setting]:
                     label = f"s2d2 {name}{' skip-confident' if skip else ''} B={b} t={t}"
                     space.append(Setting(label, dict(method="s2d2", block_size=b, threshold=t, skip_confident=skip,
                                                      **fields)))
+            # redrafts from the verifier (issue 32): exact, on the ungated configuration A where they measured best
+            space.append(Setting(f"s2d2 config-A redraft=0.99 B={b} t={t}",
+                                 dict(method="s2d2", block_size=b, threshold=t, redraft=0.99)))
             # the speed knobs beyond exact acceptance (docs/decoding.md "Relaxed acceptance"): the relax dial at its
             # top, and confident drafts committed beside a verification; chosen only under a wider accuracy budget
             gated = dict(method="s2d2", block_size=b, threshold=t, skip_confident=True)
