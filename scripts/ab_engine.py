@@ -4,13 +4,14 @@ Each measurement is its own process importing the version's ``src`` folder (e.g.
 HEAD~1``), decoding the same problems of the bundled model with ``Model.generate(..., batch_size=B)`` after one
 warm-up batch; rounds are shuffled, medians printed side by side with the ratio after / before. Exact figures
 (tokens, NFE) must agree between the versions: the script checks it. With ``--sampled`` every method samples
-(temperature 0.8, top-p 0.95, seed 0): then each version must give the same outputs in every round, but the two
-versions may draw differently (a change of the random stream), so their outputs are not compared.
+(temperature 0.8, top-p 0.95, seed 0; ``--top-k K``: top-k too): then each version must give the same outputs in
+every round, but the two versions may draw differently (a change of the random stream), so their outputs are not
+compared.
 
 With ``--reads`` it counts instead of timing: the device reads (host reads of a tensor) in each engine step.
 
 Usage: python scripts/ab_engine.py BEFORE_SRC AFTER_SRC [--n 200] [--batch-sizes 16 64] [--rounds 3] [--sampled]
-       [--reads] [--out F]
+       [--top-k K] [--reads] [--out F]
 """
 
 from __future__ import annotations
@@ -88,11 +89,12 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sampled", action="store_true", help="sample (temperature 0.8, top-p 0.95, seed 0)")
+    parser.add_argument("--top-k", type=int, default=0, help="with --sampled: top-k too (0: off)")
     parser.add_argument("--out", default=None, help="also write every measurement (JSON lines)")
     parser.add_argument("--reads", action="store_true", help="count device reads per engine step (once per "
                         "version and cell) instead of timing")
     args = parser.parse_args()
-    sampling = {"temperature": 0.8, "top_p": 0.95, "seed": 0} if args.sampled else {}
+    sampling = {"temperature": 0.8, "top_p": 0.95, "top_k": args.top_k, "seed": 0} if args.sampled else {}
     if args.reads:
         print("| method | batch | reads / step before: median | max | after: median | max |")
         print("|---|---|---|---|---|---|")

@@ -69,8 +69,9 @@ MUTATIONS: list[Mutation] = [
         "verify_ignores_top_p",
         "the verifier's q is computed with top_p = 1.0 while p keeps top_p",
         "core/forwards.py",
-        "q, p = probs[:span.length], draft.probs[span.start:span.end]",
-        "q, p = token_probs(verifier.logits, cfg.temperature, cfg.top_k, 1.0), draft.probs[span.start:span.end]",
+        "q, p = scored.probs[:span.length], draft.probs[span.start:span.end]",
+        "q, p = __import__('s2d2.core.sampling').core.sampling.token_probs(scored.logits[:span.length], "
+        "cfg.temperature, cfg.top_k, 1.0), draft.probs[span.start:span.end]",
     ),
     Mutation(
         "draft_ver_ignored",
@@ -124,8 +125,8 @@ MUTATIONS: list[Mutation] = [
         "draft_p_distorted",
         "sampled acceptance gets p ** 0.9 (renormalised) instead of the draft's own distribution",
         "core/forwards.py",
-        "            q, p = probs[:span.length], draft.probs[span.start:span.end]\n",
-        "            q, p = probs[:span.length], draft.probs[span.start:span.end] ** 0.9\n"
+        "            q, p = scored.probs[:span.length], draft.probs[span.start:span.end]\n",
+        "            q, p = scored.probs[:span.length], draft.probs[span.start:span.end] ** 0.9\n"
         "            p = p / p.sum(dim=-1, keepdim=True)\n",
     ),
     Mutation(
@@ -146,7 +147,7 @@ MUTATIONS: list[Mutation] = [
         "sampled_residual_wrong",
         "the first rejection is resampled from q instead of the residual max(0, q - p)",
         "core/verify.py",
-        "residual = (q_f - p.index_select(0, at)[0]).clamp_min(0.0)",
+        "residual = (q_f - p.index_select(0, at)).clamp_min(0.0)",
         "residual = q_f.clamp_min(0.0)",
     ),
     Mutation(
@@ -182,8 +183,8 @@ MUTATIONS: list[Mutation] = [
         "top_k_off_by_one",
         "top-k filtering keeps top_k + 1 tokens",
         "core/sampling.py",
-        "kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]",
-        "kth = torch.topk(logits, top_k + 1, dim=-1).values[..., -1:]",
+        "top = torch.topk(logits, max(ks), dim=-1)",
+        "top = torch.topk(logits, min(max(ks) + 1, vocab), dim=-1)",
     ),
     Mutation(
         "cache_commit_extra",
@@ -303,8 +304,9 @@ MUTATIONS: list[Mutation] = [
         "ar_token_always_greedy",
         "a block's opening AR token is its argmax even when sampling (the reference's behaviour)",
         "core/forwards.py",
-        "        values = yield HostRead(choose_tokens(probs, False, generator).double())",
-        "        values = yield HostRead(choose_tokens(probs, True, generator).double())",
+        "        (drawn,) = yield HostRead((Draw(scored.probs[:1], uniforms(1, generator, scored.probs.device)),))\n"
+        "        return drawn.tokens[0]",
+        "        return int(scored.logits[0].argmax())",
     ),
     Mutation(
         "sub_blocks_ignored",
@@ -591,23 +593,52 @@ MUTATIONS: list[Mutation] = [
         "sampled_reads_handed_to_the_wrong_rows",
         "the step's one transfer hands each sampled row the values another row asked for",
         "engine/engine.py",
-        "            for row, read in zip(reading, values):",
-        "            for row, read in zip(reading, values[1:] + values[:1]):",
+        "            for row, result in zip(reading, results(values[-1])):",
+        "            for row, result in zip(reading, (lambda r: r[1:] + r[:1])(results(values[-1]))):",
     ),
     Mutation(
         "sampled_first_rejection_from_the_end",
         "sampled acceptance takes the last rejected offset as the first",
         "core/verify.py",
-        "rejected.to(torch.uint8).argmax()",
-        "(rejected.to(torch.uint8).flip(0).argmax() * -1 + n - 1)",
+        "    first = length.scatter_reduce(0, span, torch.where(rejected, offset, length[span]), \"amin\")",
+        "    first = torch.full_like(length, -1).scatter_reduce(0, span, torch.where(rejected, offset, -1), \"amax\")\n"
+        "    first = torch.where(first < 0, length, first)",
     ),
     Mutation(
         "sampled_carried_draft_redrawn_from_the_verifier",
         "a sampled verification's carried next draft is drawn from the verifier's rows, not the rows after the span",
         "core/forwards.py",
-        "ahead_probs = ahead_of(Scored(probs[span.length:], None)).logits",
-        "ahead_probs = ahead_of(Scored(probs[:span.length].repeat(len(following.logits), 1)"
-        "[:len(following.logits)], None)).logits",
+        "ahead_probs = None if ahead_rows is None else ahead_rows.probs",
+        "ahead_probs = None if ahead_rows is None else scored.probs[:span.length].repeat(len(ahead_rows.probs), 1)"
+        "[:len(ahead_rows.probs)]",
+    ),
+    Mutation(
+        "filter_rows_take_the_first_rows_sampling",
+        "the step's filter gives every row the first row's temperature / top-k / top-p",
+        "core/sampling.py",
+        "    if all(v == values[0] for v in values):\n        return values[0]",
+        "    return values[0]",
+    ),
+    Mutation(
+        "draw_takes_a_zero_probability_token",
+        "the inverse-CDF draw takes the first token whose cumulative sum reaches u (a token of probability 0 can win)",
+        "core/sampling.py",
+        "return torch.searchsorted(cdf, at[:, None], right=True).squeeze(-1)",
+        "return torch.searchsorted(cdf, at[:, None], right=False).squeeze(-1)",
+    ),
+    Mutation(
+        "sampler_hands_rows_each_others_uniforms",
+        "the step's sampler draws each row's tokens at uniforms another row took from its generator",
+        "core/sampler.py",
+        "u = torch.cat([d.u for d in draws]) if len(draws) > 1 else draws[0].u",
+        "u = torch.cat([d.u for d in draws]).flip(0) if len(draws) > 1 else draws[0].u",
+    ),
+    Mutation(
+        "sampled_probs_of_the_wrong_rows",
+        "in a batch mixing greedy and sampled rows, a sampled row gets the distributions of other logit rows",
+        "engine/engine.py",
+        "        out[k] = pad_rows(probs[at:at + b - a], bounds[k][2])",
+        "        out[k] = pad_rows(probs[a:b] if len(probs[a:b]) == b - a else probs[at:at + b - a], bounds[k][2])",
     ),
     Mutation(
         "shared_experts_gate_and_up_swapped",

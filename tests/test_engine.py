@@ -404,18 +404,35 @@ def test_a_greedy_engine_step_reads_the_device_once(family_model, monkeypatch, n
         assert per_step and max(per_step) == 1, (model.adapter.family, per_step)
 
 
-_SAMPLED = dict(temperature=0.8, top_p=0.95, seed=3)
+# the sampled rows of a batch, each with its own transform: one batch takes top-p from a whole sort and top-k
+_SAMPLED = [dict(temperature=0.8, top_p=0.95), dict(temperature=1.2, top_k=8, top_p=0.9), dict(temperature=0.6, top_k=5)]
+
+
+def _count_calls(monkeypatch, module, names: tuple[str, ...]) -> list[int]:
+    """Count calls of ``module``'s functions ``names`` (undone with monkeypatch.undo())."""
+    count = [0]
+    for name in names:
+        real = getattr(module, name)
+
+        def counted(*args, __real=real, **kwargs):
+            count[0] += 1
+            return __real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return count
 
 
 @pytest.mark.parametrize("name", ["ar", "dynamic", "s2d2-A", "s2d2-always", "s2d2-pipelined", "s2d2-redraft"])
 def test_a_sampled_or_mixed_engine_step_reads_the_device_once(family_model, monkeypatch, name):
-    """Issue 28, sampled rows: each row draws on the device from its own generator (its drafts, acceptance and
-    residual draw, its AR tokens), and the step reads every row's draws with the greedy rows' choices in one
-    transfer, at batch 1 too; a batch mixing sampled and greedy rows decodes every row as batch 1 does."""
+    """Issue 28, sampled rows: the step filters every sampled row's distributions in one set of operations (each
+    row with its own temperature, top-k and top-p), makes every row's draws (drafts, acceptance and residual draw,
+    AR tokens) at once from uniforms each row takes from its own generator, and reads them with the greedy rows'
+    choices in one transfer, at batch 1 too; a batch mixing sampled and greedy rows, and rows sampled differently,
+    decodes every row as batch 1 does."""
     for family in ("sdar", "fast_dllm_v2", "d2f_dream"):
         model = family_model(family)
         fields = dict(_STEP_READS[name], max_new_tokens=16, stop_token_ids=())
-        configs = [DecodeConfig(**fields, **_SAMPLED).replace(seed=3 + i) if i % 2 == 0 else DecodeConfig(**fields)
+        configs = [DecodeConfig(**fields, **_SAMPLED[i // 2], seed=3 + i) if i % 2 == 0 else DecodeConfig(**fields)
                    for i in range(5)]
         batch, results = prompts(5, seed=17), {}
         for size in (5, 1):
@@ -423,12 +440,18 @@ def test_a_sampled_or_mixed_engine_step_reads_the_device_once(family_model, monk
             ids = {engine.add(p, c, torch.Generator().manual_seed(c.seed) if c.seed is not None else None): k
                    for k, (p, c) in enumerate(zip(batch, configs))}
             count, per_step, done = _count_to_host(monkeypatch), [], {}
+            sorts = _count_calls(monkeypatch, torch, ("softmax",))  # the greedy table's, and the filters' two
+            draws = _count_calls(monkeypatch, torch, ("searchsorted",))  # the draws, and the corrections' draw
+            filters, draw_calls = [], []
             while not engine.idle:
-                count[0] = 0
+                count[0] = sorts[0] = draws[0] = 0
                 done.update({ids[e.request_id]: e.token_ids for e in engine.step() if e.finished})
                 per_step.append(count[0])
+                filters.append(sorts[0])
+                draw_calls.append(draws[0])
             monkeypatch.undo()
             assert per_step and max(per_step) == 1, (family, size, per_step)
+            assert max(filters) <= 3 and max(draw_calls) <= 2, (family, size, filters, draw_calls)  # not per row
             results[size] = done
         assert results[5] == results[1], family
 

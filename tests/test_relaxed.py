@@ -10,6 +10,7 @@ import torch
 
 from s2d2 import DecodeConfig
 from s2d2.config import RELAX_MAX_EPSILON, Relaxation
+from s2d2.core.sampling import uniforms
 from s2d2.core.verify import Verdict, accept_greedy, accept_sampled
 from s2d2.errors import ConfigError
 
@@ -45,7 +46,8 @@ def test_greedy_ratio_threshold_commits_later_drafts_after_a_rejection():
 
 
 def _u(seed: int, n: int) -> list[float]:
-    return torch.rand(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    """The uniforms a verification of ``n`` drafts seeded with ``seed`` tests them with (its first ``n``)."""
+    return uniforms(n + 1, torch.Generator().manual_seed(seed), torch.device("cpu"))[:n].tolist()
 
 
 def test_sampled_ratio_tempering_by_hand():

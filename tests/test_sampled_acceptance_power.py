@@ -14,17 +14,18 @@ real model with N = 1500 does not see; the last test shows that it does.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
 from scipy.stats import chi2
 
-import s2d2.core.forwards
+import s2d2.core.sampler
+import s2d2.engine.runner
 from s2d2.config import DecodeConfig
 from s2d2.core.loop import decode_steps
 from s2d2.core.requests import CommitRequest, FamilyTraits
-from s2d2.core.sampling import token_probs
+from s2d2.core.sampling import Sampling, token_probs
 from s2d2.engine.runner import drive, request_spec
 from s2d2.models.cache import KVCache
 
@@ -119,7 +120,7 @@ def decode(adapter: TableAdapter, prompt: list[int], cfg: DecodeConfig, cache: K
         logits = request_spec(adapter, request, cache.length).compute(cache)
         return None if isinstance(request, CommitRequest) else logits
 
-    return drive(decode_steps(prompt, cfg, cache, adapter.traits, generator), cache, forward)
+    return drive(decode_steps(prompt, cfg, cache, adapter.traits, generator), cache, forward, Sampling.of(cfg))
 
 
 @dataclass(frozen=True)
@@ -187,18 +188,18 @@ def test_sampled_s2d2_with_redrafts_draws_the_transformed_ar_chain():
 def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeypatch):
     """Reference §8.4: p handed to acceptance must be exactly the distribution each draft token was sampled from."""
     drawn, handed = [], []
-    real_choose, real_accept = s2d2.core.forwards.choose_tokens, s2d2.core.forwards.sampled_verdict
+    real_draw, real_accept = s2d2.core.sampler.draw_tokens, s2d2.core.sampler.sampled_verdicts
 
-    def choose(probs, greedy, generator):
+    def draw(probs, u):
         drawn.append(probs.clone())
-        return real_choose(probs, greedy, generator)
+        return real_draw(probs, u)
 
-    def accept(drafted, p, q, generator, relax=None):
+    def accept(drafted, p, q, u, u_residual, relax):
         handed.append(p.clone())
-        return real_accept(drafted, p, q, generator, relax)
+        return real_accept(drafted, p, q, u, u_residual, relax)
 
-    monkeypatch.setattr(s2d2.core.forwards, "choose_tokens", choose)
-    monkeypatch.setattr(s2d2.core.forwards, "sampled_verdict", accept)
+    monkeypatch.setattr(s2d2.core.sampler, "draw_tokens", draw)
+    monkeypatch.setattr(s2d2.core.sampler, "sampled_verdicts", accept)
     cfg = DecodeConfig(method="s2d2", policy="mask_span_length", min_span=1, block_size=4, temperature=TEMPERATURE,
                        top_k=TOP_K, top_p=TOP_P, max_new_tokens=NUM_NEW, stop_token_ids=(), fuse_draft=False)
     adapter = TableAdapter()
@@ -209,17 +210,18 @@ def test_acceptance_receives_the_distribution_the_drafts_were_drawn_from(monkeyp
 
 
 def test_the_test_rejects_a_draft_distribution_distorted_as_p_to_the_0_9(monkeypatch):
-    real = s2d2.core.forwards.sampled_verdict
+    real = s2d2.core.sampler.sampled_verdicts
 
-    def distorted(drafted, p, q, generator, relax=None):
+    def distorted(drafted, p, q, u, u_residual, relax):
         warped = p ** 0.9
-        return real(drafted, warped / warped.sum(dim=-1, keepdim=True), q, generator, relax)
+        return real(drafted, warped / warped.sum(dim=-1, keepdim=True), q, u, u_residual, relax)
 
-    monkeypatch.setattr(s2d2.core.forwards, "sampled_verdict", distorted)
+    monkeypatch.setattr(s2d2.core.sampler, "sampled_verdicts", distorted)
     assert transition_pvalue(transition_counts(2)) < 1e-4
 
 
 def test_the_test_rejects_a_verifier_that_ignores_top_p(monkeypatch):
-    real = s2d2.core.forwards.token_probs
-    monkeypatch.setattr(s2d2.core.forwards, "token_probs", lambda logits, t, k, p: real(logits, t, k, 1.0))
+    real = s2d2.engine.runner.filtered_probs
+    monkeypatch.setattr(s2d2.engine.runner, "filtered_probs",
+                        lambda logits, rows: real(logits, [(replace(s, top_p=1.0), n) for s, n in rows]))
     assert transition_pvalue(transition_counts(2)) == 0.0

@@ -1,4 +1,5 @@
-"""Base unmasking strategies (s2d2.core.strategies) and the logits -> distribution -> token path (s2d2.core.sampling)."""
+"""Base unmasking strategies (s2d2.core.strategies) and the logits -> distribution -> token path
+(s2d2.core.sampling)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,7 @@ import pytest
 import torch
 
 import s2d2
-
-from s2d2.core.sampling import choose_tokens, token_probs, transform_logits
+from s2d2.core.sampling import Sampling, choose_tokens, draw_tokens, filtered_probs, token_probs, transform_logits
 from s2d2.core.strategies import most_confident, select, select_dynamic, select_static, step_quotas
 
 NEG_INF = float("-inf")
@@ -287,6 +287,49 @@ def test_choose_tokens_sampled_respects_support() -> None:
     tokens = choose_tokens(probs, False, torch.Generator().manual_seed(0)).view(50, 2)
     assert (tokens[:, 0] == 2).all()
     assert set(tokens[:, 1].tolist()) == {0, 3}
+
+
+def test_draw_tokens_inverts_the_cumulative_distribution_exactly() -> None:
+    """Uniforms on a grid of 1000 cells land on each token in proportion to its probability, cell for cell: the
+    draw is the first token whose cumulative probability exceeds u; a token of probability 0 is never drawn, not even
+    at u = 0 or at the largest uniform below 1."""
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.125, 0.625, 0.0]])
+    u = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    tokens = draw_tokens(probs.expand(1000, -1), u)
+    assert torch.bincount(tokens, minlength=6).tolist() == [0, 250, 0, 125, 625, 0]
+    edges = torch.tensor([0.0, 1.0 - 2.0**-53], dtype=torch.float64)
+    assert draw_tokens(probs.expand(2, -1), edges).tolist() == [1, 4]
+    unnormalised = torch.tensor([[0.2, 0.0, 0.6, 0.0]])  # rows that do not sum to 1 (a residual, before dividing)
+    assert draw_tokens(unnormalised.expand(2, -1), torch.tensor([0.24, 0.26], dtype=torch.float64)).tolist() == [0, 2]
+
+
+SAMPLINGS = [Sampling(0.7, 5, 0.8), Sampling(1.0, 0, 0.9), Sampling(0.5, 10, 1.0), Sampling(1.3, 3, 0.6),
+             Sampling(0.9, 0, 1.0)]
+
+
+@pytest.mark.parametrize("mix", [[0, 1, 2], [0, 2, 3], [3, 1, 4], [4], [2, 4, 0, 3]])
+def test_rows_filtered_together_equal_each_row_alone(mix: list[int]) -> None:
+    """Issue 28: a batch's rows are filtered in one set of operations, each with its own temperature, top-k and
+    top-p, and each row's distribution is bit for bit what it is alone (batched == batch 1), whether the batch
+    takes top-p from the top-k candidates (every row cutting by top-p has a top-k) or from a whole sort."""
+    logits = torch.randn(12, 40, generator=torch.Generator().manual_seed(sum(mix)))
+    counts = [4, 3, 5, 2][:len(mix)] if len(mix) > 1 else [12]
+    counts[-1] = 12 - sum(counts[:-1])
+    rows = [(SAMPLINGS[i], n) for i, n in zip(mix, counts)]
+    together = filtered_probs(logits, rows)
+    alone, start = [], 0
+    for sampling, n in rows:
+        alone.append(filtered_probs(logits[start:start + n], [(sampling, n)]))
+        assert torch.equal(alone[-1], token_probs(logits[start:start + n], sampling.temperature, sampling.top_k,
+                                                  sampling.top_p))
+        start += n
+    assert torch.equal(together, torch.cat(alone))
+    kept = (together > 0).sum(dim=-1)
+    start = 0
+    for sampling, n in rows:  # each row's own top-k held
+        if sampling.top_k:
+            assert (kept[start:start + n] <= sampling.top_k).all()
+        start += n
 
 
 # ------------------------------------------------------------------------------------------------ row seeds

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from s2d2.config import Relaxation
 from s2d2.core import verify
 from s2d2.core.verify import Verdict, accept_greedy, accept_sampled
 
@@ -30,18 +31,15 @@ def _seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-class _FixedUniforms:
-    """Stands in for the ``torch`` module inside s2d2.core.verify, with ``rand`` returning chosen uniforms."""
+def _fixed_uniforms(values: list[float]):
+    """Stands in for :func:`s2d2.core.sampling.uniforms` inside s2d2.core.verify: the chosen uniforms for the drafts'
+    tests, then 0.5 for the correction's draw (one call per span, as verify makes it)."""
 
-    def __init__(self, values: list[float]) -> None:
-        self.values = values
+    def uniforms(count, generator=None, device=None):  # noqa: ANN001 - mirrors sampling.uniforms
+        assert count == len(values) + 1
+        return torch.tensor(values + [0.5], dtype=torch.float64)
 
-    def rand(self, n, generator=None, device=None):  # noqa: ANN001 - mirrors torch.rand's call in verify.py
-        assert n == len(self.values)
-        return torch.tensor(self.values, dtype=torch.float32)
-
-    def __getattr__(self, name):  # noqa: ANN001
-        return getattr(torch, name)
+    return uniforms
 
 
 # --------------------------------------------------------------------------------------------------- Verdict
@@ -120,9 +118,9 @@ def test_sampled_p_equal_q_accepts_everything_for_any_seed() -> None:
 
 
 def test_sampled_p_equal_q_accepts_even_the_largest_uniform(monkeypatch: pytest.MonkeyPatch) -> None:
-    # u is drawn from [0, 1); the largest float32 below 1 must still be accepted when q(d) / p(d) = 1.
-    below_one = 1.0 - 2.0**-24
-    monkeypatch.setattr(verify, "torch", _FixedUniforms([below_one, below_one]))
+    # u is drawn from [0, 1); the largest float64 below 1 must still be accepted when q(d) / p(d) = 1.
+    below_one = 1.0 - 2.0**-53
+    monkeypatch.setattr(verify, "uniforms", _fixed_uniforms([below_one, below_one]))
     p = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]])
     assert accept_sampled([0, 1], p, p.clone(), None) == Verdict(2, None)
 
@@ -167,7 +165,7 @@ def test_sampled_first_rejection_at_position_zero() -> None:
 @pytest.mark.parametrize(("u", "expected"), [(0.4999, Verdict(1, None)), (0.5, Verdict(0, 2))])
 def test_sampled_accepts_iff_u_below_ratio(monkeypatch: pytest.MonkeyPatch, u: float, expected: Verdict) -> None:
     # ratio q(0) / p(0) = 0.4 / 0.8 = 0.5; accept iff u < 0.5. Residual (q - p)+ = [0, 0, 0.4, 0] -> token 2.
-    monkeypatch.setattr(verify, "torch", _FixedUniforms([u]))
+    monkeypatch.setattr(verify, "uniforms", _fixed_uniforms([u]))
     p = torch.tensor([[0.8, 0.2, 0.0, 0.0]])
     q = torch.tensor([[0.4, 0.2, 0.4, 0.0]])
     assert accept_sampled([0], p, q, None) == expected
@@ -175,7 +173,7 @@ def test_sampled_accepts_iff_u_below_ratio(monkeypatch: pytest.MonkeyPatch, u: f
 
 def test_sampled_ratio_above_one_is_capped_and_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
     # q(d) / p(d) = 0.9 / 0.1 = 9 -> min(1, 9) = 1 -> accepted for every u in [0, 1).
-    monkeypatch.setattr(verify, "torch", _FixedUniforms([1.0 - 2.0**-24]))
+    monkeypatch.setattr(verify, "uniforms", _fixed_uniforms([1.0 - 2.0**-24]))
     p = torch.tensor([[0.1, 0.9, 0.0, 0.0]])
     q = torch.tensor([[0.9, 0.1, 0.0, 0.0]])
     assert accept_sampled([0], p, q, None) == Verdict(1, None)
@@ -260,3 +258,26 @@ def test_acceptance_rate_is_overlap_of_p_and_q(speculative_runs: tuple[torch.Ten
     # P(accept) = sum_v min(p_v, q_v) = 0.1 + 0.2 + 0.2 + 0.1 = 0.6
     _, _, accepted = speculative_runs
     assert math.isclose(accepted / TRIALS, 0.6, abs_tol=0.02)
+
+
+def test_spans_verified_together_equal_each_span_alone() -> None:
+    """Issue 28: the step's sampler verifies every sampled row's span in one set of operations; each span's verdict
+    (first rejection, correction, ratios) is what it is alone with the same uniforms, whatever its length and its
+    relaxation, and a span's rejections never stop another's."""
+    gen = torch.Generator().manual_seed(4)
+    spans = []
+    for n in (3, 1, 4, 2):
+        p = torch.softmax(torch.randn(n, 6, generator=gen), dim=-1)
+        q = torch.softmax(torch.randn(n, 6, generator=gen), dim=-1)
+        drafted = torch.multinomial(p, 1, generator=gen).squeeze(-1).tolist()
+        spans.append((drafted, p, q, torch.rand(n + 1, generator=gen, dtype=torch.float64)))
+    relax = [None, Relaxation(ratio_tempering=0.5), Relaxation(0.3, 0.2), Relaxation(ratio_threshold=0.1)]
+    together = verify.sampled_verdicts([d for d, *_ in spans], torch.cat([p for _, p, _, _ in spans]),
+                                       torch.cat([q for _, _, q, _ in spans]),
+                                       torch.cat([u[:-1] for *_, u in spans]), torch.cat([u[-1:] for *_, u in spans]),
+                                       relax)
+    verdicts = verify.read_verdicts(together.tolist(), [d for d, *_ in spans], relax)
+    alone = [verify.read_sampled_verdict(verify.sampled_verdicts([d], p, q, u[:-1], u[-1:], [r]).tolist(), d, r)
+             for (d, p, q, u), r in zip(spans, relax)]
+    assert verdicts == alone
+    assert len({v.num_accepted == len(d) for v, (d, *_) in zip(verdicts, spans)}) == 2  # some accept all, some not

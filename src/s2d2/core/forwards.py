@@ -22,13 +22,13 @@ from s2d2.core.requests import (
     RowRequest,
     Scored,
     VerifyRequest,
-    split_values,
 )
-from s2d2.core.sampling import choice_table, choose_tokens, read_choices, token_probs
+from s2d2.core.sampler import Accept, Draw
+from s2d2.core.sampling import uniforms
 from s2d2.core.state import BlockState, Draft, Sequence, Span
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
-from s2d2.core.verify import Verdict, accept_greedy, read_sampled_verdict, sampled_verdict
+from s2d2.core.verify import Verdict, accept_greedy
 
 
 def _confident_rest(masked: Iterable[int], commits: dict[int, int], draft: Draft, threshold: float) -> dict[int, int]:
@@ -90,9 +90,8 @@ class Forwards:
         scored = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
         if cfg.greedy:
             return scored.choices.tokens[0]
-        probs = token_probs(scored.logits[:1], cfg.temperature, cfg.top_k, cfg.top_p)
-        values = yield HostRead(choose_tokens(probs, False, generator).double())
-        return int(values[0])
+        (drawn,) = yield HostRead((Draw(scored.probs[:1], uniforms(1, generator, scored.probs.device)),))
+        return drawn.tokens[0]
 
     def draft(self, seq: Sequence, block: BlockState, generator: torch.Generator | None, num_blocks: int = 1,
               carried: Carried | None = None) -> Generator[RowRequest, RowInput, Draft]:
@@ -123,14 +122,15 @@ class Forwards:
         self.stats.draft_forwards += 1
         if cfg.greedy:  # the executor's choices are the draft: argmax of the plain softmax
             return Draft(scored.choices)
-        # sampled: this row's own distribution and draws, read with the batch's other rows (docs/decoding.md)
-        probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
-        return Draft(read_choices((yield HostRead(self._draw(probs, generator))), self._features), probs)
+        # sampled: a token drawn from each of this row's distributions, by the step's sampler (docs/decoding.md)
+        (drawn,) = yield HostRead((self._draw(scored.probs, uniforms(len(scored.probs), generator,
+                                                                      scored.probs.device)),))
+        return Draft(drawn, scored.probs)
 
-    def _draw(self, probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """A sampled draft on the device: a token drawn from each row of ``probs`` and their :func:`choice_table`
-        (flat; the routing features only when routing reads them), for a :class:`HostRead`."""
-        return choice_table(probs, choose_tokens(probs, False, generator), features=self._features).flatten()
+    def _draw(self, probs: torch.Tensor, u: torch.Tensor) -> Draw:
+        """A sampled draft's draws from ``probs`` at ``u``, described by the routing features when routing reads
+        them."""
+        return Draw(probs, u, self._features)
 
     def _redraft(self, verdict: Verdict, span: Span, redraft: Draft | None) -> bool:
         """Whether a verification's rows after its rejection (``redraft``: their draft, None when the setting is
@@ -216,21 +216,23 @@ class Forwards:
             ahead = None if ahead_rows is None else Draft(ahead_rows.choices)
             redraft = None if cfg.redraft is None else Draft(verifier.choices)  # the verifier's argmax
         else:
-            # Acceptance and, when this forward may make the next draft, that draft's draws: made on the device
-            # now (the draft's are dropped unless every draft is accepted) and read together, one read per forward;
-            # one transform for the verifier's rows and those after them (the next draft's)
-            probs = token_probs(scored.logits, cfg.temperature, cfg.top_k, cfg.top_p)
-            q, p = probs[:span.length], draft.probs[span.start:span.end]
-            tables = [sampled_verdict(drafted, p, q, generator, self.relax)]
-            if ahead_rows is not None:  # the same rows of the distributions (a Scored of probabilities)
-                ahead_probs = ahead_of(Scored(probs[span.length:], None)).logits
-                tables.append(self._draw(ahead_probs, generator))
+            # Acceptance and, when this forward may make the next draft, that draft's draws: asked of the step's
+            # sampler together, one read per forward, every uniform from one call to the row's generator (the
+            # draft's draws are dropped unless every draft is accepted)
+            q, p = scored.probs[:span.length], draft.probs[span.start:span.end]
+            ahead_probs = None if ahead_rows is None else ahead_rows.probs
+            counts = [span.length + 1, 0 if ahead_probs is None else len(ahead_probs),
+                      0 if cfg.redraft is None else span.length]
+            u = uniforms(sum(counts), generator, q.device).split(counts)
+            items = [Accept(drafted, p, q, u[0], self.relax)]
+            if ahead_probs is not None:
+                items.append(self._draw(ahead_probs, u[1]))
             if cfg.redraft is not None:  # a token drawn from every verifier row: those after a rejection may redraft
-                tables.append(self._draw(q, generator))
-            parts = split_values((yield HostRead(torch.cat(tables))), tables)
-            verdict = read_sampled_verdict(parts[0], drafted, self.relax)
-            ahead = None if ahead_rows is None else Draft(read_choices(parts[1], self._features), ahead_probs)
-            redraft = None if cfg.redraft is None else Draft(read_choices(parts[-1], self._features), q)
+                items.append(self._draw(q, u[2]))
+            results = yield HostRead(tuple(items))
+            verdict = results[0]
+            ahead = None if ahead_rows is None else Draft(results[1], ahead_probs)
+            redraft = None if cfg.redraft is None else Draft(results[-1], q)
         if self.tracer is not None:
             self.tracer.verdict(span.length, verdict.num_accepted, verdict.correction)
         self.stats.observe_verification(span.length, verdict.num_accepted, verdict.correction is not None)

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import torch
 
+from s2d2.core.sampler import Item, Result
 from s2d2.core.sampling import Choices, greedy_choices
 from s2d2.core.state import Draft, Sequence
 from s2d2.core.stats import DecodeStats
@@ -99,32 +100,24 @@ class KeepRows:
 
 @dataclass(frozen=True)
 class HostRead:
-    """Not a forward: a sampled row asks for the values it computed on the device after its forward (its draws, and
-    what it reads of them), flattened to one float64 vector. It is sent them back as a list of floats. An
-    engine reads every row's request of a step, and the greedy rows' choices, in one transfer (issue 28)."""
+    """Not a forward: a sampled row asks for what it draws after its forward (:class:`~s2d2.core.sampler.Draw`,
+    :class:`~s2d2.core.sampler.Accept`), made on the device by the step's sampler with every other row's and read
+    to the host in the step's one transfer (issue 28). It is sent back the results, one per item, in order."""
 
-    values: torch.Tensor
-
-
-def split_values(values: list[float], tables: list[torch.Tensor]) -> list[list[float]]:
-    """``values``, the flattened ``tables`` read to the host one after the other, back as one list per table."""
-    out, start = [], 0
-    for table in tables:
-        out.append(values[start:start + table.numel()])
-        start += table.numel()
-    return out
+    items: tuple[Item, ...]
 
 
 @dataclass(frozen=True)
 class Scored:
-    """A forward's logit rows (``[n, V]``, on the model's device) and, for a greedy row, their greedy
-    :class:`Choices` on the host: argmax, its probability and the distribution's features under the plain softmax.
-    Greedy decoding reads only the choices; a sampled row transforms the logits itself (its ``choices`` are None)
-    and reads its draws with a :class:`HostRead`. Executors build the choices of a whole batch with one transfer
-    (:meth:`of` for one row's logits)."""
+    """A forward's logit rows (``[n, V]``, on the model's device) and what the row reads of them, computed by the
+    executor for a whole batch at once: for a greedy row, their greedy :class:`Choices` on the host (argmax, its
+    probability and the distribution's features under the plain softmax; one transfer per step); for a sampled row,
+    ``probs``, the distributions it draws from (its temperature, top-k and top-p applied, on the device), from
+    which it draws with a :class:`HostRead`. (:meth:`of` for one greedy row's logits.)"""
 
     logits: torch.Tensor
     choices: Choices | None
+    probs: torch.Tensor | None = None
 
     @classmethod
     def of(cls, logits: torch.Tensor, features: bool = True) -> Scored:
@@ -133,12 +126,18 @@ class Scored:
 
     def rows(self, start: int, stop: int | None = None) -> Scored:
         """Rows ``start .. stop - 1``."""
-        return Scored(self.logits[start:stop], None if self.choices is None else self.choices.rows(start, stop))
+        return Scored(self.logits[start:stop], None if self.choices is None else self.choices.rows(start, stop),
+                      None if self.probs is None else self.probs[start:stop])
 
     def pad_front(self, count: int) -> Scored:
         """``count`` copies of the first row before the rows (placeholders for offsets nobody reads)."""
-        return Scored(torch.cat([self.logits[:1].expand(count, -1), self.logits]),
-                      None if self.choices is None else self.choices.pad_front(count))
+        return Scored(pad_rows(self.logits, count), None if self.choices is None else self.choices.pad_front(count),
+                      None if self.probs is None else pad_rows(self.probs, count))
+
+
+def pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` copies of the first of ``rows`` (``[n, V]``) before them."""
+    return torch.cat([rows[:1].expand(count, -1), rows]) if count else rows
 
 
 @dataclass(frozen=True)
@@ -156,10 +155,10 @@ class Carried:
 
 ForwardRequest = DraftRequest | VerifyRequest | CommitRequest | FinalizeRequest
 RowRequest = ForwardRequest | KeepRows | HostRead
-# A row's decoding as a generator: it yields the forward it needs next (or rows to keep, or values to read), is sent
-# that forward's Scored logits (None for a commit or KeepRows; the values, a list of floats, for a HostRead), and
+# A row's decoding as a generator: it yields the forward it needs next (or rows to keep, or draws to read), is sent
+# that forward's Scored logits (None for a commit or KeepRows; the results, one per item, for a HostRead), and
 # returns (generated ids, finish reason, stats) when done.
-RowInput = Scored | list[float] | None
+RowInput = Scored | list[Result] | None
 RowSteps = Generator[RowRequest, RowInput, "tuple[list[int], str, DecodeStats]"]
 
 

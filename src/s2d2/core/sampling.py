@@ -15,29 +15,92 @@ from dataclasses import dataclass
 
 import torch
 
+from s2d2.config import DecodeConfig
 
-def transform_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p filtering; filtered entries become -inf. ``logits``: ``[n, V]``."""
-    if temperature > 0.0 and temperature != 1.0:
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a sampled row turns logits into the distribution it draws from: temperature (> 0), then top-k (0: off),
+    then top-p (1: off)."""
+
+    temperature: float
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @classmethod
+    def of(cls, cfg: DecodeConfig) -> Sampling | None:
+        """A config's sampling, None when it decodes greedily."""
+        return None if cfg.greedy else cls(cfg.temperature, cfg.top_k, cfg.top_p)
+
+
+def row_values(values: list[float], counts: list[int], like: torch.Tensor) -> float | torch.Tensor:
+    """``values[i]`` for ``counts[i]`` rows each: a number when every value is the same (no tensor, no transfer),
+    else an ``[n]`` vector of ``like``'s dtype and device, built with one host-to-device copy."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=like.dtype).repeat_interleave(torch.tensor(counts)).to(like.device)
+
+
+def _column(values: float | torch.Tensor) -> float | torch.Tensor:
+    """A :func:`row_values` result broadcast against ``[n, V]`` rows."""
+    return values if isinstance(values, float) else values[:, None]
+
+
+def filter_logits(logits: torch.Tensor, rows: Sequence[tuple[Sampling, int]]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, each row with its own values; filtered entries become -inf.
+    ``logits``: ``[n, V]``; ``rows``: ``(sampling, count)`` runs covering the ``n`` rows in order (a batch's rows,
+    each with its request's sampling). One set of operations for all rows, whatever their values (issue 28).
+
+    A row's result does not depend on the rows beside it (batched == batch 1): top-p reads each row's
+    probabilities in the original order, gathered into descending order, so the sort (every row's whole vocabulary)
+    and the top-k candidates (when every row that cuts by top-p also cuts by top-k: the only tokens left) give the
+    same cumulative sums; a row with a smaller top-k than the batch's largest has zeros after its own."""
+    vocab = logits.shape[-1]
+    params, counts = [s for s, _ in rows], [c for _, c in rows]
+    temperature = _column(row_values([s.temperature if s.temperature > 0.0 else 1.0 for s in params], counts,
+                                      logits))
+    if not (isinstance(temperature, float) and temperature == 1.0):
         logits = logits / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in params]
+    order = None
+    if max(ks) > 0:
+        top = torch.topk(logits, max(ks), dim=-1)
+        kth = _column(row_values([float(k) for k in ks], counts, logits))
+        if isinstance(kth, float):
+            bound = top.values[:, -1:]
+        else:  # each row's own k-th value; a row without top-k keeps everything
+            index = (kth.long() - 1).clamp_min(0)
+            bound = top.values.gather(-1, index).masked_fill(kth == 0, float("-inf"))
+        logits = logits.masked_fill(logits < bound, float("-inf"))
+        order = top.indices  # every token a row keeps is among them, in descending order
+    if any(s.top_p < 1.0 for s in params):
+        if any(s.top_p < 1.0 and k == 0 for s, k in zip(params, ks)):
+            order = torch.sort(logits, dim=-1, descending=True).indices
+        sorted_probs = torch.softmax(logits, dim=-1).gather(-1, order)
+        top_p = _column(row_values([s.top_p if s.top_p < 1.0 else math.inf for s in params], counts, logits))
         # Drop a token when the mass strictly before it already reaches top_p; the top token always stays.
         drop_sorted = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        drop = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def filtered_probs(logits: torch.Tensor, rows: Sequence[tuple[Sampling, int]]) -> torch.Tensor:
+    """The distributions sampled rows draw from (float32, ``[n, V]``): softmax of :func:`filter_logits`. What an
+    executor hands every sampled row of a step at once (``Scored.probs``)."""
+    return torch.softmax(filter_logits(logits.float(), rows), dim=-1)
+
+
+def transform_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """:func:`filter_logits` with one sampling for every row of ``logits`` (``[n, V]``)."""
+    return filter_logits(logits, [(Sampling(temperature, top_k, top_p), len(logits))])
 
 
 def token_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """The distribution a token is drawn from (float32, ``[n, V]``); plain softmax when greedy."""
     if temperature == 0.0:
         return torch.softmax(logits.float(), dim=-1)
-    return torch.softmax(transform_logits(logits.float(), temperature, top_k, top_p), dim=-1)
+    return filtered_probs(logits, [(Sampling(temperature, top_k, top_p), len(logits))])
 
 
 @dataclass(frozen=True)
@@ -130,11 +193,30 @@ def greedy_choices(logits: torch.Tensor, features: bool = True) -> Choices:
     return read_choices(greedy_table(logits, features).flatten().tolist(), features)
 
 
+def uniforms(count: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``count`` uniforms in [0, 1) from a row's generator, in one call: every random number a sampled row's
+    forward needs (its draws, its acceptance tests) comes from one such call, so that its stream depends on its
+    seed and its own path only, whatever shares its batch."""
+    return torch.rand(count, generator=generator, dtype=torch.float64, device=device)
+
+
+def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``probs`` (``[n, V]``, rows summing to about 1) by inverting its cumulative
+    distribution at ``u`` (``[n]`` uniforms in [0, 1)): the first token whose cumulative probability exceeds
+    ``u`` times the row's total. Sums in float64, so a token of probability 0 is never drawn and the rest are drawn
+    with their probability up to float64 rounding, for any number of rows at once. Returns ``[n]`` int64."""
+    cdf = probs.double().cumsum(dim=-1)
+    total = cdf[:, -1]
+    # below the total even where u * total rounds up to it: the last token drawn is the last of probability > 0
+    at = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, at[:, None], right=True).squeeze(-1)
+
+
 def choose_tokens(probs: torch.Tensor, greedy: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Argmax (greedy) or one multinomial draw per row; returns ``[n]`` int64."""
+    """Argmax (greedy) or one draw per row (:func:`draw_tokens`); returns ``[n]`` int64."""
     if greedy:
         return probs.argmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw_tokens(probs, uniforms(len(probs), generator, probs.device))
 
 
 def row_seed(seed: int, row: int, choice: int = 0) -> int:

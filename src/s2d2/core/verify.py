@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from s2d2.config import Relaxation
+from s2d2.core.sampling import draw_tokens, row_values, uniforms
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,17 @@ class Verdict:
         return accepted if self.correction is None else accepted + [self.correction]
 
 
-def _typical(q: torch.Tensor, index: torch.Tensor, relax: Relaxation) -> torch.Tensor:
-    """Medusa's typical acceptance test, per row: ``q(d) > min(epsilon, delta * exp(-H(q)))``."""
-    if relax.typical_epsilon <= 0.0:
+def _typical(q: torch.Tensor, index: torch.Tensor, relax: Sequence[Relaxation], counts: Sequence[int]) -> torch.Tensor:
+    """Medusa's typical acceptance test, per row: ``q(d) > min(epsilon, delta * exp(-H(q)))``, rows ``counts[i]``
+    at a time with ``relax[i]`` (off where epsilon is 0)."""
+    if all(r.typical_epsilon <= 0.0 for r in relax):
         return torch.zeros(len(index), dtype=torch.bool, device=q.device)
     entropy = -(q * q.clamp_min(1e-30).log()).sum(dim=-1)
-    bound = torch.clamp(relax.typical_delta * torch.exp(-entropy), max=relax.typical_epsilon)
-    return q.gather(-1, index).squeeze(-1) > bound
+    delta, epsilon = (row_values(values, counts, q) for values in (
+        [r.typical_delta for r in relax], [r.typical_epsilon for r in relax]))
+    epsilon = torch.as_tensor(epsilon, dtype=q.dtype, device=q.device)
+    typical = q.gather(-1, index).squeeze(-1) > torch.minimum(delta * torch.exp(-entropy), epsilon)
+    return typical & (epsilon > 0.0)
 
 
 def _thresholded(ratio: Sequence[float], drafted: list[int], first: int,
@@ -78,7 +83,7 @@ def accept_greedy(drafted: list[int], q_logits: torch.Tensor, relax: Relaxation 
         q = torch.softmax(q_logits.float(), dim=-1)
         index = torch.tensor(drafted, device=q.device)[:, None]
         top, target = q.max(dim=-1)
-        accepted = ((target == index.squeeze(-1)) | _typical(q, index, relax)).tolist()
+        accepted = ((target == index.squeeze(-1)) | _typical(q, index, [relax], [len(drafted)])).tolist()
         if False not in accepted:
             return Verdict(len(drafted), None)
         f = accepted.index(False)
@@ -91,42 +96,68 @@ def accept_greedy(drafted: list[int], q_logits: torch.Tensor, relax: Relaxation 
     return Verdict(len(drafted), None)
 
 
-def sampled_verdict(
-    drafted: list[int],
-    p: torch.Tensor,  # [n, V] draft distribution the tokens were drawn from
-    q: torch.Tensor,  # [n, V] verifier distribution, same transform
-    generator: torch.Generator | None,
-    relax: Relaxation | None = None,
-) -> torch.Tensor:
-    """Speculative sampling on the device, without reading anything back: accept ``d_i`` w.p.
-    ``min(1, q_i(d_i)/p_i(d_i))``, resample the first rejection from the residual. With ``relax``: the ratio raised
-    to ``ratio_tempering``, typical acceptance as a second way in (the ratio threshold reads the ratios on the host).
+def sampled_verdicts(drafted: Sequence[list[int]], p: torch.Tensor, q: torch.Tensor, u: torch.Tensor,
+                     u_residual: torch.Tensor, relax: Sequence[Relaxation | None]) -> torch.Tensor:
+    """Speculative sampling of several spans at once, on the device, without reading anything back: span ``s``
+    accepts ``d_i`` w.p. ``min(1, q_i(d_i)/p_i(d_i))`` left to right and draws the first rejection's correction from
+    the residual ``(q - p)+``. With ``relax[s]``: the ratio raised to ``ratio_tempering``, typical acceptance as a
+    second way in (the ratio threshold reads the ratios on the host).
 
-    Returns ``[first rejected offset (n: none), correction, ratio_0 .. ratio_{n-1}]`` as float64, for
-    :func:`read_sampled_verdict` once on the host; an engine reads every row's at once (one transfer per step). The
-    generator gives ``n`` uniforms, then one residual draw, every time: the draw is made before anyone knows whether
-    a draft was rejected, and is dropped when none was, so a row's stream never depends on a host read."""
-    n = len(drafted)
-    index = torch.tensor(drafted, device=p.device)[:, None]
+    ``drafted``: each span's tokens; ``p`` (draft), ``q`` (verifier): ``[M, V]``, the spans' rows one after the
+    other; ``u``: ``[M]`` uniforms for the acceptance tests, ``u_residual``: ``[S]``, one per span for its
+    correction, drawn whether or not a draft is rejected (and dropped when none is), so that a row's random stream
+    never depends on a host read. Returns ``[first rejected offset (n: none), correction]`` per span, then every
+    span's ratios, as one float64 vector: :func:`read_verdicts` splits it on the host. One set of operations for
+    all spans of an engine step (issue 28)."""
+    lengths = [len(d) for d in drafted]
+    starts = [0]
+    for n in lengths[:-1]:
+        starts.append(starts[-1] + n)
+    host = torch.tensor([t for d in drafted for t in d]
+                        + [s for s, n in enumerate(lengths) for _ in range(n)]
+                        + [i for n in lengths for i in range(n)] + lengths + starts)
+    tokens, span, offset, length, start = host.to(p.device).split([sum(lengths)] * 3 + [len(lengths)] * 2)
+    index = tokens[:, None]
     p_d = p.gather(-1, index).squeeze(-1).clamp_min(1e-12)
     q_d = q.gather(-1, index).squeeze(-1)
-    u = torch.rand(n, generator=generator, device=p.device)
     ratio = torch.clamp(q_d / p_d, max=1.0)
-    if relax is not None and not relax.neutral:
-        ratio = ratio ** relax.ratio_tempering
-        rejected = (u >= ratio) & ~_typical(q, index, relax)
-    else:
+    neutral = [r is None or r.neutral for r in relax]
+    if all(neutral):
         rejected = u >= ratio
-    # the first rejected offset (argmax returns the first maximum), n when none was rejected
-    first = torch.where(rejected.any(), rejected.to(torch.uint8).argmax(), n)
-    at = first.clamp(max=n - 1).view(1)
-    q_f = q.index_select(0, at)[0]
-    residual = (q_f - p.index_select(0, at)[0]).clamp_min(0.0)
-    total = residual.sum()
+    else:
+        relax = [Relaxation() if n else r for r, n in zip(relax, neutral)]
+        ratio = ratio ** row_values([r.ratio_tempering for r in relax], lengths, ratio)
+        rejected = (u >= ratio) & ~_typical(q, index, relax, lengths)
+    # each span's first rejected offset (its length when none was rejected)
+    first = length.scatter_reduce(0, span, torch.where(rejected, offset, length[span]), "amin")
+    at = start + first.clamp(max=length - 1)
+    q_f = q.index_select(0, at)
+    residual = (q_f - p.index_select(0, at)).clamp_min(0.0)
+    total = residual.sum(dim=-1, keepdim=True)
     # The residual is empty only when q <= p everywhere, i.e. q == p up to rounding; then q itself is exact.
     dist = torch.where((total > 0.0) & total.isfinite(), residual / total, q_f)
-    correction = torch.multinomial(dist, 1, generator=generator)
-    return torch.cat([first.view(1).double(), correction.double(), ratio.double()])
+    correction = draw_tokens(dist, u_residual)
+    return torch.cat([torch.stack([first, correction], dim=-1).flatten().double(), ratio.double()])
+
+
+def read_verdicts(values: Sequence[float], drafted: Sequence[list[int]],
+                  relax: Sequence[Relaxation | None]) -> list[Verdict]:
+    """The :class:`Verdict` of each span of a :func:`sampled_verdicts` read to the host."""
+    ratios = len(drafted) * 2
+    verdicts = []
+    for s, (d, r) in enumerate(zip(drafted, relax)):
+        verdicts.append(read_sampled_verdict([values[2 * s], values[2 * s + 1]] + list(values[ratios:ratios + len(d)]),
+                                             d, r))
+        ratios += len(d)
+    return verdicts
+
+
+def sampled_verdict(drafted: list[int], p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None,
+                    relax: Relaxation | None = None) -> torch.Tensor:
+    """:func:`sampled_verdicts` of one span, its uniforms drawn from ``generator`` (``len(drafted) + 1`` in one
+    call): ``[first rejected offset, correction, ratio_0 .. ratio_{n-1}]``."""
+    u = uniforms(len(drafted) + 1, generator, p.device)
+    return sampled_verdicts([drafted], p, q, u[:-1], u[-1:], [relax])
 
 
 def read_sampled_verdict(values: Sequence[float], drafted: list[int], relax: Relaxation | None = None) -> Verdict:

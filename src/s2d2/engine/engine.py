@@ -28,9 +28,20 @@ import torch
 
 from s2d2.config import DecodeConfig, check_batch_size
 from s2d2.core.loop import decode_steps
-from s2d2.core.requests import CommitRequest, ForwardRequest, HostRead, KeepRows, RowInput, RowState, RowSteps, Scored
+from s2d2.core.requests import (
+    CommitRequest,
+    ForwardRequest,
+    HostRead,
+    KeepRows,
+    RowInput,
+    RowState,
+    RowSteps,
+    Scored,
+    pad_rows,
+)
 from s2d2.core.routing import reads_features
-from s2d2.core.sampling import greedy_table, read_choices
+from s2d2.core.sampler import sample
+from s2d2.core.sampling import Sampling, filtered_probs, greedy_table, read_choices
 from s2d2.core.state import sequence_length
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
@@ -105,7 +116,7 @@ class _Row:
     steps: RowSteps
     state: RowState
     features: bool  # its routing reads the drafts' distribution features (core.routing.reads_features)
-    greedy: bool  # reads its forwards' greedy choices; a sampled row draws on the device and reads with HostRead
+    sampling: Sampling | None  # None: reads its greedy choices; else gets its distributions, draws with HostRead
     pending: ForwardRequest | None = None
     read: HostRead | None = None  # values the row asked to read, waiting for the step's one transfer
     reported: int = 0  # generated tokens already sent in events (streaming)
@@ -228,32 +239,36 @@ class Engine:
 
     def _score(self, rows: list[_Row], parts: list[torch.Tensor], logits: torch.Tensor,
                bounds: list[tuple[int, int, int]], events: list[Event]) -> None:
-        """The step's numerical stage: hands every row its forward's logits and reads what the rows need to the
-        host in one transfer (issue 28). Sampled rows get their logits first and draw on the device, each from its
-        own generator (:class:`HostRead`); then the greedy rows' choices of the whole ``logits`` (the step's logit
-        rows; row ``k``'s are ``bounds[k]``: start, stop, front padding) and those draws cross together."""
+        """The step's numerical stage: hands every row its forward's logits and what it reads of them, in one
+        transfer to the host (issue 28). Sampled rows get their filtered distributions, computed for all of them at
+        once, and ask for their draws (:class:`HostRead`), which the step's sampler makes for all of them at once;
+        then the greedy rows' choices of the whole ``logits`` (the step's logit rows; row ``k``'s are
+        ``bounds[k]``: start, stop, front padding) and those draws cross together."""
         commits = {k for k, row in enumerate(rows) if isinstance(row.pending, CommitRequest)}  # no logits to read
-        greedy = [k for k, row in enumerate(rows) if row.greedy and k not in commits]
+        greedy = [k for k, row in enumerate(rows) if row.sampling is None and k not in commits]
+        sampled = [k for k, row in enumerate(rows) if row.sampling is not None and k not in commits]
+        probs = _sampled_probs(rows, sampled, logits, bounds)
         for k, row in enumerate(rows):
             if k in commits:
                 self._advance(row, None, events)
-            elif not row.greedy:
-                self._advance(row, Scored(parts[k], None), events)
+            elif k in probs:
+                self._advance(row, Scored(parts[k], None, probs[k]), events)
         features = any(rows[k].features for k in greedy)
-        reading = [row for row in rows if row.read is not None]
         tables = [greedy_table(logits, features)] if greedy else []
-        values = read_together(tables + [row.read.values for row in reading])
-        if greedy:
-            choices = read_choices(values.pop(0), features)
-            for k in greedy:
-                start, stop, pad = bounds[k]
-                self._advance(rows[k], Scored(parts[k], choices.rows(start, stop).pad_front(pad)), events)
-        while reading:  # (a row reads once per forward; one that read again would wait for a second transfer here)
-            for row, read in zip(reading, values):
+        reading = [row for row in rows if row.read is not None]
+        while tables or reading:  # (a row reads once per forward; one that read again would wait for a second read)
+            drawn, results = sample([row.read.items for row in reading])
+            values = read_together(tables + [drawn])
+            if tables:
+                choices = read_choices(values[0], features)
+                for k in greedy:
+                    start, stop, pad = bounds[k]
+                    self._advance(rows[k], Scored(parts[k], choices.rows(start, stop).pad_front(pad)), events)
+                tables = []
+            for row, result in zip(reading, results(values[-1])):
                 row.read = None
-                self._advance(row, read, events)
+                self._advance(row, result, events)
             reading = [row for row in reading if row.read is not None]
-            values = read_together([row.read.values for row in reading])
 
     def _admit(self, events: list[Event]) -> None:
         deferred: list[_Waiting] = []  # long requests waiting for memory that running ones will give back
@@ -268,7 +283,8 @@ class Engine:
             state, cache = RowState(trace=Tracer() if w.trace else None), self.cache.slot(slot)
             cache.reset()  # the slot's last request is gone: this row starts from an empty cache
             steps = decode_steps(w.prompt_ids, w.config, cache, self.adapter.traits, w.generator, w.stop_check, state)
-            row = _Row(w.request_id, slot, cache, steps, state, reads_features(w.config, w.trace), w.config.greedy)
+            row = _Row(w.request_id, slot, cache, steps, state, reads_features(w.config, w.trace),
+                       Sampling.of(w.config))
             self._rows[w.request_id] = row
             self._advance(row, None, events, first=True)
         self._waiting.extendleft(reversed(deferred))  # first in the queue again, in their order
@@ -334,6 +350,24 @@ def row_capacity(adapter: FamilyAdapter, prompt_len: int, config: DecodeConfig) 
     forward writes after them."""
     return (sequence_length(prompt_len, config.block_size, config.max_new_tokens, adapter.blocks_from_prompt_end)
             + 3 * config.block_size)
+
+
+def _sampled_probs(rows: list[_Row], sampled: list[int], logits: torch.Tensor,
+                   bounds: list[tuple[int, int, int]]) -> dict[int, torch.Tensor]:
+    """The distributions of the sampled rows (``rows[k]`` for ``k`` in ``sampled``), each under its own sampling,
+    computed in one set of operations over their rows of the step's ``logits`` (row ``k``'s are ``bounds[k]``),
+    padded at the front as their logits are."""
+    if not sampled:
+        return {}
+    runs = sorted((bounds[k][0], bounds[k][1], k) for k in sampled)
+    every = runs[0][0] == 0 and runs[-1][1] == len(logits) and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+    source = logits if every else torch.cat([logits[a:b] for a, b, _ in runs])
+    probs = filtered_probs(source, [(rows[k].sampling, b - a) for a, b, k in runs])
+    out, at = {}, 0
+    for a, b, k in runs:
+        out[k] = pad_rows(probs[at:at + b - a], bounds[k][2])
+        at += b - a
+    return out
 
 
 def _stop_token(state: RowState) -> int | None:

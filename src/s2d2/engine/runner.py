@@ -28,9 +28,9 @@ from s2d2.core.requests import (
     RowSteps,
     Scored,
     VerifyRequest,
-    split_values,
 )
-from s2d2.core.sampling import greedy_choices
+from s2d2.core.sampler import sample
+from s2d2.core.sampling import Sampling, filtered_probs, greedy_choices
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
 from s2d2.families.base import FamilyAdapter
@@ -59,14 +59,15 @@ def decode(adapter: FamilyAdapter, prompt_ids: list[int], cfg: DecodeConfig, cac
         return logits
 
     return drive(decode_steps(prompt_ids, cfg, cache, adapter.traits, generator, stop_check, state), cache, forward,
-                 cfg.greedy)
+                 Sampling.of(cfg))
 
 
 def drive(steps: RowSteps, cache: KVCache | SlotCache, forward: Callable[[ForwardRequest], torch.Tensor | None],
-          greedy: bool = True) -> tuple[list[int], str, DecodeStats]:
+          sampling: Sampling | None = None) -> tuple[list[int], str, DecodeStats]:
     """Run one row's decoding to its end: each forward it asks for through ``forward`` (which returns its logits,
-    sent back :class:`Scored`, with their greedy choices for a ``greedy`` row), each :class:`KeepRows` on
-    ``cache``, each :class:`HostRead` at once; returns what the row returns (ids, finish reason, stats)."""
+    sent back :class:`Scored`: with their greedy choices, or a sampled row's distributions under its
+    ``sampling``), each :class:`KeepRows` on ``cache``, each :class:`HostRead` at once (the step's sampler over
+    one row); returns what the row returns (ids, finish reason, stats)."""
     sent: RowInput = None
     while True:
         try:
@@ -77,10 +78,16 @@ def drive(steps: RowSteps, cache: KVCache | SlotCache, forward: Callable[[Forwar
             cache.commit(request.count)
             sent = None
         elif isinstance(request, HostRead):
-            sent = request.values.tolist()
+            drawn, results = sample([request.items])
+            sent = results(drawn.tolist())[0]
         else:
             logits = forward(request)
-            sent = None if logits is None else Scored(logits, greedy_choices(logits) if greedy else None)
+            if logits is None:
+                sent = None
+            elif sampling is None:
+                sent = Scored(logits, greedy_choices(logits))
+            else:
+                sent = Scored(logits, None, filtered_probs(logits, [(sampling, len(logits))]))
 
 
 def request_spec(adapter: FamilyAdapter, request: ForwardRequest, cache_len: int) -> ForwardSpec:
@@ -168,7 +175,11 @@ def read_together(tables: list[torch.Tensor]) -> list[list[float]]:
     each flattened: how an engine step reads all its rows' numbers at once (issue 28)."""
     if not tables:
         return []
-    return split_values(torch.cat([t.flatten().double() for t in tables]).tolist(), tables)
+    values, out, start = torch.cat([t.flatten().double() for t in tables]).tolist(), [], 0
+    for table in tables:
+        out.append(values[start:start + table.numel()])
+        start += table.numel()
+    return out
 
 
 class ForwardTimer:

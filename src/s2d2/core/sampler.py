@@ -1,0 +1,92 @@
+"""The step's sampler: every sampled row's draws and acceptance tests of one engine step as one set of operations.
+
+A sampled row does not draw on its own. After its forward, it receives its filtered distributions with its logits
+(``Scored.probs``, computed by the executor for all sampled rows at once: :func:`s2d2.core.sampling.filtered_probs`),
+takes every uniform its forward needs from its own generator in one call (:func:`s2d2.core.sampling.uniforms`),
+and asks for what it needs as :class:`Draw` and :class:`Accept` items in one :class:`~s2d2.core.requests.HostRead`.
+The executor hands the step's reads to :func:`sample`, which concatenates the items of every row and computes them
+together (one inverse-CDF draw over every row to draw, one speculative acceptance over every verified span), and
+the results cross to the host in the step's one transfer (issue 28; as vLLM's sampler and rejection sampler work
+over flat tensors). A row's results depend only on its own rows and uniforms, so batched == batch 1 and a sampled
+row's stream depends on its seed and its own path only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from s2d2.config import Relaxation
+from s2d2.core.sampling import Choices, choice_table, draw_tokens, read_choices
+from s2d2.core.verify import Verdict, read_verdicts, sampled_verdicts
+
+
+@dataclass(frozen=True)
+class Draw:
+    """Draw a token from each row of ``probs`` (``[n, V]``) at the uniforms ``u`` (``[n]``); read back their
+    :class:`Choices` (the routing features too with ``features``)."""
+
+    probs: torch.Tensor
+    u: torch.Tensor
+    features: bool = False
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Speculative acceptance of the ``drafted`` tokens, drawn from ``p``, against the verifier's ``q`` (both
+    ``[n, V]``), with ``n`` uniforms for the tests and one for the correction (``u``: ``[n + 1]``); read back the
+    :class:`~s2d2.core.verify.Verdict`."""
+
+    drafted: list[int]
+    p: torch.Tensor
+    q: torch.Tensor
+    u: torch.Tensor
+    relax: Relaxation | None = None
+
+
+Item = Draw | Accept
+Result = Choices | Verdict
+
+
+def sample(reads: Sequence[Sequence[Item]]) -> tuple[torch.Tensor, Callable[[list[float]], list[list[Result]]]]:
+    """Every item of the step's ``reads`` (one sequence of items per row), computed at once on the device: returns
+    the flat float64 vector to read to the host (with the greedy rows' table, in one transfer) and the function
+    that turns those values, once read, into each read's results (a :class:`Choices` per :class:`Draw`, a
+    :class:`~s2d2.core.verify.Verdict` per :class:`Accept`, in the items' order)."""
+    draws = [item for read in reads for item in read if isinstance(item, Draw)]
+    accepts = [item for read in reads for item in read if isinstance(item, Accept)]
+    features = any(d.features for d in draws)
+    width = 5 if features else 2
+    parts = []
+    if draws:
+        probs = torch.cat([d.probs for d in draws]) if len(draws) > 1 else draws[0].probs
+        u = torch.cat([d.u for d in draws]) if len(draws) > 1 else draws[0].u
+        parts.append(choice_table(probs, draw_tokens(probs, u), features=features).flatten())
+    if accepts:
+        parts.append(sampled_verdicts([a.drafted for a in accepts], torch.cat([a.p for a in accepts]),
+                                      torch.cat([a.q for a in accepts]), torch.cat([a.u[:-1] for a in accepts]),
+                                      torch.cat([a.u[-1:] for a in accepts]), [a.relax for a in accepts]))
+    values = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.zeros(0, dtype=torch.float64)
+
+    def results(host: list[float]) -> list[list[Result]]:
+        start = sum(len(d.probs) for d in draws) * width
+        table = host[:start]
+        verdicts = iter(read_verdicts(host[start:], [a.drafted for a in accepts], [a.relax for a in accepts]))
+        out, row = [], 0
+        for read in reads:
+            mine: list[Result] = []
+            for item in read:
+                if isinstance(item, Draw):
+                    n = len(item.probs)
+                    choices = read_choices(table[row * width:(row + n) * width], features)
+                    mine.append(choices if item.features or not features else Choices(choices.tokens,
+                                                                                      choices.confidence))
+                    row += n
+                else:
+                    mine.append(next(verdicts))
+            out.append(mine)
+        return out
+
+    return values, results
