@@ -332,6 +332,27 @@ def test_rows_filtered_together_equal_each_row_alone(mix: list[int]) -> None:
         start += n
 
 
+def test_the_stage_works_in_chunks_within_its_memory_and_changes_no_value(monkeypatch) -> None:
+    """At a real vocabulary the filter and the draws work through a step's rows in chunks, so that their temporaries
+    stay within what the memory planner reserved for the stage; the values are those of one pass."""
+    import s2d2.core.sampling as sampling
+
+    logits = torch.randn(40, 64, generator=torch.Generator().manual_seed(3))
+    rows = [(SAMPLINGS[0], 7), (SAMPLINGS[1], 20), (SAMPLINGS[3], 13)]
+    u = torch.rand(40, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    whole = filtered_probs(logits, rows)
+    drawn = draw_tokens(whole, u)
+    assert sampling.row_chunks(40, 64, sampling.FILTER_BYTES) == [(0, 40)]
+    monkeypatch.setattr(sampling, "MIN_CHUNK_BYTES", 1)
+    assert sampling.row_chunks(40, 64, sampling.FILTER_BYTES) == [(0, 10), (10, 20), (20, 30), (30, 40)]
+    assert sampling.row_chunks(40, 151_936, sampling.DRAW_BYTES) == [(0, 20), (20, 40)]
+    calls = []
+    real = sampling.filter_logits
+    monkeypatch.setattr(sampling, "filter_logits", lambda x, r: calls.append(len(x)) or real(x, r))
+    assert torch.equal(filtered_probs(logits, rows), whole) and calls == [10, 10, 10, 10]
+    assert torch.equal(draw_tokens(whole, u), drawn)
+
+
 # ------------------------------------------------------------------------------------------------ row seeds
 
 

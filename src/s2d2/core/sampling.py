@@ -85,10 +85,44 @@ def filter_logits(logits: torch.Tensor, rows: Sequence[tuple[Sampling, int]]) ->
     return logits
 
 
+# Bytes of temporary work per row and vocabulary entry: the filter's (scaled and masked copies, the sort's values and
+# indices, sorted probabilities and their sums, masks) and an inverse-CDF draw's (float64 copy and sums).
+FILTER_BYTES, DRAW_BYTES = 32, 16
+# What s2d2.engine.memory.row_bytes reserves per logit row and vocabulary entry for the numerical stage (two float32
+# arrays), and the least a chunk may take: the stage works through a step's rows in chunks within that.
+STAGE_BYTES, MIN_CHUNK_BYTES = 8, 256 * 2**20
+
+
+def row_chunks(n: int, vocab: int, bytes_per_entry: int) -> list[tuple[int, int]]:
+    """The ranges of ``n`` rows that the numerical stage works through one after the other, so that its temporaries
+    (``bytes_per_entry`` per row and vocabulary entry) stay within what the memory planner reserved for it (or
+    ``MIN_CHUNK_BYTES``): one range for a small vocabulary or batch; at 151,936 entries (SDAR) a few per step, each
+    still one set of operations over many rows. Every operation is row by row, so chunks change no value."""
+    size = max(1, max(n * vocab * STAGE_BYTES, MIN_CHUNK_BYTES) // (vocab * bytes_per_entry))
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _cut(rows: Sequence[tuple[Sampling, int]], start: int, stop: int) -> list[tuple[Sampling, int]]:
+    """The ``(sampling, count)`` runs of rows ``start .. stop - 1``."""
+    out, at = [], 0
+    for sampling, count in rows:
+        lo, hi = max(at, start), min(at + count, stop)
+        if lo < hi:
+            out.append((sampling, hi - lo))
+        at += count
+    return out
+
+
 def filtered_probs(logits: torch.Tensor, rows: Sequence[tuple[Sampling, int]]) -> torch.Tensor:
-    """The distributions sampled rows draw from (float32, ``[n, V]``): softmax of :func:`filter_logits`. What an
-    executor hands every sampled row of a step at once (``Scored.probs``)."""
-    return torch.softmax(filter_logits(logits.float(), rows), dim=-1)
+    """The distributions sampled rows draw from (float32, ``[n, V]``): softmax of :func:`filter_logits`, in
+    :func:`row_chunks`. What an executor hands every sampled row of a step at once (``Scored.probs``)."""
+    chunks = row_chunks(*logits.shape, FILTER_BYTES)
+    if len(chunks) == 1:
+        return torch.softmax(filter_logits(logits.float(), rows), dim=-1)
+    out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for a, b in chunks:
+        out[a:b] = torch.softmax(filter_logits(logits[a:b].float(), _cut(rows, a, b)), dim=-1)
+    return out
 
 
 def transform_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -204,7 +238,14 @@ def draw_tokens(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One token per row of ``probs`` (``[n, V]``, rows summing to about 1) by inverting its cumulative
     distribution at ``u`` (``[n]`` uniforms in [0, 1)): the first token whose cumulative probability exceeds
     ``u`` times the row's total. Sums in float64, so a token of probability 0 is never drawn and the rest are drawn
-    with their probability up to float64 rounding, for any number of rows at once. Returns ``[n]`` int64."""
+    with their probability up to float64 rounding, for any number of rows at once (in :func:`row_chunks`). Returns
+    ``[n]`` int64."""
+    chunks = row_chunks(*probs.shape, DRAW_BYTES)
+    if len(chunks) > 1:
+        tokens = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+        for a, b in chunks:
+            tokens[a:b] = draw_tokens(probs[a:b], u[a:b])
+        return tokens
     cdf = probs.double().cumsum(dim=-1)
     total = cdf[:, -1]
     # below the total even where u * total rounds up to it: the last token drawn is the last of probability > 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from s2d2.core.sampling import STAGE_BYTES
 from s2d2.errors import ConfigError
 from s2d2.models.decoder import DecoderConfig
 
@@ -42,7 +43,8 @@ def request_rows(prompt_len: int, block_size: int) -> tuple[int, int]:
 def row_bytes(config: DecoderConfig, dtype: torch.dtype, capacity: int, logit_rows: int, query_rows: int) -> int:
     """Bytes one row of the batch needs: its cache of ``capacity`` tokens, and while a forward runs, the activations of
     up to ``query_rows`` query rows (its prefill is the largest: the prompt and a block), ``logit_rows`` of which get
-    logits (in the model's dtype, in float32, and the numerical stage's float32 work on them), and the boolean
+    logits (in the model's dtype, in float32, and the numerical stage's work on them, which it keeps within
+    ``s2d2.core.sampling.STAGE_BYTES`` per entry by working in chunks), and the boolean
     attention masks over its keys. Attention itself adds no scores-sized memory (the fused kernels of SDPA).
 
     The activations per query row (two of the widest projection's outputs and ten hidden states' worth: the MLP's
@@ -51,7 +53,7 @@ def row_bytes(config: DecoderConfig, dtype: torch.dtype, capacity: int, logit_ro
     in two runs, where this count gives 3.39 GiB (scripts/auto_batch.py; half as many gave 2.66 GiB, too few)."""
     size = dtype.itemsize
     widest = max(2 * config.intermediate_size, config.num_attention_heads * config.head_dim + 2 * config.hidden_size)
-    logits = logit_rows * config.vocab_size * (3 * 4 + size)
+    logits = logit_rows * config.vocab_size * (4 + STAGE_BYTES + size)  # model dtype, float32, the stage's work
     hidden = query_rows * (2 * widest + 10 * config.hidden_size) * size
     masks = 4 * query_rows * capacity
     return capacity * kv_bytes_per_token(config, dtype) + logits + hidden + masks
@@ -107,7 +109,8 @@ class BatchPlan:
     def describe(self) -> str:
         """One line for a log: the rows, their memory and the memory that was free."""
         how = "batch size auto: " if self.auto else "batch size "
-        return (f"{how}{self.rows} rows of {format_bytes(self.row_bytes)} each ({format_bytes(self.rows * self.row_bytes)}; "
+        total = format_bytes(self.rows * self.row_bytes)
+        return (f"{how}{self.rows} rows of {format_bytes(self.row_bytes)} each ({total}; "
                 f"{format_bytes(self.free_bytes)} free)")
 
 
@@ -142,6 +145,6 @@ def plan_batch(config: DecoderConfig, dtype: torch.dtype, device: torch.device, 
     if taken > fitting:
         raise ConfigError(
             f"batch_size {batch_size} needs {format_bytes(taken * per_row)} for {taken} rows of {capacity} tokens "
-            f"({format_bytes(per_row)} each), but {format_bytes(free)} is free on {device.type} and {fitting} rows fit; "
-            f"use batch_size auto or at most {fitting}.")
+            f"({format_bytes(per_row)} each), but {format_bytes(free)} is free on {device.type} and {fitting} rows "
+            f"fit; use batch_size auto or at most {fitting}.")
     return BatchPlan(taken, per_row, free, auto=False)
