@@ -553,3 +553,40 @@ def test_a_long_row_waits_for_memory_and_one_that_never_fits_is_refused(model, m
     assert refused.error.startswith("the request needs ") and refused.error.endswith("shorten the prompt or "
                                                                                          "max_tokens.")
     assert engine.idle
+
+
+def test_engine_steps_copy_host_values_to_the_device_without_waiting(family_model, monkeypatch):
+    """Issue 28: what the decoder writes to the device between forwards (committed tokens, a verification's rows,
+    the packed batch's sizes, the sampler's values) goes through s2d2.transfer.to_device, which on CUDA copies from
+    pinned memory asynchronously; a tensor built from host values directly on the device (a blocking copy, which
+    waits for every queued kernel on CUDA) is counted here, where the device is the CPU, and there is none."""
+    import s2d2.transfer
+
+    direct = []
+    real_tensor = torch.tensor
+
+    def tensor(*args, **kwargs):
+        if kwargs.get("device") is not None:
+            direct.append(kwargs["device"])
+        return real_tensor(*args, **kwargs)
+
+    for family in ("sdar", "fast_dllm_v2", "d2f_dream"):
+        model = family_model(family)
+        engine = Engine(model.adapter, max_batch_size=4)
+        for i, ids in enumerate(prompts(4, seed=23)):
+            fields = dict(_STEP_READS[("s2d2-A", "s2d2-pipelined", "s2d2-redraft", "ar")[i]], max_new_tokens=16,
+                          stop_token_ids=())
+            engine.add(ids, DecodeConfig(**fields, **(_SAMPLED[1] if i % 2 else {}), seed=i))
+        monkeypatch.setattr(torch, "tensor", tensor)
+        while not engine.idle:
+            engine.step()
+        monkeypatch.undo()
+        assert direct == [], family
+
+    # the CUDA path, with the pinned copy and the asynchronous transfer recorded instead of run
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: calls.append("pin") or self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: calls.append((a, k)) or self)
+    out = s2d2.transfer.to_device([3, 1, 2], torch.long, torch.device("cuda"))
+    assert out.tolist() == [3, 1, 2] and out.dtype == torch.long
+    assert calls[-2:] == ["pin", ((torch.device("cuda"),), {"non_blocking": True})]

@@ -18,7 +18,7 @@ PACKAGE = Path(s2d2.__file__).parent
 LAYERS: list[tuple[str, ...]] = [
     ("s2d2.errors",),
     ("s2d2.files",),
-    ("s2d2.config",),
+    ("s2d2.config", "s2d2.transfer"),
     ("s2d2.core", "s2d2.models"),
     ("s2d2.checkpoint",),
     ("s2d2.families",),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from s2d2.config import DecodeConfig
+from s2d2.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ def row_values(values: list[float], counts: list[int], like: torch.Tensor) -> fl
     else an ``[n]`` vector of ``like``'s dtype and device, built with one host-to-device copy."""
     if all(v == values[0] for v in values):
         return values[0]
-    return torch.tensor(values, dtype=like.dtype).repeat_interleave(torch.tensor(counts)).to(like.device)
+    return to_device(torch.tensor(values, dtype=like.dtype).repeat_interleave(torch.tensor(counts)), like.dtype,
+                     like.device)
 
 
 def _column(values: float | torch.Tensor) -> float | torch.Tensor:

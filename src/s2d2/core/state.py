@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from s2d2.core.sampling import Choices, describe
+from s2d2.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ class Sequence:
         # The tokens live on the host (what the algorithm reads) and, mirrored, on the model's device (what forwards
         # read): reads never wait for the device, writes are host-to-device copies.
         self.tokens = list(prompt_ids) + [mask_id] * (self.total_len - self.prompt_len)
-        self.ids = torch.tensor(self.tokens, dtype=torch.long, device=device)  # [T] int64
+        self.ids = to_device(self.tokens, torch.long, torch.device(device))  # [T] int64
 
     @property
     def first_block_start(self) -> int:
@@ -172,7 +173,7 @@ class Sequence:
         """Commit tokens into ``block`` and the sequence; a committed stop token ends the decodable part there."""
         block = block.with_tokens(commits)
         self.tokens[block.start:block.start + block.size] = block.tokens
-        self.ids[block.start:block.start + block.size] = torch.tensor(block.tokens, dtype=torch.long)
+        self.ids[block.start:block.start + block.size] = to_device(block.tokens, torch.long, self.ids.device)
         stops = [i for i, t in commits.items() if t in self.stop_ids and i < block.end]
         if stops:
             self.stop_at(block.start + min(stops))

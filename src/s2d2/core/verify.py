@@ -35,6 +35,7 @@ import torch
 
 from s2d2.config import Relaxation
 from s2d2.core.sampling import draw_tokens, row_values, uniforms
+from s2d2.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -113,10 +114,10 @@ def sampled_verdicts(drafted: Sequence[list[int]], p: torch.Tensor, q: torch.Ten
     starts = [0]
     for n in lengths[:-1]:
         starts.append(starts[-1] + n)
-    host = torch.tensor([t for d in drafted for t in d]
-                        + [s for s, n in enumerate(lengths) for _ in range(n)]
-                        + [i for n in lengths for i in range(n)] + lengths + starts)
-    tokens, span, offset, length, start = host.to(p.device).split([sum(lengths)] * 3 + [len(lengths)] * 2)
+    host = ([t for d in drafted for t in d] + [s for s, n in enumerate(lengths) for _ in range(n)]
+            + [i for n in lengths for i in range(n)] + lengths + starts)
+    tokens, span, offset, length, start = to_device(host, torch.long, p.device).split(
+        [sum(lengths)] * 3 + [len(lengths)] * 2)
     index = tokens[:, None]
     p_d = p.gather(-1, index).squeeze(-1).clamp_min(1e-12)
     q_d = q.gather(-1, index).squeeze(-1)

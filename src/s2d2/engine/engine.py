@@ -258,14 +258,14 @@ class Engine:
         reading = [row for row in rows if row.read is not None]
         while tables or reading:  # (a row reads once per forward; one that read again would wait for a second read)
             drawn, results = sample([row.read.items for row in reading])
-            values = read_together(tables + [drawn])
+            values = read_together(tables + ([drawn] if reading else []))
             if tables:
                 choices = read_choices(values[0], features)
                 for k in greedy:
                     start, stop, pad = bounds[k]
                     self._advance(rows[k], Scored(parts[k], choices.rows(start, stop).pad_front(pad)), events)
                 tables = []
-            for row, result in zip(reading, results(values[-1])):
+            for row, result in zip(reading, results(values[-1]) if reading else []):
                 row.read = None
                 self._advance(row, result, events)
             reading = [row for row in reading if row.read is not None]

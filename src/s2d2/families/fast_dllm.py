@@ -31,6 +31,7 @@ from s2d2.errors import ModelLoadError
 from s2d2.families.sdar import QWEN_WEIGHT_NAMES, SDARAdapter, draft_mask, prefix_draft_mask
 from s2d2.models.batching import ForwardSpec, MaskCache
 from s2d2.models.decoder import Decoder, DecoderConfig
+from s2d2.transfer import to_device
 
 
 @MaskCache
@@ -118,7 +119,7 @@ class FastDLLMAdapter(SDARAdapter):
         assert 0 <= cached <= offset - 1, "verify expects the cache to end between the block and the span"
         filled = filled[cached:]
         n = len(filled)
-        tokens = torch.tensor(filled + [self.mask_id] * next_block, dtype=torch.long, device=self.device)
+        tokens = to_device(filled + [self.mask_id] * next_block, torch.long, self.device)
         return ForwardSpec(tokens, torch.arange(cache_len, cache_len + n + next_block, device=self.device),
                            _verify_mask(n, next_block, self.device), num_store=0, logits_from=offset - 1 - cached)
 

@@ -29,6 +29,7 @@ from s2d2.models.batching import ForwardSpec, MaskCache
 from s2d2.models.cache import BatchKVCache, KVCache
 from s2d2.models.decoder import QWEN_WEIGHT_NAMES as QWEN_WEIGHT_NAMES  # SDAR's (Qwen3's) checkpoint names, re-exported
 from s2d2.models.decoder import Decoder, DecoderConfig
+from s2d2.transfer import to_device
 
 
 @MaskCache
@@ -193,8 +194,7 @@ class SDARAdapter:
         num_first = len(filled)
         offset = span_start - block_start
         end = block_start + num_first
-        tokens = torch.tensor(filled + [self.mask_id] * (num_first - offset + next_block), dtype=torch.long,
-                              device=self.device)
+        tokens = to_device(filled + [self.mask_id] * (num_first - offset + next_block), torch.long, self.device)
         positions = torch.cat((torch.arange(block_start, end, device=self.device),
                                torch.arange(span_start, end + next_block, device=self.device)))
         mask = verify_mask(num_first, offset, self.device, next_block)

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from s2d2.transfer import to_device
+
 
 @dataclass(frozen=True)
 class ForwardSpec:
@@ -163,8 +165,8 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
     order = [i for g in grouping for i in g]
     specs = [specs[i] for i in order]
     # one host-to-tensor copy for every per-batch-row integer (tiny tensor ops cost microseconds each)
-    size_t, length_t, slots_t = torch.tensor(
-        [[s.num_rows for s in specs], [lengths[i] for i in order], [slots[i] for i in order]], device=device)
+    size_t, length_t, slots_t = to_device(
+        [[s.num_rows for s in specs], [lengths[i] for i in order], [slots[i] for i in order]], torch.long, device)
     num_rows = sum(s.num_rows for s in specs)
     # [N] batch row of each row (output_size from the host: without it the op reads size_t back from the device)
     row_of = torch.repeat_interleave(torch.arange(len(specs), device=device), size_t, output_size=num_rows)
@@ -196,7 +198,7 @@ def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device:
         slot_of_row=slots_t[row_of[:num_shared]],
         cache_pos=(length_t[row_of] + local)[:num_shared],
         groups=tuple(groups),
-        logits_index=torch.tensor(wanted, dtype=torch.long, device=device),
+        logits_index=to_device(wanted, torch.long, device),
         logits_counts=tuple(s.logits_end - s.logits_from for s in specs),
         order=tuple(order),
     )
