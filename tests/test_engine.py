@@ -176,6 +176,16 @@ def test_sampled_rows_depend_only_on_their_seed(model):
     assert one != [o.token_ids for o in model.generate(batch, cfg.replace(seed=12), batch_size=6)]
 
 
+def test_whole_number_temperature_samples_as_its_float(model):
+    """A request's "temperature": 1 (an integer, as JSON clients send it) decodes as 1.0 does, batched and alone."""
+    batch = prompts(3, seed=6)
+    cfg = DecodeConfig(method="s2d2", block_size=4, temperature=1, top_p=1, seed=2, max_new_tokens=12,
+                       stop_token_ids=())
+    as_float = [o.token_ids for o in model.generate(batch, cfg.replace(temperature=1.0, top_p=1.0), batch_size=3)]
+    assert [o.token_ids for o in model.generate(batch, cfg, batch_size=3)] == as_float
+    assert [o.token_ids for o in model.generate(batch, cfg, batch_size=1)] == as_float
+
+
 def _committed(engine: Engine, slot: int, length: int) -> list[torch.Tensor]:
     view = engine.cache.slot(slot)  # the shared buffers' slot, or the slot's own buffers
     return [buf[:, :length].clone() for buf in view.keys + view.values]

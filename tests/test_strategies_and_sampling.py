@@ -332,6 +332,17 @@ def test_rows_filtered_together_equal_each_row_alone(mix: list[int]) -> None:
         start += n
 
 
+def test_whole_number_sampling_values_filter_as_their_floats() -> None:
+    """JSON and Python give temperature 1 and top-p 1 as integers (an OpenAI client's "temperature": 1): they filter
+    exactly as 1.0 does, alone and beside rows sampled otherwise."""
+    logits = torch.randn(6, 30, generator=torch.Generator().manual_seed(8))
+    for rows_int, rows_float in [([(Sampling(1, 0, 1), 6)], [(Sampling(1.0, 0, 1.0), 6)]),
+                                 ([(Sampling(2, 5, 1), 3), (Sampling(1, 0, 0.9), 3)],
+                                  [(Sampling(2.0, 5, 1.0), 3), (Sampling(1.0, 0, 0.9), 3)])]:
+        assert torch.equal(filtered_probs(logits, rows_int), filtered_probs(logits, rows_float))
+    assert Sampling.of(s2d2.DecodeConfig(temperature=1, top_p=1)) == Sampling(1.0, 0, 1.0)
+
+
 def test_the_stage_works_in_chunks_within_its_memory_and_changes_no_value(monkeypatch) -> None:
     """At a real vocabulary the filter and the draws work through a step's rows in chunks, so that their temporaries
     stay within what the memory planner reserved for the stage; the values are those of one pass."""

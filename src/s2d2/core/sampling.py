@@ -31,21 +31,21 @@ class Sampling:
     @classmethod
     def of(cls, cfg: DecodeConfig) -> Sampling | None:
         """A config's sampling, None when it decodes greedily."""
-        return None if cfg.greedy else cls(cfg.temperature, cfg.top_k, cfg.top_p)
+        return None if cfg.greedy else cls(float(cfg.temperature), int(cfg.top_k), float(cfg.top_p))
 
 
 def row_values(values: list[float], counts: list[int], like: torch.Tensor) -> float | torch.Tensor:
     """``values[i]`` for ``counts[i]`` rows each: a number when every value is the same (no tensor, no transfer),
     else an ``[n]`` vector of ``like``'s dtype and device, built with one host-to-device copy."""
     if all(v == values[0] for v in values):
-        return values[0]
+        return float(values[0])
     return to_device(torch.tensor(values, dtype=like.dtype).repeat_interleave(torch.tensor(counts)), like.dtype,
                      like.device)
 
 
 def _column(values: float | torch.Tensor) -> float | torch.Tensor:
     """A :func:`row_values` result broadcast against ``[n, V]`` rows."""
-    return values if isinstance(values, float) else values[:, None]
+    return values[:, None] if isinstance(values, torch.Tensor) else values
 
 
 def filter_logits(logits: torch.Tensor, rows: Sequence[tuple[Sampling, int]]) -> torch.Tensor:
@@ -68,7 +68,7 @@ def filter_logits(logits: torch.Tensor, rows: Sequence[tuple[Sampling, int]]) ->
     if max(ks) > 0:
         top = torch.topk(logits, max(ks), dim=-1)
         kth = _column(row_values([float(k) for k in ks], counts, logits))
-        if isinstance(kth, float):
+        if not isinstance(kth, torch.Tensor):
             bound = top.values[:, -1:]
         else:  # each row's own k-th value; a row without top-k keeps everything
             index = (kth.long() - 1).clamp_min(0)
