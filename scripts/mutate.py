@@ -641,6 +641,21 @@ MUTATIONS: list[Mutation] = [
         "        out[k] = pad_rows(probs[a:b] if len(probs[a:b]) == b - a else probs[at:at + b - a], bounds[k][2])",
     ),
     Mutation(
+        "to_device_blocks",
+        "host values are copied to a CUDA device with a blocking copy from pageable memory (waits for the stream)",
+        "transfer.py",
+        "    return host.pin_memory().to(device, non_blocking=True)",
+        "    return host.to(device)",
+    ),
+    Mutation(
+        "verify_rows_built_on_the_device",
+        "a verification's rows are built from host values directly on the device (a blocking copy on CUDA)",
+        "families/sdar.py",
+        "        tokens = to_device(filled + [self.mask_id] * (num_first - offset + next_block), torch.long, self.device)",
+        "        tokens = torch.tensor(filled + [self.mask_id] * (num_first - offset + next_block), dtype=torch.long,\n"
+        "                              device=self.device)",
+    ),
+    Mutation(
         "shared_experts_gate_and_up_swapped",
         "a shared MoE expert runs its up projection as the gate and the gate as up",
         "models/decoder.py",
