@@ -593,8 +593,8 @@ MUTATIONS: list[Mutation] = [
         "sampled_reads_handed_to_the_wrong_rows",
         "the step's one transfer hands each sampled row the values another row asked for",
         "engine/engine.py",
-        "            for row, result in zip(reading, results(values[-1]) if reading else []):",
-        "            for row, result in zip(reading, (lambda r: r[1:] + r[:1])(results(values[-1])) if reading else []):",
+        "            for row, result in zip(reading, results(values[len(tables):])):",
+        "            for row, result in zip(reading, (lambda r: r[1:] + r[:1])(results(values[len(tables):]))):",
     ),
     Mutation(
         "sampled_first_rejection_from_the_end",

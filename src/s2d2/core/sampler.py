@@ -50,30 +50,31 @@ Item = Draw | Accept
 Result = Choices | Verdict
 
 
-def sample(reads: Sequence[Sequence[Item]]) -> tuple[torch.Tensor, Callable[[list[float]], list[list[Result]]]]:
+def sample(reads: Sequence[Sequence[Item]]) -> tuple[list[torch.Tensor], Callable[[list[list[float]]],
+                                                                                  list[list[Result]]]]:
     """Every item of the step's ``reads`` (one sequence of items per row), computed at once on the device: returns
-    the flat float64 vector to read to the host (with the greedy rows' table, in one transfer) and the function
-    that turns those values, once read, into each read's results (a :class:`Choices` per :class:`Draw`, a
-    :class:`~s2d2.core.verify.Verdict` per :class:`Accept`, in the items' order)."""
+    the tables to read to the host (none for no reads; read with the greedy rows' table in one transfer,
+    :func:`s2d2.engine.runner.read_together`) and the function that turns those tables' values, once read, into each
+    read's results (a :class:`Choices` per :class:`Draw`, a :class:`~s2d2.core.verify.Verdict` per :class:`Accept`,
+    in the items' order)."""
     draws = [item for read in reads for item in read if isinstance(item, Draw)]
     accepts = [item for read in reads for item in read if isinstance(item, Accept)]
     features = any(d.features for d in draws)
     width = 5 if features else 2
-    parts = []
+    tables = []
     if draws:
         probs = torch.cat([d.probs for d in draws]) if len(draws) > 1 else draws[0].probs
         u = torch.cat([d.u for d in draws]) if len(draws) > 1 else draws[0].u
-        parts.append(choice_table(probs, draw_tokens(probs, u), features=features).flatten())
+        tables.append(choice_table(probs, draw_tokens(probs, u), features=features))
     if accepts:
-        parts.append(sampled_verdicts([a.drafted for a in accepts], torch.cat([a.p for a in accepts]),
-                                      torch.cat([a.q for a in accepts]), torch.cat([a.u[:-1] for a in accepts]),
-                                      torch.cat([a.u[-1:] for a in accepts]), [a.relax for a in accepts]))
-    values = torch.cat(parts) if len(parts) > 1 else parts[0] if parts else torch.zeros(0, dtype=torch.float64)
+        tables.append(sampled_verdicts([a.drafted for a in accepts], torch.cat([a.p for a in accepts]),
+                                       torch.cat([a.q for a in accepts]), torch.cat([a.u[:-1] for a in accepts]),
+                                       torch.cat([a.u[-1:] for a in accepts]), [a.relax for a in accepts]))
 
-    def results(host: list[float]) -> list[list[Result]]:
-        start = sum(len(d.probs) for d in draws) * width
-        table = host[:start]
-        verdicts = iter(read_verdicts(host[start:], [a.drafted for a in accepts], [a.relax for a in accepts]))
+    def results(values: list[list[float]]) -> list[list[Result]]:
+        table = values[0] if draws else []
+        verdicts = iter(read_verdicts(values[-1], [a.drafted for a in accepts], [a.relax for a in accepts])
+                        if accepts else [])
         out, row = [], 0
         for read in reads:
             mine: list[Result] = []
@@ -89,4 +90,4 @@ def sample(reads: Sequence[Sequence[Item]]) -> tuple[torch.Tensor, Callable[[lis
             out.append(mine)
         return out
 
-    return values, results
+    return tables, results

@@ -153,16 +153,9 @@ def read_verdicts(values: Sequence[float], drafted: Sequence[list[int]],
     return verdicts
 
 
-def sampled_verdict(drafted: list[int], p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None,
-                    relax: Relaxation | None = None) -> torch.Tensor:
-    """:func:`sampled_verdicts` of one span, its uniforms drawn from ``generator`` (``len(drafted) + 1`` in one
-    call): ``[first rejected offset, correction, ratio_0 .. ratio_{n-1}]``."""
-    u = uniforms(len(drafted) + 1, generator, p.device)
-    return sampled_verdicts([drafted], p, q, u[:-1], u[-1:], [relax])
-
-
 def read_sampled_verdict(values: Sequence[float], drafted: list[int], relax: Relaxation | None = None) -> Verdict:
-    """The :class:`Verdict` of a :func:`sampled_verdict` read to the host."""
+    """The :class:`Verdict` of one span of :func:`sampled_verdicts` (``[first, correction, its ratios]``) read to the
+    host."""
     first = int(values[0])
     if first == len(drafted):
         return Verdict(first, None)
@@ -172,5 +165,8 @@ def read_sampled_verdict(values: Sequence[float], drafted: list[int], relax: Rel
 
 def accept_sampled(drafted: list[int], p: torch.Tensor, q: torch.Tensor, generator: torch.Generator | None,
                    relax: Relaxation | None = None) -> Verdict:
-    """:func:`sampled_verdict`, read to the host at once (one row's verification; an engine batches the reads)."""
-    return read_sampled_verdict(sampled_verdict(drafted, p, q, generator, relax).tolist(), drafted, relax)
+    """One span's :func:`sampled_verdicts`, its ``len(drafted) + 1`` uniforms drawn from ``generator`` in one call,
+    read to the host at once (an engine batches the spans of a step and their reads)."""
+    u = uniforms(len(drafted) + 1, generator, p.device)
+    values = sampled_verdicts([drafted], p, q, u[:-1], u[-1:], [relax]).tolist()
+    return read_sampled_verdict(values, drafted, relax)

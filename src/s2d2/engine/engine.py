@@ -258,17 +258,16 @@ class Engine:
         reading = [row for row in rows if row.read is not None]
         while tables or reading:  # (a row reads once per forward; one that read again would wait for a second read)
             drawn, results = sample([row.read.items for row in reading])
-            values = read_together(tables + ([drawn] if reading else []))
+            values = read_together(tables + drawn)
             if tables:
                 choices = read_choices(values[0], features)
                 for k in greedy:
                     start, stop, pad = bounds[k]
                     self._advance(rows[k], Scored(parts[k], choices.rows(start, stop).pad_front(pad)), events)
-                tables = []
-            for row, result in zip(reading, results(values[-1]) if reading else []):
+            for row, result in zip(reading, results(values[len(tables):])):
                 row.read = None
                 self._advance(row, result, events)
-            reading = [row for row in reading if row.read is not None]
+            tables, reading = [], [row for row in reading if row.read is not None]
 
     def _admit(self, events: list[Event]) -> None:
         deferred: list[_Waiting] = []  # long requests waiting for memory that running ones will give back

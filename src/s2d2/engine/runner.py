@@ -79,7 +79,7 @@ def drive(steps: RowSteps, cache: KVCache | SlotCache, forward: Callable[[Forwar
             sent = None
         elif isinstance(request, HostRead):
             drawn, results = sample([request.items])
-            sent = results(drawn.tolist())[0]
+            sent = results(read_together(drawn))[0]
         else:
             logits = forward(request)
             if logits is None:
