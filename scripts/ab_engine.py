@@ -8,10 +8,12 @@ warm-up batch; rounds are shuffled, medians printed side by side with the ratio 
 every round, but the two versions may draw differently (a change of the random stream), so their outputs are not
 compared.
 
-With ``--reads`` it counts instead of timing: the device reads (host reads of a tensor) in each engine step.
+With ``--reads`` it counts instead of timing: the device reads (host reads of a tensor) in each engine step; with
+``--ops``, the tensor operations each step runs outside its forward (views aside: what would each be a kernel on a GPU)
+and its host-to-device copies (calls of ``s2d2.transfer.to_device``).
 
 Usage: python scripts/ab_engine.py BEFORE_SRC AFTER_SRC [--n 200] [--batch-sizes 16 64] [--rounds 3] [--sampled]
-       [--top-k K] [--reads] [--out F]
+       [--top-k K] [--reads | --ops] [--out F]
 """
 
 from __future__ import annotations
@@ -72,6 +74,49 @@ print(json.dumps({"median_reads": statistics.median(per_step), "max_reads": max(
                   "nfe": sum(o.stats.nfe for o in outs), "tokens": [o.token_ids for o in outs]}))
 """
 
+# --ops: per engine step, the tensor operations outside the forward and the host-to-device copies
+OPS = """
+import json, statistics, sys
+import s2d2, s2d2.engine.engine as engine_module, s2d2.transfer
+from s2d2.engine.engine import Engine
+from s2d2.evaluation.tasks import wordy
+from torch.utils._python_dispatch import TorchDispatchMode
+fields, batch, n = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+class Ops(TorchDispatchMode):
+    active, ops = True, 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += self.active and not func.is_view
+        return func(*args, **(kwargs or {}))
+mode, copies, forward, copy = Ops(), [0], engine_module.forward_packed, s2d2.transfer.to_device
+def counted_forward(*args, **kwargs):
+    mode.active = False
+    try:
+        return forward(*args, **kwargs)
+    finally:
+        mode.active = True
+def counted_copy(*args, **kwargs):
+    copies[0] += 1
+    return copy(*args, **kwargs)
+engine_module.forward_packed = counted_forward
+for module in [m for name, m in sys.modules.items() if name.startswith("s2d2")]:
+    if getattr(module, "to_device", None) is copy:
+        module.to_device = counted_copy
+model = s2d2.load("bundled")
+prompts = [p.prompt for p in wordy.generate("test", n, seed=0)]
+per_step, step = [], Engine.step
+def counted_step(self):
+    mode.ops = copies[0] = 0
+    with mode:
+        out = step(self)
+    per_step.append((mode.ops, copies[0]))
+    return out
+Engine.step = counted_step
+outs = model.generate(prompts, s2d2.DecodeConfig(**fields), batch_size=batch)
+print(json.dumps({"median_ops": statistics.median(o for o, _ in per_step),
+                  "median_copies": statistics.median(c for _, c in per_step), "steps": len(per_step),
+                  "nfe": sum(o.stats.nfe for o in outs), "tokens": [o.token_ids for o in outs]}))
+"""
+
 
 def measure(src: str, fields: dict, batch: int, n: int, child: str = CHILD) -> dict:
     env = {**os.environ, "PYTHONPATH": src}
@@ -93,17 +138,22 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="also write every measurement (JSON lines)")
     parser.add_argument("--reads", action="store_true", help="count device reads per engine step (once per "
                         "version and cell) instead of timing")
+    parser.add_argument("--ops", action="store_true", help="count the tensor operations outside the forward and the "
+                        "host-to-device copies per engine step (once per version and cell) instead of timing")
     args = parser.parse_args()
     sampling = {"temperature": 0.8, "top_p": 0.95, "top_k": args.top_k, "seed": 0} if args.sampled else {}
-    if args.reads:
-        print("| method | batch | reads / step before: median | max | after: median | max |")
+    if args.reads or args.ops:
+        child, keys = (READS, ("median_reads", "max_reads")) if args.reads else (OPS, ("median_ops", "median_copies"))
+        print("| method | batch | reads / step before: median | max | after: median | max |" if args.reads else
+              "| method | batch | ops / step before | host-to-device copies / step before | ops after | copies after |")
         print("|---|---|---|---|---|---|")
         for method in METHODS:
             for batch in args.batch_sizes:
-                got = {v: measure(getattr(args, v), {**METHODS[method], **sampling}, batch, args.n, READS)
+                got = {v: measure(getattr(args, v), {**METHODS[method], **sampling}, batch, args.n, child)
                        for v in ("before", "after")}
-                print(f"| {method} | {batch} | {got['before']['median_reads']:g} | {got['before']['max_reads']} | "
-                      f"{got['after']['median_reads']:g} | {got['after']['max_reads']} |", flush=True)
+                assert got["before"]["tokens"] == got["after"]["tokens"] or args.sampled, "outputs differ"
+                values = [f"{got[v][key]:g}" for v in ("before", "after") for key in keys]
+                print(f"| {method} | {batch} | " + " | ".join(values) + " |", flush=True)
         return
     cells = [(v, m, b) for v in ("before", "after") for m in METHODS for b in args.batch_sizes] * args.rounds
     random.Random(0).shuffle(cells)

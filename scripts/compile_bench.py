@@ -48,8 +48,7 @@ def forward_ms(model: s2d2.Model, rows: int, cache_len: int, repeats: int) -> fl
     cache = adapter.new_cache(cache_len + rows + 8)
     cache.length = cache_len  # K/V values do not change the cost; only the shapes matter
     device = adapter.device
-    spec = ForwardSpec(torch.full((rows,), 5, dtype=torch.long, device=device),
-                       torch.arange(cache_len, cache_len + rows, device=device),
+    spec = ForwardSpec([5] * rows, range(cache_len, cache_len + rows),
                        torch.ones(rows, rows, dtype=torch.bool, device=device), num_store=0, logits_from=0)
     times, timer = [], ForwardTimer(device)
     with torch.inference_mode():

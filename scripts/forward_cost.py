@@ -34,8 +34,7 @@ def measure(model: s2d2.Model, requests: int, rows: int, cache_len: int, repeats
         cache.lengths[s] = cache_len  # K/V values do not change the cost; only the shapes matter
     device = adapter.device
     mask = torch.ones(rows, rows, dtype=torch.bool, device=device)
-    spec = ForwardSpec(torch.full((rows,), 5, dtype=torch.long, device=device),
-                       torch.arange(cache_len, cache_len + rows, device=device), mask, num_store=0, logits_from=0)
+    spec = ForwardSpec([5] * rows, range(cache_len, cache_len + rows), mask, num_store=0, logits_from=0)
     times, timer = [], ForwardTimer(device)  # synchronises CUDA around the forward
     with torch.inference_mode():
         for i in range(repeats + warmup):

@@ -79,11 +79,11 @@ MUTATIONS: list[Mutation] = [
         "families/sdar.py",
         "mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,\n"
         "                          self._prompt_rows(cache_len, pending), num_blocks)\n"
-        "        positions = torch.arange(cache_len, end, device=self.device)\n"
+        "        positions = range(cache_len, end)\n"
         "        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)",
         "mask = draft_mask(pending, block_size, first_mask, cache_ver, False, self.device,\n"
         "                          self._prompt_rows(cache_len, pending), num_blocks)\n"
-        "        positions = torch.arange(cache_len, end, device=self.device)\n"
+        "        positions = range(cache_len, end)\n"
         "        return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)",
     ),
     Mutation(
@@ -197,8 +197,8 @@ MUTATIONS: list[Mutation] = [
         "commit_mask_ignores_cache_ver",
         "a commit forward (no fuse_commit) writes block-causal K/V even with cache_ver",
         "families/sdar.py",
-        "mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]",
-        "mask = draft_mask(n, block_size, 0, False, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]",
+        "mask = commit_mask(n, block_size, cache_ver, self.device, self._prompt_rows(cache_len, n))",
+        "mask = commit_mask(n, block_size, False, self.device, self._prompt_rows(cache_len, n))",
     ),
     Mutation(
         "dynamic_threshold_ge",
@@ -274,8 +274,8 @@ MUTATIONS: list[Mutation] = [
         "packed_order_not_restored",
         "the engine hands packed logits back in attention-group order, not in the rows' order",
         "engine/runner.py",
-        "        out[k] = specs[k].finish_logits(part)",
-        "        out[len(out) - 1 - k] = specs[len(out) - 1 - k].finish_logits(part)",
+        "        out[k] = part",
+        "        out[len(out) - 1 - k] = part",
     ),
     Mutation(
         "batched_commit_wrong_slot",
@@ -324,7 +324,7 @@ MUTATIONS: list[Mutation] = [
     ),
     Mutation(
         "sequence_host_tokens_stale",
-        "a commit updates the device tokens but not the host tokens the algorithm reads",
+        "a commit leaves the sequence's tokens (what the algorithm reads and the next forward's rows come from) as they were",
         "core/state.py",
         "        self.tokens[block.start:block.start + block.size] = block.tokens\n",
         "",
@@ -616,8 +616,8 @@ MUTATIONS: list[Mutation] = [
         "filter_rows_take_the_first_rows_sampling",
         "the step's filter gives every row the first row's temperature / top-k / top-p",
         "core/sampling.py",
-        "    if all(v == values[0] for v in values):\n        return values[0]",
-        "    return values[0]",
+        "    if all(v == values[0] for v in values):\n        return float(values[0])",
+        "    return float(values[0])",
     ),
     Mutation(
         "draw_takes_a_zero_probability_token",
@@ -648,12 +648,13 @@ MUTATIONS: list[Mutation] = [
         "    return host.to(device)",
     ),
     Mutation(
-        "verify_rows_built_on_the_device",
-        "a verification's rows are built from host values directly on the device (a blocking copy on CUDA)",
+        "commit_mask_rebuilt_per_row",
+        "a commit forward's mask is a new tensor each time (not a cached one the step's rows share): its padded table "
+        "is built again for every row, every step",
         "families/sdar.py",
-        "        tokens = to_device(filled + [self.mask_id] * (num_first - offset + next_block), torch.long, self.device)",
-        "        tokens = torch.tensor(filled + [self.mask_id] * (num_first - offset + next_block), dtype=torch.long,\n"
-        "                              device=self.device)",
+        "        mask = commit_mask(n, block_size, cache_ver, self.device, self._prompt_rows(cache_len, n))",
+        "        mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))"
+        "[:n, :n]",
     ),
     Mutation(
         "shared_experts_gate_and_up_swapped",

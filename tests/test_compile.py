@@ -75,19 +75,18 @@ def _packed_logits(model: s2d2.Model) -> torch.Tensor:
     cache = adapter.new_batch_cache(3, 64)
     specs = []
     for slot, prompt in enumerate(PROMPTS):  # commit each prompt, one row at a time through the packed forward
-        ids = torch.tensor(prompt)
-        spec = ForwardSpec(ids, torch.arange(len(prompt)), torch.ones(len(prompt), len(prompt), dtype=torch.bool)
+        spec = ForwardSpec(list(prompt), range(len(prompt)), torch.ones(len(prompt), len(prompt), dtype=torch.bool)
                            .tril(), num_store=len(prompt), logits_from=len(prompt) - 1)
         adapter.model.forward_packed(pack([spec], [slot], [0], adapter.device), cache)
         cache.slot(slot).commit(len(prompt))
         specs.append(spec)
     lengths = [len(p) for p in PROMPTS]
-    draft = torch.tensor([adapter.mask_id] * 8)
-    specs = [ForwardSpec(torch.tensor(list(range(60, 81))), torch.arange(21) + lengths[0],
+    draft = [adapter.mask_id] * 8
+    specs = [ForwardSpec(list(range(60, 81)), range(lengths[0], lengths[0] + 21),
                          torch.ones(21, 21, dtype=torch.bool).tril(), num_store=0, logits_from=0),
-             ForwardSpec(draft, torch.arange(8) + lengths[1], torch.ones(8, 8, dtype=torch.bool), num_store=0,
+             ForwardSpec(draft, range(lengths[1], lengths[1] + 8), torch.ones(8, 8, dtype=torch.bool), num_store=0,
                          logits_from=0),
-             ForwardSpec(torch.tensor([9]), torch.tensor([lengths[2]]), torch.ones(1, 1, dtype=torch.bool),
+             ForwardSpec([9], [lengths[2]], torch.ones(1, 1, dtype=torch.bool),
                          num_store=0, logits_from=0)]
     batch = pack(specs, [0, 1, 2], lengths, adapter.device)
     assert len(batch.groups) > 1

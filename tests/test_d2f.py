@@ -300,9 +300,9 @@ def test_blocks_start_at_the_prompt_end_and_the_prompt_is_one_bidirectional_chun
         [t, t, t, t, t, t, t], [t, t, t, t, t, t, t]])
     assert torch.equal(draft_mask(5, 2, 0, False, False, torch.device("cpu"), prompt_rows=3), expected)
     # the pending prompt of the first draft is that chunk; later pending blocks are block-causal as in SDAR
-    spec = adapter.draft_spec(torch.arange(9), 0, 5, 4, 0, cache_ver=False, draft_ver=False)
+    spec = adapter.draft_spec(list(range(9)), 0, 5, 4, 0, cache_ver=False, draft_ver=False)
     assert spec.mask[:5, :5].all() and not spec.mask[:5, 5:].any() and spec.mask[5:].all()
-    assert torch.equal(adapter.draft_spec(torch.arange(13), 5, 9, 4, 0, cache_ver=False, draft_ver=False).mask,
+    assert torch.equal(adapter.draft_spec(list(range(13)), 5, 9, 4, 0, cache_ver=False, draft_ver=False).mask,
                        draft_mask(4, 4, 0, False, False, adapter.device))
 
 
@@ -323,18 +323,18 @@ def trace_requests(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
     trace = []
 
     def only_committed_cached() -> None:
-        assert adapter.mask_id not in state.seq.ids[:cache.length].tolist()
+        assert adapter.mask_id not in state.seq.tokens[:cache.length]
 
     def forward(request):
         only_committed_cached()
-        before = state.seq.ids.clone()
+        before = torch.tensor(state.seq.tokens)
         logits = run_request(adapter, request, cache)
         trace.append((request, before, logits))
         return logits
 
     ids, _, stats = drive(decode_steps(prompt, cfg, cache, adapter.traits, state=state), cache, forward)
     only_committed_cached()
-    return ids, stats, trace, cache, state.seq.ids
+    return ids, stats, trace, cache, torch.tensor(state.seq.tokens)
 
 
 def _drafts(trace) -> list:

@@ -374,7 +374,7 @@ def _flip_flop_drafts(prompt_ids: list[int], cfg: DecodeConfig, post_steps: int)
     vocab, mask = 4, 3
     cfg = cfg.replace(editing_threshold=0.5, max_post_steps=post_steps)
     steps = decode_steps(prompt_ids, cfg, KVCache(0, 1, 1, 64),
-                         FamilyTraits(mask, (), torch.device("cpu")))
+                         FamilyTraits(mask, ()))
     drafts, logits = [], None
     while True:
         try:
@@ -382,7 +382,7 @@ def _flip_flop_drafts(prompt_ids: list[int], cfg: DecodeConfig, post_steps: int)
         except StopIteration:
             return drafts
         assert isinstance(request, DraftRequest)
-        block = request.ids[request.block_start:request.block_start + request.block_size].tolist()
+        block = request.ids[request.block_start:request.block_start + request.block_size]
         drafts.append((request.block_start, block.count(mask)))
         logits = torch.full((request.block_size, vocab), -20.0)
         for i, token in enumerate(block):

@@ -205,7 +205,7 @@ def run_traced(model: s2d2.Model, prompt: list[int], cfg: DecodeConfig):
 
     def forward(request):
         if isinstance(request, DraftRequest):
-            snapshots.append((request.block_start, request.ids[:request.block_start].tolist()))
+            snapshots.append((request.block_start, request.ids[:request.block_start]))
         return run_request(adapter, request, cache)
 
     with torch.inference_mode():

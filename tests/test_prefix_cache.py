@@ -117,7 +117,7 @@ def test_the_cache_always_holds_committed_tokens_with_their_causal_kv(model, fam
                     0 if adapter.shifted_logits else end - request.span_start)
             logits = run_request(adapter, request, cache, spec)
             seq = state.seq
-            committed = seq.ids[:cache.length]
+            committed = torch.tensor(seq.tokens[:cache.length])
             assert not (committed == adapter.mask_id).any()
             if cache.length:
                 keys, values = _fresh_kv(model, committed)

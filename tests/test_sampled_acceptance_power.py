@@ -66,7 +66,7 @@ class TableAdapter:
     default_sub_block_size = None
 
     def __init__(self) -> None:
-        self.ids: torch.Tensor | None = None
+        self.ids: list[int] | None = None
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(0, 1, 1, capacity)
@@ -80,13 +80,13 @@ class TableAdapter:
         self.ids = ids
         # the pending tokens (with prefix caching, the block's committed prefix too) are now "cached"
         cache.commit(block_start + (first_mask if cache_prefix else 0) - cache.length)
-        last = int(ids[block_start + first_mask - 1])
+        last = ids[block_start + first_mask - 1]
         rows = self._draft_rows(last, 0, block_size)
         return rows
 
     def verify(self, filled, cache, block_start, span_start, next_block=0):
         assert self.ids is not None and block_start <= cache.length <= span_start
-        prefix = self.ids[:block_start].tolist() + list(filled)
+        prefix = self.ids[:block_start] + list(filled)
         rows = [_row(Q_LOGITS.roll(prefix[p - 1])) for p in range(span_start, block_start + len(filled))]
         if next_block:
             rows += list(self._draft_rows(prefix[-1], 0, next_block))
@@ -107,7 +107,7 @@ class TableAdapter:
 
     @property
     def traits(self) -> FamilyTraits:
-        return FamilyTraits(self.mask_id, self.stop_ids, self.device, self.shifted_logits)
+        return FamilyTraits(self.mask_id, self.stop_ids, self.shifted_logits)
 
 
 def decode(adapter: TableAdapter, prompt: list[int], cfg: DecodeConfig, cache: KVCache,

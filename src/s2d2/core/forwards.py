@@ -87,7 +87,7 @@ class Forwards:
             return carried.draft.tokens[0]  # drawn by the verification that computed the row
         self._count_cache_write()
         self._trace_forward("finalize")
-        scored = yield FinalizeRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+        scored = yield FinalizeRequest(seq.tokens, block.start, cfg.block_size, cfg.cache_ver)
         if cfg.greedy:
             return scored.choices.tokens[0]
         (drawn,) = yield HostRead((Draw(scored.probs[:1], uniforms(1, generator, scored.probs.device)),))
@@ -115,9 +115,9 @@ class Forwards:
         if not cfg.fuse_commit and self.cache.length < block.start:
             self._count_cache_write()
             self._trace_forward("commit")
-            yield CommitRequest(seq.ids, block.start, cfg.block_size, cfg.cache_ver)
+            yield CommitRequest(seq.tokens, block.start, cfg.block_size, cfg.cache_ver)
         self._trace_forward("draft")
-        scored = yield DraftRequest(seq.ids, block.start, block.size // num_blocks, block.first_mask,
+        scored = yield DraftRequest(seq.tokens, block.start, block.size // num_blocks, block.first_mask,
                                     cfg.cache_ver, cfg.draft_ver, num_blocks, self._cache_prefix)
         self.stats.draft_forwards += 1
         if cfg.greedy:  # the executor's choices are the draft: argmax of the plain softmax

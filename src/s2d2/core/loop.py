@@ -55,7 +55,7 @@ def decode_steps(prompt_ids: list[int], cfg: DecodeConfig, cache: CacheView, tra
     tracer = state.trace
     forwards = Forwards(cache, cfg, stats, traits.shifted_logits, tracer)
     seq = state.seq = Sequence(prompt_ids, cfg.block_size, cfg.max_new_tokens, traits.mask_id,
-                               traits.stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids, traits.device,
+                               traits.stop_ids if cfg.stop_token_ids is None else cfg.stop_token_ids,
                                traits.blocks_from_prompt_end)
     base = "static" if cfg.method in ("ar", "static") else "dynamic" if cfg.method == "dynamic" else cfg.fallback
     quotas = strategies.step_quotas(cfg.block_size, cfg.steps)

@@ -10,6 +10,7 @@ family travels as one frozen value, :class:`FamilyTraits`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,7 +30,6 @@ class FamilyTraits:
 
     mask_id: int
     stop_ids: tuple[int, ...]
-    device: torch.device
     # row t-1 predicts token t (Fast-dLLM v2, Dream): every block opens with its first token decoded in AR mode
     shifted_logits: bool = False
     # D2F: blocks start at the prompt's end instead of at absolute multiples of the block size
@@ -48,7 +48,8 @@ class CacheView(Protocol):
 class DraftRequest:
     """A row asks for a diffusion-mode forward over its block (first writing its pending committed tokens)."""
 
-    ids: torch.Tensor  # the row's whole sequence
+    ids: list[int]  # the row's whole sequence (Sequence.tokens itself: the executor builds its spec before the row
+    # commits again)
     block_start: int
     block_size: int
     first_mask: int
@@ -73,7 +74,7 @@ class VerifyRequest:
 class CommitRequest:
     """A row asks for a forward of its own that writes its pending K/V (only without ``fuse_commit``)."""
 
-    ids: torch.Tensor
+    ids: list[int]
     end: int
     block_size: int
     cache_ver: bool
@@ -84,7 +85,7 @@ class FinalizeRequest:
     """Shifted-logit families: a row asks for the forward that writes a finished block's (or the prompt's) K/V and
     predicts the next block's first token from its last row."""
 
-    ids: torch.Tensor
+    ids: list[int]
     end: int
     block_size: int
     cache_ver: bool
@@ -113,11 +114,21 @@ class Scored:
     executor for a whole batch at once: for a greedy row, their greedy :class:`Choices` on the host (argmax, its
     probability and the distribution's features under the plain softmax; one transfer per step); for a sampled row,
     ``probs``, the distributions it draws from (its temperature, top-k and top-p applied, on the device), from
-    which it draws with a :class:`HostRead`. (:meth:`of` for one greedy row's logits.)"""
+    which it draws with a :class:`HostRead`. (:meth:`of` for one greedy row's logits.)
 
-    logits: torch.Tensor
+    ``raw`` may lack ``pad`` placeholder rows in front (copies of its first row, for offsets nobody reads): they are
+    made only if :attr:`logits` is read, so that a greedy row, which reads its choices, costs the device nothing of
+    its own (``choices`` and ``probs`` hold every row)."""
+
+    raw: torch.Tensor
     choices: Choices | None
     probs: torch.Tensor | None = None
+    pad: int = 0
+
+    @functools.cached_property
+    def logits(self) -> torch.Tensor:
+        """The logit rows, one per offset (``raw`` with its ``pad`` placeholder rows in front)."""
+        return pad_rows(self.raw, self.pad)
 
     @classmethod
     def of(cls, logits: torch.Tensor, features: bool = True) -> Scored:
@@ -131,8 +142,8 @@ class Scored:
 
     def pad_front(self, count: int) -> Scored:
         """``count`` copies of the first row before the rows (placeholders for offsets nobody reads)."""
-        return Scored(pad_rows(self.logits, count), None if self.choices is None else self.choices.pad_front(count),
-                      None if self.probs is None else pad_rows(self.probs, count))
+        return Scored(self.raw, None if self.choices is None else self.choices.pad_front(count),
+                      None if self.probs is None else pad_rows(self.probs, count), self.pad + count)
 
 
 def pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:

@@ -162,6 +162,8 @@ class Choices:
 
     def rows(self, start: int, stop: int | None = None) -> Choices:
         """Rows ``start .. stop - 1``."""
+        if self.entropy is self.margin is self.collision is None:  # (every row, every forward: built directly)
+            return Choices(self.tokens[start:stop], self.confidence[start:stop])
         return self._map(lambda column: column[start:stop])
 
     def with_rows(self, start: int, other: Choices) -> Choices:
@@ -177,12 +179,16 @@ class Choices:
 
     def pad_front(self, count: int) -> Choices:
         """``count`` copies of the first row before the rows (placeholder rows nobody reads, as logits get them)."""
+        if not count:
+            return self
         return self._map(lambda column: column[:1] * count + column)
 
 
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy of each row divided by ln(V); ``[n, V] -> [n]``."""
-    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+    # p * log p with log 0 = -inf clamped to the lowest float (0 * that = 0): the same values as torch.special.xlogy
+    # up to rounding, at a third of its cost on a CPU (xlogy's kernel is slow there; this runs over every logit row)
+    entropy = -(probs * probs.log().clamp_min(torch.finfo(probs.dtype).min)).sum(dim=-1)
     return entropy / math.log(probs.shape[-1])
 
 

@@ -3,7 +3,8 @@
 Per-step bookkeeping (which positions are masked, the span, the commit choices) runs on small host-side tuples:
 for blocks of 1-32 tokens, Python on a tuple costs a fraction of a microsecond where every tiny tensor op costs
 several, and on a GPU it avoids a device sync per element (the reference's ``.item()`` loops, its §7.13). The
-tensor that feeds the model, :attr:`Sequence.ids`, is written once per step.
+sequence's tokens live on the host only: each forward's spec takes its rows from them, and the engine copies a
+whole step's rows to the device at once (:func:`s2d2.models.batching.pack`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass, replace
 import torch
 
 from s2d2.core.sampling import Choices, describe
-from s2d2.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,8 @@ class BlockState:
         tokens, masked = list(self.tokens), list(self.masked)
         for offset, token in commits.items():
             tokens[offset], masked[offset] = token, False
-        return replace(self, tokens=tuple(tokens), masked=tuple(masked))
+        # (the constructor, not dataclasses.replace: this runs for every row at every step)
+        return BlockState(self.start, self.size, tuple(tokens), tuple(masked), self.end, self.num_prompt)
 
 
 def sequence_length(prompt_len: int, block_size: int, max_new_tokens: int, blocks_from_prompt_end: bool = False) -> int:
@@ -134,7 +135,7 @@ class Sequence:
     """
 
     def __init__(self, prompt_ids: list[int], block_size: int, max_new_tokens: int, mask_id: int,
-                 stop_ids: Iterable[int], device: torch.device | str, blocks_from_prompt_end: bool = False) -> None:
+                 stop_ids: Iterable[int], blocks_from_prompt_end: bool = False) -> None:
         self.prompt_len = len(prompt_ids)
         self.block_size = block_size
         self.limit = self.prompt_len + max_new_tokens
@@ -143,10 +144,9 @@ class Sequence:
         self.mask_id = mask_id
         self.stop_ids = frozenset(stop_ids)
         self.stopped = False
-        # The tokens live on the host (what the algorithm reads) and, mirrored, on the model's device (what forwards
-        # read): reads never wait for the device, writes are host-to-device copies.
+        # On the host only: the algorithm reads them without waiting for a device, and a forward's spec copies the
+        # rows it needs (the executor moves a whole step's rows to the device in one copy).
         self.tokens = list(prompt_ids) + [mask_id] * (self.total_len - self.prompt_len)
-        self.ids = to_device(self.tokens, torch.long, torch.device(device))  # [T] int64
 
     @property
     def first_block_start(self) -> int:
@@ -173,7 +173,6 @@ class Sequence:
         """Commit tokens into ``block`` and the sequence; a committed stop token ends the decodable part there."""
         block = block.with_tokens(commits)
         self.tokens[block.start:block.start + block.size] = block.tokens
-        self.ids[block.start:block.start + block.size] = to_device(block.tokens, torch.long, self.ids.device)
         stops = [i for i, t in commits.items() if t in self.stop_ids and i < block.end]
         if stops:
             self.stop_at(block.start + min(stops))

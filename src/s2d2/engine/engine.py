@@ -252,7 +252,7 @@ class Engine:
             if k in commits:
                 self._advance(row, None, events)
             elif k in probs:
-                self._advance(row, Scored(parts[k], None, probs[k]), events)
+                self._advance(row, Scored(parts[k], None, probs[k], pad=bounds[k][2]), events)
         features = any(rows[k].features for k in greedy)
         tables = [greedy_table(logits, features)] if greedy else []
         reading = [row for row in rows if row.read is not None]
@@ -263,7 +263,7 @@ class Engine:
                 choices = read_choices(values[0], features)
                 for k in greedy:
                     start, stop, pad = bounds[k]
-                    self._advance(rows[k], Scored(parts[k], choices.rows(start, stop).pad_front(pad)), events)
+                    self._advance(rows[k], Scored(parts[k], choices.rows(start, stop).pad_front(pad), pad=pad), events)
             for row, result in zip(reading, results(values[len(tables):])):
                 row.read = None
                 self._advance(row, result, events)

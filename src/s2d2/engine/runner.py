@@ -10,6 +10,7 @@ batched engine (:mod:`s2d2.engine.engine`) builds the same specs with :func:`req
 from __future__ import annotations
 
 import time
+from array import array
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,7 @@ from s2d2.core.trace import Tracer
 from s2d2.families.base import FamilyAdapter
 from s2d2.models.batching import ForwardSpec, PackedBatch, pack
 from s2d2.models.cache import BatchKVCache, KVCache, SlotCache
+from s2d2.transfer import to_device
 
 
 @torch.inference_mode()
@@ -123,7 +125,10 @@ def run(adapter: FamilyAdapter, spec: ForwardSpec, cache: KVCache | SlotCache) -
         mask[:, cache.length:] = spec.mask
     else:
         mask = spec.mask
-    logits = adapter.model(spec.tokens, spec.positions, cache, mask, num_store=spec.num_store,
+    rows = array("q", spec.tokens)
+    rows.extend(spec.positions)
+    tokens, positions = to_device(rows, torch.long, adapter.device).split(n)  # one copy for both
+    logits = adapter.model(tokens, positions, cache, mask, num_store=spec.num_store,
                            logits_from=spec.logits_from, logits_to=spec.logits_to)
     return spec.finish_logits(logits.index_fill_(-1, adapter.banned_ids, float("-inf")))
 
@@ -139,7 +144,8 @@ def run_batch(adapter: FamilyAdapter, specs: list[ForwardSpec], cache: BatchKVCa
 def run_packed(adapter: FamilyAdapter, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
                slots: list[int]) -> list[torch.Tensor]:
     """:func:`run_batch` once ``batch = pack(specs, slots, ...)`` is built (the engine times the two apart)."""
-    return split_packed(batch, specs, forward_packed(adapter, batch, specs, cache, slots))
+    parts = split_packed(batch, specs, forward_packed(adapter, batch, specs, cache, slots))
+    return [spec.finish_logits(part) for spec, part in zip(specs, parts)]
 
 
 def forward_packed(adapter: FamilyAdapter, batch: PackedBatch, specs: list[ForwardSpec], cache: BatchKVCache,
@@ -153,10 +159,11 @@ def forward_packed(adapter: FamilyAdapter, batch: PackedBatch, specs: list[Forwa
 
 
 def split_packed(batch: PackedBatch, specs: list[ForwardSpec], logits: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's logits (in ``specs`` order) out of the packed ones."""
+    """Each row's logit rows (in ``specs`` order) out of the packed ones, as views of them (one operation for the
+    batch), without the front padding each spec's :meth:`~s2d2.models.batching.ForwardSpec.finish_logits` adds."""
     out: list[torch.Tensor] = [logits] * len(specs)
     for k, part in zip(batch.order, logits.split(batch.logits_counts)):
-        out[k] = specs[k].finish_logits(part)
+        out[k] = part
     return out
 
 

@@ -8,6 +8,7 @@ block), so that a finished block's K/V ride along with the next draft instead of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -55,7 +56,7 @@ class FamilyAdapter(Protocol):
         """An empty cache of ``num_slots`` rows of ``capacity`` token slots each."""
         ...
 
-    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+    def draft_spec(self, ids: Sequence[int], cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
         """Diffusion-mode pass over ``ids[block_start : block_start + num_blocks * block_size]`` (the block, or the
         blocks in flight of pipelined decoding, each seeing itself and those before); its logits are ``[R, V]``.
@@ -81,12 +82,12 @@ class FamilyAdapter(Protocol):
         """
         ...
 
-    def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+    def commit_spec(self, ids: Sequence[int], cache_len: int, end: int, block_size: int, *,
                     cache_ver: bool) -> ForwardSpec:
         """Write the K/V of ``ids[cache_len : end]`` into the cache (a forward of its own, no logits used)."""
         ...
 
-    def finalize_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+    def finalize_spec(self, ids: Sequence[int], cache_len: int, end: int, block_size: int, *,
                       cache_ver: bool) -> ForwardSpec:
         """Shifted-logit families only: :meth:`commit_spec`, keeping the last row's logits ``[1, V]`` (the prediction
         for position ``end``, the next block's AR token)."""

@@ -20,7 +20,7 @@ which writes the prompt's block-aligned prefix):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,6 @@ from s2d2.errors import ModelLoadError
 from s2d2.families.sdar import QWEN_WEIGHT_NAMES, SDARAdapter, draft_mask, prefix_draft_mask
 from s2d2.models.batching import ForwardSpec, MaskCache
 from s2d2.models.decoder import Decoder, DecoderConfig
-from s2d2.transfer import to_device
 
 
 @MaskCache
@@ -72,7 +71,7 @@ class FastDLLMAdapter(SDARAdapter):
             raise ModelLoadError(f"config.json field bd_size must be a positive integer, got {bd_size!r}.")
         return cls(model, special.mask_id, cls.stop_ids_for(special, tokenizer), banned_ids, bd_size=bd_size)
 
-    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+    def draft_spec(self, ids: Sequence[int], cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
         """Pending rows ``ids[cache_len : block_start]`` (written to the cache), then the block (or the ``num_blocks``
         blocks in flight); logits shifted.
@@ -92,13 +91,13 @@ class FastDLLMAdapter(SDARAdapter):
             # the row before the first mask stays out of the cache (a later forward reads it again), except the
             # previous block's last row when offset 0 is masked (pipelined blocks: offset 0 is committed from it now)
             store = max(last, block_start) - cache_len
-            return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+            return ForwardSpec(ids[cache_len:end], range(cache_len, end), mask,
                                num_store=store, logits_from=last - cache_len, logits_to=end - 1 - cache_len,
                                pad_front=first_mask)
         pending = block_start - cache_len
         mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
                           self._prompt_rows(cache_len, pending), num_blocks)
-        positions = torch.arange(cache_len, end, device=self.device)
+        positions = range(cache_len, end)
         if pending:  # the last pending row predicts offset 0
             return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending - 1,
                                logits_to=pending + size - 1)
@@ -119,11 +118,11 @@ class FastDLLMAdapter(SDARAdapter):
         assert 0 <= cached <= offset - 1, "verify expects the cache to end between the block and the span"
         filled = filled[cached:]
         n = len(filled)
-        tokens = to_device(filled + [self.mask_id] * next_block, torch.long, self.device)
-        return ForwardSpec(tokens, torch.arange(cache_len, cache_len + n + next_block, device=self.device),
+        tokens = filled + [self.mask_id] * next_block
+        return ForwardSpec(tokens, range(cache_len, cache_len + n + next_block),
                            _verify_mask(n, next_block, self.device), num_store=0, logits_from=offset - 1 - cached)
 
-    def finalize_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+    def finalize_spec(self, ids: Sequence[int], cache_len: int, end: int, block_size: int, *,
                       cache_ver: bool) -> ForwardSpec:
         """Write ``ids[cache_len : end]`` to the cache (as a commit forward) and return the last row's logits: the
         prediction for position ``end``."""

@@ -17,7 +17,7 @@ Forwards (reference §1.5, §1.8, §1.13; ``cache_len`` is always a multiple of 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -29,7 +29,6 @@ from s2d2.models.batching import ForwardSpec, MaskCache
 from s2d2.models.cache import BatchKVCache, KVCache
 from s2d2.models.decoder import QWEN_WEIGHT_NAMES as QWEN_WEIGHT_NAMES  # SDAR's (Qwen3's) checkpoint names, re-exported
 from s2d2.models.decoder import Decoder, DecoderConfig
-from s2d2.transfer import to_device
 
 
 @MaskCache
@@ -66,6 +65,14 @@ def prefix_draft_mask(num_pending: int, num_cached: int, block_size: int, first_
     those causal rows). ``num_pending`` > 0 only with ``num_cached`` 0."""
     mask = draft_mask(num_pending, block_size, first_mask, True, True, device, 0, num_blocks)
     return mask[num_cached:, num_cached:].contiguous()
+
+
+@MaskCache
+def commit_mask(num_pending: int, block_size: int, cache_ver: bool, device: torch.device,
+                prompt_rows: int = 0) -> torch.Tensor:
+    """:func:`draft_mask`'s pending rows alone: a forward that only writes them (cached like every mask, so that a
+    step's rows sharing it share one tensor)."""
+    return draft_mask(num_pending, block_size, 0, cache_ver, False, device, prompt_rows)[:num_pending, :num_pending]
 
 
 @MaskCache
@@ -145,7 +152,7 @@ class SDARAdapter:
     @property
     def traits(self) -> FamilyTraits:
         """What the per-row algorithm needs of this family, as one frozen value."""
-        return FamilyTraits(self.mask_id, self.stop_ids, self.device, self.shifted_logits, self.blocks_from_prompt_end)
+        return FamilyTraits(self.mask_id, self.stop_ids, self.shifted_logits, self.blocks_from_prompt_end)
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.model.new_cache(capacity)
@@ -153,7 +160,7 @@ class SDARAdapter:
     def new_batch_cache(self, num_slots: int, capacity: int) -> BatchKVCache:
         return self.model.new_batch_cache(num_slots, capacity)
 
-    def draft_spec(self, ids: torch.Tensor, cache_len: int, block_start: int, block_size: int, first_mask: int,
+    def draft_spec(self, ids: Sequence[int], cache_len: int, block_start: int, block_size: int, first_mask: int,
                    *, cache_ver: bool, draft_ver: bool, num_blocks: int = 1, cache_prefix: bool = False) -> ForwardSpec:
         """The draft forward: pending rows ``ids[cache_len : block_start]`` (committed here), then the block (or the
         ``num_blocks`` blocks in flight).
@@ -171,12 +178,12 @@ class SDARAdapter:
             mask = prefix_draft_mask(max(0, block_start - cache_len), cached, block_size, first_mask, self.device,
                                      num_blocks)
             store = block_start + first_mask - cache_len
-            return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+            return ForwardSpec(ids[cache_len:end], range(cache_len, end), mask,
                                num_store=store, logits_from=store, pad_front=first_mask)
         pending = block_start - cache_len
         mask = draft_mask(pending, block_size, first_mask, cache_ver, draft_ver, self.device,
                           self._prompt_rows(cache_len, pending), num_blocks)
-        positions = torch.arange(cache_len, end, device=self.device)
+        positions = range(cache_len, end)
         return ForwardSpec(ids[cache_len:end], positions, mask, num_store=pending, logits_from=pending)
 
     def _prompt_rows(self, cache_len: int, pending: int) -> int:
@@ -194,16 +201,15 @@ class SDARAdapter:
         num_first = len(filled)
         offset = span_start - block_start
         end = block_start + num_first
-        tokens = to_device(filled + [self.mask_id] * (num_first - offset + next_block), torch.long, self.device)
-        positions = torch.cat((torch.arange(block_start, end, device=self.device),
-                               torch.arange(span_start, end + next_block, device=self.device)))
+        tokens = filled + [self.mask_id] * (num_first - offset + next_block)
+        positions = [*range(block_start, end), *range(span_start, end + next_block)]
         mask = verify_mask(num_first, offset, self.device, next_block)
         return ForwardSpec(tokens, positions, mask, num_store=0, logits_from=num_first)
 
-    def commit_spec(self, ids: torch.Tensor, cache_len: int, end: int, block_size: int, *,
+    def commit_spec(self, ids: Sequence[int], cache_len: int, end: int, block_size: int, *,
                     cache_ver: bool) -> ForwardSpec:
         """A forward of its own writing the K/V of ``ids[cache_len : end]``."""
         n = end - cache_len
-        mask = draft_mask(n, block_size, 0, cache_ver, False, self.device, self._prompt_rows(cache_len, n))[:n, :n]
-        return ForwardSpec(ids[cache_len:end], torch.arange(cache_len, end, device=self.device), mask,
+        mask = commit_mask(n, block_size, cache_ver, self.device, self._prompt_rows(cache_len, n))
+        return ForwardSpec(ids[cache_len:end], range(cache_len, end), mask,
                            num_store=n, logits_from=n)

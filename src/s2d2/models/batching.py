@@ -12,8 +12,9 @@ scores, not matmuls; :attr:`PackedBatch.num_padded` counts it.
 from __future__ import annotations
 
 import functools
+from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,9 +34,9 @@ class ForwardSpec:
     forward: that offset is committed, so its row is never read).
     """
 
-    tokens: torch.Tensor  # [L] int64
-    positions: torch.Tensor  # [L] int64
-    mask: torch.Tensor  # [L, L] bool
+    tokens: Sequence[int]  # [L] ids, on the host: a step's rows reach the device in one copy (pack)
+    positions: Sequence[int]  # [L], on the host (a range where they follow each other)
+    mask: torch.Tensor  # [L, L] bool, on the device (a few cached masks serve every step)
     num_store: int
     logits_from: int
     logits_to: int | None = None
@@ -43,7 +44,7 @@ class ForwardSpec:
 
     @property
     def num_rows(self) -> int:
-        return int(self.tokens.shape[0])
+        return len(self.tokens)
 
     @property
     def logits_end(self) -> int:
@@ -123,7 +124,7 @@ class MaskCache:
         functools.update_wrapper(self, build)
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        key = (args, tuple(sorted(kwargs.items())))
+        key = (args, tuple(sorted(kwargs.items()))) if kwargs else args
         mask = self.masks.get(key)
         if mask is not None:
             self.masks.move_to_end(key)
@@ -157,77 +158,102 @@ def attention_groups(sizes: list[int]) -> list[list[int]]:
 def pack(specs: list[ForwardSpec], slots: list[int], lengths: list[int], device: torch.device,
          own_slots: Collection[int] = ()) -> PackedBatch:
     """Pack ``specs`` (one per batch row) whose rows live in cache ``slots`` holding ``lengths`` committed tokens;
-    a row whose slot is in ``own_slots`` (buffers of its own) attends in a group of its own."""
+    a row whose slot is in ``own_slots`` (buffers of its own) attends in a group of its own.
+
+    Every index the forward needs (tokens, positions, where each row's K/V go, each row's place in its group's
+    padded layout, the rows that get logits, each group's sizes) is built on the host from the specs' host values
+    and reaches the device in ONE copy: the device work of packing is a few operations per attention group, however
+    many rows the step holds (issue 28)."""
     alone = [i for i, slot in enumerate(slots) if slot in own_slots]
     shared = [i for i in range(len(specs)) if slots[i] not in own_slots]
     grouping = [[shared[k] for k in g] for g in attention_groups([specs[i].num_rows for i in shared])]
     grouping += [[i] for i in alone]
     order = [i for g in grouping for i in g]
-    specs = [specs[i] for i in order]
-    # one host-to-tensor copy for every per-batch-row integer (tiny tensor ops cost microseconds each)
-    size_t, length_t, slots_t = to_device(
-        [[s.num_rows for s in specs], [lengths[i] for i in order], [slots[i] for i in order]], torch.long, device)
-    num_rows = sum(s.num_rows for s in specs)
-    # [N] batch row of each row (output_size from the host: without it the op reads size_t back from the device)
-    row_of = torch.repeat_interleave(torch.arange(len(specs), device=device), size_t, output_size=num_rows)
-    starts = torch.cumsum(size_t, 0) - size_t
-    local = torch.arange(row_of.shape[0], device=device) - starts[row_of]  # [N] index within its batch row
-    groups, first, first_row = [], 0, 0
+    specs, lengths, slots = [specs[i] for i in order], [lengths[i] for i in order], [slots[i] for i in order]
+    sizes = [s.num_rows for s in specs]
+    # the host buffers, in the order they are laid out in the one copy
+    tokens, positions, slot_of_row, cache_pos, query_index, logits_index = (array("q") for _ in range(6))
+    bounds, first, start = [], 0, 0
     for g in grouping:
         last = first + len(g)
-        n_rows = sum(s.num_rows for s in specs[first:last])
-        group = _group(specs[first:last], [lengths[i] for i in order[first:last]], size_t[first:last],
-                       length_t[first:last], slots_t[first:last], [slots[i] for i in order[first:last]],
-                       slice(first_row, first_row + n_rows), local[first_row:first_row + n_rows],
-                       row_of[first_row:first_row + n_rows] - first)
+        width = max(sizes[first:last])
+        for j in range(first, last):
+            spec, n = specs[j], sizes[j]
+            tokens.extend(spec.tokens)
+            positions.extend(spec.positions)
+            if j < len(shared):  # rows of shared slots write their K/V through slot_of_row / cache_pos
+                slot_of_row.extend([slots[j]] * n)
+                cache_pos.extend(range(lengths[j], lengths[j] + n))
+            query_index.extend(range((j - first) * width, (j - first) * width + n))
+            logits_index.extend(range(start + spec.logits_from, start + spec.logits_end))
+            start += n
+        bounds.append((first, last, width))
+        first = last
+    host = tokens + positions + slot_of_row + cache_pos + query_index + logits_index
+    per_row = array("q", sizes + lengths + slots)
+    values = to_device(host + per_row, torch.long, device)
+    parts = values.split([len(tokens), len(positions), len(slot_of_row), len(cache_pos), len(query_index),
+                          len(logits_index), len(sizes), len(sizes), len(sizes)])
+    tokens_t, positions_t, slot_of_row_t, cache_pos_t, query_t, logits_t, size_t, length_t, slots_t = parts
+    groups, first_row = [], 0
+    for (first, last, width), g in zip(bounds, grouping):
+        n_rows = sum(sizes[first:last])
+        rows = slice(first_row, first_row + n_rows)
+        group = _group(specs[first:last], lengths[first:last], size_t[first:last], length_t[first:last],
+                       slots_t[first:last], slots[first:last], rows, query_t[rows], width)
         if g[0] in alone:
-            group = replace(group, slot_range=None, own_slot=slots[g[0]], own_start=lengths[g[0]])
+            group = replace(group, slot_range=None, own_slot=slots[first], own_start=lengths[first])
         groups.append(group)
-        first, first_row = last, first_row + n_rows
-    # the rows of shared slots come first (their groups were packed first)
-    num_shared = sum(specs[k].num_rows for k in range(len(shared)))
-    # the rows that get logits, from the host values (a nonzero() over a device mask would wait for the device)
-    wanted, start = [], 0
-    for spec in specs:
-        wanted.extend(range(start + spec.logits_from, start + spec.logits_end))
-        start += spec.num_rows
+        first_row += n_rows
     return PackedBatch(
-        tokens=torch.cat([s.tokens for s in specs]),
-        positions=torch.cat([s.positions for s in specs]),
-        num_shared=num_shared,
-        slot_of_row=slots_t[row_of[:num_shared]],
-        cache_pos=(length_t[row_of] + local)[:num_shared],
+        tokens=tokens_t,
+        positions=positions_t,
+        num_shared=len(slot_of_row),
+        slot_of_row=slot_of_row_t,
+        cache_pos=cache_pos_t,
         groups=tuple(groups),
-        logits_index=to_device(wanted, torch.long, device),
+        logits_index=logits_t,
         logits_counts=tuple(s.logits_end - s.logits_from for s in specs),
         order=tuple(order),
     )
 
 
 def _group(specs: list[ForwardSpec], lengths: list[int], size_t: torch.Tensor, length_t: torch.Tensor,
-           slots_t: torch.Tensor, slots: list[int], rows: slice, local: torch.Tensor,
-           row_of: torch.Tensor) -> AttentionGroup:
-    """The padded attention layout of one group: each query row sees its slot's committed keys, then its own
-    batch row's rows through that row's local mask."""
+           slots_t: torch.Tensor, slots: list[int], rows: slice, query_index: torch.Tensor,
+           width: int) -> AttentionGroup:
+    """The padded attention layout of one group (``width`` rows per batch row; ``query_index``: each query row's
+    place in it): each query row sees its slot's committed keys, then its own batch row's rows through that row's
+    local mask."""
     device = size_t.device
-    b, width = len(specs), max(s.num_rows for s in specs)
+    b = len(specs)
     # from the host values: reading size_t / length_t back would wait for the device
     key_len = max(s.num_rows + length for s, length in zip(specs, lengths))
-    # Local masks come from a few cached tensors (many rows share one), so they are placed one distinct mask at a
-    # time rather than one row at a time.
-    local_masks = torch.zeros(b, width, width, dtype=torch.bool, device=device)
-    by_mask: dict[int, tuple[torch.Tensor, list[int]]] = {}
-    for r, s in enumerate(specs):
-        by_mask.setdefault(id(s.mask), (s.mask, []))[1].append(r)
-    for mask, batch_rows in by_mask.values():
-        n = mask.shape[0]
-        local_masks[batch_rows, :n, :n] = mask
+    # Each key column k of batch row r is a committed key (k < length), one of the row's own rows, or outside it: a
+    # column of the row's padded local mask (column 0 the committed keys, then its rows, then a False column), so
+    # the whole layout is one gather from the rows' (cached) padded masks.
+    tables: dict[int, torch.Tensor] = {}  # each distinct mask's table (many rows share one)
+    for s in specs:
+        if id(s.mask) not in tables:
+            tables[id(s.mask)] = _padded_mask(s.mask, width)
+    local = torch.stack([tables[id(s.mask)] for s in specs])  # [b, width, width + 2]
     key = torch.arange(key_len, device=device)[None, :] - length_t[:, None]  # [b, key_len] local column
-    inside = (key >= 0) & (key < size_t[:, None])
-    own = local_masks.gather(2, key.clamp(0, width - 1)[:, None, :].expand(b, width, key_len)) & inside[:, None, :]
-    mask = own | (key < 0)[:, None, :]
-    mask[:, :, 0] |= torch.arange(width, device=device)[None, :] >= size_t[:, None]  # padding rows: no NaN rows
+    column = torch.where(key < size_t[:, None], key.clamp(min=-1) + 1, width + 1)
+    mask = local.gather(2, column[:, None, :].expand(b, width, key_len))
     contiguous = slots == list(range(slots[0], slots[0] + b))
-    return AttentionGroup(rows=rows, query_index=row_of * width + local, key_slots=slots_t,
+    return AttentionGroup(rows=rows, query_index=query_index, key_slots=slots_t,
                           slot_range=(slots[0], slots[0] + b) if contiguous else None, attn_mask=mask[:, None],
                           width=width, key_len=key_len)
+
+
+@MaskCache
+def _padded_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """A spec's local ``mask`` (``[n, n]``) as a ``[width, width + 2]`` table for :func:`_group`'s gather: column 0
+    (the committed keys) True, its columns in 1..n, then False up to the last column (keys outside the row).
+    Padding rows (n and after) see column 0 and the row's first key, so that key 0, committed or not, is visible to
+    every padding row (no row of NaN)."""
+    n = mask.shape[0]
+    table = torch.zeros(width, width + 2, dtype=torch.bool, device=mask.device)
+    table[:, 0] = True
+    table[:n, 1:n + 1] = mask
+    table[n:, 1] = True
+    return table
