@@ -648,6 +648,21 @@ MUTATIONS: list[Mutation] = [
         "    return host.to(device)",
     ),
     Mutation(
+        "estimator_reads_undeclared_feature",
+        "the paper's estimator is declared to read the margin: the executor computes the margin, not the entropy it "
+        "reads",
+        "core/acceptance.py",
+        '    "soft_entropy_negexp": frozenset({"entropy"}),',
+        '    "soft_entropy_negexp": frozenset({"margin"}),',
+    ),
+    Mutation(
+        "ucb_reads_no_features",
+        "the UCB policy is taken to read no feature: its rows' entropies are never computed",
+        "core/routing.py",
+        '        return frozenset({"entropy"})',
+        '        return frozenset()',
+    ),
+    Mutation(
         "commit_mask_rebuilt_per_row",
         "a commit forward's mask is a new tensor each time (not a cached one the step's rows share): its padded table "
         "is built again for every row, every step",

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from s2d2.config import DecodeConfig
-from s2d2.core.acceptance import ESTIMATORS, expected_accepted_length
-from s2d2.core.sampling import describe, normalized_entropy
+from s2d2.core.acceptance import ESTIMATORS, READS, expected_accepted_length
+from s2d2.core.sampling import FEATURES, Choices, describe, normalized_entropy
 
 V = 4
 ONE_HOT = [0.0, 0.0, 1.0, 0.0]
@@ -33,6 +33,29 @@ def test_registry_matches_the_config_choices() -> None:
 
     assert set(ESTIMATORS) == set(CONFIG_ESTIMATORS)
     assert len(ESTIMATORS) == 6
+
+
+def _only(choices: Choices, features: frozenset[str]) -> Choices:
+    return Choices(choices.tokens, choices.confidence, *(getattr(choices, f) if f in features else None
+                                                         for f in FEATURES))
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_each_estimator_reads_only_the_features_it_declares(name) -> None:
+    """The executor computes only the features the step's rows read (READS, through routing.reads_features): an
+    estimator given choices that hold only its declared features gives what it gives with all of them (reading an
+    undeclared one fails on its None), and each declared feature is read (a declared one nobody reads would cost a
+    pass over the vocabulary for nothing)."""
+    probs = torch.softmax(torch.randn(6, 9, generator=torch.Generator().manual_seed(0)) * 2, dim=-1)
+    full = describe(probs, probs.argmax(dim=-1))
+    cfg = DecodeConfig()
+    assert ESTIMATORS[name](_only(full, READS[name]), cfg) == ESTIMATORS[name](full, cfg)
+    lean = describe(probs, probs.argmax(dim=-1), features=READS[name])
+    assert lean == _only(full, READS[name]) and [f for f in FEATURES if getattr(lean, f) is not None] == sorted(
+        READS[name], key=FEATURES.index)
+    for feature in READS[name]:
+        with pytest.raises(TypeError):
+            ESTIMATORS[name](_only(full, READS[name] - {feature}), cfg)
 
 
 # ------------------------------------------------------------------------------------------ normalized entropy

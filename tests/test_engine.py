@@ -533,24 +533,33 @@ def test_a_sampled_or_mixed_engine_step_reads_the_device_once(family_model, monk
 
 
 def test_routing_features_are_computed_only_for_batches_that_read_them(model):
-    """The stage leaves out entropy, margin and collision when no row's routing reads them; a batch mixing such rows
-    with score-policy rows decodes every row as batch 1 does."""
+    """The stage computes only the features (entropy, margin, collision) some row's routing reads; a batch mixing rows
+    that read different ones (or none) decodes every row as batch 1 does."""
     from s2d2.core.routing import reads_features
     from s2d2.core.sampling import greedy_choices
 
-    assert not reads_features(DecodeConfig(method="ar")) and not reads_features(DecodeConfig(method="dynamic"))
-    assert not reads_features(DecodeConfig(method="s2d2", policy="mask_span_length"))
-    assert reads_features(DecodeConfig(method="s2d2", policy="mask_span_length"), traced=True)
-    assert reads_features(DecodeConfig(method="s2d2")) and reads_features(
-        DecodeConfig(method="s2d2", policy="contextual_bandit_ucb"))
+    none, every = frozenset(), frozenset(("entropy", "margin", "collision"))
+    assert reads_features(DecodeConfig(method="ar")) == reads_features(DecodeConfig(method="dynamic")) == none
+    assert reads_features(DecodeConfig(method="s2d2", policy="mask_span_length")) == none
+    assert reads_features(DecodeConfig(method="s2d2", policy="mask_span_length"), traced=True) == every
+    assert reads_features(DecodeConfig(method="s2d2", estimator="soft_entropy_negexp")) == {"entropy"}
+    assert reads_features(DecodeConfig(method="s2d2", estimator="hard_margin_threshold")) == {"margin"}
+    assert reads_features(DecodeConfig(method="s2d2", estimator="soft_confidence_power")) == none
+    assert reads_features(DecodeConfig(method="s2d2", policy="contextual_bandit_ucb",
+                                       estimator="soft_renyi_2_entropy")) == {"entropy"}
     # a sampled row computes the features of its own drafts by the same rule; greedy rows' are the batch's
-    assert reads_features(DecodeConfig(method="s2d2", temperature=0.7))
-    assert not reads_features(DecodeConfig(method="dynamic", temperature=0.7))
-    lean = greedy_choices(torch.randn(3, 11), features=False)
+    assert reads_features(DecodeConfig(method="s2d2", temperature=0.7, estimator="soft_renyi_2_entropy")) == {
+        "collision"}
+    assert reads_features(DecodeConfig(method="dynamic", temperature=0.7)) == none
+    lean = greedy_choices(torch.randn(3, 11), features=())
     assert lean.entropy is None and lean.rows(1).margin is None and len(lean.pad_front(2)) == 5
-    configs = [METHODS["ar"], METHODS["s2d2-A"], METHODS["dynamic"], METHODS["s2d2-ucb"], METHODS["s2d2-always"]]
-    batch = prompts(5, seed=13)
-    engine = Engine(model.adapter, max_batch_size=5)
+    assert greedy_choices(torch.randn(3, 11), features={"margin"}).entropy is None
+    # rows reading different features in one batch: each estimator's own, the union computed once
+    configs = [METHODS["ar"], METHODS["s2d2-A"], METHODS["dynamic"], METHODS["s2d2-ucb"], METHODS["s2d2-always"],
+               {**METHODS["s2d2-A"], "estimator": "hard_margin_threshold", "tau": 0.5},
+               {**METHODS["s2d2-A"], "estimator": "soft_renyi_2_entropy"}]
+    batch = prompts(len(configs), seed=13)
+    engine = Engine(model.adapter, max_batch_size=len(configs))
     ids = {engine.add(p, DecodeConfig(**c, max_new_tokens=16)): (p, c) for p, c in zip(batch, configs)}
     done = {}
     while not engine.idle:

@@ -61,6 +61,17 @@ ESTIMATORS: dict[str, Estimator] = {
     "soft_clipped_linear_margin": soft_clipped_linear_margin,
 }
 
+# the distribution features (:data:`s2d2.core.sampling.FEATURES`) each estimator reads: the executor computes only
+# those a step's rows read (a test runs every estimator on choices holding only its own)
+READS: dict[str, frozenset[str]] = {
+    "hard_margin_threshold": frozenset({"margin"}),
+    "soft_entropy_negexp": frozenset({"entropy"}),
+    "soft_renyi_2_entropy": frozenset({"collision"}),
+    "hard_entropy_threshold": frozenset({"entropy"}),
+    "soft_confidence_power": frozenset(),
+    "soft_clipped_linear_margin": frozenset({"margin"}),
+}
+
 
 def expected_accepted_length(alpha: list[float]) -> float:
     """E[K] = sum_k prod_{i<=k} alpha_i for a left-to-right acceptance chain."""

@@ -11,14 +11,14 @@ family travels as one frozen value, :class:`FamilyTraits`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from s2d2.core.sampler import Item, Result
-from s2d2.core.sampling import Choices, greedy_choices
+from s2d2.core.sampling import FEATURES, Choices, greedy_choices
 from s2d2.core.state import Draft, Sequence
 from s2d2.core.stats import DecodeStats
 from s2d2.core.trace import Tracer
@@ -131,8 +131,8 @@ class Scored:
         return pad_rows(self.raw, self.pad)
 
     @classmethod
-    def of(cls, logits: torch.Tensor, features: bool = True) -> Scored:
-        """``logits`` with their greedy choices (``features``: also the routing features)."""
+    def of(cls, logits: torch.Tensor, features: Collection[str] = FEATURES) -> Scored:
+        """``logits`` with their greedy choices (and the routing ``features`` named)."""
         return cls(logits, greedy_choices(logits, features))
 
     def rows(self, start: int, stop: int | None = None) -> Scored:

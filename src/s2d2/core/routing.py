@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from s2d2.config import DecodeConfig
-from s2d2.core.acceptance import ESTIMATORS, expected_accepted_length
+from s2d2.core.acceptance import ESTIMATORS, READS, expected_accepted_length
+from s2d2.core.sampling import FEATURES
 from s2d2.core.state import BlockState, Draft, Span
 
 
@@ -91,11 +92,20 @@ def ucb_choose(pulls: tuple[int, ...], rewards: tuple[float, ...], bucket: int, 
 
 
 # ------------------------------------------------------------------------------------------------- dispatch
-def reads_features(cfg: DecodeConfig, traced: bool = False) -> bool:
-    """Whether routing reads the drafts' distribution features (entropy, margin, collision) beyond their
-    confidence: the score and UCB policies do, and a trace's explanation does; so the executor computes them only
-    for batches that hold such a greedy row, and a sampled row only for its own drafts when it reads them."""
-    return cfg.method == "s2d2" and (cfg.policy != "mask_span_length" or traced)
+def reads_features(cfg: DecodeConfig, traced: bool = False) -> frozenset[str]:
+    """The drafts' distribution features (of :data:`~s2d2.core.sampling.FEATURES`) routing reads beyond their
+    confidence: the score policies' estimator's, the UCB policy's entropy, every one for a trace's explanation; so
+    the executor computes a feature only for batches that hold a greedy row reading it, and a sampled row only
+    for its own drafts when it reads it."""
+    if cfg.method != "s2d2":
+        return frozenset()
+    if traced:
+        return frozenset(FEATURES)
+    if cfg.policy == "mask_span_length":
+        return frozenset()
+    if cfg.policy == "contextual_bandit_ucb":
+        return frozenset({"entropy"})
+    return READS[cfg.estimator]
 
 
 def route(state: RouterState, block: BlockState, span: Span, draft: Draft, cfg: DecodeConfig) -> tuple[bool, RouterState]:

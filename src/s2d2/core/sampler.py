@@ -26,11 +26,11 @@ from s2d2.core.verify import Verdict, read_verdicts, sampled_verdicts
 @dataclass(frozen=True)
 class Draw:
     """Draw a token from each row of ``probs`` (``[n, V]``) at the uniforms ``u`` (``[n]``); read back their
-    :class:`Choices` (the routing features too with ``features``)."""
+    :class:`Choices` (with the routing ``features`` it reads, of :data:`~s2d2.core.sampling.FEATURES`)."""
 
     probs: torch.Tensor
     u: torch.Tensor
-    features: bool = False
+    features: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def sample(reads: Sequence[Sequence[Item]]) -> tuple[list[torch.Tensor], Callabl
     in the items' order)."""
     draws = [item for read in reads for item in read if isinstance(item, Draw)]
     accepts = [item for read in reads for item in read if isinstance(item, Accept)]
-    features = any(d.features for d in draws)
-    width = 5 if features else 2
+    features = frozenset().union(*(d.features for d in draws))
+    width = 2 + len(features)
     tables = []
     if draws:
         probs = torch.cat([d.probs for d in draws]) if len(draws) > 1 else draws[0].probs
@@ -81,9 +81,8 @@ def sample(reads: Sequence[Sequence[Item]]) -> tuple[list[torch.Tensor], Callabl
             for item in read:
                 if isinstance(item, Draw):
                     n = len(item.probs)
-                    choices = read_choices(table[row * width:(row + n) * width], features)
-                    mine.append(choices if item.features or not features else Choices(choices.tokens,
-                                                                                      choices.confidence))
+                    # (with every feature a draw of the step asked for: a row reads only those it asked for)
+                    mine.append(read_choices(table[row * width:(row + n) * width], features))
                     row += n
                 else:
                     mine.append(next(verdicts))

@@ -10,7 +10,7 @@ confidence threshold and the acceptance estimators read.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -144,8 +144,8 @@ class Choices:
     """Rows of token distributions as the per-row algorithm reads them, on the host: the token chosen at each row and
     what the confidence threshold and the acceptance estimators read of its distribution. :func:`describe` builds
     them with one device-to-host transfer for any number of rows, so that a batch of rows costs one transfer per
-    forward, not a few per row (issue 28). The features only the routing policies read (entropy, margin,
-    collision) are None when the executor was told no row needs them; reading them then fails loudly."""
+    forward, not a few per row (issue 28). Each of the features only the routing policies read (entropy, margin,
+    collision: :data:`FEATURES`) is None when the executor was told no row needs it; reading it then fails loudly."""
 
     tokens: tuple[int, ...]
     confidence: tuple[float, ...]  # the chosen token's probability
@@ -184,6 +184,10 @@ class Choices:
         return self._map(lambda column: column[:1] * count + column)
 
 
+# the distribution features the acceptance estimators and the UCB policy may read, in a choice table's column order
+FEATURES = ("entropy", "margin", "collision")
+
+
 def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy of each row divided by ln(V); ``[n, V] -> [n]``."""
     # p * log p with log 0 = -inf clamped to the lowest float (0 * that = 0): the same values as torch.special.xlogy
@@ -193,36 +197,44 @@ def normalized_entropy(probs: torch.Tensor) -> torch.Tensor:
 
 
 def choice_table(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None = None,
-                 features: bool = True) -> torch.Tensor:
+                 features: Collection[str] = FEATURES) -> torch.Tensor:
     """The :class:`Choices` of ``probs`` (``[n, V]``) with ``tokens`` (``[n]``) chosen, still on the device: an
-    ``[n, 2]`` float64 table (token, confidence), ``[n, 5]`` with ``features`` (entropy, margin, collision too);
-    float64 holds token ids and float32 values exactly. ``confidence``: the tokens' probabilities, when not those of
-    ``probs``. :func:`read_choices` turns the table, once on the host, into :class:`Choices`."""
+    ``[n, 2 + len(features)]`` float64 table (token, confidence, then the ``features`` asked for, in
+    :data:`FEATURES` order); float64 holds token ids and float32 values exactly. ``confidence``: the tokens'
+    probabilities, when not those of ``probs``. :func:`read_choices` turns the table, once on the host, into
+    :class:`Choices`. Each feature is a pass over the whole vocabulary of every row, so only those asked for are
+    computed."""
     if confidence is None:
         confidence = probs.gather(-1, tokens[:, None]).squeeze(-1)
     columns = [tokens.to(torch.float64), confidence.double()]
-    if features:
-        top2 = torch.topk(probs, 2, dim=-1).values
-        columns += [normalized_entropy(probs).double(), (top2[:, 0] - top2[:, 1]).double(),
-                    probs.square().sum(dim=-1).double()]
+    for name in (f for f in FEATURES if f in features):
+        if name == "entropy":
+            columns.append(normalized_entropy(probs).double())
+        elif name == "margin":
+            top2 = torch.topk(probs, 2, dim=-1).values
+            columns.append((top2[:, 0] - top2[:, 1]).double())
+        else:
+            columns.append(probs.square().sum(dim=-1).double())
     return torch.stack(columns, dim=-1)
 
 
-def read_choices(values: Sequence[float], features: bool) -> Choices:
-    """The :class:`Choices` of a :func:`choice_table` read to the host as one flat sequence (row after row)."""
-    width = 5 if features else 2
+def read_choices(values: Sequence[float], features: Collection[str]) -> Choices:
+    """The :class:`Choices` of a :func:`choice_table` (computed with ``features``) read to the host as one flat
+    sequence (row after row)."""
+    names = [f for f in FEATURES if f in features]
+    width = 2 + len(names)
     columns = [tuple(values[c::width]) for c in range(width)]
-    return Choices(tuple(int(t) for t in columns[0]), *columns[1:])
+    return Choices(tuple(int(t) for t in columns[0]), columns[1], **dict(zip(names, columns[2:])))
 
 
 def describe(probs: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None = None,
-             features: bool = True) -> Choices:
+             features: Collection[str] = FEATURES) -> Choices:
     """The :class:`Choices` of ``probs`` with ``tokens`` chosen (:func:`choice_table`), read to the host at once:
     one transfer for any number of rows."""
     return read_choices(choice_table(probs, tokens, confidence, features).flatten().tolist(), features)
 
 
-def greedy_table(logits: torch.Tensor, features: bool = True) -> torch.Tensor:
+def greedy_table(logits: torch.Tensor, features: Collection[str] = FEATURES) -> torch.Tensor:
     """The :func:`choice_table` of each logit row's argmax under the plain softmax (what greedy decoding reads;
     ``features``: also what the routing policies read), on the device."""
     probs = torch.softmax(logits.float(), dim=-1)
@@ -230,7 +242,7 @@ def greedy_table(logits: torch.Tensor, features: bool = True) -> torch.Tensor:
     return choice_table(probs, tokens, confidence, features)
 
 
-def greedy_choices(logits: torch.Tensor, features: bool = True) -> Choices:
+def greedy_choices(logits: torch.Tensor, features: Collection[str] = FEATURES) -> Choices:
     """:func:`greedy_table` read to the host (one transfer)."""
     return read_choices(greedy_table(logits, features).flatten().tolist(), features)
 

@@ -115,7 +115,7 @@ class _Row:
     cache: SlotCache
     steps: RowSteps
     state: RowState
-    features: bool  # its routing reads the drafts' distribution features (core.routing.reads_features)
+    features: frozenset[str]  # the drafts' distribution features its routing reads (core.routing.reads_features)
     sampling: Sampling | None  # None: reads its greedy choices; else gets its distributions, draws with HostRead
     pending: ForwardRequest | None = None
     read: HostRead | None = None  # values the row asked to read, waiting for the step's one transfer
@@ -253,7 +253,7 @@ class Engine:
                 self._advance(row, None, events)
             elif k in probs:
                 self._advance(row, Scored(parts[k], None, probs[k], pad=bounds[k][2]), events)
-        features = any(rows[k].features for k in greedy)
+        features = frozenset().union(*(rows[k].features for k in greedy))
         tables = [greedy_table(logits, features)] if greedy else []
         reading = [row for row in rows if row.read is not None]
         while tables or reading:  # (a row reads once per forward; one that read again would wait for a second read)
