@@ -77,41 +77,23 @@ print(json.dumps({"median_reads": statistics.median(per_step), "max_reads": max(
 # --ops: per engine step, the tensor operations outside the forward and the host-to-device copies
 OPS = """
 import json, statistics, sys
-import s2d2, s2d2.engine.engine as engine_module, s2d2.transfer
+import s2d2
 from s2d2.engine.engine import Engine
 from s2d2.evaluation.tasks import wordy
-from torch.utils._python_dispatch import TorchDispatchMode
 fields, batch, n = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-class Ops(TorchDispatchMode):
-    active, ops = True, 0
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += self.active and not func.is_view
-        return func(*args, **(kwargs or {}))
-mode, copies, forward, copy = Ops(), [0], engine_module.forward_packed, s2d2.transfer.to_device
-def counted_forward(*args, **kwargs):
-    mode.active = False
-    try:
-        return forward(*args, **kwargs)
-    finally:
-        mode.active = True
-def counted_copy(*args, **kwargs):
-    copies[0] += 1
-    return copy(*args, **kwargs)
-engine_module.forward_packed = counted_forward
-for module in [m for name, m in sys.modules.items() if name.startswith("s2d2")]:
-    if getattr(module, "to_device", None) is copy:
-        module.to_device = counted_copy
+sys.path.insert(0, sys.argv[4])
+from device_check import counted_step_costs
 model = s2d2.load("bundled")
 prompts = [p.prompt for p in wordy.generate("test", n, seed=0)]
 per_step, step = [], Engine.step
 def counted_step(self):
-    mode.ops = copies[0] = 0
-    with mode:
-        out = step(self)
-    per_step.append((mode.ops, copies[0]))
+    count[:] = [0, 0]
+    out = step(self)
+    per_step.append(tuple(count))
     return out
 Engine.step = counted_step
-outs = model.generate(prompts, s2d2.DecodeConfig(**fields), batch_size=batch)
+with counted_step_costs() as count:
+    outs = model.generate(prompts, s2d2.DecodeConfig(**fields), batch_size=batch)
 print(json.dumps({"median_ops": statistics.median(o for o, _ in per_step),
                   "median_copies": statistics.median(c for _, c in per_step), "steps": len(per_step),
                   "nfe": sum(o.stats.nfe for o in outs), "tokens": [o.token_ids for o in outs]}))

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import s2d2
 from s2d2 import DecodeConfig
@@ -129,6 +130,55 @@ def counted_reads(device: torch.device) -> Iterator[list[int]]:
     finally:
         for name, real in reals.items():
             setattr(torch.Tensor, name, real)
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the tensor operations that compute (views of a tensor aside) dispatched while ``active``."""
+
+    def __init__(self, count: list[int]) -> None:
+        super().__init__()
+        self.active, self.count = True, count
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        self.count[0] += self.active and not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def counted_step_costs() -> Iterator[list[int]]:
+    """Count inside the block ``[operations, copies]``: the tensor operations run outside the engine's packed
+    forward (views aside; on a GPU each is a kernel launch), and the host-to-device copies
+    (:func:`s2d2.transfer.to_device`, wherever it was imported). The caller may reset the counts between steps."""
+    import s2d2.engine.engine as engine_module
+    import s2d2.transfer
+
+    count = [0, 0]
+    ops = _Ops(count)  # counts into count[0]; the copy wrapper below into count[1]
+    real_forward, real_copy = engine_module.forward_packed, s2d2.transfer.to_device
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        ops.active = False
+        try:
+            return real_forward(*args, **kwargs)
+        finally:
+            ops.active = True
+
+    def copy(*args: Any, **kwargs: Any) -> Any:
+        count[1] += 1
+        return real_copy(*args, **kwargs)
+
+    patched = [m for name, m in sys.modules.items() if name.startswith("s2d2") and getattr(m, "to_device", None)
+               is real_copy]
+    engine_module.forward_packed = forward
+    for module in patched:
+        module.to_device = copy
+    try:
+        with ops:
+            yield count
+    finally:
+        engine_module.forward_packed = real_forward
+        for module in patched:
+            module.to_device = real_copy
 
 
 def check_reads(model: s2d2.Model, batch: list[list[int]], new_tokens: int) -> tuple[bool, str]:

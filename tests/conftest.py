@@ -3,7 +3,9 @@ public API."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
@@ -74,3 +76,13 @@ def family_model(family_dir):
         return loaded[family, seed]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def device_check():
+    """``scripts/device_check.py`` as a module (its checks, and the counters the engine tests share with it)."""
+    path = Path(__file__).resolve().parent.parent / "scripts" / "device_check.py"
+    spec = importlib.util.spec_from_file_location("device_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

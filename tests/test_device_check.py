@@ -3,23 +3,11 @@ its tiny model so the script stays working between the rare sessions that have a
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "device_check.py"
 
-
-def _device_check():
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_device_check_passes_on_the_cpu(capsys: pytest.CaptureFixture[str]) -> None:
-    code = _device_check().main(["--device", "cpu", "--size", "tiny", "--batch-sizes", "1", "3",
+def test_the_device_check_passes_on_the_cpu(device_check, capsys: pytest.CaptureFixture[str]) -> None:
+    code = device_check.main(["--device", "cpu", "--size", "tiny", "--batch-sizes", "1", "3",
                                  "--max-new-tokens", "8"])
     out = capsys.readouterr().out
     assert code == 0 and "device check: PASS" in out
@@ -29,11 +17,12 @@ def test_the_device_check_passes_on_the_cpu(capsys: pytest.CaptureFixture[str]) 
     assert len(rows) == 3 and all(len(row.split("|")) == 5 for row in rows)  # a cell per batch size
 
 
-def test_the_device_check_fails_when_a_step_reads_the_device_more_than_once(monkeypatch, capsys) -> None:
+def test_the_device_check_fails_when_a_step_reads_the_device_more_than_once(device_check, monkeypatch,
+                                                                          capsys) -> None:
     """The read counter is real: a planted extra read in the rows' path makes the check fail."""
     import s2d2.core.forwards
 
-    module = _device_check()
+    module = device_check
     real = s2d2.core.forwards.Forwards.draft
 
     def draft_with_a_read(self, *args, **kwargs):

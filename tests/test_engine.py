@@ -19,7 +19,6 @@ import warnings
 import pytest
 import torch
 from single_row import run_commit, run_draft, run_verify
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import s2d2
 import s2d2.engine.runner
@@ -415,56 +414,23 @@ def test_a_greedy_engine_step_reads_the_device_once(family_model, monkeypatch, n
         assert per_step and max(per_step) == 1, (model.adapter.family, per_step)
 
 
-class _DeviceOps(TorchDispatchMode):
-    """Counts the tensor operations that compute (a kernel on a GPU; views of a tensor aside) dispatched while
-    ``active``: the engine's own and the rows', outside the forward."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.active, self.ops = True, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += self.active and not func.is_view
-        return func(*args, **(kwargs or {}))
-
-
-def _step_costs(model: s2d2.Model, cfg: DecodeConfig, batch: list[list[int]], monkeypatch) -> list[tuple[int, int]]:
-    """(tensor operations outside the forward, host-to-device copies) of every engine step decoding ``batch``."""
-    import s2d2.engine.engine as engine_module
-    import s2d2.models.batching
-
-    mode, copies = _DeviceOps(), [0]
-    real_forward, real_copy = engine_module.forward_packed, s2d2.models.batching.to_device
-
-    def forward(*args, **kwargs):
-        mode.active = False
-        try:
-            return real_forward(*args, **kwargs)
-        finally:
-            mode.active = True
-
-    def copy(*args, **kwargs):
-        copies[0] += 1
-        return real_copy(*args, **kwargs)
-
-    monkeypatch.setattr(engine_module, "forward_packed", forward)
-    for module in [m for name, m in sys.modules.items() if name.startswith("s2d2")]:
-        if getattr(module, "to_device", None) is real_copy:  # wherever it was imported
-            monkeypatch.setattr(module, "to_device", copy)
+def _step_costs(model: s2d2.Model, cfg: DecodeConfig, batch: list[list[int]],
+                counted_step_costs) -> list[tuple[int, int]]:
+    """(tensor operations outside the forward, host-to-device copies) of every engine step decoding ``batch``
+    (``counted_step_costs``: the device check's counter)."""
     engine, costs = Engine(model.adapter, max_batch_size=len(batch)), []
     for ids in batch:
         engine.add(ids, cfg)
-    with mode:
+    with counted_step_costs() as count:
         while not engine.idle:
-            mode.ops = copies[0] = 0
+            count[:] = [0, 0]
             engine.step()
-            costs.append((mode.ops, copies[0]))
-    monkeypatch.undo()
+            costs.append(tuple(count))
     return costs
 
 
 @pytest.mark.parametrize("name", ["ar", "dynamic", "s2d2-always", "s2d2-A"])
-def test_a_greedy_step_costs_the_device_the_same_at_any_batch_size(family_model, monkeypatch, name):
+def test_a_greedy_step_costs_the_device_the_same_at_any_batch_size(family_model, device_check, name):
     """Issue 28: a greedy engine step copies host values to the device once (every row's tokens, positions and
     indices in one buffer: the rows keep their sequences on the host, and their specs are host values), and the
     tensor operations it runs outside the forward (packing, the numerical stage, the rows' algorithm) do not grow
@@ -474,8 +440,9 @@ def test_a_greedy_step_costs_the_device_the_same_at_any_batch_size(family_model,
         model = family_model(family)
         cfg = DecodeConfig(**METHODS[name], max_new_tokens=12, stop_token_ids=())
         prompt = prompts(1, seed=31)[0]
-        _step_costs(model, cfg, [prompt] * 2, monkeypatch)  # the masks' caches warm (their first use builds them)
-        two, eight = (_step_costs(model, cfg, [prompt] * n, monkeypatch) for n in (2, 8))
+        count = device_check.counted_step_costs
+        _step_costs(model, cfg, [prompt] * 2, count)  # the masks' caches warm (their first use builds them)
+        two, eight = (_step_costs(model, cfg, [prompt] * n, count) for n in (2, 8))
         assert two == eight, (family, two, eight)
         assert {c for _, c in eight} == {1}, family
 

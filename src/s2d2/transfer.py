@@ -22,12 +22,12 @@ _ARRAY_CODES = {torch.long: "q", torch.float64: "d"}
 
 def to_device(values: Sequence[int] | Sequence[float] | torch.Tensor, dtype: torch.dtype,
               device: torch.device) -> torch.Tensor:
-    """``values`` (host numbers: a flat sequence, nested lists, an :class:`array.array` of ``dtype``'s code; or a CPU
-    tensor) as a ``dtype`` tensor on ``device``, without a synchronising copy. On a CPU the result may share the
-    memory of an ``array`` passed in."""
+    """``values`` (host numbers: a flat sequence, or an :class:`array.array` of ``dtype``'s code; or a CPU tensor) as
+    a ``dtype`` tensor on ``device``, without a synchronising copy. On a CPU the result may share the memory of an
+    ``array`` passed in."""
     if isinstance(values, torch.Tensor):
         host = values.to(dtype)
-    elif dtype in _ARRAY_CODES and not (values and isinstance(values[0], (list, tuple))):
+    elif dtype in _ARRAY_CODES:
         code = _ARRAY_CODES[dtype]
         buffer = values if isinstance(values, array) and values.typecode == code else array(code, values)
         host = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
